@@ -1,0 +1,138 @@
+//! Process and thread exits: `sched:sched_process_exit`.
+//!
+//! The tracepoint fires in `do_exit()` for the exiting task itself, after
+//! `signal->live` was decremented and `exit_code` stored, so everything is
+//! read from the current task. Two entry points share one body: tp_btf where
+//! the kernel allows it (cheaper: no tracepoint buffer is filled), the plain
+//! tracepoint otherwise. Userspace picks by probing.
+
+use agent_common::{
+    OFFSET_ABSENT, TASK_COMM_LEN,
+    exits::{EXIT_FLAG_GROUP_DEAD, EXIT_FLAG_PARTIAL, ExitEvent, ExitOffsets, SIGNAL_GROUP_EXIT},
+    stats::{STAT_EMITTED, STAT_FILTERED, STAT_HITS, STAT_LOST, STAT_READ_ERRORS, STAT_SLOTS},
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_ktime_get_boot_ns,
+    },
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::{PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+
+use crate::{kmem, stats::bump};
+
+/// Set by userspace at load time from the kernel's BTF.
+#[unsafe(no_mangle)]
+static EXIT_OFFSETS: ExitOffsets = ExitOffsets {
+    task_real_parent: 0,
+    task_group_leader: 0,
+    task_tgid: 0,
+    task_exit_code: 0,
+    task_start_boottime: 0,
+    task_comm: 0,
+    task_signal: 0,
+    signal_live: 0,
+    signal_flags: 0,
+    signal_group_exec_task: OFFSET_ABSENT,
+};
+
+/// Resized by userspace (`--ring-buffer-size`).
+#[map]
+static EXIT_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+#[map]
+static EXIT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn exit_tp_btf(_ctx: BtfTracePointContext) -> i32 {
+    on_exit();
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn exit_tracepoint(_ctx: TracePointContext) -> u32 {
+    on_exit();
+    0
+}
+
+#[inline(always)]
+fn on_exit() {
+    bump(&EXIT_STATS, STAT_HITS);
+    // SAFETY: a volatile read keeps the compiler from folding the load-time value.
+    let off = unsafe { core::ptr::read_volatile(&EXIT_OFFSETS) };
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let mut flags = 0u32;
+
+    let signal = kmem::read_ptr(task, off.task_signal);
+    let (live, sig_flags, exec_task) = match signal {
+        Ok(signal) => (
+            kmem::read::<i32>(signal, off.signal_live),
+            kmem::read::<u32>(signal, off.signal_flags).unwrap_or(0),
+            if off.signal_group_exec_task == OFFSET_ABSENT {
+                0
+            } else {
+                kmem::read::<u64>(signal, off.signal_group_exec_task).unwrap_or(0)
+            },
+        ),
+        Err(e) => (Err(e), 0, 0),
+    };
+    let group_dead = match live {
+        Ok(live) => live == 0,
+        Err(_) => {
+            flags |= EXIT_FLAG_PARTIAL;
+            // Unknown: report it rather than drop it.
+            true
+        }
+    };
+    if group_dead {
+        flags |= EXIT_FLAG_GROUP_DEAD;
+    } else if sig_flags & SIGNAL_GROUP_EXIT != 0 || exec_task != 0 {
+        // One of the other threads of a process that exits (or execs) as a
+        // whole: the process's own event comes with its last thread.
+        bump(&EXIT_STATS, STAT_FILTERED);
+        return;
+    }
+
+    let Some(mut entry) = EXIT_EVENTS.reserve::<ExitEvent>(0) else {
+        bump(&EXIT_STATS, STAT_LOST);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // The process as a whole is described by its leader (name, start time);
+    // a lone thread by itself.
+    let subject = if group_dead {
+        kmem::read_ptr(task, off.task_group_leader).unwrap_or(task)
+    } else {
+        task
+    };
+    let mut comm = [0u8; TASK_COMM_LEN];
+    if kmem::read_buf(subject, off.task_comm, &mut comm).is_err() {
+        comm = bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]);
+    }
+    let start = kmem::read::<u64>(subject, off.task_start_boottime);
+    let wait_status = kmem::read::<u32>(task, off.task_exit_code);
+    let ppid = kmem::read_ptr(task, off.task_real_parent)
+        .and_then(|parent| kmem::read::<u32>(parent, off.task_tgid));
+    if start.is_err() || wait_status.is_err() || ppid.is_err() {
+        flags |= EXIT_FLAG_PARTIAL;
+    }
+    if flags & EXIT_FLAG_PARTIAL != 0 {
+        bump(&EXIT_STATS, STAT_READ_ERRORS);
+    }
+    entry.write(ExitEvent {
+        ts_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        start_boot_ns: start.unwrap_or(0),
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        ppid: ppid.unwrap_or(0),
+        wait_status: wait_status.unwrap_or(0),
+        flags,
+        _pad: 0,
+        comm,
+    });
+    entry.submit(0);
+    bump(&EXIT_STATS, STAT_EMITTED);
+}

@@ -1,0 +1,24 @@
+//! Reads of kernel memory at offsets resolved by userspace from BTF.
+
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+
+/// Reads a `T` at `base + offset`.
+#[inline(always)]
+pub fn read<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel tolerates any address and reports a fault
+    // as an error instead of dereferencing it directly.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize) as *const T) }
+}
+
+/// Reads a pointer at `base + offset`.
+#[inline(always)]
+pub fn read_ptr(base: *const u8, offset: u32) -> Result<*const u8, i32> {
+    read::<*const u8>(base, offset)
+}
+
+/// Copies `dst.len()` bytes from `base + offset`.
+#[inline(always)]
+pub fn read_buf(base: *const u8, offset: u32, dst: &mut [u8]) -> Result<(), i32> {
+    // SAFETY: as for `read`.
+    unsafe { bpf_probe_read_kernel_buf(base.wrapping_add(offset as usize), dst) }
+}

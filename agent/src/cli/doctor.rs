@@ -1,0 +1,379 @@
+//! `podscope doctor`: what this kernel and node support, tested by loading
+//! tiny programs, and what each finding means for podscope.
+
+use std::{io::Write, process::ExitCode};
+
+use anyhow::Result;
+use aya::programs::{BtfTracePoint, FEntry, KProbe, RawTracePoint, TracePoint};
+use clap::Args;
+use serde::Serialize;
+
+use super::Output;
+use crate::{
+    kernel::{bpf_sys, btf::Btf, cgroups::CgroupLayout, privilege::Privileges, tracefs},
+    probes::{self, error_chain, program},
+};
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// Output format: a table, or one JSON object.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Works.
+    Ok,
+    /// Absent, and podscope uses something else instead.
+    Fallback,
+    /// Absent, and something podscope does is lost.
+    Missing,
+    /// Could not be tested (e.g. without root).
+    Untested,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    /// What was found.
+    pub detail: String,
+    /// What it means for podscope.
+    pub meaning: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    fn status(&self, name: &str) -> Option<Status> {
+        self.checks
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.status)
+    }
+}
+
+fn check(
+    name: &'static str,
+    status: Status,
+    detail: impl Into<String>,
+    meaning: impl Into<String>,
+) -> Check {
+    Check {
+        name,
+        status,
+        detail: detail.into(),
+        meaning: meaning.into(),
+    }
+}
+
+pub fn run(args: DoctorArgs) -> Result<ExitCode> {
+    let report = diagnose();
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string(&report)?)?,
+        Output::Table => {
+            writeln!(out, "kernel {}", report.kernel)?;
+            for c in &report.checks {
+                let status = serde_json::to_value(c.status)?
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_uppercase();
+                writeln!(out, "{status:<9} {:<16} {}", c.name, c.detail)?;
+                writeln!(out, "{:<9} {:<16} → {}", "", "", c.meaning)?;
+            }
+        }
+    }
+    // Fail when podscope could not trace at all, so scripts can tell.
+    let essential = ["privileges", "btf", "ring_buffer", "exits"];
+    let broken = essential
+        .iter()
+        .any(|n| report.status(n).is_some_and(|s| s != Status::Ok));
+    Ok(if broken {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Runs every check.
+pub fn diagnose() -> Report {
+    let mut checks = vec![];
+    let privileges = Privileges::current();
+    let privileged = privileges.can_trace();
+    checks.push(if privileged {
+        check("privileges", Status::Ok, privileges.describe(), "podscope can load and attach eBPF programs")
+    } else {
+        check(
+            "privileges",
+            Status::Missing,
+            privileges.describe(),
+            "podscope cannot load eBPF programs: run it as root (or with CAP_BPF and CAP_PERFMON); the hook checks below need it",
+        )
+    });
+
+    let btf = Btf::from_sys_fs();
+    checks.push(match &btf {
+        Ok(b) => check(
+            "btf",
+            Status::Ok,
+            format!("{} ({} types)", crate::kernel::btf::VMLINUX_BTF, b.len()),
+            "kernel struct offsets are resolved at start-up; tp_btf and fentry can be used",
+        ),
+        Err(e) => check(
+            "btf",
+            Status::Missing,
+            e.to_string(),
+            "podscope cannot find kernel struct fields and will not start",
+        ),
+    });
+    let exit_offsets = btf.as_ref().ok().map(probes::exits::resolve_offsets);
+    if let Some(Err(e)) = &exit_offsets {
+        checks.push(check(
+            "exit_offsets",
+            Status::Missing,
+            e.to_string(),
+            "exit tracing cannot read exit codes on this kernel",
+        ));
+    }
+
+    checks.push(match tracefs::mounted() {
+        Some(p) => check(
+            "tracefs",
+            Status::Ok,
+            format!("mounted at {p}"),
+            "plain tracepoints can be attached by name",
+        ),
+        None => check(
+            "tracefs",
+            Status::Fallback,
+            "not mounted",
+            "podscope mounts it at /sys/kernel/tracing when it must fall back to plain tracepoints",
+        ),
+    });
+
+    let untested = |name| {
+        check(
+            name,
+            Status::Untested,
+            "needs root to test",
+            "run `sudo podscope doctor`",
+        )
+    };
+    if !privileged {
+        for name in [
+            "ring_buffer",
+            "tracepoint",
+            "raw_tp",
+            "tp_btf",
+            "fentry",
+            "kprobe",
+            "netfilter_link",
+            "exits",
+        ] {
+            checks.push(untested(name));
+        }
+    } else {
+        checks.push(match bpf_sys::probe_ringbuf() {
+            Ok(()) => check(
+                "ring_buffer",
+                Status::Ok,
+                "BPF_MAP_TYPE_RINGBUF created",
+                "events reach userspace in order, without per-CPU copies",
+            ),
+            Err(e) => check(
+                "ring_buffer",
+                Status::Missing,
+                e.to_string(),
+                "podscope needs ring buffers (kernel ≥ 5.8) and will not start",
+            ),
+        });
+        checks.extend(hook_checks());
+    }
+
+    checks.push({
+        let layout = CgroupLayout::current();
+        let (status, meaning) = match layout {
+            CgroupLayout::V2 { .. } => (Status::Ok, "cgroup ids in events are v2 directory inodes; resource files are in the unified tree"),
+            CgroupLayout::Hybrid { .. } => (Status::Ok, "cgroup ids come from the controller-less v2 tree; cpu and memory files are read from v1"),
+            CgroupLayout::V1 { .. } => (Status::Fallback, "no v2 tree: events carry no usable cgroup id, containers are found by pid"),
+            CgroupLayout::None => (Status::Missing, "no cgroups mounted: no container attribution"),
+        };
+        let detail = match &layout {
+            CgroupLayout::V2 { root } => format!("v2 at {}", root.display()),
+            CgroupLayout::Hybrid { v2_root, controllers } => format!(
+                "hybrid: v2 at {}, v1 controllers {}",
+                v2_root.display(),
+                controllers.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>().join(",")
+            ),
+            CgroupLayout::V1 { controllers } => {
+                format!("v1 controllers {}", controllers.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>().join(","))
+            }
+            CgroupLayout::None => "none".into(),
+        };
+        check("cgroups", status, detail, meaning)
+    });
+
+    if privileged {
+        let tp_btf = checks.iter().find(|c| c.name == "tp_btf").map(|c| c.status);
+        let tp = checks
+            .iter()
+            .find(|c| c.name == "tracepoint")
+            .map(|c| c.status);
+        let offsets_ok = matches!(exit_offsets, Some(Ok(_)));
+        checks.push(match (offsets_ok, tp_btf, tp) {
+            (false, ..) => check(
+                "exits",
+                Status::Missing,
+                "no kernel offsets",
+                "exit tracing is unavailable",
+            ),
+            (true, Some(Status::Ok), _) => check(
+                "exits",
+                Status::Ok,
+                "tp_btf sched_process_exit",
+                "every exit is traced with the cheapest hook",
+            ),
+            (true, _, Some(Status::Ok | Status::Fallback)) => check(
+                "exits",
+                Status::Ok,
+                "tracepoint sched:sched_process_exit",
+                "every exit is traced (tp_btf refused; the tracepoint costs a little more)",
+            ),
+            _ => check(
+                "exits",
+                Status::Missing,
+                "no usable hook",
+                "exit tracing is unavailable",
+            ),
+        });
+    }
+
+    Report {
+        kernel: kernel_release(),
+        checks,
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Loads each tiny doctor program and attaches it, then detaches.
+fn hook_checks() -> Vec<Check> {
+    let aya_btf = aya::Btf::from_sys_fs().ok();
+    let mut ebpf = match probes::load_object_for_probing(aya_btf.as_ref()) {
+        Ok(e) => e,
+        Err(e) => {
+            return vec![check(
+                "hooks",
+                Status::Missing,
+                e.to_string(),
+                "podscope's eBPF object does not load on this kernel",
+            )];
+        }
+    };
+    let mut out = vec![];
+    let need_btf = || "the kernel's BTF could not be read".to_string();
+
+    let r: Result<(), String> = (|| {
+        if tracefs::mounted().is_none() {
+            return Err("tracefs is not mounted".into());
+        }
+        let p: &mut TracePoint = program(&mut ebpf, "doctor_tracepoint")?;
+        p.load().map_err(|e| error_chain(&e))?;
+        p.attach("sched", "sched_process_exit")
+            .map_err(|e| error_chain(&e))
+            .map(drop)
+    })();
+    out.push(verdict(
+        "tracepoint",
+        r,
+        "plain tracepoints work: the last-resort hook for every family",
+        Status::Fallback,
+        "no plain tracepoints until tracefs is mounted (podscope mounts it when needed)",
+    ));
+
+    let r: Result<(), String> = (|| {
+        let p: &mut RawTracePoint = program(&mut ebpf, "doctor_raw_tp")?;
+        p.load().map_err(|e| error_chain(&e))?;
+        p.attach("sched_process_exit")
+            .map_err(|e| error_chain(&e))
+            .map(drop)
+    })();
+    out.push(verdict(
+        "raw_tp",
+        r,
+        "raw tracepoints work",
+        Status::Fallback,
+        "families use tp_btf or plain tracepoints instead",
+    ));
+
+    let r: Result<(), String> = (|| {
+        let btf = aya_btf.as_ref().ok_or_else(need_btf)?;
+        let p: &mut BtfTracePoint = program(&mut ebpf, "doctor_tp_btf")?;
+        p.load("sched_process_exit", btf)
+            .map_err(|e| error_chain(&e))?;
+        p.attach().map_err(|e| error_chain(&e)).map(drop)
+    })();
+    out.push(verdict(
+        "tp_btf",
+        r,
+        "BTF tracepoints work: exits and scheduler probes use them (cheapest tracepoint form)",
+        Status::Fallback,
+        "families fall back to plain tracepoints (slightly more overhead)",
+    ));
+
+    let r: Result<(), String> = (|| {
+        let btf = aya_btf.as_ref().ok_or_else(need_btf)?;
+        let p: &mut FEntry = program(&mut ebpf, "doctor_fentry")?;
+        p.load("do_exit", btf).map_err(|e| error_chain(&e))?;
+        p.attach().map_err(|e| error_chain(&e)).map(drop)
+    })();
+    out.push(verdict("fentry", r, "BPF trampolines work: fentry can accelerate function probes", Status::Fallback, "BPF trampolines are refused (fentry/fexit/LSM): podscope uses tracepoints, which cover every family"));
+
+    let r: Result<(), String> = (|| {
+        let p: &mut KProbe = program(&mut ebpf, "doctor_kprobe")?;
+        p.load().map_err(|e| error_chain(&e))?;
+        p.attach("do_exit", 0)
+            .map_err(|e| error_chain(&e))
+            .map(drop)
+    })();
+    out.push(verdict(
+        "kprobe",
+        r,
+        "kprobes work",
+        Status::Fallback,
+        "no kprobes (CONFIG_KPROBES unset?): podscope needs none, tracepoints cover every family",
+    ));
+
+    out.push(verdict(
+        "netfilter_link",
+        bpf_sys::probe_netfilter_link().map_err(|e| e.to_string()),
+        "BPF netfilter links work (kernel ≥ 6.4): Service DNAT and rejects can be traced at the netfilter hooks",
+        Status::Fallback,
+        "no BPF netfilter links (kernel < 6.4): packet paths fall back to conntrack events and kfree_skb",
+    ));
+    out
+}
+
+fn verdict(
+    name: &'static str,
+    r: Result<(), String>,
+    ok: &str,
+    absent: Status,
+    meaning_absent: &str,
+) -> Check {
+    match r {
+        Ok(()) => check(name, Status::Ok, "loaded and attached", ok),
+        Err(e) => check(name, absent, e, meaning_absent),
+    }
+}

@@ -1,0 +1,254 @@
+//! `podscope trace <family>`: a live view straight from the kernel.
+
+use std::{
+    io::{self, Write},
+    os::fd::{AsRawFd, RawFd},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, ValueEnum};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::SignalKind,
+};
+
+use super::{Output, parse_duration};
+use crate::{
+    events::Event,
+    kernel::privilege::Privileges,
+    probes::{self, AttachType, KernelBtf, LoadOptions, exits::ExitProbe},
+};
+
+#[derive(Args, Debug)]
+pub struct TraceArgs {
+    /// What to trace.
+    #[arg(value_enum)]
+    pub family: Family,
+    /// Output format: a table, or one JSON object per line.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Stop after this long (e.g. 30s, 5m); runs until Ctrl-C otherwise.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Ring buffer size in bytes (a power of two, at least 4096).
+    #[arg(long, default_value_t = 1 << 20, value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+    /// Force one hook type instead of the best the kernel allows.
+    #[arg(long, value_enum, default_value_t = AttachChoice::Auto)]
+    pub attach: AttachChoice,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Family {
+    /// Process and thread exits: exit code, signal, core dump.
+    Exits,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttachChoice {
+    Auto,
+    TpBtf,
+    Tracepoint,
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s} is not a number of bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!(
+            "{n} must be a power of two of at least 4096 (e.g. 1048576)"
+        ));
+    }
+    Ok(n)
+}
+
+struct Fd(RawFd);
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+pub fn run(args: TraceArgs) -> Result<ExitCode> {
+    Privileges::current()
+        .require_tracing()
+        .map_err(|m| anyhow!(m))?;
+    let kernel = KernelBtf::from_sys_fs()?;
+    let mut ebpf = probes::load_object(
+        &kernel,
+        &LoadOptions {
+            ring_buffer_bytes: args.ring_buffer_size,
+        },
+    )?;
+    let only = match args.attach {
+        AttachChoice::Auto => None,
+        AttachChoice::TpBtf => Some(AttachType::TpBtf),
+        AttachChoice::Tracepoint => Some(AttachType::Tracepoint),
+    };
+    let probe = match args.family {
+        Family::Exits => ExitProbe::attach(&mut ebpf, &kernel, only)?,
+    };
+    // BTF is only needed at load: give its memory back.
+    drop(kernel);
+    let a = &probe.attachment;
+    tracing::debug!(hook = a.hook, attach_type = %a.attach_type, "attached");
+    for (kind, why) in &a.refused {
+        tracing::info!(
+            "{} could not use {kind} ({why}); using {}",
+            a.family,
+            a.attach_type
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(stream(probe, args.output, args.duration))
+}
+
+async fn stream(
+    mut probe: ExitProbe,
+    output: Output,
+    duration: Option<Duration>,
+) -> Result<ExitCode> {
+    // SAFETY: the ring buffer's fd stays open while `ring` lives: `probe`
+    // owns it and is dropped after `ring`, at the end of this function.
+    let ring = unsafe { AsyncFd::register_with_interest(Fd(probe.ring_fd()), Interest::READABLE) }
+        .map_err(|e| anyhow!("cannot poll the ring buffer: {e}"))?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
+    tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let mut shown = 0u64;
+    let mut lost_reported = 0u64;
+    if output == Output::Table {
+        writeln!(out, "{}", table_header())?;
+        out.flush()?;
+    }
+    let mut write_batch =
+        |probe: &mut ExitProbe, out: &mut io::BufWriter<io::StdoutLock>| -> io::Result<()> {
+            let mut res = Ok(());
+            probe.drain(|exit| {
+                if res.is_err() {
+                    return;
+                }
+                let event = Event::Exit(exit);
+                shown += 1;
+                res = match output {
+                    Output::Json => writeln!(out, "{}", event.to_json()),
+                    Output::Table => writeln!(out, "{}", table_row(&event)),
+                };
+            });
+            res.and_then(|_| out.flush())
+        };
+    let result: io::Result<()> = loop {
+        tokio::select! {
+            guard = ring.readable() => {
+                let mut guard = guard?;
+                guard.clear_ready();
+                if let Err(e) = write_batch(&mut probe, &mut out) {
+                    break Err(e);
+                }
+            }
+            _ = tick.tick() => {
+                let lost = probe.stats().lost;
+                if lost > lost_reported {
+                    tracing::warn!(
+                        "{} exit events lost: the ring buffer was full (a larger --ring-buffer-size helps)",
+                        lost - lost_reported
+                    );
+                    lost_reported = lost;
+                }
+            }
+            _ = sigint.recv() => break Ok(()),
+            _ = sigterm.recv() => break Ok(()),
+            _ = &mut deadline => break Ok(()),
+        }
+    };
+    let result = result.and_then(|_| write_batch(&mut probe, &mut out));
+    match result {
+        Ok(()) => {}
+        // The reader went away (e.g. `| head`): not an error.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+        Err(e) => return Err(e.into()),
+    }
+    let stats = probe.stats();
+    eprintln!(
+        "podscope: {shown} exits shown; kernel: {} seen, {} lost (ring buffer full), {} read errors, {} threads of exiting processes folded into their process",
+        stats.hits - stats.filtered,
+        stats.lost,
+        stats.read_errors,
+        stats.filtered
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn table_header() -> String {
+    format!(
+        "{:<12} {:>7} {:>7} {:>7} {:<16} {:<7} {:<16} {:>10} {:>8}",
+        "TIME", "PID", "TID", "PPID", "COMM", "KIND", "RESULT", "LIFETIME", "CGROUP"
+    )
+}
+
+fn table_row(event: &Event) -> String {
+    match event {
+        Event::Exit(e) => {
+            let ts = humantime::format_rfc3339_millis(e.ts).to_string();
+            let result = match (&e.signal, e.exit_code) {
+                (Some(sig), _) if e.core_dumped => format!("{sig} (core)"),
+                (Some(sig), _) => sig.clone(),
+                (None, Some(code)) => format!("exit {code}"),
+                (None, None) => "?".into(),
+            };
+            format!(
+                "{:<12} {:>7} {:>7} {:>7} {:<16} {:<7} {:<16} {:>10} {:>8}",
+                ts.get(11..23).unwrap_or(&ts),
+                e.tgid,
+                e.pid,
+                e.ppid,
+                e.comm,
+                if e.thread { "thread" } else { "process" },
+                result,
+                human_duration(e.lifetime()),
+                e.cgroup_id
+            )
+        }
+    }
+}
+
+fn human_duration(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    match ms {
+        m if m < 1.0 => format!("{:.0}µs", m * 1000.0),
+        m if m < 1000.0 => format!("{m:.1}ms"),
+        m if m < 60_000.0 => format!("{:.2}s", m / 1000.0),
+        m if m < 3_600_000.0 => format!("{:.1}m", m / 60_000.0),
+        m => format!("{:.1}h", m / 3_600_000.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_sizes_must_be_powers_of_two() {
+        assert_eq!(parse_ring_size("4096").unwrap(), 4096);
+        assert!(parse_ring_size("4097").is_err());
+        assert!(parse_ring_size("1024").is_err());
+        assert!(parse_ring_size("lots").is_err());
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human_duration(Duration::from_micros(250)), "250µs");
+        assert_eq!(human_duration(Duration::from_millis(12)), "12.0ms");
+        assert_eq!(human_duration(Duration::from_secs(3)), "3.00s");
+        assert_eq!(human_duration(Duration::from_secs(600)), "10.0m");
+    }
+}

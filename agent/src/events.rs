@@ -1,0 +1,67 @@
+//! The typed events every consumer sees (CLI stream, later the daemon's
+//! HTTP stream), one variant per family. JSON: one object per event with a
+//! `kind` tag, the schema `podscope trace -o json` documents.
+
+use std::time::SystemTime;
+
+use serde::{Serialize, Serializer};
+
+use crate::probes::exits::Exit;
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    Exit(Exit),
+}
+
+impl Event {
+    pub fn to_json(&self) -> String {
+        // Serializing plain structs of strings and numbers cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// RFC 3339 with nanoseconds, UTC.
+pub fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_nanos(*t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_json_has_the_documented_fields() {
+        let e = Event::Exit(Exit {
+            ts: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123),
+            pid: 7,
+            tgid: 7,
+            ppid: 1,
+            comm: "sh".into(),
+            exit_code: Some(3),
+            signal: None,
+            core_dumped: false,
+            thread: false,
+            lifetime_ns: 5,
+            cgroup_id: 9,
+            partial: false,
+        });
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["kind"], "exit");
+        assert_eq!(v["ts"], "2023-11-14T22:13:20.123000000Z");
+        assert_eq!(v["exit_code"], 3);
+        assert_eq!(v["signal"], serde_json::Value::Null);
+        for key in [
+            "pid",
+            "tgid",
+            "ppid",
+            "comm",
+            "core_dumped",
+            "thread",
+            "cgroup_id",
+            "lifetime_ns",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+    }
+}

@@ -1,0 +1,662 @@
+//! A small reader for the kernel's BTF (`/sys/kernel/btf/vmlinux`).
+//!
+//! Rust eBPF has no CO-RE field relocations, so podscope asks the running
+//! kernel's BTF where the struct members it reads are, and hands those offsets
+//! to its programs as load-time globals. This reader answers exactly the
+//! questions that needs: a struct member's offset (through anonymous structs
+//! and unions), an enum's values, and whether a function exists.
+//!
+//! It keeps the raw bytes and an index of where each type starts; nothing is
+//! decoded until asked for. Format: include/uapi/linux/btf.h.
+
+use std::{collections::HashMap, fs, io, path::Path};
+
+use thiserror::Error;
+
+/// Where the running kernel publishes its own BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+const BTF_MAGIC: u16 = 0xeb9f;
+
+#[derive(Debug, Error)]
+pub enum BtfError {
+    #[error(
+        "this kernel publishes no BTF ({path} is missing): podscope needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (standard on Debian, Ubuntu, RHEL/Fedora and most cloud kernels since 5.x)"
+    )]
+    Missing { path: String },
+    #[error("cannot read BTF from {path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("malformed BTF: {0}")]
+    Malformed(String),
+    #[error("this kernel's BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("this kernel's BTF has no member {member} in struct {strukt}")]
+    NoMember { strukt: String, member: String },
+    #[error("this kernel's BTF has no enum {0}")]
+    NoEnum(String),
+}
+
+/// BTF kinds (`BTF_KIND_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Void = 0,
+    Int = 1,
+    Ptr = 2,
+    Array = 3,
+    Struct = 4,
+    Union = 5,
+    Enum = 6,
+    Fwd = 7,
+    Typedef = 8,
+    Volatile = 9,
+    Const = 10,
+    Restrict = 11,
+    Func = 12,
+    FuncProto = 13,
+    Var = 14,
+    Datasec = 15,
+    Float = 16,
+    DeclTag = 17,
+    TypeTag = 18,
+    Enum64 = 19,
+}
+
+impl Kind {
+    fn from_u32(k: u32) -> Option<Kind> {
+        use Kind::*;
+        Some(match k {
+            0 => Void,
+            1 => Int,
+            2 => Ptr,
+            3 => Array,
+            4 => Struct,
+            5 => Union,
+            6 => Enum,
+            7 => Fwd,
+            8 => Typedef,
+            9 => Volatile,
+            10 => Const,
+            11 => Restrict,
+            12 => Func,
+            13 => FuncProto,
+            14 => Var,
+            15 => Datasec,
+            16 => Float,
+            17 => DeclTag,
+            18 => TypeTag,
+            19 => Enum64,
+            _ => return None,
+        })
+    }
+
+    /// Bytes that follow the 12-byte common header for a type of this kind.
+    fn extra_len(self, vlen: usize) -> usize {
+        use Kind::*;
+        match self {
+            Int | Var | DeclTag => 4,
+            Array => 12,
+            Struct | Union | Datasec | Enum64 => 12 * vlen,
+            Enum | FuncProto => 8 * vlen,
+            Void | Ptr | Fwd | Typedef | Volatile | Const | Restrict | Func | Float | TypeTag => 0,
+        }
+    }
+}
+
+/// Where a struct member lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Byte offset from the start of the outer struct.
+    pub offset: u32,
+    /// Size in bytes of the member's type (0 when it has none, e.g. a function pointer's target).
+    pub size: u32,
+    /// Bitfield width, 0 for an ordinary member.
+    pub bitfield_bits: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Header {
+    name_off: u32,
+    info: u32,
+    size_or_type: u32,
+}
+
+impl Header {
+    fn kind(&self) -> Option<Kind> {
+        Kind::from_u32((self.info >> 24) & 0x1f)
+    }
+    fn vlen(&self) -> usize {
+        (self.info & 0xffff) as usize
+    }
+    fn kflag(&self) -> bool {
+        self.info >> 31 == 1
+    }
+}
+
+/// A parsed BTF blob (base BTF only; module split BTF is not needed here).
+pub struct Btf {
+    data: Vec<u8>,
+    str_start: usize,
+    str_len: usize,
+    /// Byte offset (within `data`) of type id `i`; index 0 is `void`.
+    offsets: Vec<u32>,
+    /// Named struct/union/enum/func ids by name, built once.
+    by_name: HashMap<(u8, Box<str>), u32>,
+}
+
+impl std::fmt::Debug for Btf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Btf")
+            .field("types", &self.offsets.len())
+            .finish()
+    }
+}
+
+impl Btf {
+    /// The running kernel's BTF.
+    pub fn from_sys_fs() -> Result<Btf, BtfError> {
+        Btf::from_file(VMLINUX_BTF)
+    }
+
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Btf, BtfError> {
+        let path = path.as_ref();
+        let data = fs::read(path).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                BtfError::Missing {
+                    path: path.display().to_string(),
+                }
+            } else {
+                BtfError::Io {
+                    path: path.display().to_string(),
+                    source,
+                }
+            }
+        })?;
+        Btf::parse(data)
+    }
+
+    /// Parses a raw BTF blob (what `/sys/kernel/btf/vmlinux` and an ELF `.BTF` section hold).
+    pub fn parse(data: Vec<u8>) -> Result<Btf, BtfError> {
+        let bad = |m: &str| BtfError::Malformed(m.to_string());
+        if data.len() < 24 {
+            return Err(bad("shorter than its header"));
+        }
+        let magic = u16::from_le_bytes([data[0], data[1]]);
+        if magic != BTF_MAGIC {
+            return Err(if magic.swap_bytes() == BTF_MAGIC {
+                bad("big-endian BTF is not supported")
+            } else {
+                bad("bad magic: not BTF")
+            });
+        }
+        let u32_at =
+            |o: usize| u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]);
+        let hdr_len = u32_at(4) as usize;
+        let (type_off, type_len) = (u32_at(8) as usize, u32_at(12) as usize);
+        let (str_off, str_len) = (u32_at(16) as usize, u32_at(20) as usize);
+        let type_start = hdr_len
+            .checked_add(type_off)
+            .ok_or_else(|| bad("type section offset overflows"))?;
+        let str_start = hdr_len
+            .checked_add(str_off)
+            .ok_or_else(|| bad("string section offset overflows"))?;
+        if type_start.saturating_add(type_len) > data.len()
+            || str_start.saturating_add(str_len) > data.len()
+        {
+            return Err(bad("sections run past the end of the data"));
+        }
+
+        let mut offsets = vec![0u32];
+        let mut at = type_start;
+        let end = type_start + type_len;
+        while at < end {
+            if at + 12 > end {
+                return Err(bad("truncated type header"));
+            }
+            let info = u32_at(at + 4);
+            let header = Header {
+                name_off: 0,
+                info,
+                size_or_type: 0,
+            };
+            let kind = header.kind().ok_or_else(|| {
+                BtfError::Malformed(format!("unknown type kind {}", (info >> 24) & 0x1f))
+            })?;
+            offsets.push(at as u32);
+            at += 12 + kind.extra_len(header.vlen());
+        }
+        if at != end {
+            return Err(bad("last type runs past the type section"));
+        }
+
+        let mut btf = Btf {
+            data,
+            str_start,
+            str_len,
+            offsets,
+            by_name: HashMap::new(),
+        };
+        btf.index_names();
+        Ok(btf)
+    }
+
+    fn index_names(&mut self) {
+        let mut by_name = HashMap::new();
+        for id in 1..self.offsets.len() as u32 {
+            let h = self.header(id);
+            let Some(kind) = h.kind() else { continue };
+            if !matches!(
+                kind,
+                Kind::Struct | Kind::Union | Kind::Enum | Kind::Enum64 | Kind::Func
+            ) || h.name_off == 0
+            {
+                continue;
+            }
+            let name = self.str_at(h.name_off);
+            // The first definition wins; duplicates of one name are identical in vmlinux.
+            by_name.entry((kind as u8, name.into())).or_insert(id);
+        }
+        self.by_name = by_name;
+    }
+
+    /// Number of types, `void` included.
+    pub fn len(&self) -> usize {
+        self.offsets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.offsets.len() <= 1
+    }
+
+    fn u32_at(&self, o: usize) -> u32 {
+        u32::from_le_bytes([
+            self.data[o],
+            self.data[o + 1],
+            self.data[o + 2],
+            self.data[o + 3],
+        ])
+    }
+
+    fn header(&self, id: u32) -> Header {
+        let o = self.offsets[id as usize] as usize;
+        Header {
+            name_off: self.u32_at(o),
+            info: self.u32_at(o + 4),
+            size_or_type: self.u32_at(o + 8),
+        }
+    }
+
+    fn str_at(&self, off: u32) -> &str {
+        let off = off as usize;
+        if off >= self.str_len {
+            return "";
+        }
+        let s = &self.data[self.str_start + off..self.str_start + self.str_len];
+        let len = s.iter().position(|&b| b == 0).unwrap_or(s.len());
+        std::str::from_utf8(&s[..len]).unwrap_or("")
+    }
+
+    fn lookup(&self, kind: Kind, name: &str) -> Option<u32> {
+        self.by_name.get(&(kind as u8, name.into())).copied()
+    }
+
+    /// Whether the kernel has a function of this name (a candidate for fentry/kprobe).
+    pub fn has_func(&self, name: &str) -> bool {
+        self.lookup(Kind::Func, name).is_some()
+    }
+
+    /// Whether the kernel has a struct of this name.
+    pub fn has_struct(&self, name: &str) -> bool {
+        self.lookup(Kind::Struct, name).is_some()
+    }
+
+    /// Follows typedefs and qualifiers to the type they name.
+    fn strip(&self, mut id: u32) -> u32 {
+        for _ in 0..32 {
+            if id == 0 || id as usize >= self.offsets.len() {
+                return 0;
+            }
+            let h = self.header(id);
+            match h.kind() {
+                Some(
+                    Kind::Typedef | Kind::Volatile | Kind::Const | Kind::Restrict | Kind::TypeTag,
+                ) => id = h.size_or_type,
+                _ => return id,
+            }
+        }
+        0
+    }
+
+    /// Size in bytes of a type, following typedefs and arrays.
+    fn size_of(&self, id: u32) -> u32 {
+        let id = self.strip(id);
+        if id == 0 {
+            return 0;
+        }
+        let h = self.header(id);
+        match h.kind() {
+            Some(
+                Kind::Int
+                | Kind::Struct
+                | Kind::Union
+                | Kind::Enum
+                | Kind::Enum64
+                | Kind::Float
+                | Kind::Datasec,
+            ) => h.size_or_type,
+            Some(Kind::Ptr) => 8,
+            Some(Kind::Array) => {
+                let o = self.offsets[id as usize] as usize + 12;
+                let elem = self.u32_at(o);
+                let nelems = self.u32_at(o + 8);
+                self.size_of(elem).saturating_mul(nelems)
+            }
+            _ => 0,
+        }
+    }
+
+    /// The byte offset of `member` in `struct strukt`. Members of anonymous
+    /// structs and unions nested in it are found too, as C would.
+    pub fn member(&self, strukt: &str, member: &str) -> Result<Member, BtfError> {
+        let id = self
+            .lookup(Kind::Struct, strukt)
+            .or_else(|| self.lookup(Kind::Union, strukt))
+            .ok_or_else(|| BtfError::NoStruct(strukt.to_string()))?;
+        self.find_member(id, member, 0)
+            .ok_or_else(|| BtfError::NoMember {
+                strukt: strukt.to_string(),
+                member: member.to_string(),
+            })
+    }
+
+    /// Convenience: the byte offset only.
+    pub fn offset_of(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+        self.member(strukt, member).map(|m| m.offset)
+    }
+
+    fn find_member(&self, id: u32, name: &str, depth: u32) -> Option<Member> {
+        if depth > 8 {
+            return None;
+        }
+        let h = self.header(id);
+        let start = self.offsets[id as usize] as usize + 12;
+        for i in 0..h.vlen() {
+            let o = start + i * 12;
+            let (m_name, m_type, m_off) = (self.u32_at(o), self.u32_at(o + 4), self.u32_at(o + 8));
+            let (bit_off, bits) = if h.kflag() {
+                (m_off & 0x00ff_ffff, m_off >> 24)
+            } else {
+                (m_off, 0)
+            };
+            if m_name == 0 {
+                // Anonymous struct or union: its members belong to this struct.
+                let inner = self.strip(m_type);
+                if inner != 0
+                    && matches!(self.header(inner).kind(), Some(Kind::Struct | Kind::Union))
+                    && let Some(found) = self.find_member(inner, name, depth + 1)
+                {
+                    return Some(Member {
+                        offset: found.offset + bit_off / 8,
+                        ..found
+                    });
+                }
+                continue;
+            }
+            if self.str_at(m_name) == name {
+                return Some(Member {
+                    offset: bit_off / 8,
+                    size: self.size_of(m_type),
+                    bitfield_bits: bits,
+                });
+            }
+        }
+        None
+    }
+
+    /// Every (name, value) of an enum (32- or 64-bit).
+    pub fn enum_values(&self, name: &str) -> Result<Vec<(String, i64)>, BtfError> {
+        let (id, wide) = match self.lookup(Kind::Enum, name) {
+            Some(id) => (id, false),
+            None => (
+                self.lookup(Kind::Enum64, name)
+                    .ok_or_else(|| BtfError::NoEnum(name.to_string()))?,
+                true,
+            ),
+        };
+        let h = self.header(id);
+        let signed = h.kflag();
+        let start = self.offsets[id as usize] as usize + 12;
+        let stride = if wide { 12 } else { 8 };
+        Ok((0..h.vlen())
+            .map(|i| {
+                let o = start + i * stride;
+                let lo = self.u32_at(o + 4);
+                let value = if wide {
+                    (((self.u32_at(o + 8) as u64) << 32) | lo as u64) as i64
+                } else if signed {
+                    lo as i32 as i64
+                } else {
+                    lo as i64
+                };
+                (self.str_at(self.u32_at(o)).to_string(), value)
+            })
+            .collect())
+    }
+
+    /// One enumerator's value.
+    pub fn enum_value(&self, name: &str, variant: &str) -> Result<Option<i64>, BtfError> {
+        Ok(self
+            .enum_values(name)?
+            .into_iter()
+            .find(|(n, _)| n == variant)
+            .map(|(_, v)| v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a tiny BTF blob by hand, to test the parser on shapes we control.
+    struct Builder {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+    }
+
+    impl Builder {
+        fn new() -> Self {
+            Builder {
+                types: vec![],
+                strings: vec![0],
+            }
+        }
+        fn s(&mut self, name: &str) -> u32 {
+            if name.is_empty() {
+                return 0;
+            }
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(name.as_bytes());
+            self.strings.push(0);
+            off
+        }
+        fn hdr(&mut self, name: &str, kind: u32, vlen: u32, kflag: bool, size: u32) {
+            let n = self.s(name);
+            let info = (kind << 24) | vlen | if kflag { 1 << 31 } else { 0 };
+            for v in [n, info, size] {
+                self.types.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        fn u32s(&mut self, vals: &[u32]) {
+            for v in vals {
+                self.types.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        fn build(self) -> Vec<u8> {
+            let mut out = vec![];
+            out.extend_from_slice(&0xeb9fu16.to_le_bytes());
+            out.push(1);
+            out.push(0);
+            for v in [
+                24u32,
+                0,
+                self.types.len() as u32,
+                self.types.len() as u32,
+                self.strings.len() as u32,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&self.types);
+            out.extend_from_slice(&self.strings);
+            out
+        }
+    }
+
+    fn sample() -> Vec<u8> {
+        let mut b = Builder::new();
+        // 1: int (4 bytes)
+        b.hdr("int", 1, 0, false, 4);
+        b.u32s(&[32]);
+        // 2: typedef pid_t -> int
+        b.hdr("pid_t", 8, 0, false, 1);
+        // 3: anonymous union { int a; pid_t b; }
+        b.hdr("", 5, 2, false, 4);
+        let (a, bb) = (b.s("a"), b.s("b"));
+        b.u32s(&[a, 1, 0, bb, 2, 0]);
+        // 4: struct task { int x; <anon union> at byte 8; pid_t tgid at byte 16; bitfield f:3 at bit 160 }
+        b.hdr("task", 4, 4, true, 24);
+        let (x, tgid, f) = (b.s("x"), b.s("tgid"), b.s("f"));
+        b.u32s(&[x, 1, 0, 0, 3, 64, tgid, 2, 128, f, 1, (3 << 24) | 160]);
+        // 5: enum reason { A = 1, B = -2 } (signed)
+        b.hdr("reason", 6, 2, true, 4);
+        let (ea, eb) = (b.s("A"), b.s("B"));
+        b.u32s(&[ea, 1, eb, (-2i32) as u32]);
+        // 6: func do_exit
+        b.hdr("do_exit", 12, 0, false, 0);
+        // 7: enum64 big { HUGE = 1 << 40 }
+        b.hdr("big", 19, 1, false, 8);
+        let h = b.s("HUGE");
+        b.u32s(&[h, 0, 1 << 8]);
+        b.build()
+    }
+
+    #[test]
+    fn reads_members_through_typedefs_and_anonymous_unions() {
+        let btf = Btf::parse(sample()).unwrap();
+        assert_eq!(btf.len(), 8);
+        assert_eq!(btf.offset_of("task", "x").unwrap(), 0);
+        assert_eq!(
+            btf.member("task", "tgid").unwrap(),
+            Member {
+                offset: 16,
+                size: 4,
+                bitfield_bits: 0
+            }
+        );
+        assert_eq!(btf.offset_of("task", "a").unwrap(), 8);
+        assert_eq!(btf.offset_of("task", "b").unwrap(), 8);
+        assert_eq!(btf.member("task", "f").unwrap().bitfield_bits, 3);
+        assert_eq!(btf.member("task", "f").unwrap().offset, 20);
+        assert!(matches!(
+            btf.offset_of("task", "nope"),
+            Err(BtfError::NoMember { .. })
+        ));
+        assert!(matches!(
+            btf.offset_of("nope", "x"),
+            Err(BtfError::NoStruct(_))
+        ));
+    }
+
+    #[test]
+    fn reads_enums_and_funcs() {
+        let btf = Btf::parse(sample()).unwrap();
+        assert_eq!(
+            btf.enum_values("reason").unwrap(),
+            vec![("A".into(), 1), ("B".into(), -2)]
+        );
+        assert_eq!(btf.enum_value("big", "HUGE").unwrap(), Some(1 << 40));
+        assert!(btf.has_func("do_exit"));
+        assert!(!btf.has_func("task"));
+        assert!(matches!(
+            btf.enum_values("missing"),
+            Err(BtfError::NoEnum(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_malformed_input_without_panicking() {
+        assert!(matches!(Btf::parse(vec![]), Err(BtfError::Malformed(_))));
+        assert!(matches!(
+            Btf::parse(vec![0; 64]),
+            Err(BtfError::Malformed(_))
+        ));
+        let mut be = sample();
+        be.swap(0, 1);
+        let err = Btf::parse(be).unwrap_err().to_string();
+        assert!(err.contains("big-endian"), "{err}");
+        // Every truncation of a valid blob is an error, never a panic.
+        let good = sample();
+        for len in 0..good.len() {
+            assert!(
+                Btf::parse(good[..len].to_vec()).is_err(),
+                "truncated at {len}"
+            );
+        }
+        // A type section that claims more than there is.
+        let mut long = sample();
+        long[12] = 0xff;
+        assert!(Btf::parse(long).is_err());
+    }
+
+    #[test]
+    fn missing_file_says_what_to_do() {
+        let err = Btf::from_file("/nonexistent/vmlinux")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
+    }
+
+    #[test]
+    fn parses_the_recorded_debian_6_1_kernel() {
+        let btf = super::super::fixtures::debian_6_1_btf();
+        assert!(btf.len() > 50_000, "{} types", btf.len());
+        // Values read off this kernel's BTF with pahole (dwarves), independently of this parser.
+        assert_eq!(btf.offset_of("task_struct", "exit_code").unwrap(), 2312);
+        assert_eq!(btf.offset_of("task_struct", "pid").unwrap(), 2416);
+        assert_eq!(btf.offset_of("task_struct", "tgid").unwrap(), 2420);
+        assert_eq!(
+            btf.offset_of("task_struct", "start_boottime").unwrap(),
+            2784
+        );
+        assert_eq!(btf.offset_of("signal_struct", "live").unwrap(), 4);
+        assert_eq!(btf.offset_of("signal_struct", "flags").unwrap(), 116);
+        assert_eq!(btf.member("task_struct", "comm").unwrap().size, 16);
+        assert_eq!(
+            btf.member("task_struct", "signal").unwrap(),
+            Member {
+                offset: 3072,
+                size: 8,
+                bitfield_bits: 0
+            }
+        );
+        // skb drop reasons: NO_SOCKET is 2 on 6.1 (3 on later kernels).
+        assert_eq!(
+            btf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET")
+                .unwrap(),
+            Some(2)
+        );
+        assert!(btf.has_func("do_exit"));
+        assert!(btf.has_struct("signal_struct"));
+    }
+
+    #[test]
+    fn parses_the_running_kernel_when_it_has_btf() {
+        let Ok(btf) = Btf::from_sys_fs() else {
+            eprintln!("skipped: this machine has no {VMLINUX_BTF}");
+            return;
+        };
+        assert!(btf.offset_of("task_struct", "exit_code").unwrap() > 0);
+        assert_eq!(btf.member("task_struct", "comm").unwrap().size, 16);
+        assert!(btf.has_func("do_exit"));
+    }
+}

@@ -1,0 +1,36 @@
+//! What podscope needs to know about the running kernel: its BTF, its clocks,
+//! the caller's privileges, the cgroup layout, and raw `bpf(2)` for what aya
+//! has no API for.
+
+pub mod bpf_sys;
+pub mod btf;
+pub mod cgroups;
+pub mod clock;
+pub mod privilege;
+pub mod tracefs;
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    //! BTF recorded from other kernels (see fixtures/README.md).
+    use std::io::Read;
+
+    use super::btf::Btf;
+
+    fn gunzip(path: &str) -> Vec<u8> {
+        let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mut out = vec![];
+        flate2::read::GzDecoder::new(file)
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    /// Debian's linux-image-6.1.0-47-cloud-amd64 (6.1.170), `.BTF` of its vmlinux.
+    pub fn debian_6_1_btf() -> Btf {
+        Btf::parse(gunzip(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/btf-6.1.0-47-cloud-amd64.gz"
+        )))
+        .unwrap()
+    }
+}

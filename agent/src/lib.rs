@@ -1,0 +1,13 @@
+//! podscope: an eBPF node agent that explains why pods die, stall or lose
+//! packets. This library is everything but `main`:
+//!
+//! - [`kernel`]: BTF, clocks, privileges, cgroup layout, raw bpf(2);
+//! - [`probes`]: the eBPF object, one module per event family (attach, decode);
+//! - [`events`]: the typed events consumers see;
+//! - [`cli`]: the `podscope` subcommands.
+
+pub mod cli;
+pub mod events;
+pub mod kernel;
+pub mod probes;
+pub mod signals;

@@ -1,0 +1,337 @@
+//! Exit tracing: every process exit and every lone thread exit on the node,
+//! from `sched:sched_process_exit`, through a ring buffer.
+
+use std::{
+    os::fd::{AsRawFd, RawFd},
+    time::{Duration, SystemTime},
+};
+
+use agent_common::{
+    OFFSET_ABSENT,
+    exits::{EXIT_FLAG_GROUP_DEAD, EXIT_FLAG_PARTIAL, ExitEvent, ExitOffsets},
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
+};
+use serde::Serialize;
+
+use super::{
+    AttachType, Attachment, FamilyStats, KernelBtf, LoadOptions, ProbeError, error_chain, program,
+};
+use crate::kernel::{
+    btf::{Btf, BtfError},
+    clock::BootClock,
+    tracefs,
+};
+
+pub const FAMILY: &str = "exits";
+const HOOK: &str = "sched:sched_process_exit";
+const EVENTS_MAP: &str = "EXIT_EVENTS";
+const STATS_MAP: &str = "EXIT_STATS";
+const OFFSETS_GLOBAL: &str = "EXIT_OFFSETS";
+
+/// Where the exit probe's kernel fields are on this kernel.
+pub fn resolve_offsets(btf: &Btf) -> Result<ExitOffsets, BtfError> {
+    let task = |m| btf.offset_of("task_struct", m);
+    let signal = |m| btf.offset_of("signal_struct", m);
+    Ok(ExitOffsets {
+        task_real_parent: task("real_parent")?,
+        task_group_leader: task("group_leader")?,
+        task_tgid: task("tgid")?,
+        task_exit_code: task("exit_code")?,
+        task_start_boottime: task("start_boottime")
+            // Before 5.5 it was called real_start_time.
+            .or_else(|_| task("real_start_time"))?,
+        task_comm: task("comm")?,
+        task_signal: task("signal")?,
+        signal_live: signal("live")?,
+        signal_flags: signal("flags")?,
+        signal_group_exec_task: signal("group_exec_task").unwrap_or(OFFSET_ABSENT),
+    })
+}
+
+pub(super) fn configure<'a>(
+    loader: &mut EbpfLoader<'a>,
+    offsets: &'a ExitOffsets,
+    opts: &LoadOptions,
+) {
+    loader
+        .override_global(OFFSETS_GLOBAL, offsets, true)
+        .map_max_entries(EVENTS_MAP, opts.ring_buffer_bytes);
+}
+
+/// One exit, decoded.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Exit {
+    /// When it happened (RFC 3339 in JSON).
+    #[serde(serialize_with = "crate::events::rfc3339")]
+    pub ts: SystemTime,
+    /// The thread's id (equal to `tgid` for a process's main thread).
+    pub pid: u32,
+    /// The process's id.
+    pub tgid: u32,
+    pub ppid: u32,
+    pub comm: String,
+    /// The exit status, or None when a signal ended it.
+    pub exit_code: Option<u8>,
+    /// The terminating signal's name, or None on a normal exit.
+    pub signal: Option<String>,
+    pub core_dumped: bool,
+    /// True when only a thread ended and its process lives on.
+    pub thread: bool,
+    /// Time from the start of the process (of the thread, for a thread exit) to its exit.
+    pub lifetime_ns: u64,
+    /// cgroup v2 id of the exiting task.
+    pub cgroup_id: u64,
+    /// A kernel read failed: some fields may be zero.
+    pub partial: bool,
+}
+
+impl Exit {
+    pub fn decode(raw: &ExitEvent, clock: &BootClock) -> Exit {
+        let (exit_code, signal, core_dumped) = decode_wait_status(raw.wait_status);
+        let comm_len = raw
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(raw.comm.len());
+        Exit {
+            ts: clock.to_system_time(raw.ts_boot_ns),
+            pid: raw.pid,
+            tgid: raw.tgid,
+            ppid: raw.ppid,
+            comm: String::from_utf8_lossy(&raw.comm[..comm_len]).into_owned(),
+            exit_code,
+            signal: signal.map(crate::signals::name),
+            core_dumped,
+            thread: raw.flags & EXIT_FLAG_GROUP_DEAD == 0,
+            lifetime_ns: if raw.start_boot_ns == 0 {
+                0
+            } else {
+                raw.ts_boot_ns.saturating_sub(raw.start_boot_ns)
+            },
+            cgroup_id: raw.cgroup_id,
+            partial: raw.flags & EXIT_FLAG_PARTIAL != 0,
+        }
+    }
+
+    pub fn lifetime(&self) -> Duration {
+        Duration::from_nanos(self.lifetime_ns)
+    }
+}
+
+/// Splits a wait(2) status: (exit status, terminating signal, core dumped).
+pub fn decode_wait_status(status: u32) -> (Option<u8>, Option<u32>, bool) {
+    let sig = status & 0x7f;
+    if sig == 0 {
+        (Some(((status >> 8) & 0xff) as u8), None, false)
+    } else {
+        (None, Some(sig), status & 0x80 != 0)
+    }
+}
+
+/// The attached exit probe and its ring buffer.
+pub struct ExitProbe {
+    events: RingBuf<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    clock: BootClock,
+    pub attachment: Attachment,
+}
+
+impl ExitProbe {
+    /// Attaches the best hook this kernel allows: tp_btf, else the plain
+    /// tracepoint. `only` forces one (tests, doctor).
+    pub fn attach(
+        ebpf: &mut Ebpf,
+        kernel: &KernelBtf,
+        only: Option<AttachType>,
+    ) -> Result<ExitProbe, ProbeError> {
+        let mut refused = vec![];
+        let mut chosen = None;
+        for kind in [AttachType::TpBtf, AttachType::Tracepoint] {
+            if only.is_some_and(|o| o != kind) {
+                continue;
+            }
+            match attach_one(ebpf, kernel, kind) {
+                Ok(()) => {
+                    chosen = Some(kind);
+                    break;
+                }
+                Err(reason) => refused.push((kind, reason)),
+            }
+        }
+        let Some(attach_type) = chosen else {
+            let reasons = refused
+                .iter()
+                .map(|(k, r)| format!("{k}: {r}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ProbeError::Attach {
+                family: FAMILY,
+                reasons,
+            });
+        };
+        let map_err = |map, detail: String| ProbeError::Map {
+            family: FAMILY,
+            map,
+            detail,
+        };
+        let events = ebpf
+            .take_map(EVENTS_MAP)
+            .ok_or_else(|| map_err(EVENTS_MAP, "absent".into()))
+            .and_then(|m| RingBuf::try_from(m).map_err(|e| map_err(EVENTS_MAP, e.to_string())))?;
+        let stats = ebpf
+            .take_map(STATS_MAP)
+            .ok_or_else(|| map_err(STATS_MAP, "absent".into()))
+            .and_then(|m| {
+                PerCpuArray::try_from(m).map_err(|e| map_err(STATS_MAP, e.to_string()))
+            })?;
+        Ok(ExitProbe {
+            events,
+            stats,
+            clock: BootClock::new(),
+            attachment: Attachment {
+                family: FAMILY,
+                hook: HOOK,
+                attach_type,
+                refused,
+            },
+        })
+    }
+
+    /// Decodes every event waiting in the ring buffer; returns how many.
+    pub fn drain(&mut self, mut f: impl FnMut(Exit)) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.events.next() {
+            if item.len() < size_of::<ExitEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel side writes exactly an ExitEvent; read_unaligned
+            // because the ring buffer only guarantees 8-byte alignment.
+            let raw = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ExitEvent) };
+            f(Exit::decode(&raw, &self.clock));
+            n += 1;
+        }
+        n
+    }
+
+    pub fn stats(&self) -> FamilyStats {
+        FamilyStats::from_slots(super::read_stats(&self.stats))
+    }
+
+    /// The ring buffer's fd, readable when events wait (for epoll/AsyncFd).
+    pub fn ring_fd(&self) -> RawFd {
+        self.events.as_raw_fd()
+    }
+}
+
+fn attach_one(ebpf: &mut Ebpf, kernel: &KernelBtf, kind: AttachType) -> Result<(), String> {
+    match kind {
+        AttachType::TpBtf => {
+            let btf = kernel
+                .aya
+                .as_ref()
+                .ok_or("the kernel's BTF could not be read by aya")?;
+            let prog: &mut BtfTracePoint = program(ebpf, "exit_tp_btf")?;
+            prog.load("sched_process_exit", btf)
+                .map_err(|e| error_chain(&e))?;
+            prog.attach().map_err(|e| error_chain(&e))?;
+        }
+        AttachType::Tracepoint => {
+            tracefs::ensure_mounted()?;
+            let prog: &mut TracePoint = program(ebpf, "exit_tracepoint")?;
+            prog.load().map_err(|e| error_chain(&e))?;
+            prog.attach("sched", "sched_process_exit")
+                .map_err(|e| error_chain(&e))?;
+        }
+        other => return Err(format!("{other} is not an exit hook")),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::fixtures;
+
+    #[test]
+    fn wait_status_decodes_codes_signals_and_core_dumps() {
+        assert_eq!(decode_wait_status(3 << 8), (Some(3), None, false));
+        assert_eq!(decode_wait_status(0), (Some(0), None, false));
+        assert_eq!(decode_wait_status(255 << 8), (Some(255), None, false));
+        assert_eq!(decode_wait_status(9), (None, Some(9), false));
+        assert_eq!(decode_wait_status(15), (None, Some(15), false));
+        assert_eq!(decode_wait_status(11 | 0x80), (None, Some(11), true));
+    }
+
+    #[test]
+    fn decodes_a_raw_event() {
+        let mut comm = [0u8; 16];
+        comm[..5].copy_from_slice(b"sleep");
+        let raw = ExitEvent {
+            ts_boot_ns: 5_000_000_000,
+            start_boot_ns: 2_000_000_000,
+            cgroup_id: 42,
+            pid: 101,
+            tgid: 100,
+            ppid: 1,
+            wait_status: 9,
+            flags: 0,
+            _pad: 0,
+            comm,
+        };
+        let e = Exit::decode(&raw, &BootClock::new());
+        assert_eq!(e.comm, "sleep");
+        assert_eq!(e.exit_code, None);
+        assert_eq!(e.signal.as_deref(), Some("SIGKILL"));
+        assert!(e.thread);
+        assert_eq!(e.lifetime(), Duration::from_secs(3));
+        let full = Exit::decode(
+            &ExitEvent {
+                flags: EXIT_FLAG_GROUP_DEAD,
+                comm: [b'x'; 16],
+                ..raw
+            },
+            &BootClock::new(),
+        );
+        assert!(!full.thread);
+        assert_eq!(full.comm, "x".repeat(16));
+    }
+
+    #[test]
+    fn resolves_offsets_on_the_recorded_6_1_kernel() {
+        let o = resolve_offsets(&fixtures::debian_6_1_btf()).unwrap();
+        // From pahole on the same BTF.
+        assert_eq!(
+            o,
+            ExitOffsets {
+                task_real_parent: 2432,
+                task_group_leader: 2480,
+                task_tgid: 2420,
+                task_exit_code: 2312,
+                task_start_boottime: 2784,
+                task_comm: 2976,
+                task_signal: 3072,
+                signal_live: 4,
+                signal_flags: 116,
+                signal_group_exec_task: 104,
+            }
+        );
+    }
+
+    #[test]
+    fn resolves_offsets_on_the_running_kernel() {
+        let Ok(btf) = Btf::from_sys_fs() else {
+            eprintln!("skipped: no BTF on this machine");
+            return;
+        };
+        let o = resolve_offsets(&btf).unwrap();
+        assert!(
+            o.task_exit_code > 0 && o.task_signal > o.task_exit_code,
+            "{o:?}"
+        );
+        assert_ne!(o.signal_group_exec_task, OFFSET_ABSENT);
+    }
+}

@@ -1,0 +1,198 @@
+//! Loading podscope's eBPF object and attaching each family's programs.
+//!
+//! One object holds every family's programs and maps. Each family module
+//! resolves the kernel offsets it needs from BTF, sets them as load-time
+//! globals, picks the best hook the kernel accepts by trying them in order,
+//! and decodes its own ring buffer.
+
+pub mod exits;
+
+use std::fmt;
+
+use aya::{Ebpf, EbpfLoader};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::kernel::btf::{Btf, BtfError};
+
+/// The eBPF object built by `agent-ebpf` and embedded at build time.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error(
+        "this podscope binary was built without its eBPF programs (AYA_BUILD_SKIP was set): rebuild it with `cargo build`"
+    )]
+    NoObject,
+    #[error("cannot load podscope's eBPF object: {0}")]
+    Load(String),
+    #[error("cannot attach the {family} probe: {reasons}")]
+    Attach {
+        family: &'static str,
+        reasons: String,
+    },
+    #[error("the {family} probe's map {map} is missing or of the wrong type: {detail}")]
+    Map {
+        family: &'static str,
+        map: &'static str,
+        detail: String,
+    },
+}
+
+/// How a program is hooked into the kernel, best first within each family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachType {
+    Fentry,
+    TpBtf,
+    RawTp,
+    Tracepoint,
+    Kprobe,
+    NetfilterLink,
+}
+
+impl fmt::Display for AttachType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttachType::Fentry => "fentry",
+            AttachType::TpBtf => "tp_btf",
+            AttachType::RawTp => "raw_tp",
+            AttachType::Tracepoint => "tracepoint",
+            AttachType::Kprobe => "kprobe",
+            AttachType::NetfilterLink => "netfilter_link",
+        })
+    }
+}
+
+/// What a family attached, and what it tried first.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attachment {
+    pub family: &'static str,
+    pub hook: &'static str,
+    pub attach_type: AttachType,
+    /// Better attach types that were tried and refused, with the kernel's reason.
+    pub refused: Vec<(AttachType, String)>,
+}
+
+/// The kernel facts every family needs at load time.
+pub struct KernelBtf {
+    /// Our reader, for struct offsets and enums.
+    pub btf: Btf,
+    /// aya's, for tp_btf/fentry target lookup.
+    pub aya: Option<aya::Btf>,
+}
+
+impl KernelBtf {
+    pub fn from_sys_fs() -> Result<KernelBtf, ProbeError> {
+        let btf = Btf::from_sys_fs()?;
+        let aya = aya::Btf::from_sys_fs().ok();
+        Ok(KernelBtf { btf, aya })
+    }
+}
+
+/// Options that shape the loaded object.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Size of each family's ring buffer, bytes (a power of two, ≥ 4096).
+    pub ring_buffer_bytes: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            ring_buffer_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Loads the object with every family's globals set. Programs are not yet
+/// loaded into the kernel; each family does that when it attaches.
+pub fn load_object(kernel: &KernelBtf, opts: &LoadOptions) -> Result<Ebpf, ProbeError> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(ProbeError::NoObject);
+    }
+    let exit_offsets = exits::resolve_offsets(&kernel.btf)?;
+    let mut loader = EbpfLoader::new();
+    loader.btf(kernel.aya.as_ref());
+    exits::configure(&mut loader, &exit_offsets, opts);
+    loader
+        .load(EBPF_OBJECT)
+        .map_err(|e| ProbeError::Load(error_chain(&e)))
+}
+
+/// Loads the object without setting any family's globals, for `doctor`'s
+/// tiny programs, which need no kernel offsets.
+pub fn load_object_for_probing(btf: Option<&aya::Btf>) -> Result<Ebpf, ProbeError> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(ProbeError::NoObject);
+    }
+    EbpfLoader::new()
+        .btf(btf)
+        .load(EBPF_OBJECT)
+        .map_err(|e| ProbeError::Load(error_chain(&e)))
+}
+
+/// A program of the object, as its concrete type.
+pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("program {name} is missing from the eBPF object"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())
+}
+
+/// An error and its causes on one line: aya's outer errors rarely say why.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let c_s = c.to_string();
+        if !s.contains(&c_s) {
+            s.push_str(": ");
+            s.push_str(&c_s);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Sums a family's per-CPU stats array.
+pub(crate) fn read_stats(
+    map: &aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+) -> [u64; agent_common::stats::STAT_SLOTS as usize] {
+    let mut out = [0u64; agent_common::stats::STAT_SLOTS as usize];
+    for (slot, total) in out.iter_mut().enumerate() {
+        if let Ok(values) = map.get(&(slot as u32), 0) {
+            *total = values.iter().sum();
+        }
+    }
+    out
+}
+
+/// A family's counters, as userspace reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FamilyStats {
+    pub hits: u64,
+    pub emitted: u64,
+    pub lost: u64,
+    pub read_errors: u64,
+    pub filtered: u64,
+}
+
+impl FamilyStats {
+    pub(crate) fn from_slots(s: [u64; agent_common::stats::STAT_SLOTS as usize]) -> FamilyStats {
+        use agent_common::stats::*;
+        FamilyStats {
+            hits: s[STAT_HITS as usize],
+            emitted: s[STAT_EMITTED as usize],
+            lost: s[STAT_LOST as usize],
+            read_errors: s[STAT_READ_ERRORS as usize],
+            filtered: s[STAT_FILTERED as usize],
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! `cargo xtask <task>`: podscope's developer tasks.
+//!
+//! - `setup`: everything the project needs on a fresh machine, idempotent.
+//! - `run [-- ARGS]`: set up, build, and run `podscope ARGS` (default: `trace exits`).
+//! - `test`: set up, then format check, clippy, and every test (as root: the
+//!   kernel tests too, which then must not skip).
+//! - `bench <capability>`: side-by-side overhead measurements.
+
+mod bench;
+mod setup;
+
+use std::{
+    env,
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits>";
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn real_main() -> Result<ExitCode> {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let (task, rest) = args
+        .split_first()
+        .map(|(t, r)| (t.as_str(), r))
+        .unwrap_or(("", &[]));
+    match task {
+        "setup" => setup::run().map(|_| ExitCode::SUCCESS),
+        "run" => run(rest),
+        "test" => test(),
+        "bench" => bench::run(rest),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => bail!("unknown task `{other}`\n{USAGE}"),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Runs a command, failing with its name when it fails.
+pub fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+/// Builds the release `podscope` binary and returns its path.
+pub fn build_podscope() -> Result<PathBuf> {
+    status(cargo().args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "podscope",
+        "--bin",
+        "podscope",
+    ]))?;
+    Ok(root().join("target/release/podscope"))
+}
+
+fn run(rest: &[String]) -> Result<ExitCode> {
+    setup::run()?;
+    let bin = build_podscope()?;
+    let args: Vec<String> = match rest {
+        [dashdash, tail @ ..] if dashdash == "--" => tail.to_vec(),
+        tail => tail.to_vec(),
+    };
+    let args = if args.is_empty() {
+        vec!["trace".into(), "exits".into()]
+    } else {
+        args
+    };
+    eprintln!("xtask: running {} {}", bin.display(), args.join(" "));
+    let st = Command::new(&bin)
+        .args(&args)
+        .status()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    Ok(ExitCode::from(st.code().unwrap_or(1) as u8))
+}
+
+fn test() -> Result<ExitCode> {
+    setup::run()?;
+    let root_user = unsafe_geteuid() == 0;
+    status(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("code is not formatted: run `cargo fmt --all`")?;
+    status(cargo().args(["clippy", "--quiet", "--all-targets", "--", "-D", "warnings"]))?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--release"]);
+    if root_user {
+        // As root, a kernel test that cannot run is a failure, not a skip.
+        cmd.env("PODSCOPE_REQUIRE_KERNEL_TESTS", "1");
+    } else {
+        eprintln!(
+            "xtask: not root: the tests that load eBPF programs will be skipped (run as root to run them)"
+        );
+    }
+    status(&mut cmd)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unsafe_geteuid() -> u32 {
+    // Read from /proc to avoid a libc dependency in xtask.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|u| u.parse().ok()))
+        })
+        .unwrap_or(u32::MAX)
+}

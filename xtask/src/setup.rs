@@ -1,0 +1,165 @@
+//! `cargo xtask setup`: installs what the project needs, idempotently, and in
+//! a couple of seconds when everything is already there.
+//!
+//! 1. nightly's rust-src (the eBPF build compiles `core` for the BPF target);
+//! 2. bpf-linker built against the nightly's own LLVM, keyed by the nightly;
+//! 3. the Debian packages the tests and benchmarks use.
+
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use xtask::toolchain::{BPF_LINKER_VERSION, NIGHTLY, Nightly, cache_dir, is_executable};
+
+use crate::status;
+
+/// Debian packages: bpftrace is the peer tool the benchmarks compare against.
+const APT_PACKAGES: &[&str] = &["bpftrace", "util-linux"];
+
+pub fn run() -> Result<()> {
+    let t = Instant::now();
+    rust_src()?;
+    let nightly = Nightly::detect().map_err(anyhow::Error::msg)?;
+    bpf_linker(&nightly)?;
+    apt_packages(APT_PACKAGES)?;
+    eprintln!(
+        "xtask: set-up complete in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", NIGHTLY])
+        .output()
+        .context(
+            "cannot run rustup: podscope builds its eBPF programs with rustup's nightly toolchain",
+        )?;
+    if !out.status.success() {
+        bail!(
+            "rustup has no `{NIGHTLY}` toolchain ({}); install it with `rustup toolchain install {NIGHTLY}`",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing rust-src for {NIGHTLY}");
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
+}
+
+fn bpf_linker(n: &Nightly) -> Result<()> {
+    let linker = n.bpf_linker();
+    if is_executable(&linker) && runs(&linker) {
+        return Ok(());
+    }
+    if !(21..=23).contains(&n.llvm_major) {
+        bail!(
+            "{NIGHTLY} ({}) uses LLVM {}, which bpf-linker {BPF_LINKER_VERSION} does not support (it has llvm-21, llvm-22, llvm-23): \
+             use a nightly with one of those, or raise BPF_LINKER_VERSION in xtask/src/toolchain.rs",
+            n.release,
+            n.llvm_major
+        );
+    }
+    let libllvm = find_libllvm(&n.sysroot.join("lib"))?;
+    // bpf-linker's build looks for LLVM under LLVM_PREFIX/lib; the nightly
+    // ships only the shared library, which is all it needs.
+    let prefix = cache_dir().join(format!("llvm-prefix-{}", n.key()));
+    fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = fs::remove_file(&link);
+    symlink(&libllvm, &link).with_context(|| format!("cannot link {}", link.display()))?;
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against {} (LLVM {}); this takes about a minute",
+        n.release, n.llvm_major
+    );
+    let rpath = n.sysroot.join("lib");
+    status(
+        Command::new("cargo")
+            .args(["install", "--quiet", "--locked", "--force"])
+            .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+            .args(["--no-default-features", "--features"])
+            .arg(format!("llvm-{}", n.llvm_major))
+            .arg("--root")
+            .arg(n.bpf_linker_root())
+            .env("LLVM_PREFIX", &prefix)
+            // The binary finds the nightly's libLLVM without LD_LIBRARY_PATH.
+            .env(
+                "RUSTFLAGS",
+                format!("-C link-arg=-Wl,-rpath,{}", rpath.display()),
+            )
+            // Build it with the stable toolchain even when called from a nightly context.
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_TARGET_DIR"),
+    )
+    .context("building bpf-linker failed")?;
+    if !runs(&linker) {
+        bail!(
+            "bpf-linker was built at {} but does not run",
+            linker.display()
+        );
+    }
+    Ok(())
+}
+
+fn runs(linker: &Path) -> bool {
+    Command::new(linker)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn find_libllvm(lib: &Path) -> Result<PathBuf> {
+    let entries = fs::read_dir(lib).with_context(|| format!("cannot read {}", lib.display()))?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with("libLLVM") && f.contains(".so"))
+                // The nightly also ships a linker script of a similar name: take the ELF library.
+                && fs::read(p).map(|b| b.starts_with(b"\x7fELF")).unwrap_or(false)
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next().with_context(|| {
+        format!(
+            "the {NIGHTLY} toolchain has no libLLVM in {}: reinstall it with the rustc component",
+            lib.display()
+        )
+    })
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+pub fn apt_packages(pkgs: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    status(&mut apt(&["update", "-qq"]))
+        .context("apt-get update failed (the set-up needs root and Debian's archive)")?;
+    let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+    install.args(&missing);
+    status(&mut install).context("apt-get install failed")
+}
