@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 
-use crate::{kmem, stats::bump};
+use crate::{kmem, ringbuf, stats::bump};
 
 /// Set by userspace at load time from the kernel's BTF.
 #[unsafe(no_mangle)]
@@ -133,6 +133,6 @@ fn on_exit() {
         _pad: 0,
         comm,
     });
-    entry.submit(0);
+    entry.submit(ringbuf::wakeup_flags(&EXIT_EVENTS));
     bump(&EXIT_STATS, STAT_EMITTED);
 }

@@ -7,6 +7,7 @@
 mod doctor;
 mod exits;
 mod kmem;
+mod ringbuf;
 mod stats;
 
 #[cfg(not(test))]

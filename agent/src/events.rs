@@ -19,6 +19,12 @@ impl Event {
         // Serializing plain structs of strings and numbers cannot fail.
         serde_json::to_string(self).unwrap_or_default()
     }
+
+    /// Writes the JSON form and a newline, without an intermediate String.
+    pub fn write_json_line(&self, mut w: impl std::io::Write) -> std::io::Result<()> {
+        serde_json::to_writer(&mut w, self)?;
+        w.write_all(b"\n")
+    }
 }
 
 /// RFC 3339 with nanoseconds, UTC.

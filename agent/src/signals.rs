@@ -1,5 +1,7 @@
 //! Signal numbers and names (x86_64/arm64 Linux numbering).
 
+use std::borrow::Cow;
+
 const NAMES: [&str; 32] = [
     "",
     "SIGHUP",
@@ -36,13 +38,14 @@ const NAMES: [&str; 32] = [
 ];
 
 /// The conventional name of a signal: "SIGKILL", "SIGRTMIN+3", or "SIG70"
-/// for numbers outside the table.
-pub fn name(sig: u32) -> String {
+/// for numbers outside the table. No allocation for the common ones: this
+/// runs once per decoded event.
+pub fn name(sig: u32) -> Cow<'static, str> {
     match sig {
-        1..=31 => NAMES[sig as usize].to_string(),
-        34 => "SIGRTMIN".to_string(),
-        35..=64 => format!("SIGRTMIN+{}", sig - 34),
-        _ => format!("SIG{sig}"),
+        1..=31 => Cow::Borrowed(NAMES[sig as usize]),
+        34 => Cow::Borrowed("SIGRTMIN"),
+        35..=64 => Cow::Owned(format!("SIGRTMIN+{}", sig - 34)),
+        _ => Cow::Owned(format!("SIG{sig}")),
     }
 }
 

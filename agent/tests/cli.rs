@@ -17,11 +17,17 @@ fn podscope() -> Command {
 
 #[test]
 fn a_wrong_flag_is_a_usage_error_with_status_2() {
-    let out = podscope().args(["trace", "exits", "--bogus"]).output().unwrap();
+    let out = podscope()
+        .args(["trace", "exits", "--bogus"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--bogus"), "{err}");
-    let out = podscope().args(["trace", "exits", "--duration", "soon"]).output().unwrap();
+    let out = podscope()
+        .args(["trace", "exits", "--duration", "soon"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a duration"));
     let out = podscope().args(["trace", "nosuchfamily"]).output().unwrap();
@@ -35,7 +41,13 @@ fn without_root_trace_says_so_in_one_sentence_and_exits_1() {
         return;
     }
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
         .arg(env!("CARGO_BIN_EXE_podscope"))
         .args(["trace", "exits"])
         .output()
@@ -43,7 +55,11 @@ fn without_root_trace_says_so_in_one_sentence_and_exits_1() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("needs root"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "one sentence, no backtrace: {err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "one sentence, no backtrace: {err}"
+    );
     assert!(!err.contains("panicked"));
 }
 
@@ -66,7 +82,8 @@ fn trace_json_streams_exits_and_sigterm_detaches_cleanly() {
     let reader = std::thread::spawn(move || {
         for line in lines.by_ref() {
             let line = line.unwrap();
-            let v: serde_json::Value = serde_json::from_str(&line).expect("every line is one JSON object");
+            let v: serde_json::Value =
+                serde_json::from_str(&line).expect("every line is one JSON object");
             if v["comm"] == "sh" && v["exit_code"] == 42 {
                 let _ = found_tx.send(v);
             }
@@ -99,7 +116,10 @@ fn trace_duration_ends_the_stream_and_reports_loss_counts() {
     if !privileged("trace_duration_ends_the_stream_and_reports_loss_counts") {
         return;
     }
-    let out = podscope().args(["trace", "exits", "--duration", "1s"]).output().unwrap();
+    let out = podscope()
+        .args(["trace", "exits", "--duration", "1s"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("TIME"), "table header first: {stdout}");
@@ -113,7 +133,8 @@ fn doctor_tests_every_hook_type() {
         return;
     }
     let out = podscope().args(["doctor", "-o", "json"]).output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor -o json is one JSON object");
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("doctor -o json is one JSON object");
     let checks = v["checks"].as_array().unwrap();
     let status = |name: &str| {
         checks
@@ -124,9 +145,23 @@ fn doctor_tests_every_hook_type() {
             .unwrap()
             .to_string()
     };
-    for name in ["tracepoint", "raw_tp", "tp_btf", "fentry", "kprobe", "netfilter_link", "ring_buffer", "btf", "cgroups", "privileges"] {
+    for name in [
+        "tracepoint",
+        "raw_tp",
+        "tp_btf",
+        "fentry",
+        "kprobe",
+        "netfilter_link",
+        "ring_buffer",
+        "btf",
+        "cgroups",
+        "privileges",
+    ] {
         let s = status(name);
-        assert!(["ok", "fallback", "missing"].contains(&s.as_str()), "{name}: {s}");
+        assert!(
+            ["ok", "fallback", "missing"].contains(&s.as_str()),
+            "{name}: {s}"
+        );
     }
     // What DESIGN.md measured on this project's machines, where they are this kind.
     assert_eq!(status("btf"), "ok");
@@ -135,5 +170,9 @@ fn doctor_tests_every_hook_type() {
     assert_eq!(status("exits"), "ok");
     assert_eq!(out.status.code(), Some(0));
     // Every check says what it means for podscope.
-    assert!(checks.iter().all(|c| !c["meaning"].as_str().unwrap().is_empty()));
+    assert!(
+        checks
+            .iter()
+            .all(|c| !c["meaning"].as_str().unwrap().is_empty())
+    );
 }

@@ -16,8 +16,17 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// Spawns `cmd`, lets `act` do something to it, reaps it, and returns the
 /// process's exit event with the wait status the parent saw.
-fn exit_of(tracer: &mut Tracer, cmd: &mut Command, act: impl FnOnce(u32)) -> (podscope::probes::exits::Exit, std::process::ExitStatus) {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+fn exit_of(
+    tracer: &mut Tracer,
+    cmd: &mut Command,
+    act: impl FnOnce(u32),
+) -> (podscope::probes::exits::Exit, std::process::ExitStatus) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let pid = child.id();
     act(pid);
     let status = child.wait().unwrap();
@@ -41,7 +50,9 @@ fn own_cgroup_id() -> Option<u64> {
     let root = layout.v2_root()?.clone();
     let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
-    std::fs::metadata(root.join(rel.trim_start_matches('/'))).ok().map(|m| m.ino())
+    std::fs::metadata(root.join(rel.trim_start_matches('/')))
+        .ok()
+        .map(|m| m.ino())
 }
 
 #[test]
@@ -58,7 +69,11 @@ fn exit_code_3_is_reported() {
     assert_eq!(e.comm, "sh");
     assert_eq!(e.ppid, std::process::id());
     assert_eq!(e.pid, e.tgid);
-    assert!(e.lifetime_ns > 0 && e.lifetime() < Duration::from_secs(10), "{:?}", e.lifetime());
+    assert!(
+        e.lifetime_ns > 0 && e.lifetime() < Duration::from_secs(10),
+        "{:?}",
+        e.lifetime()
+    );
     if let Some(id) = own_cgroup_id() {
         assert_eq!(e.cgroup_id, id, "the child lives in our cgroup");
     }
@@ -70,7 +85,9 @@ fn sigkill_is_reported() {
         return;
     }
     let mut t = Tracer::attach(None, 1 << 20);
-    let (e, status) = exit_of(&mut t, Command::new("sleep").arg("30"), |pid| signal(pid, libc::SIGKILL));
+    let (e, status) = exit_of(&mut t, Command::new("sleep").arg("30"), |pid| {
+        signal(pid, libc::SIGKILL)
+    });
     assert_eq!(status.signal(), Some(libc::SIGKILL));
     assert_eq!(e.signal.as_deref(), Some("SIGKILL"));
     assert_eq!(e.exit_code, None);
@@ -83,7 +100,9 @@ fn default_sigterm_is_reported() {
         return;
     }
     let mut t = Tracer::attach(None, 1 << 20);
-    let (e, status) = exit_of(&mut t, Command::new("sleep").arg("30"), |pid| signal(pid, libc::SIGTERM));
+    let (e, status) = exit_of(&mut t, Command::new("sleep").arg("30"), |pid| {
+        signal(pid, libc::SIGTERM)
+    });
     assert_eq!(status.signal(), Some(libc::SIGTERM));
     assert_eq!(e.signal.as_deref(), Some("SIGTERM"));
     assert_eq!(e.exit_code, None);
@@ -113,12 +132,18 @@ fn a_segfault_is_reported_with_the_core_flag_the_kernel_decided() {
     let mut status = 0;
     // SAFETY: pid is our child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    let e = t.wait_for(WAIT, |e| e.tgid == pid as u32 && !e.thread).expect("no exit event for the crash");
+    let e = t
+        .wait_for(WAIT, |e| e.tgid == pid as u32 && !e.thread)
+        .expect("no exit event for the crash");
     let _ = std::fs::remove_dir_all(&scratch);
     assert!(libc::WIFSIGNALED(status));
     assert_eq!(libc::WTERMSIG(status), libc::SIGSEGV);
     assert_eq!(e.signal.as_deref(), Some("SIGSEGV"));
-    assert_eq!(e.core_dumped, libc::WCOREDUMP(status), "core flag must match what the parent saw");
+    assert_eq!(
+        e.core_dumped,
+        libc::WCOREDUMP(status),
+        "core flag must match what the parent saw"
+    );
 }
 
 #[test]
@@ -134,13 +159,18 @@ fn a_thread_ending_in_a_live_process_is_a_thread_exit() {
         .join()
         .unwrap();
     let me = std::process::id();
-    let e = t.wait_for(WAIT, |e| e.pid == tid).expect("no exit event for the thread");
+    let e = t
+        .wait_for(WAIT, |e| e.pid == tid)
+        .expect("no exit event for the thread");
     assert!(e.thread, "{e:?}");
     assert_eq!(e.tgid, me);
     assert_eq!(e.comm, "podscope-short");
     assert_eq!(e.exit_code, Some(0));
     // And the process itself is alive: no process-exit event for it.
-    assert!(t.wait_for(Duration::from_millis(200), |e| e.tgid == me && !e.thread).is_none());
+    assert!(
+        t.wait_for(Duration::from_millis(200), |e| e.tgid == me && !e.thread)
+            .is_none()
+    );
 }
 
 #[test]
@@ -162,7 +192,10 @@ fn a_multithreaded_process_exiting_gives_one_process_event() {
     let mut extra = 0;
     std::thread::sleep(Duration::from_millis(100));
     t.probe.drain(|x| extra += (x.tgid == pid) as u32);
-    assert_eq!(extra, 0, "threads torn down with their process produce no events of their own");
+    assert_eq!(
+        extra, 0,
+        "threads torn down with their process produce no events of their own"
+    );
 }
 
 #[test]
@@ -231,7 +264,8 @@ fn ten_thousand_short_processes_are_all_accounted_for() {
         std::thread::sleep(Duration::from_millis(2));
     }
     unsafe { libc::waitpid(storm, std::ptr::null_mut(), 0) };
-    t.probe.drain(|e| seen += (e.ppid == storm as u32 && !e.thread) as u32);
+    t.probe
+        .drain(|e| seen += (e.ppid == storm as u32 && !e.thread) as u32);
     let lost = t.probe.stats().lost - lost_before;
     assert!(storm_done, "the storm did not finish");
     assert!(seen <= N);

@@ -1,16 +1,383 @@
-//! `cargo xtask bench <capability>`: overhead measured side by side.
+//! `cargo xtask bench <capability>`: overhead measured side by side, in one
+//! run, as ratios. Rounds alternate the conditions so that drift of the
+//! machine (other load, CPU frequency) spreads over all of them alike.
+//!
+//! `exits`: a process fork/exit storm and a thread create/exit storm, each
+//! without a tracer, under `podscope trace exits -o json` (decoded and
+//! printed to /dev/null, the path a user's pipeline takes), and under
+//! bpftrace on the same tracepoint, once counting in the kernel (its
+//! cheapest form) and once printing each exit (like-for-like with podscope).
 
-use std::process::ExitCode;
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, ExitCode, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
+
+use crate::{build_podscope, setup};
+
+const ROUNDS: usize = 7;
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
     match args.first().map(String::as_str) {
-        Some("exits") => todo_bench(),
+        Some("exits") => exits(),
         _ => bail!("usage: cargo xtask bench exits"),
     }
 }
 
-fn todo_bench() -> Result<ExitCode> {
-    bail!("not yet")
+/// Hidden task the benchmarks run as their workload: `xtask storm process|thread N WORKERS`.
+pub fn storm(args: &[String]) -> Result<ExitCode> {
+    let kind = args.first().map(String::as_str).unwrap_or("");
+    let n: u32 = args
+        .get(1)
+        .and_then(|s| s.parse().ok())
+        .context("storm needs a count")?;
+    let workers: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
+    let per = n / workers;
+    let mut pids = vec![];
+    for _ in 0..workers {
+        // SAFETY: the worker only forks, waits and exits, or spawns threads.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            match kind {
+                "process" => process_storm(per),
+                _ => thread_storm(per),
+            }
+            unsafe { libc::_exit(0) };
+        }
+        pids.push(pid);
+    }
+    for pid in pids {
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn process_storm(n: u32) {
+    for _ in 0..n {
+        // SAFETY: the child exits at once.
+        let c = unsafe { libc::fork() };
+        if c == 0 {
+            unsafe { libc::_exit(0) };
+        }
+        if c > 0 {
+            unsafe { libc::waitpid(c, std::ptr::null_mut(), 0) };
+        }
+    }
+}
+
+fn thread_storm(n: u32) {
+    for _ in 0..n {
+        let _ = std::thread::spawn(|| {}).join();
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tracer {
+    None,
+    Podscope,
+    BpftraceCount,
+    BpftracePrint,
+}
+
+impl Tracer {
+    fn name(self) -> &'static str {
+        match self {
+            Tracer::None => "no tracer",
+            Tracer::Podscope => "podscope",
+            Tracer::BpftraceCount => "bpftrace count()",
+            Tracer::BpftracePrint => "bpftrace printf",
+        }
+    }
+}
+
+struct Running {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+    /// CPU the tracer had used once attached (start-up is not the workload's cost).
+    cpu_at_ready: Duration,
+}
+
+/// Starts a tracer and returns once it has attached.
+fn start(tracer: Tracer, podscope: &Path) -> Result<Option<Running>> {
+    let mut cmd = match tracer {
+        Tracer::None => return Ok(None),
+        Tracer::Podscope => {
+            let mut c = Command::new(podscope);
+            c.args([
+                "trace",
+                "exits",
+                "-o",
+                "json",
+                "--log",
+                "debug",
+                "--ring-buffer-size",
+                "4194304",
+            ]);
+            c
+        }
+        Tracer::BpftraceCount => {
+            let mut c = Command::new("bpftrace");
+            c.args([
+                "-e",
+                "tracepoint:sched:sched_process_exit { @exits = count(); }",
+            ]);
+            c
+        }
+        Tracer::BpftracePrint => {
+            let mut c = Command::new("bpftrace");
+            c.args([
+                "-e",
+                "tracepoint:sched:sched_process_exit { printf(\"%d %d %s\\n\", pid, tid, comm); }",
+            ]);
+            c
+        }
+    };
+    // Podscope says "attached" on stderr (debug log); bpftrace "Attaching" on stdout.
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", tracer.name()))?;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (err_tx, err_rx) = mpsc::channel();
+    let stdout = child.stdout.take().context("stdout")?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let tx = ready_tx.clone();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.contains("Attaching") {
+                let _ = tx.send(());
+            }
+            line.clear();
+        }
+    });
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stderr);
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.contains("attached") {
+                let _ = ready_tx.send(());
+            }
+            let _ = err_tx.send(line.clone());
+            line.clear();
+        }
+    });
+    if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        let _ = child.kill();
+        let err: Vec<String> = err_rx.try_iter().collect();
+        bail!(
+            "{} did not attach within 30 s: {}",
+            tracer.name(),
+            err.join("")
+        );
+    }
+    // Let the attach settle (bpftrace prints before its last step).
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu_at_ready = proc_cpu(child.id()).unwrap_or_default();
+    Ok(Some(Running {
+        child,
+        stderr: err_rx,
+        cpu_at_ready,
+    }))
+}
+
+struct Stopped {
+    hwm_kib: u64,
+    rss_kib: u64,
+    cpu: Duration,
+    stderr: String,
+}
+
+fn stop(mut r: Running) -> Result<Stopped> {
+    let pid = r.child.id();
+    let hwm_kib = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
+    let rss_kib = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let cpu = proc_cpu(pid)
+        .unwrap_or_default()
+        .saturating_sub(r.cpu_at_ready);
+    // SAFETY: our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let _ = r.child.wait();
+    let mut stderr: String = r.stderr.try_iter().collect();
+    std::thread::sleep(Duration::from_millis(50));
+    stderr.extend(r.stderr.try_iter());
+    Ok(Stopped {
+        hwm_kib,
+        rss_kib,
+        cpu,
+        stderr,
+    })
+}
+
+fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn proc_cpu(pid: u32) -> Option<Duration> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_millis(ticks * 1000 / hz))
+}
+
+fn workload(kind: &str, n: u32, workers: u32) -> Result<Duration> {
+    let me = std::env::current_exe()?;
+    let t = Instant::now();
+    let st = Command::new(me)
+        .args(["storm", kind, &n.to_string(), &workers.to_string()])
+        .status()?;
+    if !st.success() {
+        bail!("the {kind} storm failed ({st})");
+    }
+    Ok(t.elapsed())
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn exits() -> Result<ExitCode> {
+    setup::run()?;
+    let podscope = build_podscope()?;
+    let mounted_tracefs = ensure_tracefs()?;
+    let tracers = [
+        Tracer::None,
+        Tracer::Podscope,
+        Tracer::BpftraceCount,
+        Tracer::BpftracePrint,
+    ];
+    let storms = [
+        (
+            "process",
+            20_000u32,
+            1u32,
+            "process storm: 20,000 fork+exit, 1 worker",
+        ),
+        (
+            "thread",
+            40_000,
+            1,
+            "thread storm: 40,000 thread create+exit, 1 worker",
+        ),
+    ];
+
+    println!(
+        "exits benchmark: {ROUNDS} rounds, conditions interleaved, median wall time of the workload"
+    );
+    for (kind, n, workers, label) in storms {
+        let mut times: Vec<Vec<Duration>> = vec![vec![]; tracers.len()];
+        let mut hwm = vec![0u64; tracers.len()];
+        let mut rss = vec![0u64; tracers.len()];
+        let mut cpu = vec![Duration::ZERO; tracers.len()];
+        for _ in 0..ROUNDS {
+            for (i, &tracer) in tracers.iter().enumerate() {
+                let running = start(tracer, &podscope)?;
+                times[i].push(workload(kind, n, workers)?);
+                if let Some(r) = running {
+                    let s = stop(r)?;
+                    hwm[i] = hwm[i].max(s.hwm_kib);
+                    rss[i] = rss[i].max(s.rss_kib);
+                    cpu[i] += s.cpu;
+                }
+            }
+        }
+        let base = median(&mut times[0]);
+        // The spread of the baseline is the resolution of every ratio below.
+        let spread = (times[0][ROUNDS - 1] - times[0][0]).as_secs_f64() / base.as_secs_f64();
+        println!(
+            "\n{label} (baseline spread min..max: {:.1}%)",
+            spread * 100.0
+        );
+        println!(
+            "  {:<18} {:>10} {:>9} {:>14} {:>20}",
+            "tracer", "median", "ratio", "tracer CPU/run", "tracer RSS peak/now"
+        );
+        for (i, &tracer) in tracers.iter().enumerate() {
+            let m = median(&mut times[i]);
+            let ratio = m.as_secs_f64() / base.as_secs_f64();
+            let (cpu_s, rss_s) = if tracer == Tracer::None {
+                ("-".to_string(), "-".to_string())
+            } else {
+                (
+                    format!("{:.0} ms", cpu[i].as_secs_f64() * 1000.0 / ROUNDS as f64),
+                    format!(
+                        "{:.1} / {:.1} MiB",
+                        hwm[i] as f64 / 1024.0,
+                        rss[i] as f64 / 1024.0
+                    ),
+                )
+            };
+            println!(
+                "  {:<18} {:>9.3}s {:>9.3} {:>14} {:>20}",
+                tracer.name(),
+                m.as_secs_f64(),
+                ratio,
+                cpu_s,
+                rss_s
+            );
+        }
+    }
+
+    // The highest rate this machine reaches: a process storm on every core.
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(2);
+    let n = 40_000;
+    let running = start(Tracer::Podscope, &podscope)?.context("podscope did not start")?;
+    let took = workload("process", n, workers)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let s = stop(running)?;
+    let summary = s
+        .stderr
+        .lines()
+        .find(|l| l.contains("exits shown"))
+        .unwrap_or("(no summary)")
+        .to_string();
+    println!(
+        "\nhighest rate: {n} fork+exit on {workers} workers in {:.2}s = {:.0} exits/s under podscope\n  {summary}\n  podscope RSS peak {:.1} MiB, at the end {:.1} MiB",
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64(),
+        s.hwm_kib as f64 / 1024.0,
+        s.rss_kib as f64 / 1024.0
+    );
+
+    if mounted_tracefs {
+        unmount_tracefs();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// bpftrace attaches plain tracepoints through tracefs.
+fn ensure_tracefs() -> Result<bool> {
+    if Path::new("/sys/kernel/tracing/events").is_dir() {
+        return Ok(false);
+    }
+    let st = Command::new("mount")
+        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+        .status()?;
+    if !st.success() {
+        bail!("cannot mount tracefs at /sys/kernel/tracing (bpftrace needs it)");
+    }
+    Ok(true)
+}
+
+fn unmount_tracefs() {
+    let _ = Command::new("umount")
+        .arg("/sys/kernel/tracing")
+        .stderr(Stdio::null())
+        .status();
 }

@@ -40,6 +40,8 @@ fn real_main() -> Result<ExitCode> {
         "run" => run(rest),
         "test" => test(),
         "bench" => bench::run(rest),
+        // The benchmarks' workload, run as a separate small process.
+        "storm" => bench::storm(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -120,8 +122,55 @@ fn test() -> Result<ExitCode> {
             "xtask: not root: the tests that load eBPF programs will be skipped (run as root to run them)"
         );
     }
-    status(&mut cmd)?;
+    run_tests(&mut cmd)
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one line
+/// that sums every test binary's result.
+fn run_tests(cmd: &mut Command) -> Result<ExitCode> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let mut totals = [0u64; 3];
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        writeln!(out, "{line}")?;
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for (i, word) in ["passed", "failed", "ignored"].iter().enumerate() {
+                totals[i] += count_before(rest, word);
+            }
+        }
+    }
+    let st = child.wait()?;
+    writeln!(
+        out,
+        "\ntests: {} passed, {} failed, {} skipped",
+        totals[0], totals[1], totals[2]
+    )?;
+    if !st.success() || totals[1] > 0 {
+        bail!("cargo test failed ({st})");
+    }
+    if totals[0] == 0 {
+        bail!("no test ran");
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// In "ok. 8 passed; 0 failed; ...", the number before `word`.
+fn count_before(s: &str, word: &str) -> u64 {
+    let words: Vec<&str> = s
+        .split(|c: char| c == ' ' || c == ';')
+        .filter(|w| !w.is_empty())
+        .collect();
+    words
+        .windows(2)
+        .find(|w| w[1] == word)
+        .and_then(|w| w[0].parse().ok())
+        .unwrap_or(0)
 }
 
 fn unsafe_geteuid() -> u32 {

@@ -18,7 +18,7 @@ use super::{Output, parse_duration};
 use crate::{
     events::Event,
     kernel::privilege::Privileges,
-    probes::{self, AttachType, KernelBtf, LoadOptions, exits::ExitProbe},
+    probes::{self, AttachType, KernelOffsets, LoadOptions, exits::ExitProbe},
 };
 
 #[derive(Args, Debug)]
@@ -76,23 +76,21 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
     Privileges::current()
         .require_tracing()
         .map_err(|m| anyhow!(m))?;
-    let kernel = KernelBtf::from_sys_fs()?;
-    let mut ebpf = probes::load_object(
-        &kernel,
-        &LoadOptions {
-            ring_buffer_bytes: args.ring_buffer_size,
-        },
-    )?;
+    let offsets = KernelOffsets::from_sys_fs()?;
+    let opts = LoadOptions::with_ring_buffer(args.ring_buffer_size);
+    let mut ebpf = probes::load_object(&offsets, &opts)?;
     let only = match args.attach {
         AttachChoice::Auto => None,
         AttachChoice::TpBtf => Some(AttachType::TpBtf),
         AttachChoice::Tracepoint => Some(AttachType::Tracepoint),
     };
+    let btf = probes::attach_btf();
     let probe = match args.family {
-        Family::Exits => ExitProbe::attach(&mut ebpf, &kernel, only)?,
+        Family::Exits => ExitProbe::attach(&mut ebpf, btf.as_ref(), only)?,
     };
-    // BTF is only needed at load: give its memory back.
-    drop(kernel);
+    // BTF is only needed to attach: give its memory back to the system.
+    drop(btf);
+    crate::kernel::release_freed_memory();
     let a = &probe.attachment;
     tracing::debug!(hook = a.hook, attach_type = %a.attach_type, "attached");
     for (kind, why) in &a.refused {
@@ -122,7 +120,10 @@ async fn stream(
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Events arrive silently until a batch is waiting (see agent-ebpf's
+    // ringbuf.rs); this tick bounds how long one can wait unseen.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut ticks = 0u64;
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut shown = 0u64;
     let mut lost_reported = 0u64;
@@ -140,7 +141,7 @@ async fn stream(
                 let event = Event::Exit(exit);
                 shown += 1;
                 res = match output {
-                    Output::Json => writeln!(out, "{}", event.to_json()),
+                    Output::Json => event.write_json_line(&mut *out),
                     Output::Table => writeln!(out, "{}", table_row(&event)),
                 };
             });
@@ -156,6 +157,13 @@ async fn stream(
                 }
             }
             _ = tick.tick() => {
+                if let Err(e) = write_batch(&mut probe, &mut out) {
+                    break Err(e);
+                }
+                ticks += 1;
+                if ticks % 10 != 0 {
+                    continue;
+                }
                 let lost = probe.stats().lost;
                 if lost > lost_reported {
                     tracing::warn!(
@@ -201,7 +209,7 @@ fn table_row(event: &Event) -> String {
             let ts = humantime::format_rfc3339_millis(e.ts).to_string();
             let result = match (&e.signal, e.exit_code) {
                 (Some(sig), _) if e.core_dumped => format!("{sig} (core)"),
-                (Some(sig), _) => sig.clone(),
+                (Some(sig), _) => sig.to_string(),
                 (None, Some(code)) => format!("exit {code}"),
                 (None, None) => "?".into(),
             };

@@ -9,6 +9,14 @@ pub mod clock;
 pub mod privilege;
 pub mod tracefs;
 
+/// Hands memory freed after start-up (BTF parsing is by far the largest
+/// allocation) back to the system, so the resident size reflects what the
+/// tracer really keeps.
+pub fn release_freed_memory() {
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe { libc::malloc_trim(0) };
+}
+
 #[cfg(test)]
 pub(crate) mod fixtures {
     //! BTF recorded from other kernels (see fixtures/README.md).

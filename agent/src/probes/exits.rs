@@ -2,6 +2,7 @@
 //! from `sched:sched_process_exit`, through a ring buffer.
 
 use std::{
+    borrow::Cow,
     os::fd::{AsRawFd, RawFd},
     time::{Duration, SystemTime},
 };
@@ -17,9 +18,7 @@ use aya::{
 };
 use serde::Serialize;
 
-use super::{
-    AttachType, Attachment, FamilyStats, KernelBtf, LoadOptions, ProbeError, error_chain, program,
-};
+use super::{AttachType, Attachment, FamilyStats, LoadOptions, ProbeError, error_chain, program};
 use crate::kernel::{
     btf::{Btf, BtfError},
     clock::BootClock,
@@ -77,7 +76,7 @@ pub struct Exit {
     /// The exit status, or None when a signal ended it.
     pub exit_code: Option<u8>,
     /// The terminating signal's name, or None on a normal exit.
-    pub signal: Option<String>,
+    pub signal: Option<Cow<'static, str>>,
     pub core_dumped: bool,
     /// True when only a thread ended and its process lives on.
     pub thread: bool,
@@ -145,7 +144,7 @@ impl ExitProbe {
     /// tracepoint. `only` forces one (tests, doctor).
     pub fn attach(
         ebpf: &mut Ebpf,
-        kernel: &KernelBtf,
+        btf: Option<&aya::Btf>,
         only: Option<AttachType>,
     ) -> Result<ExitProbe, ProbeError> {
         let mut refused = vec![];
@@ -154,7 +153,7 @@ impl ExitProbe {
             if only.is_some_and(|o| o != kind) {
                 continue;
             }
-            match attach_one(ebpf, kernel, kind) {
+            match attach_one(ebpf, btf, kind) {
                 Ok(()) => {
                     chosen = Some(kind);
                     break;
@@ -227,13 +226,10 @@ impl ExitProbe {
     }
 }
 
-fn attach_one(ebpf: &mut Ebpf, kernel: &KernelBtf, kind: AttachType) -> Result<(), String> {
+fn attach_one(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, kind: AttachType) -> Result<(), String> {
     match kind {
         AttachType::TpBtf => {
-            let btf = kernel
-                .aya
-                .as_ref()
-                .ok_or("the kernel's BTF could not be read by aya")?;
+            let btf = btf.ok_or("the kernel's BTF could not be read by aya")?;
             let prog: &mut BtfTracePoint = program(ebpf, "exit_tp_btf")?;
             prog.load("sched_process_exit", btf)
                 .map_err(|e| error_chain(&e))?;

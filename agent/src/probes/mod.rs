@@ -77,20 +77,32 @@ pub struct Attachment {
     pub refused: Vec<(AttachType, String)>,
 }
 
-/// The kernel facts every family needs at load time.
-pub struct KernelBtf {
-    /// Our reader, for struct offsets and enums.
-    pub btf: Btf,
-    /// aya's, for tp_btf/fentry target lookup.
-    pub aya: Option<aya::Btf>,
+/// Every family's kernel struct offsets, resolved from BTF before anything
+/// is loaded, so the BTF reader's memory is gone by the time aya parses the
+/// same BTF for itself.
+#[derive(Clone, Debug)]
+pub struct KernelOffsets {
+    pub exits: agent_common::exits::ExitOffsets,
 }
 
-impl KernelBtf {
-    pub fn from_sys_fs() -> Result<KernelBtf, ProbeError> {
-        let btf = Btf::from_sys_fs()?;
-        let aya = aya::Btf::from_sys_fs().ok();
-        Ok(KernelBtf { btf, aya })
+impl KernelOffsets {
+    pub fn resolve(btf: &Btf) -> Result<KernelOffsets, BtfError> {
+        Ok(KernelOffsets {
+            exits: exits::resolve_offsets(btf)?,
+        })
     }
+
+    /// From the running kernel's BTF.
+    pub fn from_sys_fs() -> Result<KernelOffsets, BtfError> {
+        KernelOffsets::resolve(&Btf::from_sys_fs()?)
+    }
+}
+
+/// aya's view of the running kernel's BTF, which tp_btf and fentry programs
+/// need to find their target at load. Parse it only while attaching: it is
+/// the largest allocation podscope makes.
+pub fn attach_btf() -> Option<aya::Btf> {
+    aya::Btf::from_sys_fs().ok()
 }
 
 /// Options that shape the loaded object.
@@ -98,26 +110,39 @@ impl KernelBtf {
 pub struct LoadOptions {
     /// Size of each family's ring buffer, bytes (a power of two, ≥ 4096).
     pub ring_buffer_bytes: u32,
+    /// Wake the reader once this many bytes wait (0: at every event). The
+    /// reader also drains on a timer, which bounds the latency.
+    pub wakeup_bytes: u64,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             ring_buffer_bytes: 1 << 20,
+            wakeup_bytes: 64 << 10,
+        }
+    }
+}
+
+impl LoadOptions {
+    pub fn with_ring_buffer(ring_buffer_bytes: u32) -> LoadOptions {
+        LoadOptions {
+            ring_buffer_bytes,
+            // A sixteenth of the ring: plenty of headroom for a burst.
+            wakeup_bytes: u64::from(ring_buffer_bytes / 16),
         }
     }
 }
 
 /// Loads the object with every family's globals set. Programs are not yet
 /// loaded into the kernel; each family does that when it attaches.
-pub fn load_object(kernel: &KernelBtf, opts: &LoadOptions) -> Result<Ebpf, ProbeError> {
+pub fn load_object(offsets: &KernelOffsets, opts: &LoadOptions) -> Result<Ebpf, ProbeError> {
     if EBPF_OBJECT.is_empty() {
         return Err(ProbeError::NoObject);
     }
-    let exit_offsets = exits::resolve_offsets(&kernel.btf)?;
     let mut loader = EbpfLoader::new();
-    loader.btf(kernel.aya.as_ref());
-    exits::configure(&mut loader, &exit_offsets, opts);
+    loader.override_global("RINGBUF_WAKEUP_BYTES", &opts.wakeup_bytes, true);
+    exits::configure(&mut loader, &offsets.exits, opts);
     loader
         .load(EBPF_OBJECT)
         .map_err(|e| ProbeError::Load(error_chain(&e)))

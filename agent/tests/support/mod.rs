@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use aya::Ebpf;
 use podscope::{
     kernel::privilege::Privileges,
-    probes::{self, AttachType, KernelBtf, LoadOptions, exits::{Exit, ExitProbe}},
+    probes::{
+        self, AttachType, KernelOffsets, LoadOptions,
+        exits::{Exit, ExitProbe},
+    },
 };
 
 /// Set by `cargo xtask test` when running as root: a kernel test that cannot
@@ -21,8 +24,16 @@ pub fn privileged(test: &str) -> bool {
     if Privileges::current().can_trace() {
         return true;
     }
-    assert!(!required(), "{test}: needs root to load eBPF programs, and PODSCOPE_REQUIRE_KERNEL_TESTS=1");
-    eprintln!("SKIPPED {test}: needs root (or CAP_BPF+CAP_PERFMON) to load eBPF programs");
+    assert!(
+        !required(),
+        "{test}: needs root to load eBPF programs, and PODSCOPE_REQUIRE_KERNEL_TESTS=1"
+    );
+    // Written to stderr directly: libtest captures eprintln!, and a skip must be visible.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: needs root (or CAP_BPF+CAP_PERFMON) to load eBPF programs"
+    );
     false
 }
 
@@ -34,9 +45,11 @@ pub struct Tracer {
 
 impl Tracer {
     pub fn attach(only: Option<AttachType>, ring_buffer_bytes: u32) -> Tracer {
-        let kernel = KernelBtf::from_sys_fs().expect("BTF");
-        let mut ebpf = probes::load_object(&kernel, &LoadOptions { ring_buffer_bytes }).expect("load");
-        let probe = ExitProbe::attach(&mut ebpf, &kernel, only).expect("attach");
+        let offsets = KernelOffsets::from_sys_fs().expect("BTF");
+        let opts = LoadOptions::with_ring_buffer(ring_buffer_bytes);
+        let mut ebpf = probes::load_object(&offsets, &opts).expect("load");
+        let btf = probes::attach_btf();
+        let probe = ExitProbe::attach(&mut ebpf, btf.as_ref(), only).expect("attach");
         Tracer { probe, _ebpf: ebpf }
     }
 
