@@ -100,6 +100,8 @@ struct Running {
     stderr: mpsc::Receiver<String>,
     /// CPU the tracer had used once attached (start-up is not the workload's cost).
     cpu_at_ready: Duration,
+    /// The BPF programs this tracer loaded.
+    progs: Vec<u32>,
 }
 
 /// Starts a tracer and returns once it has attached.
@@ -138,6 +140,7 @@ fn start(tracer: Tracer, podscope: &Path) -> Result<Option<Running>> {
         }
     };
     // Podscope says "attached" on stderr (debug log); bpftrace "Attaching" on stdout.
+    let before = bpf_prog_stats()?;
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -181,16 +184,25 @@ fn start(tracer: Tracer, podscope: &Path) -> Result<Option<Running>> {
     // Let the attach settle (bpftrace prints before its last step).
     std::thread::sleep(Duration::from_millis(300));
     let cpu_at_ready = proc_cpu(child.id()).unwrap_or_default();
+    let progs = bpf_prog_stats()?
+        .into_iter()
+        .filter(|(id, _)| !before.iter().any(|(b, _)| b == id))
+        .map(|(id, _)| id)
+        .collect();
     Ok(Some(Running {
         child,
         stderr: err_rx,
         cpu_at_ready,
+        progs,
     }))
 }
 
 struct Stopped {
     hwm_kib: u64,
     rss_kib: u64,
+    /// Kernel time in the tracer's programs, and how often they ran.
+    prog_ns: u64,
+    prog_runs: u64,
     cpu: Duration,
     stderr: String,
 }
@@ -199,6 +211,10 @@ fn stop(mut r: Running) -> Result<Stopped> {
     let pid = r.child.id();
     let hwm_kib = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
     let rss_kib = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let (prog_ns, prog_runs) = bpf_prog_stats()?
+        .into_iter()
+        .filter(|(id, _)| r.progs.contains(id))
+        .fold((0, 0), |(ns, n), (_, (t, c))| (ns + t, n + c));
     let cpu = proc_cpu(pid)
         .unwrap_or_default()
         .saturating_sub(r.cpu_at_ready);
@@ -211,9 +227,57 @@ fn stop(mut r: Running) -> Result<Stopped> {
     Ok(Stopped {
         hwm_kib,
         rss_kib,
+        prog_ns,
+        prog_runs,
         cpu,
         stderr,
     })
+}
+
+/// Every loaded BPF program's id with its (run_time_ns, run_cnt), as the
+/// kernel counts them while `kernel.bpf_stats_enabled` is 1.
+fn bpf_prog_stats() -> Result<Vec<(u32, (u64, u64))>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .context("cannot run bpftool")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("bpftool printed no JSON")?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| {
+                    let id = p["id"].as_u64()? as u32;
+                    Some((
+                        id,
+                        (
+                            p["run_time_ns"].as_u64().unwrap_or(0),
+                            p["run_cnt"].as_u64().unwrap_or(0),
+                        ),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Turns the kernel's per-program statistics on for the benchmark's
+/// duration, and back to what they were when dropped.
+struct BpfStats(String);
+
+impl BpfStats {
+    fn enable() -> Result<BpfStats> {
+        const KNOB: &str = "/proc/sys/kernel/bpf_stats_enabled";
+        let was = std::fs::read_to_string(KNOB).context("cannot read kernel.bpf_stats_enabled")?;
+        std::fs::write(KNOB, "1").context("cannot enable kernel.bpf_stats_enabled")?;
+        Ok(BpfStats(was.trim().to_string()))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.0);
+    }
 }
 
 fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
@@ -254,6 +318,7 @@ fn exits() -> Result<ExitCode> {
     setup::run()?;
     let podscope = build_podscope()?;
     let mounted_tracefs = ensure_tracefs()?;
+    let _stats = BpfStats::enable()?;
     let tracers = [
         Tracer::None,
         Tracer::Podscope,
@@ -282,6 +347,7 @@ fn exits() -> Result<ExitCode> {
         let mut times: Vec<Vec<Duration>> = vec![vec![]; tracers.len()];
         let mut hwm = vec![0u64; tracers.len()];
         let mut rss = vec![0u64; tracers.len()];
+        let mut prog = vec![(0u64, 0u64); tracers.len()];
         let mut cpu = vec![Duration::ZERO; tracers.len()];
         for _ in 0..ROUNDS {
             for (i, &tracer) in tracers.iter().enumerate() {
@@ -291,6 +357,8 @@ fn exits() -> Result<ExitCode> {
                     let s = stop(r)?;
                     hwm[i] = hwm[i].max(s.hwm_kib);
                     rss[i] = rss[i].max(s.rss_kib);
+                    prog[i].0 += s.prog_ns;
+                    prog[i].1 += s.prog_runs;
                     cpu[i] += s.cpu;
                 }
             }
@@ -303,12 +371,17 @@ fn exits() -> Result<ExitCode> {
             spread * 100.0
         );
         println!(
-            "  {:<18} {:>10} {:>9} {:>14} {:>20}",
-            "tracer", "median", "ratio", "tracer CPU/run", "tracer RSS peak/now"
+            "  {:<18} {:>10} {:>9} {:>15} {:>14} {:>20}",
+            "tracer", "median", "ratio", "kernel ns/exit", "tracer CPU/run", "tracer RSS peak/now"
         );
         for (i, &tracer) in tracers.iter().enumerate() {
             let m = median(&mut times[i]);
             let ratio = m.as_secs_f64() / base.as_secs_f64();
+            let ns_per = if prog[i].1 == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.0}", prog[i].0 as f64 / prog[i].1 as f64)
+            };
             let (cpu_s, rss_s) = if tracer == Tracer::None {
                 ("-".to_string(), "-".to_string())
             } else {
@@ -322,10 +395,11 @@ fn exits() -> Result<ExitCode> {
                 )
             };
             println!(
-                "  {:<18} {:>9.3}s {:>9.3} {:>14} {:>20}",
+                "  {:<18} {:>9.3}s {:>9.3} {:>15} {:>14} {:>20}",
                 tracer.name(),
                 m.as_secs_f64(),
                 ratio,
+                ns_per,
                 cpu_s,
                 rss_s
             );

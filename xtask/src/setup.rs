@@ -18,8 +18,9 @@ use xtask::toolchain::{BPF_LINKER_VERSION, NIGHTLY, Nightly, cache_dir, is_execu
 
 use crate::status;
 
-/// Debian packages: bpftrace is the peer tool the benchmarks compare against.
-const APT_PACKAGES: &[&str] = &["bpftrace", "util-linux"];
+/// Debian packages: bpftrace is the peer tool the benchmarks compare against;
+/// bpftool reads the kernel's own per-program run-time statistics for them.
+const APT_PACKAGES: &[&str] = &["bpftrace", "bpftool", "util-linux"];
 
 pub fn run() -> Result<()> {
     let t = Instant::now();
