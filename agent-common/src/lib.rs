@@ -5,6 +5,7 @@
 //! One module per event family, named as in every other layer.
 #![no_std]
 
+pub mod cgroups;
 pub mod exits;
 pub mod stats;
 

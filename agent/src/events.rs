@@ -51,6 +51,7 @@ mod tests {
             lifetime_ns: 5,
             cgroup_id: 9,
             partial: false,
+            pod: Default::default(),
         });
         let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
         assert_eq!(v["kind"], "exit");

@@ -3,11 +3,13 @@
 //!
 //! - [`kernel`]: BTF, clocks, privileges, cgroup layout, raw bpf(2);
 //! - [`probes`]: the eBPF object, one module per event family (attach, decode);
+//! - [`metadata`]: attribution of events to pods and containers (cgroups, CRI);
 //! - [`events`]: the typed events consumers see;
 //! - [`cli`]: the `podscope` subcommands.
 
 pub mod cli;
 pub mod events;
 pub mod kernel;
+pub mod metadata;
 pub mod probes;
 pub mod signals;

@@ -162,10 +162,7 @@ fn run_tests(cmd: &mut Command) -> Result<ExitCode> {
 
 /// In "ok. 8 passed; 0 failed; ...", the number before `word`.
 fn count_before(s: &str, word: &str) -> u64 {
-    let words: Vec<&str> = s
-        .split(|c: char| c == ' ' || c == ';')
-        .filter(|w| !w.is_empty())
-        .collect();
+    let words: Vec<&str> = s.split([' ', ';']).filter(|w| !w.is_empty()).collect();
     words
         .windows(2)
         .find(|w| w[1] == word)

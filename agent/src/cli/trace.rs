@@ -1,8 +1,10 @@
-//! `podscope trace <family>`: a live view straight from the kernel.
+//! `podscope trace <family>`: a live view straight from the kernel, every
+//! event attributed to its namespace, pod and container.
 
 use std::{
     io::{self, Write},
     os::fd::{AsRawFd, RawFd},
+    path::PathBuf,
     process::ExitCode,
     time::Duration,
 };
@@ -18,7 +20,12 @@ use super::{Output, parse_duration};
 use crate::{
     events::Event,
     kernel::privilege::Privileges,
-    probes::{self, AttachType, KernelOffsets, LoadOptions, exits::ExitProbe},
+    metadata::{PodIdentity, Resolver, ResolverOptions},
+    probes::{
+        self, AttachType, KernelOffsets, LoadOptions,
+        cgroups::CgroupProbe,
+        exits::{Exit, ExitProbe},
+    },
 };
 
 #[derive(Args, Debug)]
@@ -32,12 +39,46 @@ pub struct TraceArgs {
     /// Stop after this long (e.g. 30s, 5m); runs until Ctrl-C otherwise.
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Only events of pods in this namespace.
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// Only events of this pod (by name).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Only events of containers of this name.
+    #[arg(long)]
+    pub container: Option<String>,
+    /// The container runtime's CRI socket (default: the first of the usual places that exists).
+    #[arg(long, env = "PODSCOPE_CRI_SOCKET")]
+    pub cri_socket: Option<PathBuf>,
+    /// Do not ask the runtime for names: events carry pod uids and container ids only.
+    #[arg(long)]
+    pub no_cri: bool,
     /// Ring buffer size in bytes (a power of two, at least 4096).
     #[arg(long, default_value_t = 1 << 20, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
     /// Force one hook type instead of the best the kernel allows.
     #[arg(long, value_enum, default_value_t = AttachChoice::Auto)]
     pub attach: AttachChoice,
+}
+
+/// Which events to show.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container: Option<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, id: &PodIdentity) -> bool {
+        let eq = |want: &Option<String>, have: &Option<String>| {
+            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
+        };
+        eq(&self.namespace, &id.namespace)
+            && eq(&self.pod, &id.pod)
+            && eq(&self.container, &id.container)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -85,6 +126,17 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
         AttachChoice::Tracepoint => Some(AttachType::Tracepoint),
     };
     let btf = probes::attach_btf();
+    // Attribution: cgroups are learned as they are created. Without this
+    // probe, containers started from now on are shown as the host's.
+    let cgroups = match CgroupProbe::attach(&mut ebpf, btf.as_ref(), &offsets.cgroups) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(
+                "{e}: containers started from now on cannot be attributed to their pods"
+            );
+            None
+        }
+    };
     let probe = match args.family {
         Family::Exits => ExitProbe::attach(&mut ebpf, btf.as_ref(), only)?,
     };
@@ -92,7 +144,6 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
     drop(btf);
     crate::kernel::release_freed_memory();
     let a = &probe.attachment;
-    tracing::debug!(hook = a.hook, attach_type = %a.attach_type, "attached");
     for (kind, why) in &a.refused {
         tracing::info!(
             "{} could not use {kind} ({why}); using {}",
@@ -104,102 +155,157 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(stream(probe, args.output, args.duration))
+    let filter = Filter {
+        namespace: args.namespace,
+        pod: args.pod,
+        container: args.container,
+    };
+    let resolver_opts = ResolverOptions {
+        cri_socket: args.cri_socket,
+        use_cri: !args.no_cri,
+        ..Default::default()
+    };
+    rt.block_on(async move {
+        let resolver = Resolver::new(&resolver_opts).await;
+        tracing::debug!(hook = probe.attachment.hook, attach_type = %probe.attachment.attach_type, "attached");
+        Session { probe, cgroups, resolver, filter, output: args.output, shown: 0 }.stream(args.duration).await
+    })
 }
 
-async fn stream(
-    mut probe: ExitProbe,
+/// A running trace: the probes, attribution, and where the lines go.
+struct Session {
+    probe: ExitProbe,
+    cgroups: Option<CgroupProbe>,
+    resolver: Resolver,
+    filter: Filter,
     output: Output,
-    duration: Option<Duration>,
-) -> Result<ExitCode> {
-    // SAFETY: the ring buffer's fd stays open while `ring` lives: `probe`
-    // owns it and is dropped after `ring`, at the end of this function.
-    let ring = unsafe { AsyncFd::register_with_interest(Fd(probe.ring_fd()), Interest::READABLE) }
-        .map_err(|e| anyhow!("cannot poll the ring buffer: {e}"))?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
-    tokio::pin!(deadline);
-    // Events arrive silently until a batch is waiting (see agent-ebpf's
-    // ringbuf.rs); this tick bounds how long one can wait unseen.
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut ticks = 0u64;
-    let mut out = io::BufWriter::new(io::stdout().lock());
-    let mut shown = 0u64;
-    let mut lost_reported = 0u64;
-    if output == Output::Table {
-        writeln!(out, "{}", table_header())?;
-        out.flush()?;
-    }
-    let mut write_batch =
-        |probe: &mut ExitProbe, out: &mut io::BufWriter<io::StdoutLock>| -> io::Result<()> {
-            let mut res = Ok(());
-            probe.drain(|exit| {
-                if res.is_err() {
-                    return;
-                }
-                let event = Event::Exit(exit);
-                shown += 1;
-                res = match output {
-                    Output::Json => event.write_json_line(&mut *out),
-                    Output::Table => writeln!(out, "{}", table_row(&event)),
-                };
-            });
-            res.and_then(|_| out.flush())
-        };
-    let result: io::Result<()> = loop {
-        tokio::select! {
-            guard = ring.readable() => {
-                let mut guard = guard?;
-                guard.clear_ready();
-                if let Err(e) = write_batch(&mut probe, &mut out) {
-                    break Err(e);
-                }
-            }
-            _ = tick.tick() => {
-                if let Err(e) = write_batch(&mut probe, &mut out) {
-                    break Err(e);
-                }
-                ticks += 1;
-                if ticks % 10 != 0 {
-                    continue;
-                }
-                let lost = probe.stats().lost;
-                if lost > lost_reported {
-                    tracing::warn!(
-                        "{} exit events lost: the ring buffer was full (a larger --ring-buffer-size helps)",
-                        lost - lost_reported
-                    );
-                    lost_reported = lost;
-                }
-            }
-            _ = sigint.recv() => break Ok(()),
-            _ = sigterm.recv() => break Ok(()),
-            _ = &mut deadline => break Ok(()),
+    shown: u64,
+}
+
+impl Session {
+    async fn stream(mut self, duration: Option<Duration>) -> Result<ExitCode> {
+        // SAFETY: the ring buffer's fd stays open while `ring` lives: `self.probe`
+        // owns it and outlives `ring`, which is dropped at the end of this function.
+        let ring = unsafe {
+            AsyncFd::register_with_interest(Fd(self.probe.ring_fd()), Interest::READABLE)
         }
-    };
-    let result = result.and_then(|_| write_batch(&mut probe, &mut out));
-    match result {
-        Ok(()) => {}
-        // The reader went away (e.g. `| head`): not an error.
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
-        Err(e) => return Err(e.into()),
+        .map_err(|e| anyhow!("cannot poll the ring buffer: {e}"))?;
+        let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+        let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+        let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
+        tokio::pin!(deadline);
+        // Events arrive silently until a batch is waiting (see agent-ebpf's
+        // ringbuf.rs); this tick bounds how long one can wait unseen.
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut ticks = 0u64;
+        let mut lost_reported = 0u64;
+        let mut out = io::BufWriter::new(io::stdout().lock());
+        if self.output == Output::Table {
+            writeln!(out, "{}", table_header())?;
+            out.flush()?;
+        }
+        let result: io::Result<()> = loop {
+            tokio::select! {
+                guard = ring.readable() => {
+                    let mut guard = guard?;
+                    guard.clear_ready();
+                    if let Err(e) = self.write_batch(&mut out).await {
+                        break Err(e);
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.write_batch(&mut out).await {
+                        break Err(e);
+                    }
+                    ticks += 1;
+                    if !ticks.is_multiple_of(10) {
+                        continue;
+                    }
+                    self.resolver.tick().await;
+                    let lost = self.probe.stats().lost;
+                    if lost > lost_reported {
+                        tracing::warn!(
+                            "{} exit events lost: the ring buffer was full (a larger --ring-buffer-size helps)",
+                            lost - lost_reported
+                        );
+                        lost_reported = lost;
+                    }
+                }
+                _ = sigint.recv() => break Ok(()),
+                _ = sigterm.recv() => break Ok(()),
+                _ = &mut deadline => break Ok(()),
+            }
+        };
+        let result = match result {
+            Ok(()) => self.write_batch(&mut out).await,
+            e => e,
+        };
+        match result {
+            Ok(()) => {}
+            // The reader went away (e.g. `| head`): not an error.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+            Err(e) => return Err(e.into()),
+        }
+        drop(ring);
+        let stats = self.probe.stats();
+        let rs = self.resolver.stats();
+        eprintln!(
+            "podscope: {} exits shown; kernel: {} seen, {} lost (ring buffer full), {} read errors, {} threads of exiting processes folded into their process; attribution: {} CRI errors, {} events of containers CRI did not name",
+            self.shown,
+            stats.hits - stats.filtered,
+            stats.lost,
+            stats.read_errors,
+            stats.filtered,
+            rs.cri_errors,
+            rs.unnamed_container_events,
+        );
+        Ok(ExitCode::SUCCESS)
     }
-    let stats = probe.stats();
-    eprintln!(
-        "podscope: {shown} exits shown; kernel: {} seen, {} lost (ring buffer full), {} read errors, {} threads of exiting processes folded into their process",
-        stats.hits - stats.filtered,
-        stats.lost,
-        stats.read_errors,
-        stats.filtered
-    );
-    Ok(ExitCode::SUCCESS)
+
+    /// Learns new cgroups first (an exit may follow its container's creation
+    /// closely), then attributes and prints every waiting exit.
+    async fn write_batch(&mut self, out: &mut io::BufWriter<io::StdoutLock<'_>>) -> io::Result<()> {
+        if let Some(cg) = self.cgroups.as_mut() {
+            let resolver = &mut self.resolver;
+            cg.drain(|c| {
+                if c.created {
+                    resolver.cgroup_created(c.id, &c.path);
+                } else {
+                    resolver.cgroup_removed(c.id);
+                }
+            });
+        }
+        let mut exits: Vec<Exit> = vec![];
+        self.probe.drain(|e| exits.push(e));
+        for mut exit in exits {
+            exit.pod = self.resolver.identify(exit.cgroup_id).await;
+            if !self.filter.matches(&exit.pod) {
+                continue;
+            }
+            let event = Event::Exit(exit);
+            self.shown += 1;
+            match self.output {
+                Output::Json => event.write_json_line(&mut *out)?,
+                Output::Table => writeln!(out, "{}", table_row(&event))?,
+            }
+        }
+        out.flush()
+    }
 }
 
 fn table_header() -> String {
     format!(
-        "{:<12} {:>7} {:>7} {:>7} {:<16} {:<7} {:<16} {:>10} {:>8}",
-        "TIME", "PID", "TID", "PPID", "COMM", "KIND", "RESULT", "LIFETIME", "CGROUP"
+        "{:<12} {:>7} {:>7} {:>7} {:<16} {:<7} {:<16} {:>10}  {:<40} {}",
+        "TIME",
+        "PID",
+        "TID",
+        "PPID",
+        "COMM",
+        "KIND",
+        "RESULT",
+        "LIFETIME",
+        "NAMESPACE/POD",
+        "CONTAINER"
     )
 }
 
@@ -214,7 +320,7 @@ fn table_row(event: &Event) -> String {
                 (None, None) => "?".into(),
             };
             format!(
-                "{:<12} {:>7} {:>7} {:>7} {:<16} {:<7} {:<16} {:>10} {:>8}",
+                "{:<12} {:>7} {:>7} {:>7} {:<16} {:<7} {:<16} {:>10}  {:<40} {}",
                 ts.get(11..23).unwrap_or(&ts),
                 e.tgid,
                 e.pid,
@@ -223,9 +329,27 @@ fn table_row(event: &Event) -> String {
                 if e.thread { "thread" } else { "process" },
                 result,
                 human_duration(e.lifetime()),
-                e.cgroup_id
+                pod_column(&e.pod),
+                container_column(&e.pod)
             )
         }
+    }
+}
+
+/// "namespace/pod", the pod uid when CRI did not name it, or "(host)".
+fn pod_column(id: &PodIdentity) -> String {
+    match (&id.namespace, &id.pod, &id.pod_uid) {
+        (Some(ns), Some(pod), _) => format!("{ns}/{pod}"),
+        (_, _, Some(uid)) => format!("pod {uid}"),
+        _ => "(host)".to_string(),
+    }
+}
+
+fn container_column(id: &PodIdentity) -> String {
+    match (&id.container, &id.container_id) {
+        (Some(name), _) => name.clone(),
+        (None, Some(cid)) => cid.chars().take(13).collect(),
+        (None, None) => "-".to_string(),
     }
 }
 

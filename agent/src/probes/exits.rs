@@ -19,10 +19,13 @@ use aya::{
 use serde::Serialize;
 
 use super::{AttachType, Attachment, FamilyStats, LoadOptions, ProbeError, error_chain, program};
-use crate::kernel::{
-    btf::{Btf, BtfError},
-    clock::BootClock,
-    tracefs,
+use crate::{
+    kernel::{
+        btf::{Btf, BtfError},
+        clock::BootClock,
+        tracefs,
+    },
+    metadata::PodIdentity,
 };
 
 pub const FAMILY: &str = "exits";
@@ -86,6 +89,9 @@ pub struct Exit {
     pub cgroup_id: u64,
     /// A kernel read failed: some fields may be zero.
     pub partial: bool,
+    /// Who it belongs to, filled in by attribution (`crate::metadata`).
+    #[serde(flatten)]
+    pub pod: PodIdentity,
 }
 
 impl Exit {
@@ -113,6 +119,7 @@ impl Exit {
             },
             cgroup_id: raw.cgroup_id,
             partial: raw.flags & EXIT_FLAG_PARTIAL != 0,
+            pod: PodIdentity::default(),
         }
     }
 

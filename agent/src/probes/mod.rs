@@ -5,6 +5,7 @@
 //! globals, picks the best hook the kernel accepts by trying them in order,
 //! and decodes its own ring buffer.
 
+pub mod cgroups;
 pub mod exits;
 
 use std::fmt;
@@ -83,12 +84,14 @@ pub struct Attachment {
 #[derive(Clone, Debug)]
 pub struct KernelOffsets {
     pub exits: agent_common::exits::ExitOffsets,
+    pub cgroups: agent_common::cgroups::CgroupOffsets,
 }
 
 impl KernelOffsets {
     pub fn resolve(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         Ok(KernelOffsets {
             exits: exits::resolve_offsets(btf)?,
+            cgroups: cgroups::resolve_offsets(btf)?,
         })
     }
 
@@ -143,6 +146,7 @@ pub fn load_object(offsets: &KernelOffsets, opts: &LoadOptions) -> Result<Ebpf, 
     let mut loader = EbpfLoader::new();
     loader.override_global("RINGBUF_WAKEUP_BYTES", &opts.wakeup_bytes, true);
     exits::configure(&mut loader, &offsets.exits, opts);
+    cgroups::configure(&mut loader, &offsets.cgroups);
     loader
         .load(EBPF_OBJECT)
         .map_err(|e| ProbeError::Load(error_chain(&e)))

@@ -1,0 +1,136 @@
+//! Names from the container runtime over CRI: container id → container name,
+//! pod name, namespace and uid (kubelet's `io.kubernetes.*` labels on every
+//! container), without asking the API server.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use cri::{RuntimeServiceClient, v1};
+use tonic::transport::Channel;
+
+/// Where runtimes put their CRI socket, most common first.
+pub const KNOWN_SOCKETS: &[&str] = &[
+    "/run/containerd/containerd.sock",
+    "/var/run/containerd/containerd.sock",
+    "/run/crio/crio.sock",
+    "/var/run/crio/crio.sock",
+    "/run/k3s/containerd/containerd.sock",
+    "/run/cri-dockerd.sock",
+    "/var/run/cri-dockerd.sock",
+];
+
+/// The first known CRI socket that exists on this node.
+pub fn detect_socket() -> Option<PathBuf> {
+    KNOWN_SOCKETS.iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerMeta {
+    pub id: String,
+    pub name: String,
+    pub attempt: u32,
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: String,
+    pub sandbox_id: String,
+}
+
+/// What CRI says about one pod sandbox (its pause container's id is the sandbox id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxMeta {
+    pub id: String,
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: String,
+}
+
+pub struct Cri {
+    socket: PathBuf,
+    client: RuntimeServiceClient<Channel>,
+}
+
+impl Cri {
+    pub async fn connect(socket: &Path) -> Result<Cri, String> {
+        let client = cri::connect(socket, Duration::from_secs(2))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Cri {
+            socket: socket.to_path_buf(),
+            client,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Every container the runtime knows, running or exited.
+    pub async fn containers(&mut self) -> Result<Vec<ContainerMeta>, String> {
+        let resp = self
+            .client
+            .list_containers(v1::ListContainersRequest { filter: None })
+            .await
+            .map_err(|s| {
+                format!(
+                    "ListContainers on {}: {}",
+                    self.socket.display(),
+                    s.message()
+                )
+            })?;
+        Ok(resp
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(container_meta)
+            .collect())
+    }
+
+    /// Every pod sandbox the runtime knows.
+    pub async fn sandboxes(&mut self) -> Result<Vec<SandboxMeta>, String> {
+        let resp = self
+            .client
+            .list_pod_sandbox(v1::ListPodSandboxRequest { filter: None })
+            .await
+            .map_err(|s| {
+                format!(
+                    "ListPodSandbox on {}: {}",
+                    self.socket.display(),
+                    s.message()
+                )
+            })?;
+        Ok(resp
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|s| {
+                let m = s.metadata.unwrap_or_default();
+                SandboxMeta {
+                    id: s.id,
+                    namespace: m.namespace,
+                    pod: m.name,
+                    pod_uid: m.uid,
+                }
+            })
+            .collect())
+    }
+}
+
+fn container_meta(c: v1::Container) -> ContainerMeta {
+    let label = |k: &str| c.labels.get(k).cloned().unwrap_or_default();
+    let meta = c.metadata.clone().unwrap_or_default();
+    ContainerMeta {
+        name: if meta.name.is_empty() {
+            label("io.kubernetes.container.name")
+        } else {
+            meta.name
+        },
+        attempt: meta.attempt,
+        namespace: label("io.kubernetes.pod.namespace"),
+        pod: label("io.kubernetes.pod.name"),
+        pod_uid: label("io.kubernetes.pod.uid"),
+        sandbox_id: c.pod_sandbox_id.clone(),
+        id: c.id,
+    }
+}

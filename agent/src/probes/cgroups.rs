@@ -1,0 +1,198 @@
+//! cgroup creation and removal (v2 hierarchy), which feeds attribution: see
+//! `crate::metadata`. tp_btf where allowed, else the plain tracepoints,
+//! whose record layout comes from tracefs.
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use agent_common::cgroups::{CGROUP_FLAG_TRUNCATED, CGROUP_MKDIR, CgroupEvent, CgroupOffsets};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
+};
+
+use super::{AttachType, Attachment, FamilyStats, ProbeError, error_chain, program};
+use crate::kernel::{
+    btf::{Btf, BtfError},
+    tracefs::{self, TracepointFormat},
+};
+
+pub const FAMILY: &str = "cgroups";
+const HOOK: &str = "cgroup:cgroup_mkdir, cgroup:cgroup_rmdir";
+const EVENTS_MAP: &str = "CGROUP_EVENTS";
+const STATS_MAP: &str = "CGROUP_STATS";
+
+/// The record layout of `cgroup:cgroup_mkdir` on 5.x and 6.x kernels, used
+/// when tracefs is not mounted at load time; checked against tracefs before
+/// the plain tracepoints are attached.
+const RECORD_DEFAULT: (u32, u32, u32) = (8, 16, 24);
+
+pub fn resolve_offsets(btf: &Btf) -> Result<CgroupOffsets, BtfError> {
+    let (tp_root, tp_id, tp_path) = match tracefs::mounted().map(|_| record_layout()) {
+        Some(Ok(l)) => l,
+        _ => RECORD_DEFAULT,
+    };
+    Ok(CgroupOffsets {
+        cgroup_kn: btf.offset_of("cgroup", "kn")?,
+        kn_id: btf.offset_of("kernfs_node", "id")?,
+        cgroup_root: btf.offset_of("cgroup", "root")?,
+        root_hierarchy_id: btf.offset_of("cgroup_root", "hierarchy_id")?,
+        tp_root,
+        tp_id,
+        tp_path,
+        _pad: 0,
+    })
+}
+
+fn record_layout() -> Result<(u32, u32, u32), String> {
+    let f = TracepointFormat::read("cgroup", "cgroup_mkdir")?;
+    Ok((f.offset("root")?, f.offset("id")?, f.offset("path")?))
+}
+
+pub(super) fn configure<'a>(loader: &mut EbpfLoader<'a>, offsets: &'a CgroupOffsets) {
+    loader.override_global("CGROUP_OFFSETS", offsets, true);
+}
+
+/// A v2 cgroup was created or removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupChange {
+    pub id: u64,
+    pub created: bool,
+    pub path: String,
+    pub truncated: bool,
+}
+
+pub struct CgroupProbe {
+    events: RingBuf<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    pub attachment: Attachment,
+}
+
+impl CgroupProbe {
+    pub fn attach(
+        ebpf: &mut Ebpf,
+        btf: Option<&aya::Btf>,
+        offsets: &CgroupOffsets,
+    ) -> Result<CgroupProbe, ProbeError> {
+        let mut refused = vec![];
+        let mut chosen = None;
+        for kind in [AttachType::TpBtf, AttachType::Tracepoint] {
+            match attach_pair(ebpf, btf, offsets, kind) {
+                Ok(()) => {
+                    chosen = Some(kind);
+                    break;
+                }
+                Err(r) => refused.push((kind, r)),
+            }
+        }
+        let Some(attach_type) = chosen else {
+            let reasons = refused
+                .iter()
+                .map(|(k, r)| format!("{k}: {r}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ProbeError::Attach {
+                family: FAMILY,
+                reasons,
+            });
+        };
+        let map_err = |map, detail: String| ProbeError::Map {
+            family: FAMILY,
+            map,
+            detail,
+        };
+        let events = ebpf
+            .take_map(EVENTS_MAP)
+            .ok_or_else(|| map_err(EVENTS_MAP, "absent".into()))
+            .and_then(|m| RingBuf::try_from(m).map_err(|e| map_err(EVENTS_MAP, e.to_string())))?;
+        let stats = ebpf
+            .take_map(STATS_MAP)
+            .ok_or_else(|| map_err(STATS_MAP, "absent".into()))
+            .and_then(|m| {
+                PerCpuArray::try_from(m).map_err(|e| map_err(STATS_MAP, e.to_string()))
+            })?;
+        Ok(CgroupProbe {
+            events,
+            stats,
+            attachment: Attachment {
+                family: FAMILY,
+                hook: HOOK,
+                attach_type,
+                refused,
+            },
+        })
+    }
+
+    pub fn drain(&mut self, mut f: impl FnMut(CgroupChange)) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.events.next() {
+            if item.len() < size_of::<CgroupEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel side writes exactly a CgroupEvent.
+            let raw = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const CgroupEvent) };
+            let len = raw
+                .path
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(raw.path.len());
+            f(CgroupChange {
+                id: raw.id,
+                created: raw.op == CGROUP_MKDIR,
+                path: String::from_utf8_lossy(&raw.path[..len]).into_owned(),
+                truncated: raw.flags & CGROUP_FLAG_TRUNCATED != 0,
+            });
+            n += 1;
+        }
+        n
+    }
+
+    pub fn stats(&self) -> FamilyStats {
+        FamilyStats::from_slots(super::read_stats(&self.stats))
+    }
+
+    pub fn ring_fd(&self) -> RawFd {
+        self.events.as_raw_fd()
+    }
+}
+
+fn attach_pair(
+    ebpf: &mut Ebpf,
+    btf: Option<&aya::Btf>,
+    offsets: &CgroupOffsets,
+    kind: AttachType,
+) -> Result<(), String> {
+    match kind {
+        AttachType::TpBtf => {
+            let btf = btf.ok_or("the kernel's BTF could not be read by aya")?;
+            for (prog, hook) in [
+                ("cgroup_mkdir_tp_btf", "cgroup_mkdir"),
+                ("cgroup_rmdir_tp_btf", "cgroup_rmdir"),
+            ] {
+                let p: &mut BtfTracePoint = program(ebpf, prog)?;
+                p.load(hook, btf).map_err(|e| error_chain(&e))?;
+                p.attach().map_err(|e| error_chain(&e))?;
+            }
+        }
+        AttachType::Tracepoint => {
+            tracefs::ensure_mounted()?;
+            let layout = record_layout()?;
+            let loaded = (offsets.tp_root, offsets.tp_id, offsets.tp_path);
+            if layout != loaded {
+                return Err(format!(
+                    "cgroup_mkdir's record layout on this kernel {layout:?} differs from the one loaded {loaded:?}: mount tracefs before starting podscope"
+                ));
+            }
+            for (prog, hook) in [
+                ("cgroup_mkdir_tracepoint", "cgroup_mkdir"),
+                ("cgroup_rmdir_tracepoint", "cgroup_rmdir"),
+            ] {
+                let p: &mut TracePoint = program(ebpf, prog)?;
+                p.load().map_err(|e| error_chain(&e))?;
+                p.attach("cgroup", hook).map_err(|e| error_chain(&e))?;
+            }
+        }
+        other => return Err(format!("{other} is not a cgroup hook")),
+    }
+    Ok(())
+}
