@@ -116,7 +116,7 @@ fn start(tracer: Tracer, podscope: &Path) -> Result<Option<Running>> {
                 "-o",
                 "json",
                 "--log",
-                "debug",
+                "podscope=debug",
                 "--ring-buffer-size",
                 "4194304",
             ]);

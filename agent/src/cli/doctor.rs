@@ -197,6 +197,8 @@ pub fn diagnose() -> Report {
         checks.extend(hook_checks());
     }
 
+    checks.push(cri_check());
+
     checks.push({
         let layout = CgroupLayout::current();
         let (status, meaning) = match layout {
@@ -258,6 +260,47 @@ pub fn diagnose() -> Report {
     Report {
         kernel: kernel_release(),
         checks,
+    }
+}
+
+/// Whether the container runtime answers over CRI, where pod and container
+/// names come from.
+fn cri_check() -> Check {
+    use crate::metadata::cri::{Cri, KNOWN_SOCKETS, detect_socket};
+    let socket = std::env::var_os("PODSCOPE_CRI_SOCKET")
+        .map(std::path::PathBuf::from)
+        .or_else(detect_socket);
+    let Some(socket) = socket else {
+        return check(
+            "cri",
+            Status::Missing,
+            format!("no CRI socket in {}", KNOWN_SOCKETS.join(", ")),
+            "events carry pod uids and container ids from cgroup paths, but no names; set PODSCOPE_CRI_SOCKET or --cri-socket",
+        );
+    };
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                let mut cri = Cri::connect(&socket).await?;
+                cri.containers().await.map(|c| c.len())
+            })
+        });
+    match answer {
+        Ok(n) => check(
+            "cri",
+            Status::Ok,
+            format!("{} answers ({n} containers)", socket.display()),
+            "events are attributed to pods and containers by name",
+        ),
+        Err(e) => check(
+            "cri",
+            Status::Missing,
+            e,
+            "names are missing until the runtime answers; pod uids and container ids still come from cgroup paths",
+        ),
     }
 }
 
