@@ -25,7 +25,8 @@ const ROUNDS: usize = 7;
 pub fn run(args: &[String]) -> Result<ExitCode> {
     match args.first().map(String::as_str) {
         Some("exits") => exits(),
-        _ => bail!("usage: cargo xtask bench exits"),
+        Some("pods") => pods(),
+        _ => bail!("usage: cargo xtask bench <exits | pods>"),
     }
 }
 
@@ -454,4 +455,156 @@ fn unmount_tracefs() {
         .arg("/sys/kernel/tracing")
         .stderr(Stdio::null())
         .status();
+}
+
+const NODE_SOCKET: &str = "/run/podscope-node/containerd.sock";
+const BENCH_NS: &str = "podscope-bench";
+const BENCH_PODS: usize = 100;
+
+/// `cargo xtask bench pods`: what attribution costs with 100 pods × 3
+/// containers on the test node: the resolver's time per event, and the
+/// tracer's resident memory with those pods against an empty node.
+fn pods() -> Result<ExitCode> {
+    setup::run()?;
+    let podscope = build_podscope()?;
+    crate::status(crate::cargo().args(["build", "--release", "--quiet", "-p", "testnode"]))?;
+    let testnode = crate::root().join("target/release/podscope-testnode");
+    let node = |args: &[&str]| -> Result<String> {
+        let out = Command::new(&testnode).args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "podscope-testnode {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let was_up = std::path::Path::new(NODE_SOCKET).exists();
+    node(&["up"])?;
+
+    let rss_empty = tracer_rss(&podscope)?;
+    println!("pods benchmark: {BENCH_PODS} pods x 3 containers on the test node");
+    let dir = std::env::temp_dir().join(format!("podscope-bench-pods-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let t = Instant::now();
+    for i in 0..BENCH_PODS {
+        let file = dir.join(format!("p{i}.yaml"));
+        let mut m = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}\n  namespace: {BENCH_NS}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n"
+        );
+        for c in ["app", "sidecar", "proxy"] {
+            m.push_str(&format!(
+                "  - name: {c}\n    command: [\"sleep\", \"3600\"]\n"
+            ));
+        }
+        std::fs::write(&file, m)?;
+        node(&["apply", "-f", file.to_str().unwrap_or_default()])?;
+    }
+    // Wait until every container runs.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&node(&["status", "-o", "json"])?).unwrap_or_default();
+        let running = status
+            .as_array()
+            .map(|pods| {
+                pods.iter()
+                    .filter(|p| p["namespace"] == BENCH_NS)
+                    .flat_map(|p| p["containers"].as_array().cloned().unwrap_or_default())
+                    .filter(|c| c["state"] == "running")
+                    .count()
+            })
+            .unwrap_or(0);
+        if running >= BENCH_PODS * 3 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {running} of {} containers ran within 300 s",
+                BENCH_PODS * 3
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!(
+        "  {} containers running after {:.1} s",
+        BENCH_PODS * 3,
+        t.elapsed().as_secs_f64()
+    );
+    let rss_full = tracer_rss(&podscope)?;
+    let out = Command::new(crate::cargo().get_program())
+        .current_dir(crate::root())
+        .args([
+            "bench",
+            "-q",
+            "-p",
+            "podscope",
+            "--bench",
+            "attribution",
+            "--",
+            "--cri-socket",
+            NODE_SOCKET,
+        ])
+        .output()?;
+    let figures = String::from_utf8_lossy(&out.stdout).into_owned();
+
+    for i in 0..BENCH_PODS {
+        let _ = node(&["delete", &format!("{BENCH_NS}/p{i}")]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if !was_up {
+        node(&["down"])?;
+    }
+    if !out.status.success() {
+        bail!(
+            "the attribution bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for line in figures.lines() {
+        println!("  {line}");
+    }
+    println!(
+        "  tracer RSS (podscope trace exits, steady): {:.1} MiB on an empty node, {:.1} MiB with {} containers: {:+.1} MiB",
+        rss_empty as f64 / 1024.0,
+        rss_full as f64 / 1024.0,
+        BENCH_PODS * 3,
+        (rss_full as f64 - rss_empty as f64) / 1024.0
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Steady resident memory of `podscope trace exits` attached to the test node.
+fn tracer_rss(podscope: &Path) -> Result<u64> {
+    let mut child = Command::new(podscope)
+        .args([
+            "trace",
+            "exits",
+            "-o",
+            "json",
+            "--cri-socket",
+            NODE_SOCKET,
+            "--log",
+            "podscope=debug",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("attached") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .context("podscope did not attach")?;
+    // Let a resolver tick (and a CRI refresh) pass.
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = proc_status_kib(child.id(), "VmRSS:").unwrap_or(0);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    Ok(rss)
 }
