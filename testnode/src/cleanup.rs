@@ -162,7 +162,9 @@ pub async fn down() -> Result<Vec<String>> {
     // 5. Mounts under our directories and the pods' network namespaces.
     let unmounted = unmount_under(&[paths::STATE_DIR, paths::ROOT_DIR]);
     if unmounted > 0 {
-        done.push(format!("unmounted {unmounted} mount(s) under the state directories"));
+        done.push(format!(
+            "unmounted {unmounted} mount(s) under the state directories"
+        ));
     }
     for p in netns_paths {
         let p = Path::new(&p);
@@ -391,7 +393,10 @@ mod tests {
         };
         assert_eq!(removable(&tmp, &uids, Some(&theirs)), vec![pod]);
         let ours = Preexisting::default();
-        assert_eq!(removable(&tmp, &uids, Some(&ours)), vec![tmp.join("kubepods")]);
+        assert_eq!(
+            removable(&tmp, &uids, Some(&ours)),
+            vec![tmp.join("kubepods")]
+        );
         let leaves = tree_leaves_first(&tmp.join("kubepods"));
         assert_eq!(leaves.last(), Some(&tmp.join("kubepods")));
         std::fs::remove_dir_all(&tmp).unwrap();

@@ -17,7 +17,10 @@ use crate::{
 
 /// The marker that identifies our containerd in its command line.
 fn marker() -> String {
-    format!("containerd --config {}", paths::containerd_config().display())
+    format!(
+        "containerd --config {}",
+        paths::containerd_config().display()
+    )
 }
 
 pub fn config() -> String {

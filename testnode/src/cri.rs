@@ -16,7 +16,9 @@ use api::{image_service_client::ImageServiceClient, runtime_service_client::Runt
 
 #[derive(Debug, thiserror::Error)]
 pub enum CriError {
-    #[error("cannot reach containerd's CRI socket {socket}: {message} (is the node up? run `podscope-testnode up`)")]
+    #[error(
+        "cannot reach containerd's CRI socket {socket}: {message} (is the node up? run `podscope-testnode up`)"
+    )]
     Connect { socket: String, message: String },
     #[error("CRI {call} failed: {status}")]
     Call {
@@ -37,8 +39,7 @@ impl CriError {
     pub fn is_not_found(&self) -> bool {
         match self {
             CriError::Call { status, .. } => {
-                status.code() == tonic::Code::NotFound
-                    || status.message().contains("not found")
+                status.code() == tonic::Code::NotFound || status.message().contains("not found")
             }
             CriError::Connect { .. } => false,
         }
@@ -70,7 +71,9 @@ fn connector(
 + Send {
     tower::service_fn(move |_: Uri| {
         let socket = socket.clone();
-        async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+        async move {
+            Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
+        }
     })
 }
 
@@ -170,7 +173,10 @@ impl Cri {
             .await
             .map_err(CriError::call("PodSandboxStatus"))?
             .into_inner();
-        let info = r.info.get("info").and_then(|s| serde_json::from_str(s).ok());
+        let info = r
+            .info
+            .get("info")
+            .and_then(|s| serde_json::from_str(s).ok());
         Ok((r.status.unwrap_or_default(), info))
     }
 
@@ -189,7 +195,10 @@ impl Cri {
             .await
             .map_err(CriError::call("ContainerStatus"))?
             .into_inner();
-        let info = r.info.get("info").and_then(|s| serde_json::from_str(s).ok());
+        let info = r
+            .info
+            .get("info")
+            .and_then(|s| serde_json::from_str(s).ok());
         Ok((r.status.unwrap_or_default(), info))
     }
 

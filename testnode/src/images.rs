@@ -113,7 +113,10 @@ fn layer(busybox: &[u8], applets: &[String], helper: &[u8]) -> Result<Vec<u8>> {
         )?;
     }
     let mut h = header(tar::EntryType::Regular, 0o755, helper.len() as u64);
-    io(b.append_data(&mut h, "bin/podscope-helper", helper), "helper")?;
+    io(
+        b.append_data(&mut h, "bin/podscope-helper", helper),
+        "helper",
+    )?;
     let files: [(&str, &str); 4] = [
         (
             "etc/passwd",
@@ -210,8 +213,7 @@ pub fn build(busybox: &Path, helper: &Path, out: &Path) -> Result<Built> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).ctx(|| format!("cannot create {}", dir.display()))?;
     }
-    let mut f =
-        std::fs::File::create(out).ctx(|| format!("cannot write {}", out.display()))?;
+    let mut f = std::fs::File::create(out).ctx(|| format!("cannot write {}", out.display()))?;
     f.write_all(&bytes)
         .ctx(|| format!("cannot write {}", out.display()))?;
     Ok(Built {

@@ -86,7 +86,9 @@ pub async fn run() -> Result<()> {
             }
             Err(e) => {
                 if !reported_down {
-                    log(format!("kubelet: containerd unreachable, pods left as they are: {e}"));
+                    log(format!(
+                        "kubelet: containerd unreachable, pods left as they are: {e}"
+                    ));
                     reported_down = true;
                 }
                 Snapshot::default()
@@ -96,7 +98,10 @@ pub async fn run() -> Result<()> {
 
         workers.retain(|_, h| !h.is_finished());
         for manifest in manifest_files(&dir) {
-            let Some(key) = manifest.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+            let Some(key) = manifest
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+            else {
                 continue;
             };
             if workers.contains_key(&key) {

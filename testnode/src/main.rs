@@ -123,7 +123,10 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "podscope-testnode: cannot start tokio: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "podscope-testnode: cannot start tokio: {e}"
+            );
             return ExitCode::from(1);
         }
     };
@@ -188,7 +191,8 @@ async fn up() -> Result<ExitCode> {
         .with_context(|| format!("cannot create {}", paths::STATE_DIR))?;
     cleanup::record_preexisting()?;
     for dir in [paths::manifests_dir(), paths::pods_dir(), paths::logs_dir()] {
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     if netns::ensure()? {
         println!("created network namespace {}", paths::NETNS);
@@ -200,7 +204,11 @@ async fn up() -> Result<ExitCode> {
     let mut cri = Cri::connect(paths::SOCKET).await?;
     let version = cri.version().await?;
     if started {
-        println!("started {version} in {} (pid {pid}), socket {}", paths::NETNS, paths::SOCKET);
+        println!(
+            "started {version} in {} (pid {pid}), socket {}",
+            paths::NETNS,
+            paths::SOCKET
+        );
     } else {
         println!("{version} runs (pid {pid}), socket {}", paths::SOCKET);
     }
@@ -396,7 +404,10 @@ async fn delete(pod: &str, wait: bool, timeout: Duration, output: Output) -> Res
     require_up()?;
     let t = Instant::now();
     let uid = before.map(|s| s.uid).unwrap_or_default();
-    let done = wait_for(&ns, &name, &uid, t + timeout, |s| Ok(s.phase == Phase::Deleted)).await;
+    let done = wait_for(&ns, &name, &uid, t + timeout, |s| {
+        Ok(s.phase == Phase::Deleted)
+    })
+    .await;
     let done = match done {
         Ok(s) => s,
         // It never got a status (no sandbox yet): nothing ran, nothing to wait for.
@@ -420,7 +431,10 @@ async fn delete(pod: &str, wait: bool, timeout: Duration, output: Output) -> Res
                     c.exit_code
                         .map(|x| format!("exit {x}"))
                         .unwrap_or_else(|| c.state.clone()),
-                    c.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+                    c.reason
+                        .as_ref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
                 );
             }
         }
@@ -462,7 +476,10 @@ fn print_table(pods: &[PodStatus]) {
             format!("{:?}", p.phase),
             p.qos_class.to_string(),
             p.pod_ip.as_deref().unwrap_or("-"),
-            p.sandbox_id.as_deref().map(|s| &s[..s.len().min(12)]).unwrap_or("-"),
+            p.sandbox_id
+                .as_deref()
+                .map(|s| &s[..s.len().min(12)])
+                .unwrap_or("-"),
         );
         for c in &p.containers {
             let _ = writeln!(
@@ -505,7 +522,10 @@ async fn exec(pod: &str, container: &str, cmd: Vec<String>, timeout: Duration) -
         ))
     })?;
     let Some(id) = c.container_id.clone().filter(|_| c.state == "running") else {
-        bail!("container {container} of pod {ns}/{name} is not running (it is {})", c.state);
+        bail!(
+            "container {container} of pod {ns}/{name} is not running (it is {})",
+            c.state
+        );
     };
     let mut cri = Cri::connect(paths::SOCKET).await?;
     let (code, stdout, stderr) = cri.exec_sync(&id, cmd, timeout).await?;

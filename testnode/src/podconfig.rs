@@ -137,7 +137,10 @@ impl PodPlan {
         let annotations: HashMap<String, String> = [
             (ANNOTATION_CONTAINER_HASH, container_hash(c)),
             (ANNOTATION_RESTART_COUNT, restart_count.to_string()),
-            (ANNOTATION_GRACE, self.pod.grace_period_seconds().to_string()),
+            (
+                ANNOTATION_GRACE,
+                self.pod.grace_period_seconds().to_string(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -211,14 +214,34 @@ mod tests {
         let p = plan("  shareProcessNamespace: true\n");
         let s = p.sandbox_config();
         let m = s.metadata.as_ref().unwrap();
-        assert_eq!((m.name.as_str(), m.namespace.as_str(), m.uid.as_str()), ("web", "shop", "0000-1111"));
+        assert_eq!(
+            (m.name.as_str(), m.namespace.as_str(), m.uid.as_str()),
+            ("web", "shop", "0000-1111")
+        );
         assert_eq!(s.labels[LABEL_POD_UID], "0000-1111");
         assert_eq!(s.labels["app"], "web");
         let linux = s.linux.as_ref().unwrap();
         assert_eq!(linux.cgroup_parent, "/kubepods/burstable/pod0000-1111");
-        let ns = linux.security_context.as_ref().unwrap().namespace_options.as_ref().unwrap();
+        let ns = linux
+            .security_context
+            .as_ref()
+            .unwrap()
+            .namespace_options
+            .as_ref()
+            .unwrap();
         assert_eq!(ns.pid, api::NamespaceMode::Pod as i32);
-        assert_eq!(plan("").sandbox_config().linux.unwrap().security_context.unwrap().namespace_options.unwrap().pid, api::NamespaceMode::Container as i32);
+        assert_eq!(
+            plan("")
+                .sandbox_config()
+                .linux
+                .unwrap()
+                .security_context
+                .unwrap()
+                .namespace_options
+                .unwrap()
+                .pid,
+            api::NamespaceMode::Container as i32
+        );
     }
 
     #[test]

@@ -249,10 +249,7 @@ mod tests {
         assert_eq!(qos_class(&mixed), Ok(QosClass::Burstable));
         let be = pod(&["{}", "{}"]);
         assert_eq!(qos_class(&be), Ok(QosClass::BestEffort));
-        assert_eq!(
-            cgroup_parent(QosClass::Guaranteed, "u1"),
-            "/kubepods/podu1"
-        );
+        assert_eq!(cgroup_parent(QosClass::Guaranteed, "u1"), "/kubepods/podu1");
         assert_eq!(
             cgroup_parent(QosClass::Burstable, "u1"),
             "/kubepods/burstable/podu1"

@@ -112,7 +112,11 @@ fn sigterm(mode: &str) -> Result<(), String> {
         "ignore" => libc::SIG_IGN,
         "handle" => on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t,
         "default" => libc::SIG_DFL,
-        other => return Err(format!("sigterm takes ignore, handle or default, not `{other}`")),
+        other => {
+            return Err(format!(
+                "sigterm takes ignore, handle or default, not `{other}`"
+            ));
+        }
     };
     unsafe { libc::signal(libc::SIGTERM, handler) };
     say(&format!("SIGTERM disposition: {mode}; sleeping"));
