@@ -16,7 +16,9 @@ pub mod v1 {
     tonic::include_proto!("runtime.v1");
 }
 
-pub use v1::runtime_service_client::RuntimeServiceClient;
+pub use v1::{
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
+};
 
 #[derive(Debug, Error)]
 pub enum CriError {
@@ -26,8 +28,54 @@ pub enum CriError {
     Connect { path: String, detail: String },
 }
 
-/// Connects to a runtime's CRI socket. The connection is lazy: a runtime that
-/// restarts later is reconnected on the next call.
+fn endpoint(timeout: Duration) -> Endpoint {
+    // tonic wants a URI; the connector ignores it and dials the socket.
+    Endpoint::from_static("http://cri.invalid")
+        .connect_timeout(timeout.min(Duration::from_secs(2)))
+        .timeout(timeout)
+}
+
+fn connector(
+    path: std::path::PathBuf,
+) -> impl tower::Service<
+    Uri,
+    Response = TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send {
+    tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move {
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map(TokioIo::new)
+        }
+    })
+}
+
+/// A channel that dials on first use and redials after the runtime restarts:
+/// what a long-running client needs. Each call fails while the socket is gone.
+pub fn lazy_channel(socket: &Path, timeout: Duration) -> Channel {
+    endpoint(timeout).connect_with_connector_lazy(connector(socket.to_path_buf()))
+}
+
+/// A channel connected now: fails at once when the runtime does not answer.
+pub async fn channel(socket: &Path, timeout: Duration) -> Result<Channel, CriError> {
+    if !socket.exists() {
+        return Err(CriError::NoSocket(socket.display().to_string()));
+    }
+    endpoint(timeout)
+        .connect_with_connector(connector(socket.to_path_buf()))
+        .await
+        .map_err(|e| CriError::Connect {
+            path: socket.display().to_string(),
+            detail: error_chain(&e),
+        })
+}
+
+/// The runtime service of a runtime's CRI socket, connected lazily; an
+/// absent socket is an error at once.
 pub async fn connect(
     socket: &Path,
     timeout: Duration,
@@ -35,22 +83,16 @@ pub async fn connect(
     if !socket.exists() {
         return Err(CriError::NoSocket(socket.display().to_string()));
     }
-    let path = socket.to_path_buf();
-    // The URI is required by tonic but unused: every connection goes to the socket.
-    let channel = Endpoint::try_from("http://[::1]:50051")
-        .map_err(|e| CriError::Connect {
-            path: socket.display().to_string(),
-            detail: e.to_string(),
-        })?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(TokioIo::new)
-            }
-        }));
-    Ok(RuntimeServiceClient::new(channel))
+    Ok(RuntimeServiceClient::new(lazy_channel(socket, timeout)))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -7,6 +7,7 @@
 //! - `bench <capability>`: side-by-side overhead measurements.
 
 mod bench;
+mod node;
 mod setup;
 
 use std::{
@@ -40,6 +41,7 @@ fn real_main() -> Result<ExitCode> {
         "run" => run(rest),
         "test" => test(),
         "bench" => bench::run(rest),
+        "node" => node::run(rest),
         // The benchmarks' workload, run as a separate small process.
         "storm" => bench::storm(rest),
         "-h" | "--help" | "help" => {

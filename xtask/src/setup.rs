@@ -20,7 +20,17 @@ use crate::status;
 
 /// Debian packages: bpftrace is the peer tool the benchmarks compare against;
 /// bpftool reads the kernel's own per-program run-time statistics for them.
-const APT_PACKAGES: &[&str] = &["bpftrace", "bpftool", "util-linux"];
+const APT_PACKAGES: &[&str] = &[
+    "bpftrace",
+    "bpftool",
+    "util-linux",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
+    "iptables",
+    "iproute2",
+];
 
 pub fn run() -> Result<()> {
     let t = Instant::now();

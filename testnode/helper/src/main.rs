@@ -1,0 +1,169 @@
+//! `podscope-helper`: the small static program in the test node's image.
+//! Each subcommand reproduces one failure shape a podscope test needs, with
+//! nothing but the kernel underneath (the image has no libc).
+//!
+//! ```text
+//! podscope-helper alloc MIB [--hold SECS]   touch MIB MiB of memory, then hold it
+//! podscope-helper spin THREADS              busy-loop on THREADS threads
+//! podscope-helper sigterm ignore|handle|default
+//!                                           set SIGTERM's disposition, then sleep
+//! podscope-helper crash segv                a real invalid memory access
+//! podscope-helper pause                     a sandbox's PID 1: reap children, exit on SIGTERM
+//! ```
+
+use std::{
+    io::Write,
+    process::ExitCode,
+    thread,
+    time::{Duration, Instant},
+};
+
+const USAGE: &str = "usage: podscope-helper alloc MIB [--hold SECS] | spin THREADS | sigterm ignore|handle|default | crash segv | pause";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        ["alloc", mib] => alloc(mib, "3600"),
+        ["alloc", mib, "--hold", secs] => alloc(mib, secs),
+        ["spin", threads] => spin(threads),
+        ["sigterm", mode] => sigterm(mode),
+        ["crash", "segv"] => crash_segv(),
+        ["pause"] => pause(),
+        _ => Err(format!("unknown arguments {args:?}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "podscope-helper: {e}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn say(msg: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{msg}");
+    let _ = out.flush();
+}
+
+fn number(s: &str, what: &str) -> Result<u64, String> {
+    s.parse()
+        .map_err(|_| format!("{what} must be a whole number, not `{s}`"))
+}
+
+fn sleep_forever() -> ! {
+    loop {
+        thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Touches every page so the memory is really charged to the cgroup (an
+/// untouched allocation costs nothing and would never reach the limit).
+fn alloc(mib: &str, hold: &str) -> Result<(), String> {
+    let mib = number(mib, "MIB")?;
+    let hold = number(hold, "SECS")?;
+    say(&format!("allocating {mib} MiB"));
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    for i in 0..mib {
+        let mut chunk = vec![0u8; 1 << 20];
+        for page in chunk.iter_mut().step_by(4096) {
+            // Volatile so the optimiser cannot drop a write nobody reads.
+            unsafe { std::ptr::write_volatile(page, 1) };
+        }
+        chunks.push(chunk);
+        if (i + 1) % 16 == 0 {
+            say(&format!("touched {} MiB", i + 1));
+        }
+    }
+    say(&format!("holding {mib} MiB for {hold} s"));
+    thread::sleep(Duration::from_secs(hold));
+    drop(chunks);
+    Ok(())
+}
+
+fn spin(threads: &str) -> Result<(), String> {
+    let n = number(threads, "THREADS")?;
+    say(&format!("spinning on {n} threads"));
+    for _ in 0..n {
+        thread::spawn(|| {
+            let start = Instant::now();
+            loop {
+                std::hint::black_box(start.elapsed());
+            }
+        });
+    }
+    sleep_forever()
+}
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    // Only async-signal-safe calls here: write(2) and _exit(2).
+    let msg = b"podscope-helper: got SIGTERM, exiting\n";
+    unsafe {
+        libc::write(1, msg.as_ptr().cast(), msg.len());
+        libc::_exit(0);
+    }
+}
+
+/// Note that as a container's PID 1, `default` behaves like `ignore`: the
+/// kernel does not deliver a default-action signal to a PID namespace's init.
+fn sigterm(mode: &str) -> Result<(), String> {
+    let handler = match mode {
+        "ignore" => libc::SIG_IGN,
+        "handle" => on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        "default" => libc::SIG_DFL,
+        other => {
+            return Err(format!(
+                "sigterm takes ignore, handle or default, not `{other}`"
+            ));
+        }
+    };
+    unsafe { libc::signal(libc::SIGTERM, handler) };
+    say(&format!("SIGTERM disposition: {mode}; sleeping"));
+    sleep_forever()
+}
+
+/// Writes to a page mapped without access rights: a genuine fault that the
+/// kernel answers with SIGSEGV, not a raise(2) that merely looks like one.
+fn crash_segv() -> Result<(), String> {
+    say("about to write to an inaccessible page");
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        return Err("mmap failed".into());
+    }
+    unsafe { std::ptr::write_volatile(page.cast::<u8>(), 1) };
+    Err("the write to an inaccessible page did not fault".into())
+}
+
+/// A pod sandbox's PID 1 (the role of Kubernetes' `pause`): it reaps the
+/// zombies of a shared PID namespace and exits cleanly on SIGTERM or SIGINT.
+fn pause() -> Result<(), String> {
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGCHLD] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        loop {
+            let mut sig: libc::c_int = 0;
+            if libc::sigwait(&set, &mut sig) != 0 {
+                continue;
+            }
+            if sig == libc::SIGCHLD {
+                while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {}
+            } else {
+                return Ok(());
+            }
+        }
+    }
+}

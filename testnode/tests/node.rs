@@ -1,0 +1,530 @@
+//! The test node against real containerd, runc and CNI (needs root).
+//!
+//! One test function runs every scenario in sequence on one node: the
+//! scenarios share a containerd and its network namespace, so they must not
+//! run in parallel, and `down` must come last and always run. A failing
+//! scenario is reported and the others still run; `down` is checked at the
+//! end whatever happened.
+//!
+//! Without root this prints a visible SKIPPED line and passes, unless
+//! PODSCOPE_REQUIRE_KERNEL_TESTS=1 (then it fails).
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use testnode::{
+    cleanup,
+    cri::Cri,
+    paths,
+    status::{Phase, PodStatus},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_podscope-testnode");
+
+fn say(msg: &str) {
+    // libtest captures print!/eprintln!, not writes to the stderr handle.
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pods")
+}
+
+fn node(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"))
+}
+
+/// Runs and requires success; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let out = node(args);
+    assert!(
+        out.status.success(),
+        "podscope-testnode {} failed ({}):\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn pod_json(args: &[&str]) -> PodStatus {
+    let out = ok(args);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not a pod status ({e}): {out}"))
+}
+
+fn status(pod: &str) -> PodStatus {
+    pod_json(&["status", pod, "-o", "json"])
+}
+
+/// Polls the pod's status until `cond` holds.
+fn wait_until(
+    pod: &str,
+    timeout: Duration,
+    what: &str,
+    cond: impl Fn(&PodStatus) -> bool,
+) -> PodStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // The status file appears once the daemon has picked the manifest up.
+        let out = node(&["status", pod, "-o", "json"]);
+        let s: Option<PodStatus> = serde_json::from_slice(&out.stdout).ok();
+        if let Some(s) = &s
+            && cond(s)
+        {
+            return s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pod}: timed out waiting for {what}; last status: {s:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A copy of an example with a different name (and other edits).
+fn variant(example: &str, edits: &[(&str, &str)]) -> PathBuf {
+    let mut text = std::fs::read_to_string(examples().join(example)).expect("example manifest");
+    for (from, to) in edits {
+        assert!(text.contains(from), "{example} has no `{from}`");
+        text = text.replace(from, to);
+    }
+    let p = std::env::temp_dir().join(format!(
+        "podscope-testnode-{}-{example}",
+        std::process::id()
+    ));
+    std::fs::write(&p, text).expect("write manifest");
+    p
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio")
+}
+
+fn cri_container(id: &str) -> testnode::cri::api::ContainerStatus {
+    rt().block_on(async {
+        let mut cri = Cri::connect(paths::SOCKET).await.expect("CRI");
+        cri.container_status(id).await.expect("ContainerStatus").0
+    })
+}
+
+fn scenario_up_is_idempotent() {
+    let t = Instant::now();
+    let first = ok(&["up"]);
+    let pid = testnode::containerd::running().expect("containerd runs after up");
+    let second = ok(&["up"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "up took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        testnode::containerd::running(),
+        Some(pid),
+        "a second up restarted containerd"
+    );
+    assert!(
+        second.contains("network namespace podscope-node exists"),
+        "{second}"
+    );
+    assert!(second.contains("already imported"), "{second}");
+    assert!(second.contains("kubelet daemon runs"), "{second}");
+    assert!(first.contains("the test node is up"), "{first}");
+}
+
+fn scenario_exit_nonzero_restarts() {
+    let on_failure = examples().join("exit-nonzero.yaml");
+    let always = variant(
+        "exit-nonzero.yaml",
+        &[
+            ("name: exit-nonzero\n", "name: exit-nonzero-always\n"),
+            ("restartPolicy: OnFailure", "restartPolicy: Always"),
+        ],
+    );
+    ok(&["apply", "-f", on_failure.to_str().unwrap()]);
+    ok(&["apply", "-f", always.to_str().unwrap()]);
+    for pod in ["examples/exit-nonzero", "examples/exit-nonzero-always"] {
+        let s = wait_until(pod, Duration::from_secs(30), "two restarts", |s| {
+            s.containers[0].restart_count >= 2
+        });
+        let c = &s.containers[0];
+        let last = c
+            .last_termination
+            .as_ref()
+            .expect("a restarted container has a last termination");
+        assert_eq!(last.exit_code, 3, "{s:#?}");
+        assert_eq!(last.reason.as_deref(), Some("Error"), "{s:#?}");
+        assert_eq!(c.attempt, c.restart_count, "{s:#?}");
+        assert_eq!(s.phase, Phase::Running, "{s:#?}");
+        // CRI has the attempt and kubelet's restart annotation on the current container.
+        let id = c.container_id.clone().expect("current container id");
+        let cri = cri_container(&id);
+        assert_eq!(cri.metadata.as_ref().map(|m| m.attempt), Some(c.attempt));
+        assert_eq!(cri.labels["io.kubernetes.container.name"], "worker");
+        assert_eq!(
+            cri.annotations["io.kubernetes.container.restartCount"],
+            c.attempt.to_string()
+        );
+        ok(&["delete", pod, "--wait"]);
+    }
+    // Never: exits once, stays exited, the pod fails.
+    let never = variant(
+        "exit-nonzero.yaml",
+        &[
+            ("name: exit-nonzero\n", "name: exit-nonzero-never\n"),
+            ("restartPolicy: OnFailure", "restartPolicy: Never"),
+        ],
+    );
+    let s = pod_json(&[
+        "apply",
+        "-f",
+        never.to_str().unwrap(),
+        "--wait",
+        "exited",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(s.containers[0].exit_code, Some(3), "{s:#?}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = status("examples/exit-nonzero-never");
+    assert_eq!(
+        (s.phase, s.containers[0].restart_count),
+        (Phase::Failed, 0),
+        "{s:#?}"
+    );
+    ok(&["delete", "examples/exit-nonzero-never", "--wait"]);
+    for p in [always, never] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+fn scenario_oom_killed() {
+    let f = examples().join("oom.yaml");
+    let s = pod_json(&[
+        "apply",
+        "-f",
+        f.to_str().unwrap(),
+        "--wait",
+        "exited",
+        "-o",
+        "json",
+    ]);
+    let c = &s.containers[0];
+    assert_eq!(
+        (c.exit_code, c.reason.as_deref()),
+        (Some(137), Some("OOMKilled")),
+        "{s:#?}"
+    );
+    assert_eq!(s.qos_class, testnode::qos::QosClass::Burstable);
+    assert!(
+        s.cgroup_parent.starts_with("/kubepods/burstable/pod"),
+        "{s:#?}"
+    );
+    // Straight from CRI, not only from our status file.
+    let cri = cri_container(c.container_id.as_deref().expect("id"));
+    assert_eq!((cri.exit_code, cri.reason.as_str()), (137, "OOMKilled"));
+    ok(&["delete", "examples/oom", "--wait"]);
+}
+
+fn scenario_ignores_sigterm() {
+    let f = examples().join("ignores-sigterm.yaml");
+    ok(&["apply", "-f", f.to_str().unwrap(), "--wait", "running"]);
+    let t = Instant::now();
+    let s = pod_json(&["delete", "examples/ignores-sigterm", "--wait", "-o", "json"]);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(2800) && took < Duration::from_secs(10),
+        "delete took {took:?}, expected about the 3 s grace period"
+    );
+    assert_eq!(s.phase, Phase::Deleted);
+    assert_eq!(
+        s.containers[0].exit_code,
+        Some(137),
+        "ended by SIGKILL: {s:#?}"
+    );
+}
+
+fn scenario_background_dies() {
+    let f = examples().join("background-dies.yaml");
+    ok(&["apply", "-f", f.to_str().unwrap(), "--wait", "running"]);
+    std::thread::sleep(Duration::from_secs(4));
+    let s = status("examples/background-dies");
+    let c = &s.containers[0];
+    assert_eq!(
+        (c.state.as_str(), c.restart_count),
+        ("running", 0),
+        "PID 1 keeps running: {s:#?}"
+    );
+    let ps = ok(&["exec", "examples/background-dies", "app", "--", "ps"]);
+    let commands: Vec<String> = ps
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    assert!(
+        !commands
+            .iter()
+            .any(|c| c == "sleep 1000" || c.starts_with("podscope-helper crash")),
+        "the background processes should be gone:\n{ps}"
+    );
+    ok(&["delete", "examples/background-dies", "--wait"]);
+}
+
+fn scenario_kubelet_like_pod() {
+    let f = variant(
+        "ignores-sigterm.yaml",
+        &[
+            ("name: ignores-sigterm\n", "name: shaped\n"),
+            ("namespace: examples", "namespace: shop"),
+            (
+                "terminationGracePeriodSeconds: 3\n",
+                "terminationGracePeriodSeconds: 1\n  shareProcessNamespace: true\n",
+            ),
+            (
+                "    command: [\"podscope-helper\", \"sigterm\", \"ignore\"]\n",
+                "    command: [\"podscope-helper\", \"sigterm\", \"handle\"]\n    env: [{name: GREETING, value: hello}]\n    resources: {requests: {cpu: 250m, memory: 16Mi}, limits: {cpu: 500m, memory: 64Mi}}\n  - name: side\n    command: [\"sleep\", \"1000\"]\n",
+            ),
+        ],
+    );
+    let s = pod_json(&[
+        "apply",
+        "-f",
+        f.to_str().unwrap(),
+        "--wait",
+        "running",
+        "-o",
+        "json",
+    ]);
+    let ip = s.pod_ip.clone().expect("pod IP");
+    assert!(
+        ip.starts_with("198.18."),
+        "pod IP {ip} outside 198.18.0.0/16"
+    );
+    assert_eq!(s.qos_class, testnode::qos::QosClass::Burstable);
+    let c = s.container("stubborn").expect("container");
+    let cg = c.cgroups_path.clone().expect("cgroups path");
+    assert_eq!(
+        cg,
+        format!("{}/{}", s.cgroup_parent, c.container_id.as_deref().unwrap())
+    );
+    // kubelet's resources reached the cgroup (v1 cpu and memory here; v2 where that is all there is).
+    let v1 = Path::new("/sys/fs/cgroup/cpu").join(cg.trim_start_matches('/'));
+    if v1.join("cpu.cfs_quota_us").exists() {
+        let quota = std::fs::read_to_string(v1.join("cpu.cfs_quota_us")).unwrap();
+        assert_eq!(quota.trim(), "50000");
+        let mem = Path::new("/sys/fs/cgroup/memory").join(cg.trim_start_matches('/'));
+        let limit = std::fs::read_to_string(mem.join("memory.limit_in_bytes")).unwrap();
+        assert_eq!(limit.trim(), (64u64 << 20).to_string());
+    }
+    let pid = c.pid.expect("pid");
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(own.contains(&cg), "pid {pid} is not in {cg}:\n{own}");
+    // env, exec's exit code, and the shared PID namespace (the sandbox's pause is visible).
+    let env = ok(&["exec", "shop/shaped", "stubborn", "--", "env"]);
+    assert!(env.contains("GREETING=hello"), "{env}");
+    let out = node(&[
+        "exec",
+        "shop/shaped",
+        "side",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    let ps = ok(&["exec", "shop/shaped", "side", "--", "ps"]);
+    assert!(
+        ps.contains("podscope-helper pause") && ps.contains("sigterm handle"),
+        "{ps}"
+    );
+    // CRI's view: kubelet's labels on the sandbox.
+    let sandbox = s.sandbox_id.clone().expect("sandbox");
+    let labels = rt().block_on(async {
+        let mut cri = Cri::connect(paths::SOCKET).await.expect("CRI");
+        let sb = cri.list_sandboxes().await.expect("ListPodSandbox");
+        sb.into_iter()
+            .find(|x| x.id == sandbox)
+            .expect("our sandbox")
+            .labels
+    });
+    assert_eq!(labels["io.kubernetes.pod.name"], "shaped");
+    assert_eq!(labels["io.kubernetes.pod.namespace"], "shop");
+    assert_eq!(labels["io.kubernetes.pod.uid"], s.uid);
+    // A handled SIGTERM ends the container with 0 well within the grace period.
+    let d = pod_json(&["delete", "shop/shaped", "--wait", "-o", "json"]);
+    assert_eq!(
+        d.container("stubborn").and_then(|c| c.exit_code),
+        Some(0),
+        "{d:#?}"
+    );
+    let _ = std::fs::remove_file(f);
+}
+
+fn scenario_unsupported_field() {
+    let f = variant(
+        "ignores-sigterm.yaml",
+        &[(
+            "    command:",
+            "    ports: [{containerPort: 80}]\n    command:",
+        )],
+    );
+    let out = node(&["apply", "-f", f.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("unknown field `ports`") && err.contains("spec.containers[0]"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    let _ = std::fs::remove_file(f);
+}
+
+fn scenario_containerd_restart() {
+    let f = variant(
+        "ignores-sigterm.yaml",
+        &[
+            ("name: ignores-sigterm\n", "name: survivor\n"),
+            (
+                "terminationGracePeriodSeconds: 3",
+                "terminationGracePeriodSeconds: 0",
+            ),
+        ],
+    );
+    let s = pod_json(&[
+        "apply",
+        "-f",
+        f.to_str().unwrap(),
+        "--wait",
+        "running",
+        "-o",
+        "json",
+    ]);
+    let pid = s.containers[0].pid.expect("pid") as i32;
+    ok(&["containerd", "stop"]);
+    assert!(!Path::new(paths::SOCKET).exists() || testnode::containerd::running().is_none());
+    assert!(
+        testnode::process::is_running(pid),
+        "the container died with containerd"
+    );
+    ok(&["containerd", "start"]);
+    let out = ok(&[
+        "exec",
+        "examples/survivor",
+        "stubborn",
+        "--",
+        "echo",
+        "back",
+    ]);
+    assert_eq!(out, "back\n");
+    ok(&["delete", "examples/survivor", "--wait"]);
+    let _ = std::fs::remove_file(f);
+}
+
+/// `down` after everything: nothing of ours is left.
+fn check_down() {
+    let pre: Option<cleanup::Preexisting> = std::fs::read(paths::preexisting())
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let had_kubepods = pre.is_none_or(|p| !p.kubepods.is_empty());
+    let containerd = testnode::containerd::running();
+    let kubelet = testnode::process::read_pid(&paths::kubelet_pid());
+    let out = ok(&["down"]);
+    assert!(out.contains("the test node is down"), "{out}");
+    assert!(!testnode::netns::path().exists(), "netns left");
+    assert!(
+        !Path::new(paths::STATE_DIR).exists() && !Path::new(paths::ROOT_DIR).exists(),
+        "state dirs left"
+    );
+    for pid in containerd.into_iter().chain(kubelet) {
+        assert!(
+            !testnode::process::is_running(pid),
+            "process {pid} left running"
+        );
+    }
+    assert!(
+        cleanup::shim_pids().is_empty(),
+        "shims left: {:?}",
+        cleanup::shim_pids()
+    );
+    assert!(
+        cleanup::mounts_under(&[paths::STATE_DIR, paths::ROOT_DIR]).is_empty(),
+        "mounts left"
+    );
+    if !had_kubepods {
+        for h in cleanup::hierarchies() {
+            assert!(
+                !h.join(paths::KUBEPODS).exists(),
+                "{} left",
+                h.join(paths::KUBEPODS).display()
+            );
+        }
+    }
+    let again = ok(&["down"]);
+    assert!(
+        again.contains("the test node is down"),
+        "down is not idempotent: {again}"
+    );
+}
+
+#[test]
+fn test_node_end_to_end() {
+    if !testnode::process::is_root() {
+        if std::env::var("PODSCOPE_REQUIRE_KERNEL_TESTS").as_deref() == Ok("1") {
+            panic!(
+                "the test node tests need root, and PODSCOPE_REQUIRE_KERNEL_TESTS=1 forbids skipping them"
+            );
+        }
+        say("SKIPPED testnode end-to-end: needs root (real containerd, netns and cgroups)");
+        return;
+    }
+    type Scenario = (&'static str, fn());
+    let scenarios: &[Scenario] = &[
+        ("up is idempotent", scenario_up_is_idempotent),
+        (
+            "unsupported field is a clear error",
+            scenario_unsupported_field,
+        ),
+        ("exit-nonzero restarts", scenario_exit_nonzero_restarts),
+        ("oom is OOMKilled/137", scenario_oom_killed),
+        (
+            "ignores-sigterm takes the grace period",
+            scenario_ignores_sigterm,
+        ),
+        ("background-dies keeps running", scenario_background_dies),
+        ("pods look like kubelet's", scenario_kubelet_like_pod),
+        (
+            "containerd restarts under running pods",
+            scenario_containerd_restart,
+        ),
+    ];
+    let mut failed = Vec::new();
+    for (name, f) in scenarios {
+        let t = Instant::now();
+        let r = std::panic::catch_unwind(f);
+        say(&format!(
+            "testnode scenario `{name}`: {} in {:.1}s",
+            if r.is_ok() { "ok" } else { "FAILED" },
+            t.elapsed().as_secs_f64()
+        ));
+        if r.is_err() {
+            failed.push(*name);
+        }
+    }
+    let down = std::panic::catch_unwind(check_down);
+    if down.is_err() {
+        failed.push("down leaves nothing");
+    }
+    assert!(failed.is_empty(), "failed scenarios: {failed:?}");
+}
