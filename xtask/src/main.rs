@@ -124,7 +124,14 @@ fn test() -> Result<ExitCode> {
             "xtask: not root: the tests that load eBPF programs will be skipped (run as root to run them)"
         );
     }
-    run_tests(&mut cmd)
+    // The pod tests bring the test node up; leave the machine as we found it.
+    let node_was_up = std::path::Path::new("/run/podscope-node/containerd.sock").exists();
+    let result = run_tests(&mut cmd);
+    let testnode = root().join("target/release/podscope-testnode");
+    if !node_was_up && root_user && testnode.exists() {
+        let _ = Command::new(&testnode).arg("down").stdout(std::process::Stdio::null()).status();
+    }
+    result
 }
 
 /// Runs `cargo test`, passing its output through, and ends with one line
