@@ -15,6 +15,13 @@ pub enum Event {
 }
 
 impl Event {
+    /// Who the event belongs to.
+    pub fn pod(&self) -> &crate::metadata::PodIdentity {
+        match self {
+            Event::Exit(e) => &e.pod,
+        }
+    }
+
     pub fn to_json(&self) -> String {
         // Serializing plain structs of strings and numbers cannot fail.
         serde_json::to_string(self).unwrap_or_default()

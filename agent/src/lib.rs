@@ -11,5 +11,6 @@ pub mod cli;
 pub mod events;
 pub mod kernel;
 pub mod metadata;
+pub mod pipeline;
 pub mod probes;
 pub mod signals;

@@ -20,12 +20,9 @@ use super::{Output, parse_duration};
 use crate::{
     events::Event,
     kernel::privilege::Privileges,
-    metadata::{PodIdentity, Resolver, ResolverOptions},
-    probes::{
-        self, AttachType, KernelOffsets, LoadOptions,
-        cgroups::CgroupProbe,
-        exits::{Exit, ExitProbe},
-    },
+    metadata::{PodIdentity, ResolverOptions},
+    pipeline::{DRAIN_INTERVAL, Pipeline, PipelineOptions},
+    probes::{AttachType, LoadOptions},
 };
 
 #[derive(Args, Debug)]
@@ -114,69 +111,31 @@ impl AsRawFd for Fd {
 }
 
 pub fn run(args: TraceArgs) -> Result<ExitCode> {
-    Privileges::current()
-        .require_tracing()
-        .map_err(|m| anyhow!(m))?;
-    let offsets = KernelOffsets::from_sys_fs()?;
-    let opts = LoadOptions::with_ring_buffer(args.ring_buffer_size);
-    let mut ebpf = probes::load_object(&offsets, &opts)?;
-    let only = match args.attach {
-        AttachChoice::Auto => None,
-        AttachChoice::TpBtf => Some(AttachType::TpBtf),
-        AttachChoice::Tracepoint => Some(AttachType::Tracepoint),
+    Privileges::current().require_tracing().map_err(|m| anyhow!(m))?;
+    let opts = PipelineOptions {
+        load: LoadOptions::with_ring_buffer(args.ring_buffer_size),
+        exits_attach: match args.attach {
+            AttachChoice::Auto => None,
+            AttachChoice::TpBtf => Some(AttachType::TpBtf),
+            AttachChoice::Tracepoint => Some(AttachType::Tracepoint),
+        },
+        resolver: ResolverOptions { cri_socket: args.cri_socket, use_cri: !args.no_cri, ..Default::default() },
     };
-    let btf = probes::attach_btf();
-    // Attribution: cgroups are learned as they are created. Without this
-    // probe, containers started from now on are shown as the host's.
-    let cgroups = match CgroupProbe::attach(&mut ebpf, btf.as_ref(), &offsets.cgroups) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            tracing::warn!(
-                "{e}: containers started from now on cannot be attributed to their pods"
-            );
-            None
-        }
-    };
-    let probe = match args.family {
-        Family::Exits => ExitProbe::attach(&mut ebpf, btf.as_ref(), only)?,
-    };
-    // BTF is only needed to attach: give its memory back to the system.
-    drop(btf);
-    crate::kernel::release_freed_memory();
-    let a = &probe.attachment;
-    for (kind, why) in &a.refused {
-        tracing::info!(
-            "{} could not use {kind} ({why}); using {}",
-            a.family,
-            a.attach_type
-        );
-    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let filter = Filter {
-        namespace: args.namespace,
-        pod: args.pod,
-        container: args.container,
-    };
-    let resolver_opts = ResolverOptions {
-        cri_socket: args.cri_socket,
-        use_cri: !args.no_cri,
-        ..Default::default()
-    };
+    let filter = Filter { namespace: args.namespace, pod: args.pod, container: args.container };
     rt.block_on(async move {
-        let resolver = Resolver::new(&resolver_opts).await;
-        tracing::debug!(hook = probe.attachment.hook, attach_type = %probe.attachment.attach_type, "attached");
-        Session { probe, cgroups, resolver, filter, output: args.output, shown: 0 }.stream(args.duration).await
+        let pipeline = Pipeline::start(&opts).await?;
+        tracing::debug!("attached");
+        Session { pipeline, filter, output: args.output, shown: 0 }.stream(args.duration).await
     })
 }
 
-/// A running trace: the probes, attribution, and where the lines go.
+/// A running trace: the pipeline, the filter, and where the lines go.
 struct Session {
-    probe: ExitProbe,
-    cgroups: Option<CgroupProbe>,
-    resolver: Resolver,
+    pipeline: Pipeline,
     filter: Filter,
     output: Output,
     shown: u64,
@@ -184,19 +143,20 @@ struct Session {
 
 impl Session {
     async fn stream(mut self, duration: Option<Duration>) -> Result<ExitCode> {
-        // SAFETY: the ring buffer's fd stays open while `ring` lives: `self.probe`
-        // owns it and outlives `ring`, which is dropped at the end of this function.
-        let ring = unsafe {
-            AsyncFd::register_with_interest(Fd(self.probe.ring_fd()), Interest::READABLE)
-        }
-        .map_err(|e| anyhow!("cannot poll the ring buffer: {e}"))?;
+        // SAFETY: the ring buffer fds stay open while `rings` lives: the
+        // pipeline owns them and outlives `rings`, dropped before it below.
+        let rings = self
+            .pipeline
+            .ring_fds()
+            .into_iter()
+            .map(|fd| unsafe { AsyncFd::register_with_interest(Fd(fd), Interest::READABLE) })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow!("cannot poll the ring buffers: {e}"))?;
         let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
         let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
         tokio::pin!(deadline);
-        // Events arrive silently until a batch is waiting (see agent-ebpf's
-        // ringbuf.rs); this tick bounds how long one can wait unseen.
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(DRAIN_INTERVAL);
         let mut ticks = 0u64;
         let mut lost_reported = 0u64;
         let mut out = io::BufWriter::new(io::stdout().lock());
@@ -206,7 +166,7 @@ impl Session {
         }
         let result: io::Result<()> = loop {
             tokio::select! {
-                guard = ring.readable() => {
+                guard = rings[0].readable() => {
                     let mut guard = guard?;
                     guard.clear_ready();
                     if let Err(e) = self.write_batch(&mut out).await {
@@ -221,11 +181,11 @@ impl Session {
                     if !ticks.is_multiple_of(10) {
                         continue;
                     }
-                    self.resolver.tick().await;
-                    let lost = self.probe.stats().lost;
+                    self.pipeline.tick().await;
+                    let lost: u64 = self.pipeline.source_stats().iter().map(|s| s.stats.lost).sum();
                     if lost > lost_reported {
                         tracing::warn!(
-                            "{} exit events lost: the ring buffer was full (a larger --ring-buffer-size helps)",
+                            "{} events lost: a ring buffer was full (a larger --ring-buffer-size helps)",
                             lost - lost_reported
                         );
                         lost_reported = lost;
@@ -246,9 +206,9 @@ impl Session {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
             Err(e) => return Err(e.into()),
         }
-        drop(ring);
-        let stats = self.probe.stats();
-        let rs = self.resolver.stats();
+        drop(rings);
+        let stats = self.pipeline.source_stats()[0].stats;
+        let rs = self.pipeline.resolver_stats();
         eprintln!(
             "podscope: {} exits shown; kernel: {} seen, {} lost (ring buffer full), {} read errors, {} threads of exiting processes folded into their process; attribution: {} CRI errors, {} events of containers CRI did not name",
             self.shown,
@@ -262,27 +222,11 @@ impl Session {
         Ok(ExitCode::SUCCESS)
     }
 
-    /// Learns new cgroups first (an exit may follow its container's creation
-    /// closely), then attributes and prints every waiting exit.
     async fn write_batch(&mut self, out: &mut io::BufWriter<io::StdoutLock<'_>>) -> io::Result<()> {
-        if let Some(cg) = self.cgroups.as_mut() {
-            let resolver = &mut self.resolver;
-            cg.drain(|c| {
-                if c.created {
-                    resolver.cgroup_created(c.id, &c.path);
-                } else {
-                    resolver.cgroup_removed(c.id);
-                }
-            });
-        }
-        let mut exits: Vec<Exit> = vec![];
-        self.probe.drain(|e| exits.push(e));
-        for mut exit in exits {
-            exit.pod = self.resolver.identify(exit.cgroup_id).await;
-            if !self.filter.matches(&exit.pod) {
+        for event in self.pipeline.next_batch().await {
+            if !self.filter.matches(event.pod()) {
                 continue;
             }
-            let event = Event::Exit(exit);
             self.shown += 1;
             match self.output {
                 Output::Json => event.write_json_line(&mut *out)?,

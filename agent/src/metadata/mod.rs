@@ -152,6 +152,16 @@ impl Resolver {
         }
     }
 
+    /// Whether CRI has answered at least once, or is not used at all.
+    pub fn synced(&self) -> bool {
+        matches!(self.cri_state, CriState::Off) || self.stats.cri_refreshes > 0
+    }
+
+    /// Whether a pod (by namespace and name) has a container the runtime still lists.
+    pub fn pod_alive(&self, namespace: &str, pod: &str) -> bool {
+        self.containers.values().any(|(c, gone)| gone.is_none() && c.namespace == namespace && c.pod == pod)
+    }
+
     /// Pod cgroups and containers currently known.
     pub fn tracked(&self) -> (usize, usize) {
         (self.cgroups.len(), self.containers.len())
