@@ -34,6 +34,27 @@ impl Event {
     }
 }
 
+/// Which events a consumer wants: the `trace` flags and the HTTP stream's
+/// query parameters (`namespace`, `pod`, `container`).
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container: Option<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, id: &crate::metadata::PodIdentity) -> bool {
+        let eq = |want: &Option<String>, have: &Option<String>| {
+            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
+        };
+        eq(&self.namespace, &id.namespace)
+            && eq(&self.pod, &id.pod)
+            && eq(&self.container, &id.container)
+    }
+}
+
 /// RFC 3339 with nanoseconds, UTC.
 pub fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_nanos(*t))

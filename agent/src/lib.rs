@@ -8,9 +8,11 @@
 //! - [`cli`]: the `podscope` subcommands.
 
 pub mod cli;
+pub mod daemon;
 pub mod events;
 pub mod kernel;
 pub mod metadata;
+pub mod metrics;
 pub mod pipeline;
 pub mod probes;
 pub mod signals;

@@ -65,7 +65,9 @@ impl Pipeline {
                 Some(p)
             }
             Err(e) => {
-                tracing::warn!("{e}: containers started from now on cannot be attributed to their pods");
+                tracing::warn!(
+                    "{e}: containers started from now on cannot be attributed to their pods"
+                );
                 unavailable.push((probes::cgroups::FAMILY, e.to_string()));
                 None
             }
@@ -74,14 +76,25 @@ impl Pipeline {
         attachments.push(exits.attachment.clone());
         for a in &attachments {
             for (kind, why) in &a.refused {
-                tracing::info!("{} could not use {kind} ({why}); using {}", a.family, a.attach_type);
+                tracing::info!(
+                    "{} could not use {kind} ({why}); using {}",
+                    a.family,
+                    a.attach_type
+                );
             }
         }
         // BTF is only needed to attach: give its memory back to the system.
         drop(btf);
         release_freed_memory();
         let resolver = Resolver::new(&opts.resolver).await;
-        Ok(Pipeline { exits, cgroups, resolver, attachments, unavailable, _ebpf: ebpf })
+        Ok(Pipeline {
+            exits,
+            cgroups,
+            resolver,
+            attachments,
+            unavailable,
+            _ebpf: ebpf,
+        })
     }
 
     pub fn attachments(&self) -> &[Attachment] {
@@ -124,9 +137,15 @@ impl Pipeline {
     }
 
     pub fn source_stats(&self) -> Vec<SourceStats> {
-        let mut out = vec![SourceStats { source: probes::exits::FAMILY, stats: self.exits.stats() }];
+        let mut out = vec![SourceStats {
+            source: probes::exits::FAMILY,
+            stats: self.exits.stats(),
+        }];
         if let Some(c) = &self.cgroups {
-            out.push(SourceStats { source: probes::cgroups::FAMILY, stats: c.stats() });
+            out.push(SourceStats {
+                source: probes::cgroups::FAMILY,
+                stats: c.stats(),
+            });
         }
         out
     }

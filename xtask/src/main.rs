@@ -129,7 +129,10 @@ fn test() -> Result<ExitCode> {
     let result = run_tests(&mut cmd);
     let testnode = root().join("target/release/podscope-testnode");
     if !node_was_up && root_user && testnode.exists() {
-        let _ = Command::new(&testnode).arg("down").stdout(std::process::Stdio::null()).status();
+        let _ = Command::new(&testnode)
+            .arg("down")
+            .stdout(std::process::Stdio::null())
+            .status();
     }
     result
 }

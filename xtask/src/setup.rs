@@ -29,6 +29,7 @@ const APT_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "busybox-static",
     "iptables",
+    "prometheus",
     "iproute2",
 ];
 

@@ -26,6 +26,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// The node agent (the DaemonSet's daemon): metrics, HTTP API, event stream.
+    Agent(crate::daemon::config::AgentArgs),
     /// Live view of one event family, straight from the kernel (no daemon needed).
     Trace(trace::TraceArgs),
     /// What this kernel and node support, and what that means for podscope.
@@ -80,6 +82,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
     let result = match cli.command {
+        Command::Agent(args) => crate::daemon::run(args),
         Command::Trace(args) => trace::run(args),
         Command::Doctor(args) => doctor::run(args),
     };

@@ -18,7 +18,7 @@ use tokio::{
 
 use super::{Output, parse_duration};
 use crate::{
-    events::Event,
+    events::{Event, Filter},
     kernel::privilege::Privileges,
     metadata::{PodIdentity, ResolverOptions},
     pipeline::{DRAIN_INTERVAL, Pipeline, PipelineOptions},
@@ -59,25 +59,6 @@ pub struct TraceArgs {
     pub attach: AttachChoice,
 }
 
-/// Which events to show.
-#[derive(Clone, Debug, Default)]
-pub struct Filter {
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
-    pub container: Option<String>,
-}
-
-impl Filter {
-    pub fn matches(&self, id: &PodIdentity) -> bool {
-        let eq = |want: &Option<String>, have: &Option<String>| {
-            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
-        };
-        eq(&self.namespace, &id.namespace)
-            && eq(&self.pod, &id.pod)
-            && eq(&self.container, &id.container)
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Family {
     /// Process and thread exits: exit code, signal, core dump.
@@ -111,7 +92,9 @@ impl AsRawFd for Fd {
 }
 
 pub fn run(args: TraceArgs) -> Result<ExitCode> {
-    Privileges::current().require_tracing().map_err(|m| anyhow!(m))?;
+    Privileges::current()
+        .require_tracing()
+        .map_err(|m| anyhow!(m))?;
     let opts = PipelineOptions {
         load: LoadOptions::with_ring_buffer(args.ring_buffer_size),
         exits_attach: match args.attach {
@@ -119,17 +102,32 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
             AttachChoice::TpBtf => Some(AttachType::TpBtf),
             AttachChoice::Tracepoint => Some(AttachType::Tracepoint),
         },
-        resolver: ResolverOptions { cri_socket: args.cri_socket, use_cri: !args.no_cri, ..Default::default() },
+        resolver: ResolverOptions {
+            cri_socket: args.cri_socket,
+            use_cri: !args.no_cri,
+            ..Default::default()
+        },
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let filter = Filter { namespace: args.namespace, pod: args.pod, container: args.container };
+    let filter = Filter {
+        namespace: args.namespace,
+        pod: args.pod,
+        container: args.container,
+    };
     rt.block_on(async move {
         let pipeline = Pipeline::start(&opts).await?;
         tracing::debug!("attached");
-        Session { pipeline, filter, output: args.output, shown: 0 }.stream(args.duration).await
+        Session {
+            pipeline,
+            filter,
+            output: args.output,
+            shown: 0,
+        }
+        .stream(args.duration)
+        .await
     })
 }
 

@@ -152,14 +152,25 @@ impl Resolver {
         }
     }
 
-    /// Whether CRI has answered at least once, or is not used at all.
+    /// Whether CRI has been asked at least once (answering or not: without
+    /// it the agent still serves, degraded and counting), or is not used.
     pub fn synced(&self) -> bool {
-        matches!(self.cri_state, CriState::Off) || self.stats.cri_refreshes > 0
+        matches!(self.cri_state, CriState::Off) || self.last_refresh.is_some()
     }
 
     /// Whether a pod (by namespace and name) has a container the runtime still lists.
     pub fn pod_alive(&self, namespace: &str, pod: &str) -> bool {
-        self.containers.values().any(|(c, gone)| gone.is_none() && c.namespace == namespace && c.pod == pod)
+        self.containers
+            .values()
+            .any(|(c, gone)| gone.is_none() && c.namespace == namespace && c.pod == pod)
+    }
+
+    /// Containers the runtime lists and that have not gone.
+    pub fn live_containers(&self) -> usize {
+        self.containers
+            .values()
+            .filter(|(_, gone)| gone.is_none())
+            .count()
     }
 
     /// Pod cgroups and containers currently known.

@@ -1,0 +1,200 @@
+//! The agent's configuration: defaults < config file (TOML) < environment <
+//! flags. Anything invalid is one sentence and exit status 2.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::Args;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::cli::parse_duration;
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct AgentArgs {
+    /// A TOML file with any of the settings below (flags and environment win).
+    #[arg(long, env = "PODSCOPE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where to serve /metrics, /healthz, /readyz and /api/v1 [default: 0.0.0.0:9811].
+    #[arg(long, env = "PODSCOPE_LISTEN")]
+    pub listen: Option<String>,
+    /// The container runtime's CRI socket [default: the first of the usual places that exists].
+    #[arg(long, env = "PODSCOPE_CRI_SOCKET")]
+    pub cri_socket: Option<PathBuf>,
+    /// Do not ask the runtime for names.
+    #[arg(long)]
+    pub no_cri: bool,
+    /// Where the agent keeps state across restarts [default: /var/lib/podscope].
+    #[arg(long, env = "PODSCOPE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// How long the series of a deleted pod stay [default: 10m].
+    #[arg(long, env = "PODSCOPE_SERIES_RETENTION", value_parser = parse_duration)]
+    pub series_retention: Option<Duration>,
+    /// Most per-workload series; more are refused and counted [default: 50000].
+    #[arg(long, env = "PODSCOPE_MAX_SERIES")]
+    pub max_series: Option<usize>,
+    /// Ring buffer size per event family, bytes (a power of two ≥ 4096) [default: 4194304].
+    #[arg(long, env = "PODSCOPE_RING_BUFFER_SIZE")]
+    pub ring_buffer_size: Option<u32>,
+}
+
+/// The config file's keys: the flags' names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    listen: Option<String>,
+    cri_socket: Option<PathBuf>,
+    no_cri: Option<bool>,
+    state_dir: Option<PathBuf>,
+    series_retention: Option<String>,
+    max_series: Option<usize>,
+    ring_buffer_size: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub cri_socket: Option<PathBuf>,
+    pub use_cri: bool,
+    pub state_dir: PathBuf,
+    pub series_retention: Duration,
+    pub max_series: usize,
+    pub ring_buffer_size: u32,
+}
+
+#[derive(Debug, Error, PartialEq)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {detail}")]
+    File { path: String, detail: String },
+    #[error("invalid setting {key}: {detail}")]
+    Invalid { key: &'static str, detail: String },
+}
+
+impl AgentConfig {
+    pub fn resolve(args: &AgentArgs) -> Result<AgentConfig, ConfigError> {
+        let file = match &args.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let listen = args
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| "0.0.0.0:9811".into());
+        let listen: SocketAddr = listen.parse().map_err(|_| ConfigError::Invalid {
+            key: "listen",
+            detail: format!("{listen:?} is not an address:port such as 0.0.0.0:9811"),
+        })?;
+        let series_retention = match (args.series_retention, file.series_retention) {
+            (Some(d), _) => d,
+            (None, Some(s)) => parse_duration(&s).map_err(|detail| ConfigError::Invalid {
+                key: "series-retention",
+                detail,
+            })?,
+            (None, None) => Duration::from_secs(600),
+        };
+        let max_series = args.max_series.or(file.max_series).unwrap_or(50_000);
+        if max_series == 0 {
+            return Err(ConfigError::Invalid {
+                key: "max-series",
+                detail: "must be at least 1".into(),
+            });
+        }
+        let ring_buffer_size = args
+            .ring_buffer_size
+            .or(file.ring_buffer_size)
+            .unwrap_or(4 << 20);
+        if ring_buffer_size < 4096 || !ring_buffer_size.is_power_of_two() {
+            return Err(ConfigError::Invalid {
+                key: "ring-buffer-size",
+                detail: format!("{ring_buffer_size} must be a power of two of at least 4096"),
+            });
+        }
+        Ok(AgentConfig {
+            listen,
+            cri_socket: args.cri_socket.clone().or(file.cri_socket),
+            use_cri: !(args.no_cri || file.no_cri.unwrap_or(false)),
+            state_dir: args
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| "/var/lib/podscope".into()),
+            series_retention,
+            max_series,
+            ring_buffer_size,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        detail: e.message().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_file_and_flags_in_that_order() {
+        let c = AgentConfig::resolve(&AgentArgs::default()).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:9811".parse().unwrap());
+        assert_eq!(c.series_retention, Duration::from_secs(600));
+        let dir = std::env::temp_dir().join(format!("podscope-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("agent.toml");
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:1234\"\nseries-retention = \"2m\"\nmax-series = 10\n",
+        )
+        .unwrap();
+        let args = AgentArgs {
+            config: Some(f.clone()),
+            max_series: Some(20),
+            ..Default::default()
+        };
+        let c = AgentConfig::resolve(&args).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:1234".parse().unwrap());
+        assert_eq!(c.series_retention, Duration::from_secs(120));
+        assert_eq!(c.max_series, 20, "the flag wins over the file");
+        std::fs::write(&f, "lisen = \"x\"\n").unwrap();
+        let err = AgentConfig::resolve(&args).unwrap_err().to_string();
+        assert!(
+            err.contains("unknown field") && err.contains("lisen"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn invalid_settings_are_one_sentence() {
+        let bad = AgentArgs {
+            listen: Some("9811".into()),
+            ..Default::default()
+        };
+        let err = AgentConfig::resolve(&bad).unwrap_err().to_string();
+        assert!(err.contains("listen") && !err.contains('\n'), "{err}");
+        let bad = AgentArgs {
+            ring_buffer_size: Some(5000),
+            ..Default::default()
+        };
+        assert!(AgentConfig::resolve(&bad).is_err());
+        let bad = AgentArgs {
+            config: Some("/nonexistent/podscope.toml".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            AgentConfig::resolve(&bad),
+            Err(ConfigError::File { .. })
+        ));
+    }
+}

@@ -1,0 +1,129 @@
+//! The agent's HTTP surface: `/metrics`, `/healthz`, `/readyz`, and
+//! `/api/v1/events` (NDJSON, the schema of `trace -o json`, filtered by the
+//! same `namespace`, `pod`, `container` query parameters).
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::broadcast;
+
+use crate::{
+    events::{Event, Filter},
+    metrics::{Metrics, to_prometheus_text},
+};
+
+pub struct AppState {
+    pub metrics: Mutex<Metrics>,
+    /// Probes attached and names synced from CRI.
+    pub ready: AtomicBool,
+    pub events: broadcast::Sender<Arc<Event>>,
+    /// Events a slow stream reader missed.
+    pub stream_dropped: Counter,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/events", get(events))
+        .with_state(state)
+}
+
+/// OpenMetrics for clients that ask for it (Prometheus does), the classic
+/// text format otherwise.
+async fn metrics(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let body = match s.metrics.lock() {
+        Ok(m) => m.render(),
+        Err(_) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable\n").into_response();
+        }
+    };
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            to_prometheus_text(&body),
+        )
+            .into_response()
+    }
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: probes attaching or CRI not yet answered\n",
+        )
+            .into_response()
+    }
+}
+
+async fn events(
+    State(s): State<Arc<AppState>>,
+    filter: Result<Query<Filter>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(filter) = match filter {
+        Ok(f) => f,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("{e}; the parameters are namespace, pod, container\n"),
+            )
+                .into_response();
+        }
+    };
+    let rx = s.events.subscribe();
+    let stream = futures_util::stream::unfold((rx, filter, s), |(mut rx, filter, s)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(ev) if filter.matches(ev.pod()) => {
+                    let mut line = ev.to_json();
+                    line.push('\n');
+                    return Some((Ok::<_, Infallible>(Bytes::from(line)), (rx, filter, s)));
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    s.stream_dropped.inc_by(n);
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}

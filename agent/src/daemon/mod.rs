@@ -1,0 +1,180 @@
+//! `podscope agent`: the DaemonSet's daemon. Runs the [`Pipeline`], counts
+//! every event into the metrics, streams it to HTTP readers, and serves
+//! Prometheus.
+
+pub mod config;
+pub mod http;
+
+use std::{
+    os::fd::{AsRawFd, RawFd},
+    process::ExitCode,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::SignalKind,
+    sync::broadcast,
+};
+
+use self::{
+    config::{AgentArgs, AgentConfig},
+    http::AppState,
+};
+use crate::{
+    kernel::privilege::Privileges,
+    metadata::ResolverOptions,
+    metrics::{Metrics, MetricsOptions},
+    pipeline::{DRAIN_INTERVAL, Pipeline, PipelineOptions},
+    probes::LoadOptions,
+};
+
+struct Fd(RawFd);
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+pub fn run(args: AgentArgs) -> Result<ExitCode> {
+    let cfg = match AgentConfig::resolve(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("podscope: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    Privileges::current()
+        .require_tracing()
+        .map_err(|m| anyhow!(m))?;
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
+        format!(
+            "cannot create the state directory {}",
+            cfg.state_dir.display()
+        )
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
+    // Bind first: a port clash fails before anything is loaded into the kernel.
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
+    let opts = PipelineOptions {
+        load: LoadOptions::with_ring_buffer(cfg.ring_buffer_size),
+        exits_attach: None,
+        resolver: ResolverOptions {
+            cri_socket: cfg.cri_socket.clone(),
+            use_cri: cfg.use_cri,
+            retention: cfg.series_retention,
+            ..Default::default()
+        },
+    };
+    let mut pipeline = Pipeline::start(&opts).await?;
+    let metrics = Metrics::new(&MetricsOptions {
+        max_series: cfg.max_series,
+        series_retention: cfg.series_retention,
+    });
+    metrics.set_probes(pipeline.attachments(), &pipeline.unavailable);
+    let stream_dropped = metrics.stream_dropped.clone();
+    let (tx, _) = broadcast::channel(16_384);
+    let state = Arc::new(AppState {
+        metrics: Mutex::new(metrics),
+        ready: Default::default(),
+        events: tx.clone(),
+        stream_dropped,
+    });
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        axum::serve(listener, http::router(state.clone()))
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .into_future(),
+    );
+    tracing::info!(listen = %cfg.listen, "attached; serving /metrics, /healthz, /readyz, /api/v1/events");
+
+    // SAFETY: the fd stays open while `ring` lives: the pipeline owns it and
+    // is dropped after `ring`, below.
+    let ring =
+        unsafe { AsyncFd::register_with_interest(Fd(pipeline.ring_fds()[0]), Interest::READABLE) }
+            .map_err(|e| anyhow!("cannot poll the ring buffer: {e}"))?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    let mut ticks = 0u64;
+    loop {
+        tokio::select! {
+            guard = ring.readable() => {
+                if let Ok(mut g) = guard {
+                    g.clear_ready();
+                }
+                deliver(&mut pipeline, &state, &tx).await;
+            }
+            _ = tick.tick() => {
+                deliver(&mut pipeline, &state, &tx).await;
+                ticks += 1;
+                if !ticks.is_multiple_of(10) {
+                    continue;
+                }
+                pipeline.tick().await;
+                let sources = pipeline.source_stats();
+                if let Ok(mut m) = state.metrics.lock() {
+                    m.update(&sources, &pipeline);
+                    if ticks.is_multiple_of(300) {
+                        m.gc(&pipeline, Instant::now());
+                    }
+                }
+                state.ready.store(pipeline.metadata_synced(), Ordering::Relaxed);
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    // SIGTERM: stop answering ready, flush what the kernel holds, detach.
+    state.ready.store(false, Ordering::Relaxed);
+    deliver(&mut pipeline, &state, &tx).await;
+    let _ = stop_http.send(());
+    drop(tx);
+    // Open event streams would hold a graceful shutdown forever: give them a moment, no more.
+    if tokio::time::timeout(Duration::from_secs(2), server)
+        .await
+        .is_err()
+    {
+        tracing::info!("closing open event streams");
+    }
+    drop(ring);
+    drop(pipeline);
+    tracing::info!("probes detached; bye");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One batch: attributed, counted, streamed.
+async fn deliver(
+    pipeline: &mut Pipeline,
+    state: &AppState,
+    tx: &broadcast::Sender<Arc<crate::events::Event>>,
+) {
+    let batch = pipeline.next_batch().await;
+    if batch.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    if let Ok(mut m) = state.metrics.lock() {
+        for e in &batch {
+            m.observe(e, now);
+        }
+    }
+    if tx.receiver_count() > 0 {
+        for e in batch {
+            let _ = tx.send(Arc::new(e));
+        }
+    }
+}
