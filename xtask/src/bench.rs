@@ -457,7 +457,7 @@ fn unmount_tracefs() {
         .status();
 }
 
-const NODE_SOCKET: &str = "/run/podscope-node/containerd.sock";
+use crate::NODE_SOCKET;
 const BENCH_NS: &str = "podscope-bench";
 const BENCH_PODS: usize = 100;
 

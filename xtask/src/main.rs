@@ -88,6 +88,9 @@ pub fn build_podscope() -> Result<PathBuf> {
     Ok(root().join("target/release/podscope"))
 }
 
+/// `cargo xtask run`: the quick start. With no arguments it brings up the
+/// test node with the example pods and runs the agent against it, so that
+/// /metrics shows real pods; with arguments it runs `podscope ARGS`.
 fn run(rest: &[String]) -> Result<ExitCode> {
     setup::run()?;
     let bin = build_podscope()?;
@@ -96,16 +99,43 @@ fn run(rest: &[String]) -> Result<ExitCode> {
         tail => tail.to_vec(),
     };
     let args = if args.is_empty() {
-        vec!["trace".into(), "exits".into()]
+        demo_node()?;
+        vec!["agent".into(), "--cri-socket".into(), NODE_SOCKET.into()]
     } else {
         args
     };
     eprintln!("xtask: running {} {}", bin.display(), args.join(" "));
+    if args.first().is_some_and(|a| a == "agent") {
+        eprintln!(
+            "xtask: try `curl -s localhost:9811/metrics | grep process_exits` and `curl -sN localhost:9811/api/v1/events`; \
+             Ctrl-C stops the agent; `cargo xtask node down` removes the test node"
+        );
+    }
     let st = Command::new(&bin)
         .args(&args)
         .status()
         .with_context(|| format!("cannot run {}", bin.display()))?;
     Ok(ExitCode::from(st.code().unwrap_or(1) as u8))
+}
+
+pub const NODE_SOCKET: &str = "/run/podscope-node/containerd.sock";
+
+/// The test node with the example pods (examples/pods/), for the quick start.
+fn demo_node() -> Result<()> {
+    status(cargo().args(["build", "--release", "--quiet", "-p", "testnode"]))?;
+    let node = root().join("target/release/podscope-testnode");
+    status(Command::new(&node).arg("up"))?;
+    let mut examples: Vec<_> = std::fs::read_dir(root().join("examples/pods"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    examples.sort();
+    for ex in examples {
+        status(Command::new(&node).arg("apply").arg("-f").arg(&ex).stdout(std::process::Stdio::null()))?;
+        eprintln!("xtask: applied {}", ex.display());
+    }
+    Ok(())
 }
 
 fn test() -> Result<ExitCode> {
@@ -125,7 +155,7 @@ fn test() -> Result<ExitCode> {
         );
     }
     // The pod tests bring the test node up; leave the machine as we found it.
-    let node_was_up = std::path::Path::new("/run/podscope-node/containerd.sock").exists();
+    let node_was_up = std::path::Path::new(NODE_SOCKET).exists();
     let result = run_tests(&mut cmd);
     let testnode = root().join("target/release/podscope-testnode");
     if !node_was_up && root_user && testnode.exists() {
