@@ -10,7 +10,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -26,7 +26,8 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     match args.first().map(String::as_str) {
         Some("exits") => exits(),
         Some("pods") => pods(),
-        _ => bail!("usage: cargo xtask bench <exits | pods>"),
+        Some("agent") => agent(),
+        _ => bail!("usage: cargo xtask bench <exits | pods | agent>"),
     }
 }
 
@@ -461,16 +462,17 @@ use crate::NODE_SOCKET;
 const BENCH_NS: &str = "podscope-bench";
 const BENCH_PODS: usize = 100;
 
-/// `cargo xtask bench pods`: what attribution costs with 100 pods × 3
-/// containers on the test node: the resolver's time per event, and the
-/// tracer's resident memory with those pods against an empty node.
-fn pods() -> Result<ExitCode> {
-    setup::run()?;
-    let podscope = build_podscope()?;
-    crate::status(crate::cargo().args(["build", "--release", "--quiet", "-p", "testnode"]))?;
-    let testnode = crate::root().join("target/release/podscope-testnode");
-    let node = |args: &[&str]| -> Result<String> {
-        let out = Command::new(&testnode).args(args).output()?;
+/// The test node with 100 pods x 3 containers, removed again on drop
+/// (the node itself only if this brought it up).
+struct BenchNode {
+    testnode: PathBuf,
+    was_up: bool,
+    dir: PathBuf,
+}
+
+impl BenchNode {
+    fn node(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.testnode).args(args).output()?;
         if !out.status.success() {
             bail!(
                 "podscope-testnode {args:?}: {}",
@@ -478,58 +480,91 @@ fn pods() -> Result<ExitCode> {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let was_up = std::path::Path::new(NODE_SOCKET).exists();
-    node(&["up"])?;
+    }
 
+    fn up() -> Result<BenchNode> {
+        crate::status(crate::cargo().args(["build", "--release", "--quiet", "-p", "testnode"]))?;
+        let n = BenchNode {
+            testnode: crate::root().join("target/release/podscope-testnode"),
+            was_up: Path::new(NODE_SOCKET).exists(),
+            dir: std::env::temp_dir().join(format!("podscope-bench-pods-{}", std::process::id())),
+        };
+        n.node(&["up"])?;
+        std::fs::create_dir_all(&n.dir)?;
+        Ok(n)
+    }
+
+    /// Every container starts `sh`, which runs `true` once (so each has an
+    /// exit series) and then sleeps.
+    fn fill(&self) -> Result<Duration> {
+        let t = Instant::now();
+        for i in 0..BENCH_PODS {
+            let file = self.dir.join(format!("p{i}.yaml"));
+            let mut m = format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}\n  namespace: {BENCH_NS}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n"
+            );
+            for c in ["app", "sidecar", "proxy"] {
+                m.push_str(&format!(
+                    "  - name: {c}\n    command: [\"sh\", \"-c\", \"/bin/true; exec sleep 3600\"]\n"
+                ));
+            }
+            std::fs::write(&file, m)?;
+            self.node(&["apply", "-f", file.to_str().unwrap_or_default()])?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let status: serde_json::Value =
+                serde_json::from_str(&self.node(&["status", "-o", "json"])?).unwrap_or_default();
+            let running = status
+                .as_array()
+                .map(|pods| {
+                    pods.iter()
+                        .filter(|p| p["namespace"] == BENCH_NS)
+                        .flat_map(|p| p["containers"].as_array().cloned().unwrap_or_default())
+                        .filter(|c| c["state"] == "running")
+                        .count()
+                })
+                .unwrap_or(0);
+            if running >= BENCH_PODS * 3 {
+                return Ok(t.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {running} of {} containers ran within 300 s",
+                    BENCH_PODS * 3
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for BenchNode {
+    fn drop(&mut self) {
+        for i in 0..BENCH_PODS {
+            let _ = self.node(&["delete", &format!("{BENCH_NS}/p{i}")]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.was_up {
+            let _ = self.node(&["down"]);
+        }
+    }
+}
+
+/// `cargo xtask bench pods`: what attribution costs with 100 pods × 3
+/// containers on the test node: the resolver's time per event, and the
+/// tracer's resident memory with those pods against an empty node.
+fn pods() -> Result<ExitCode> {
+    setup::run()?;
+    let podscope = build_podscope()?;
+    let node = BenchNode::up()?;
     let rss_empty = tracer_rss(&podscope)?;
     println!("pods benchmark: {BENCH_PODS} pods x 3 containers on the test node");
-    let dir = std::env::temp_dir().join(format!("podscope-bench-pods-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let t = Instant::now();
-    for i in 0..BENCH_PODS {
-        let file = dir.join(format!("p{i}.yaml"));
-        let mut m = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}\n  namespace: {BENCH_NS}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n"
-        );
-        for c in ["app", "sidecar", "proxy"] {
-            m.push_str(&format!(
-                "  - name: {c}\n    command: [\"sleep\", \"3600\"]\n"
-            ));
-        }
-        std::fs::write(&file, m)?;
-        node(&["apply", "-f", file.to_str().unwrap_or_default()])?;
-    }
-    // Wait until every container runs.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let status: serde_json::Value =
-            serde_json::from_str(&node(&["status", "-o", "json"])?).unwrap_or_default();
-        let running = status
-            .as_array()
-            .map(|pods| {
-                pods.iter()
-                    .filter(|p| p["namespace"] == BENCH_NS)
-                    .flat_map(|p| p["containers"].as_array().cloned().unwrap_or_default())
-                    .filter(|c| c["state"] == "running")
-                    .count()
-            })
-            .unwrap_or(0);
-        if running >= BENCH_PODS * 3 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "only {running} of {} containers ran within 300 s",
-                BENCH_PODS * 3
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let took = node.fill()?;
     println!(
         "  {} containers running after {:.1} s",
         BENCH_PODS * 3,
-        t.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     let rss_full = tracer_rss(&podscope)?;
     let out = Command::new(crate::cargo().get_program())
@@ -546,22 +581,14 @@ fn pods() -> Result<ExitCode> {
             NODE_SOCKET,
         ])
         .output()?;
-    let figures = String::from_utf8_lossy(&out.stdout).into_owned();
-
-    for i in 0..BENCH_PODS {
-        let _ = node(&["delete", &format!("{BENCH_NS}/p{i}")]);
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    if !was_up {
-        node(&["down"])?;
-    }
+    drop(node);
     if !out.status.success() {
         bail!(
             "the attribution bench failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    for line in figures.lines() {
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
         println!("  {line}");
     }
     println!(
@@ -572,6 +599,155 @@ fn pods() -> Result<ExitCode> {
         (rss_full as f64 - rss_empty as f64) / 1024.0
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// A plain HTTP/1.0 GET on loopback, returning the body.
+fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    Ok(raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+fn metric_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `cargo xtask bench agent`: `podscope agent` on the test node with 100
+/// pods: idle CPU and memory, /metrics render time with 300 containers'
+/// series, and the events per second it carries to an HTTP stream reader.
+fn agent() -> Result<ExitCode> {
+    setup::run()?;
+    let podscope = build_podscope()?;
+    let node = BenchNode::up()?;
+    let took = node.fill()?;
+    println!(
+        "agent benchmark: {BENCH_PODS} pods x 3 containers running (after {:.1} s)",
+        took.as_secs_f64()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let state = std::env::temp_dir().join(format!("podscope-bench-agent-{}", std::process::id()));
+    let mut agent = Command::new(&podscope)
+        .args([
+            "agent",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--cri-socket",
+            NODE_SOCKET,
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(port, "/readyz")
+            .map(|b| !b.starts_with("ready"))
+            .unwrap_or(true)
+        {
+            if Instant::now() > deadline {
+                bail!("the agent did not become ready");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Idle: the pods sleep; nothing but the agent's own upkeep runs.
+        std::thread::sleep(Duration::from_secs(3));
+        let pid = agent.id();
+        let (cpu0, t0) = (proc_cpu(pid).unwrap_or_default(), Instant::now());
+        std::thread::sleep(Duration::from_secs(20));
+        let idle =
+            (proc_cpu(pid).unwrap_or_default() - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+        let rss = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+        let hwm = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
+        println!(
+            "  idle CPU {:.2}% of one core over 20 s; RSS {:.1} MiB (peak {:.1} MiB)",
+            idle * 100.0,
+            rss as f64 / 1024.0,
+            hwm as f64 / 1024.0
+        );
+
+        // Scrape time with every container's series present.
+        let body = http_get(port, "/metrics")?;
+        let series = body
+            .lines()
+            .filter(|l| l.starts_with("podscope_process_exits_total{"))
+            .count();
+        let mut times = vec![];
+        for _ in 0..50 {
+            let t = Instant::now();
+            http_get(port, "/metrics")?;
+            times.push(t.elapsed());
+        }
+        let scrape = median(&mut times);
+        println!(
+            "  /metrics: {series} process_exits series, {} bytes, median {:.2} ms over 50 scrapes (HTTP included)",
+            body.len(),
+            scrape.as_secs_f64() * 1000.0
+        );
+
+        // Throughput: a reader on /api/v1/events while both cores fork and exit.
+        let before = http_get(port, "/metrics")?;
+        let reader = {
+            use std::io::{BufRead, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            write!(s, "GET /api/v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+            let closer = s.try_clone()?;
+            let handle = std::thread::spawn(move || {
+                let mut n = 0u64;
+                for line in std::io::BufReader::new(s).lines() {
+                    match line {
+                        Ok(l) if l.starts_with("{\"kind\":\"exit\"") => n += 1,
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                n
+            });
+            (handle, closer)
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(2);
+        let n = 40_000;
+        let t = Instant::now();
+        workload("process", n, workers)?;
+        let storm = t.elapsed();
+        // Let the last batch through (the agent drains every 100 ms), then hang up.
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = reader.1.shutdown(std::net::Shutdown::Both);
+        let received = reader
+            .0
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+        let after = http_get(port, "/metrics")?;
+        let delta = |name: &str| metric_sum(&after, name) - metric_sum(&before, name);
+        println!(
+            "  stream: {n} fork+exit on {workers} workers in {:.2} s ({:.0} exits/s); the reader received {received} exit events; kernel lost {}, stream dropped {}",
+            storm.as_secs_f64(),
+            n as f64 / storm.as_secs_f64(),
+            delta("podscope_events_lost_total"),
+            delta("podscope_stream_events_dropped_total")
+        );
+        Ok(())
+    })();
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let _ = agent.wait();
+    let _ = std::fs::remove_dir_all(&state);
+    drop(node);
+    result.map(|_| ExitCode::SUCCESS)
 }
 
 /// Steady resident memory of `podscope trace exits` attached to the test node.

@@ -132,7 +132,13 @@ fn demo_node() -> Result<()> {
         .collect();
     examples.sort();
     for ex in examples {
-        status(Command::new(&node).arg("apply").arg("-f").arg(&ex).stdout(std::process::Stdio::null()))?;
+        status(
+            Command::new(&node)
+                .arg("apply")
+                .arg("-f")
+                .arg(&ex)
+                .stdout(std::process::Stdio::null()),
+        )?;
         eprintln!("xtask: applied {}", ex.display());
     }
     Ok(())
