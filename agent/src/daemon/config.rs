@@ -39,6 +39,10 @@ pub struct AgentArgs {
     /// Ring buffer size per event family, bytes (a power of two ≥ 4096) [default: 4194304].
     #[arg(long, env = "PODSCOPE_RING_BUFFER_SIZE")]
     pub ring_buffer_size: Option<u32>,
+    /// This node's name, as Kubernetes knows it (the DaemonSet sets it from
+    /// spec.nodeName) [default: the host name].
+    #[arg(long, env = "PODSCOPE_NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 /// The config file's keys: the flags' names.
@@ -52,6 +56,7 @@ struct FileConfig {
     series_retention: Option<String>,
     max_series: Option<usize>,
     ring_buffer_size: Option<u32>,
+    node_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -63,6 +68,7 @@ pub struct AgentConfig {
     pub series_retention: Duration,
     pub max_series: usize,
     pub ring_buffer_size: u32,
+    pub node_name: String,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -125,8 +131,19 @@ impl AgentConfig {
             series_retention,
             max_series,
             ring_buffer_size,
+            node_name: args
+                .node_name
+                .clone()
+                .or(file.node_name)
+                .unwrap_or_else(hostname),
         })
     }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

@@ -81,6 +81,7 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
     let metrics = Metrics::new(&MetricsOptions {
         max_series: cfg.max_series,
         series_retention: cfg.series_retention,
+        node_name: cfg.node_name.clone(),
     });
     metrics.set_probes(pipeline.attachments(), &pipeline.unavailable);
     let stream_dropped = metrics.stream_dropped.clone();

@@ -41,6 +41,7 @@ pub struct ProbeLabels {
 pub struct BuildLabels {
     pub version: String,
     pub kernel: String,
+    pub node: String,
 }
 
 /// Per-workload series with a cap and a retention.
@@ -102,6 +103,8 @@ impl<L: Clone + Hash + Eq> SeriesBook<L> {
 pub struct MetricsOptions {
     pub max_series: usize,
     pub series_retention: Duration,
+    /// The node's name, on `podscope_build_info`.
+    pub node_name: String,
 }
 
 pub struct Metrics {
@@ -178,6 +181,7 @@ impl Metrics {
                     .unwrap_or_default()
                     .trim()
                     .to_string(),
+                node: opts.node_name.clone(),
             })
             .set(1);
         let exits = exits::ExitMetrics::register(&mut registry, opts);
