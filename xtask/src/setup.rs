@@ -3,10 +3,15 @@
 //!
 //! 1. nightly's rust-src (the eBPF build compiles `core` for the BPF target);
 //! 2. bpf-linker built against the nightly's own LLVM, keyed by the nightly;
-//! 3. the Debian packages the tests and benchmarks use.
+//! 3. the Debian packages the tests and benchmarks use;
+//! 4. a Python virtualenv with the pinned tools deploy/'s tests run
+//!    (kubernetes-validate, yamllint), under `toolchain::python_venv()`.
+//!
+//! `PODSCOPE_SETUP_MINIMAL=1` does only 1 and 2, what building the binary
+//! needs: the container image's builder stage (deploy/Dockerfile) uses it.
 
 use std::{
-    fs,
+    env, fs,
     os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::Command,
@@ -14,7 +19,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use xtask::toolchain::{BPF_LINKER_VERSION, NIGHTLY, Nightly, cache_dir, is_executable};
+use xtask::toolchain::{
+    BPF_LINKER_VERSION, NIGHTLY, Nightly, cache_dir, is_executable, python_venv,
+};
 
 use crate::status;
 
@@ -29,16 +36,30 @@ const APT_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "busybox-static",
     "iptables",
+    // Also deploy/'s tests: `promtool check rules` / `test rules` on the alert
+    // rules and the dashboard's queries.
     "prometheus",
     "iproute2",
+    // `python3 -m venv` for the tools below (Debian splits venv out of python3).
+    "python3-venv",
 ];
+
+/// Python tools deploy/'s tests run, pinned so a new release cannot change
+/// what passes: schema validation of the manifests and the YAML linter.
+pub const PYTHON_TOOLS: &[(&str, &str)] =
+    &[("kubernetes-validate", "1.37.0"), ("yamllint", "1.38.0")];
 
 pub fn run() -> Result<()> {
     let t = Instant::now();
     rust_src()?;
     let nightly = Nightly::detect().map_err(anyhow::Error::msg)?;
     bpf_linker(&nightly)?;
-    apt_packages(APT_PACKAGES)?;
+    if env::var_os("PODSCOPE_SETUP_MINIMAL").is_some_and(|v| v == "1") {
+        eprintln!("xtask: PODSCOPE_SETUP_MINIMAL=1: build tools only, no test packages");
+    } else {
+        apt_packages(APT_PACKAGES)?;
+        python_tools(&python_venv(), PYTHON_TOOLS)?;
+    }
     eprintln!(
         "xtask: set-up complete in {:.1}s",
         t.elapsed().as_secs_f64()
@@ -174,4 +195,69 @@ pub fn apt_packages(pkgs: &[&str]) -> Result<()> {
     let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
     install.args(&missing);
     status(&mut install).context("apt-get install failed")
+}
+
+/// A virtualenv at `venv` with exactly `tools` (name, version) installed.
+/// When they already are, this is one short Python start-up.
+fn python_tools(venv: &Path, tools: &[(&str, &str)]) -> Result<()> {
+    let python = venv.join("bin/python3");
+    if python_has(&python, tools) {
+        return Ok(());
+    }
+    if !python.exists() {
+        // Debian's interpreter, which python3-venv (above) goes with, rather
+        // than whatever python3 comes first on PATH (pyenv and the like).
+        let system = ["/usr/bin/python3", "python3"]
+            .into_iter()
+            .find(|p| !p.starts_with('/') || Path::new(p).exists())
+            .unwrap_or("python3");
+        eprintln!("xtask: creating a Python virtualenv in {}", venv.display());
+        status(
+            Command::new(system)
+                .args(["-m", "venv", "--clear"])
+                .arg(venv),
+        )
+        .context("cannot create the virtualenv deploy/'s tests use (is python3-venv installed?)")?;
+    }
+    let pins: Vec<String> = tools.iter().map(|(n, v)| format!("{n}=={v}")).collect();
+    eprintln!("xtask: installing {}", pins.join(" "));
+    status(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&pins),
+    )
+    .context("pip install failed (it needs PyPI)")?;
+    if !python_has(&python, tools) {
+        bail!(
+            "{} still lacks {} after pip install",
+            venv.display(),
+            pins.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Whether `python` has each of `tools` installed at exactly its version.
+fn python_has(python: &Path, tools: &[(&str, &str)]) -> bool {
+    let Ok(out) = Command::new(python)
+        .args([
+            "-c",
+            "import importlib.metadata as m, sys\n\
+             for n in sys.argv[1:]:\n\
+             \ttry: print(m.version(n))\n\
+             \texcept m.PackageNotFoundError: print('-')",
+        ])
+        .args(tools.iter().map(|(n, _)| n))
+        .output()
+    else {
+        return false;
+    };
+    let have = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && have.lines().eq(tools.iter().map(|(_, v)| *v))
 }

@@ -30,6 +30,12 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("podscope")
 }
 
+/// The Python virtualenv `cargo xtask setup` creates for the deploy/ checks
+/// (kubernetes-validate, yamllint); deploy/tests find the tools in its `bin/`.
+pub fn python_venv() -> PathBuf {
+    cache_dir().join("venv")
+}
+
 /// What `rustc +nightly -vV` says about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Nightly {
