@@ -724,6 +724,27 @@ fn alert_rules_pass_promtool() {
     let _ = fs::remove_dir_all(dir);
 }
 
+/// Every alert has a unit test in tests/rules_test.yaml that expects it to fire.
+#[test]
+fn every_alert_has_a_unit_test() {
+    let tests = yaml("tests/rules_test.yaml");
+    let tested: BTreeSet<&str> = seq(&tests, "tests")
+        .iter()
+        .flat_map(|t| seq(t, "alert_rule_test"))
+        .filter(|a| !seq(a, "exp_alerts").is_empty())
+        .map(|a| s(a, "alertname"))
+        .collect();
+    for g in seq(&resource("PrometheusRule"), "spec.groups") {
+        for r in seq(g, "rules") {
+            let name = s(r, "alert").to_string();
+            assert!(
+                tested.contains(name.as_str()),
+                "{name} has no firing case in tests/rules_test.yaml"
+            );
+        }
+    }
+}
+
 /// README.md's scrape config for Prometheus without the operator, with the
 /// rules extracted as README.md says, is a valid Prometheus configuration.
 #[test]
