@@ -27,6 +27,7 @@ use std::{
     process::{Command, Output},
 };
 
+use serde::Deserialize;
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 
@@ -342,6 +343,86 @@ fn patches_do_what_the_readme_says() {
     let caps = &old["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"];
     assert_eq!(caps["add"], serde_json::json!(["SYS_ADMIN"]));
     assert_eq!(caps["drop"], serde_json::json!(["ALL"]));
+}
+
+/// Real kustomize (kubectl's) builds deploy/ and an overlay with each patch
+/// as README.md describes, and its result is what the tests above validated.
+/// kubectl is not something the set-up installs (no registry we use has it),
+/// so its absence is a visible skip even when tests are required.
+#[test]
+fn kustomize_builds_the_base_and_the_overlays() {
+    let test = "kustomize_builds_the_base_and_the_overlays";
+    let kubectl = env::split_paths(&env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("kubectl"))
+        .find(|p| xtask::toolchain::is_executable(p));
+    let Some(kubectl) = kubectl else {
+        skipped(test, "`kubectl` (for `kubectl kustomize`) is not installed");
+        return;
+    };
+    let build = |dir: &Path| -> Vec<Json> {
+        let o = run(Command::new(&kubectl).arg("kustomize").arg(dir));
+        assert!(
+            o.status.success(),
+            "kubectl kustomize {}:\n{}",
+            dir.display(),
+            text(&o)
+        );
+        serde_yaml::Deserializer::from_slice(&o.stdout)
+            .map(|d| serde_json::to_value(Yaml::deserialize(d).unwrap()).unwrap())
+            .collect()
+    };
+    let built = build(&deploy_dir());
+    let names = |docs: &[Json]| -> BTreeSet<String> {
+        docs.iter()
+            .map(|d| {
+                format!(
+                    "{}/{}",
+                    d["kind"].as_str().unwrap(),
+                    d["metadata"]["name"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let listed: Vec<Json> = resources()
+        .into_iter()
+        .map(|(_, d)| serde_json::to_value(d).unwrap())
+        .collect();
+    assert_eq!(names(&built), names(&listed));
+    let daemonset = |docs: Vec<Json>| docs.into_iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let image = daemonset(built)["spec"]["template"]["spec"]["containers"][0]["image"].clone();
+    assert_ne!(image, "podscope", "kustomization.yaml sets the image tag");
+
+    let dir = scratch(test);
+    for patch in patch_files() {
+        let overlay = dir.join(patch.trim_end_matches(".yaml"));
+        fs::create_dir_all(&overlay).unwrap();
+        fs::copy(
+            deploy_dir().join("patches").join(&patch),
+            overlay.join(&patch),
+        )
+        .unwrap();
+        // Kustomize wants a relative path to the base.
+        let up = "../".repeat(overlay.components().count() - 1);
+        let base = format!(
+            "{up}{}",
+            deploy_dir().display().to_string().trim_start_matches('/')
+        );
+        fs::write(
+            overlay.join("kustomization.yaml"),
+            format!(
+                "resources:\n  - {base}\npatches:\n  - path: {patch}\n    target: {{kind: DaemonSet, name: podscope}}\n"
+            ),
+        )
+        .unwrap();
+        let mut want = patched_daemonset(&patch);
+        want["spec"]["template"]["spec"]["containers"][0]["image"] = image.clone();
+        assert_eq!(
+            daemonset(build(&overlay)),
+            want,
+            "kustomize applies patches/{patch} differently from what the tests validated"
+        );
+    }
+    let _ = fs::remove_dir_all(dir);
 }
 
 // ---------------------------------------------------------------------------
