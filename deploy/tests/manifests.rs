@@ -11,6 +11,9 @@
 //! - every PromQL expression of the Grafana dashboard with promtool, and the
 //!   dashboard's structure;
 //! - every YAML file with `yamllint --strict` and deploy/.yamllint;
+//! - the base and the patch overlays with real kustomize, where kubectl is;
+//! - as root, the real agent run with the DaemonSet's arguments and
+//!   environment (health, readiness, metrics, JSON logs, SIGTERM);
 //! - the DaemonSet, Service, ServiceMonitor and Dockerfile against the agent's
 //!   contracts (binary, flags, environment, port, probe paths, capabilities,
 //!   mounts), so that a rename on either side breaks a test.
@@ -1232,4 +1235,176 @@ fn the_agent_implements_what_the_deployment_uses() {
         let bare = m.trim_start_matches("podscope_").trim_end_matches("_total");
         assert!(src.contains(bare), "the agent exports no {m}");
     }
+}
+
+/// The real agent, started with the DaemonSet's arguments and environment
+/// (only the listen address, state directory and node name adapted to this
+/// machine), accepts them, logs JSON, serves /healthz, /readyz and /metrics
+/// with every metric the alerts and the dashboard use, and exits 0 on
+/// SIGTERM well within terminationGracePeriodSeconds.
+#[test]
+fn the_agent_runs_with_the_daemonsets_settings() {
+    use std::{
+        io::Read,
+        net::{TcpListener, TcpStream},
+        process::Stdio,
+        time::{Duration, Instant},
+    };
+    let test = "the_agent_runs_with_the_daemonsets_settings";
+    let root = fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            == Some("0")
+    });
+    if !root {
+        assert!(
+            !required(),
+            "{test}: needs root, and PODSCOPE_REQUIRE_KERNEL_TESTS=1"
+        );
+        skipped(test, "needs root to load the agent's eBPF programs");
+        return;
+    }
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let bin = deploy_dir().join(format!("../target/{profile}/podscope"));
+    if !bin.exists() {
+        let why = format!("{} is not built (cargo build -p podscope)", bin.display());
+        assert!(
+            !required(),
+            "{test}: {why}, and PODSCOPE_REQUIRE_KERNEL_TESTS=1"
+        );
+        skipped(test, &why);
+        return;
+    }
+    let get = |port: u16, path: &str| -> Option<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).ok()?;
+        let (head, body) = raw.split_once("\r\n\r\n")?;
+        Some((
+            head.split_whitespace().nth(1)?.parse().ok()?,
+            body.to_string(),
+        ))
+    };
+
+    let ds = resource("DaemonSet");
+    let c = container(&ds);
+    let dir = scratch(test);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(&bin);
+    cmd.args(seq(c, "args").iter().map(|a| a.as_str().unwrap()));
+    for (k, _) in env::vars_os() {
+        if k.to_string_lossy().starts_with("PODSCOPE_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, e) in env_map(c) {
+        let v = match k.as_str() {
+            "PODSCOPE_LISTEN" => format!("127.0.0.1:{port}"),
+            "PODSCOPE_STATE_DIR" => dir.join("state").display().to_string(),
+            "PODSCOPE_NODE_NAME" => "deploy-test-node".to_string(),
+            _ => s(&e, "value").to_string(),
+        };
+        cmd.env(k, v);
+    }
+    let log = fs::File::create(dir.join("agent.log")).unwrap();
+    let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    // Ends the agent whatever happens below.
+    struct Agent(std::process::Child);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut agent = Agent(child);
+    let log = || fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(port, "/healthz").map(|r| r.0) != Some(200) {
+        if let Ok(Some(st)) = agent.0.try_wait() {
+            panic!(
+                "the agent exited ({st}) with the DaemonSet's settings:\n{}",
+                log()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no /healthz after 30 s:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Ready needs the CRI, which this machine may not run: it must answer.
+    let ready = get(port, "/readyz").map(|r| r.0);
+    assert!(
+        matches!(ready, Some(200 | 503)),
+        "/readyz answered {ready:?}"
+    );
+    // Every metric the alerts and the dashboard use, but per-pod exits
+    // (those need pods: the daemon's own end-to-end test has them). The
+    // event counters appear with the first events, so make a few.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let _ = Command::new("true").status();
+        let (status, metrics) = get(port, "/metrics").expect("/metrics");
+        assert_eq!(status, 200);
+        let missing: Vec<&str> = METRICS
+            .iter()
+            .copied()
+            .filter(|m| *m != "podscope_process_exits_total")
+            .filter(|m| {
+                let bare = m.trim_end_matches("_total");
+                !metrics.contains(&format!("# TYPE {m} "))
+                    && !metrics.contains(&format!("# TYPE {bare} "))
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/metrics lacks {missing:?} after 15 s:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    let stopped = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.0.id().to_string()])
+        .status();
+    let grace = at(&ds, "spec.template.spec.terminationGracePeriodSeconds")
+        .as_u64()
+        .unwrap();
+    let status = loop {
+        if let Some(st) = agent.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(grace),
+            "the agent outlived terminationGracePeriodSeconds ({grace} s)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit on SIGTERM: {status}\n{}", log());
+    // PODSCOPE_LOG_FORMAT=json: every log line is a JSON object.
+    let log = log();
+    assert!(!log.trim().is_empty(), "the agent logged nothing");
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Json = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        assert!(v.is_object(), "{line}");
+    }
+    drop(agent);
+    let _ = fs::remove_dir_all(dir);
 }
