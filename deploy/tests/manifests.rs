@@ -1204,16 +1204,9 @@ fn the_agent_implements_what_the_deployment_uses() {
     let ds = resource("DaemonSet");
     let c = container(&ds);
     for k in env_map(c).keys() {
-        if src.contains(&format!("\"{k}\"")) {
-            continue;
-        }
-        // Issue 4's contract has the agent take its node's name from the
-        // downward API; setting it before the agent reads it is harmless (the
-        // `node` label comes from the scrape), so say so rather than fail.
-        assert_eq!(k, "PODSCOPE_NODE_NAME", "the agent does not read {k}");
-        let _ = writeln!(
-            std::io::stderr(),
-            "NOTE {test}: the agent does not read {k} yet; the DaemonSet sets it per the contract"
+        assert!(
+            src.contains(&format!("\"{k}\"")),
+            "the agent does not read {k}"
         );
     }
     for a in seq(c, "args").iter().skip(1) {
