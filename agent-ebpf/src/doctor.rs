@@ -2,9 +2,10 @@
 //! hook types this kernel really accepts. They do nothing when they fire.
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, fentry, kprobe, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, fentry, kprobe, lsm, raw_tracepoint, tracepoint},
     programs::{
-        BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext, TracePointContext,
+        BtfTracePointContext, FEntryContext, LsmContext, ProbeContext, RawTracePointContext,
+        TracePointContext,
     },
 };
 
@@ -30,5 +31,11 @@ pub fn doctor_fentry(_ctx: FEntryContext) -> i32 {
 
 #[kprobe]
 pub fn doctor_kprobe(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+/// Allows everything: an LSM program's return value is its verdict, and 0 is "no objection".
+#[lsm(hook = "bprm_committed_creds")]
+pub fn doctor_lsm(_ctx: LsmContext) -> i32 {
     0
 }

@@ -2,9 +2,11 @@
 //!
 //! The tracepoint fires in `do_exit()` for the exiting task itself, after
 //! `signal->live` was decremented and `exit_code` stored, so everything is
-//! read from the current task. Two entry points share one body: tp_btf where
-//! the kernel allows it (cheaper: no tracepoint buffer is filled), the plain
-//! tracepoint otherwise. Userspace picks by probing.
+//! read from the current task. Three entry points share one body: tp_btf where
+//! the kernel allows it (cheapest: no tracepoint buffer is filled, and the
+//! verifier knows the argument types), raw_tp where tp_btf is refused (same
+//! cost, no BTF-typed arguments needed), the plain tracepoint last (needs
+//! tracefs, and the kernel fills its record first). Userspace picks by probing.
 
 use agent_common::{
     OFFSET_ABSENT, TASK_COMM_LEN,
@@ -16,9 +18,9 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_ktime_get_boot_ns,
     },
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 
 use crate::{kmem, ringbuf, stats::bump};
@@ -47,6 +49,12 @@ static EXIT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn exit_tp_btf(_ctx: BtfTracePointContext) -> i32 {
+    on_exit();
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn exit_raw_tp(_ctx: RawTracePointContext) -> i32 {
     on_exit();
     0
 }

@@ -5,7 +5,8 @@
 //! - [`probes`]: the eBPF object, one module per event family (attach, decode);
 //! - [`metadata`]: attribution of events to pods and containers (cgroups, CRI);
 //! - [`events`]: the typed events consumers see;
-//! - [`cli`]: the `podscope` subcommands.
+//! - [`cli`]: the `podscope` subcommands;
+//! - [`selftest`]: the kernel-facing tests, shared by `cargo test` and the static `podscope-kernel-tests`.
 
 pub mod cli;
 pub mod daemon;
@@ -15,4 +16,5 @@ pub mod metadata;
 pub mod metrics;
 pub mod pipeline;
 pub mod probes;
+pub mod selftest;
 pub mod signals;

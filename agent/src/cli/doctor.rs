@@ -4,14 +4,16 @@
 use std::{io::Write, process::ExitCode};
 
 use anyhow::Result;
-use aya::programs::{BtfTracePoint, FEntry, KProbe, RawTracePoint, TracePoint};
 use clap::Args;
 use serde::Serialize;
 
 use super::Output;
 use crate::{
     kernel::{bpf_sys, btf::Btf, cgroups::CgroupLayout, privilege::Privileges, tracefs},
-    probes::{self, error_chain, program},
+    probes::{
+        self, KernelOffsets,
+        capabilities::{self, Hook},
+    },
 };
 
 #[derive(Args, Debug)]
@@ -174,6 +176,7 @@ pub fn diagnose() -> Report {
             "tp_btf",
             "fentry",
             "kprobe",
+            "lsm",
             "netfilter_link",
             "exits",
         ] {
@@ -223,38 +226,7 @@ pub fn diagnose() -> Report {
     });
 
     if privileged {
-        let tp_btf = checks.iter().find(|c| c.name == "tp_btf").map(|c| c.status);
-        let tp = checks
-            .iter()
-            .find(|c| c.name == "tracepoint")
-            .map(|c| c.status);
-        let offsets_ok = matches!(exit_offsets, Some(Ok(_)));
-        checks.push(match (offsets_ok, tp_btf, tp) {
-            (false, ..) => check(
-                "exits",
-                Status::Missing,
-                "no kernel offsets",
-                "exit tracing is unavailable",
-            ),
-            (true, Some(Status::Ok), _) => check(
-                "exits",
-                Status::Ok,
-                "tp_btf sched_process_exit",
-                "every exit is traced with the cheapest hook",
-            ),
-            (true, _, Some(Status::Ok | Status::Fallback)) => check(
-                "exits",
-                Status::Ok,
-                "tracepoint sched:sched_process_exit",
-                "every exit is traced (tp_btf refused; the tracepoint costs a little more)",
-            ),
-            _ => check(
-                "exits",
-                Status::Missing,
-                "no usable hook",
-                "exit tracing is unavailable",
-            ),
-        });
+        checks.push(exits_check(&btf));
     }
 
     Report {
@@ -310,11 +282,66 @@ fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The exit family's real hook selection (the code the agent runs), and why.
+fn exits_check(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Check {
+    // Every family's offsets: the object is loaded whole.
+    let offsets = match btf.as_ref().map(KernelOffsets::resolve) {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => return check("exits", Status::Missing, e.to_string(), "exit tracing is unavailable"),
+        Err(_) => return check("exits", Status::Missing, "no kernel BTF", "exit tracing is unavailable"),
+    };
+    match probes::exits::probe_selection(&offsets) {
+        Ok(a) => {
+            let refused: Vec<String> = a.refused.iter().map(|(k, why)| format!("{k} refused: {why}")).collect();
+            let order = probes::exits::PREFERENCE.map(|k| k.to_string()).join(" > ");
+            let detail = if refused.is_empty() {
+                format!("{} {} (the first of {order})", a.attach_type, a.hook)
+            } else {
+                format!("{} {} ({})", a.attach_type, a.hook, refused.join("; "))
+            };
+            let meaning = if a.attach_type == probes::exits::PREFERENCE[0] {
+                "every exit is traced with the cheapest hook".to_string()
+            } else {
+                format!("every exit is traced; {} is refused here, so the hook costs a little more", probes::exits::PREFERENCE[0])
+            };
+            check("exits", Status::Ok, detail, meaning)
+        }
+        Err(e) => check("exits", Status::Missing, e.to_string(), "exit tracing is unavailable on this kernel"),
+    }
+}
+
+/// What each hook type's availability means for podscope.
+fn hook_meaning(hook: Hook) -> (&'static str, &'static str) {
+    match hook {
+        Hook::Tracepoint => (
+            "plain tracepoints work: the last-resort hook for every family",
+            "no plain tracepoints until tracefs is mounted (podscope mounts it when needed)",
+        ),
+        Hook::RawTp => ("raw tracepoints work: the exits family's second choice", "families use tp_btf or plain tracepoints instead"),
+        Hook::TpBtf => (
+            "BTF tracepoints work: exits and scheduler probes use them (cheapest tracepoint form)",
+            "families fall back to raw or plain tracepoints (slightly more overhead)",
+        ),
+        Hook::Fentry => (
+            "BPF trampolines work: fentry can accelerate function probes",
+            "BPF trampolines are refused (fentry/fexit): podscope uses tracepoints, which cover every family",
+        ),
+        Hook::Kprobe => ("kprobes work", "no kprobes (CONFIG_KPROBES unset?): podscope needs none, tracepoints cover every family"),
+        Hook::Lsm => (
+            "BPF LSM programs load and attach",
+            "no BPF LSM programs (trampolines refused or CONFIG_BPF_LSM unset): podscope needs none",
+        ),
+        Hook::NetfilterLink => (
+            "BPF netfilter links work (kernel ≥ 6.4): Service DNAT and rejects can be traced at the netfilter hooks",
+            "no BPF netfilter links (kernel < 6.4): packet paths fall back to conntrack events and kfree_skb",
+        ),
+    }
+}
+
 /// Loads each tiny doctor program and attaches it, then detaches.
 fn hook_checks() -> Vec<Check> {
-    let aya_btf = aya::Btf::from_sys_fs().ok();
-    let mut ebpf = match probes::load_object_for_probing(aya_btf.as_ref()) {
-        Ok(e) => e,
+    let probed = match capabilities::probe_hooks() {
+        Ok(p) => p,
         Err(e) => {
             return vec![check(
                 "hooks",
@@ -324,88 +351,13 @@ fn hook_checks() -> Vec<Check> {
             )];
         }
     };
-    let mut out = vec![];
-    let need_btf = || "the kernel's BTF could not be read".to_string();
-
-    let r: Result<(), String> = (|| {
-        if tracefs::mounted().is_none() {
-            return Err("tracefs is not mounted".into());
-        }
-        let p: &mut TracePoint = program(&mut ebpf, "doctor_tracepoint")?;
-        p.load().map_err(|e| error_chain(&e))?;
-        p.attach("sched", "sched_process_exit")
-            .map_err(|e| error_chain(&e))
-            .map(drop)
-    })();
-    out.push(verdict(
-        "tracepoint",
-        r,
-        "plain tracepoints work: the last-resort hook for every family",
-        Status::Fallback,
-        "no plain tracepoints until tracefs is mounted (podscope mounts it when needed)",
-    ));
-
-    let r: Result<(), String> = (|| {
-        let p: &mut RawTracePoint = program(&mut ebpf, "doctor_raw_tp")?;
-        p.load().map_err(|e| error_chain(&e))?;
-        p.attach("sched_process_exit")
-            .map_err(|e| error_chain(&e))
-            .map(drop)
-    })();
-    out.push(verdict(
-        "raw_tp",
-        r,
-        "raw tracepoints work",
-        Status::Fallback,
-        "families use tp_btf or plain tracepoints instead",
-    ));
-
-    let r: Result<(), String> = (|| {
-        let btf = aya_btf.as_ref().ok_or_else(need_btf)?;
-        let p: &mut BtfTracePoint = program(&mut ebpf, "doctor_tp_btf")?;
-        p.load("sched_process_exit", btf)
-            .map_err(|e| error_chain(&e))?;
-        p.attach().map_err(|e| error_chain(&e)).map(drop)
-    })();
-    out.push(verdict(
-        "tp_btf",
-        r,
-        "BTF tracepoints work: exits and scheduler probes use them (cheapest tracepoint form)",
-        Status::Fallback,
-        "families fall back to plain tracepoints (slightly more overhead)",
-    ));
-
-    let r: Result<(), String> = (|| {
-        let btf = aya_btf.as_ref().ok_or_else(need_btf)?;
-        let p: &mut FEntry = program(&mut ebpf, "doctor_fentry")?;
-        p.load("do_exit", btf).map_err(|e| error_chain(&e))?;
-        p.attach().map_err(|e| error_chain(&e)).map(drop)
-    })();
-    out.push(verdict("fentry", r, "BPF trampolines work: fentry can accelerate function probes", Status::Fallback, "BPF trampolines are refused (fentry/fexit/LSM): podscope uses tracepoints, which cover every family"));
-
-    let r: Result<(), String> = (|| {
-        let p: &mut KProbe = program(&mut ebpf, "doctor_kprobe")?;
-        p.load().map_err(|e| error_chain(&e))?;
-        p.attach("do_exit", 0)
-            .map_err(|e| error_chain(&e))
-            .map(drop)
-    })();
-    out.push(verdict(
-        "kprobe",
-        r,
-        "kprobes work",
-        Status::Fallback,
-        "no kprobes (CONFIG_KPROBES unset?): podscope needs none, tracepoints cover every family",
-    ));
-
-    out.push(verdict(
-        "netfilter_link",
-        bpf_sys::probe_netfilter_link().map_err(|e| e.to_string()),
-        "BPF netfilter links work (kernel ≥ 6.4): Service DNAT and rejects can be traced at the netfilter hooks",
-        Status::Fallback,
-        "no BPF netfilter links (kernel < 6.4): packet paths fall back to conntrack events and kfree_skb",
-    ));
-    out
+    probed
+        .into_iter()
+        .map(|p| {
+            let (ok, absent) = hook_meaning(p.hook);
+            verdict(p.hook.name(), p.result, ok, Status::Fallback, absent)
+        })
+        .collect()
 }
 
 fn verdict(

@@ -14,11 +14,14 @@ use agent_common::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, RawTracePoint, TracePoint},
 };
 use serde::Serialize;
 
-use super::{AttachType, Attachment, FamilyStats, LoadOptions, ProbeError, error_chain, program};
+use super::{
+    AttachType, Attachment, FamilyStats, KernelOffsets, LoadOptions, ProbeError, error_chain,
+    program,
+};
 use crate::{
     kernel::{
         btf::{Btf, BtfError},
@@ -33,6 +36,17 @@ const HOOK: &str = "sched:sched_process_exit";
 const EVENTS_MAP: &str = "EXIT_EVENTS";
 const STATS_MAP: &str = "EXIT_STATS";
 const OFFSETS_GLOBAL: &str = "EXIT_OFFSETS";
+
+/// The exit hooks, best first. All three fire at the same point of
+/// `do_exit()` with the same body; they differ in cost and in what the
+/// kernel must allow: tp_btf (no tracepoint record is filled, needs BTF
+/// and BTF-typed programs), raw_tp (same cost, older and more widely
+/// allowed), the plain tracepoint (needs tracefs; the kernel fills its
+/// record first). fentry on `do_exit` is not among them: it runs before
+/// `signal->live` is decremented and `exit_code` stored, so it could not
+/// tell a thread's exit from its process's.
+pub const PREFERENCE: [AttachType; 3] =
+    [AttachType::TpBtf, AttachType::RawTp, AttachType::Tracepoint];
 
 /// Where the exit probe's kernel fields are on this kernel.
 pub fn resolve_offsets(btf: &Btf) -> Result<ExitOffsets, BtfError> {
@@ -147,8 +161,8 @@ pub struct ExitProbe {
 }
 
 impl ExitProbe {
-    /// Attaches the best hook this kernel allows: tp_btf, else the plain
-    /// tracepoint. `only` forces one (tests, doctor).
+    /// Attaches the best hook this kernel allows, trying [`PREFERENCE`] in
+    /// order and keeping each refusal's reason. `only` forces one (tests).
     pub fn attach(
         ebpf: &mut Ebpf,
         btf: Option<&aya::Btf>,
@@ -156,7 +170,7 @@ impl ExitProbe {
     ) -> Result<ExitProbe, ProbeError> {
         let mut refused = vec![];
         let mut chosen = None;
-        for kind in [AttachType::TpBtf, AttachType::Tracepoint] {
+        for kind in PREFERENCE {
             if only.is_some_and(|o| o != kind) {
                 continue;
             }
@@ -233,6 +247,15 @@ impl ExitProbe {
     }
 }
 
+/// Runs the exit family's hook selection exactly as the agent does, then
+/// detaches: what `doctor` reports and the kernel tests check.
+pub fn probe_selection(offsets: &KernelOffsets) -> Result<Attachment, ProbeError> {
+    let mut ebpf = super::load_object(offsets, &LoadOptions::with_ring_buffer(4096))?;
+    let btf = super::attach_btf();
+    let probe = ExitProbe::attach(&mut ebpf, btf.as_ref(), None)?;
+    Ok(probe.attachment)
+}
+
 fn attach_one(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, kind: AttachType) -> Result<(), String> {
     match kind {
         AttachType::TpBtf => {
@@ -241,6 +264,12 @@ fn attach_one(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, kind: AttachType) -> Resu
             prog.load("sched_process_exit", btf)
                 .map_err(|e| error_chain(&e))?;
             prog.attach().map_err(|e| error_chain(&e))?;
+        }
+        AttachType::RawTp => {
+            let prog: &mut RawTracePoint = program(ebpf, "exit_raw_tp")?;
+            prog.load().map_err(|e| error_chain(&e))?;
+            prog.attach("sched_process_exit")
+                .map_err(|e| error_chain(&e))?;
         }
         AttachType::Tracepoint => {
             tracefs::ensure_mounted()?;

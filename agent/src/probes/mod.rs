@@ -5,6 +5,7 @@
 //! globals, picks the best hook the kernel accepts by trying them in order,
 //! and decodes its own ring buffer.
 
+pub mod capabilities;
 pub mod cgroups;
 pub mod exits;
 

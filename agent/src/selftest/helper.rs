@@ -1,0 +1,29 @@
+//! Workloads the scenarios start as separate processes, run by the
+//! kernel-test binary itself (`podscope-kernel-tests --helper MODE`): the VMs
+//! have busybox and nothing else, so no python or compiler to write them in.
+
+use std::{process::ExitCode, time::Duration};
+
+/// Four threads sleep while the process exits with this status: the other
+/// threads must fold into the process's one event.
+pub const THREADS_THEN_EXIT: &str = "threads-then-exit";
+pub const THREADS_THEN_EXIT_STATUS: u8 = 7;
+
+/// Runs a helper mode; never returns for a known mode.
+pub fn run(mode: &str) -> ExitCode {
+    match mode {
+        THREADS_THEN_EXIT => {
+            for _ in 0..4 {
+                std::thread::spawn(|| std::thread::sleep(Duration::from_secs(30)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            // SAFETY: _exit ends the whole process at once, threads included,
+            // which is the point (no unwinding or joining).
+            unsafe { libc::_exit(i32::from(THREADS_THEN_EXIT_STATUS)) }
+        }
+        other => {
+            eprintln!("podscope-kernel-tests: unknown helper mode `{other}`");
+            ExitCode::from(2)
+        }
+    }
+}
