@@ -26,7 +26,9 @@ use xtask::toolchain::{
 use crate::status;
 
 /// Debian packages: bpftrace is the peer tool the benchmarks compare against;
-/// bpftool reads the kernel's own per-program run-time statistics for them.
+/// bpftool reads the kernel's own per-program run-time statistics for them;
+/// qemu-system-x86 boots the kernel matrix, busybox-static is its guests' userspace
+/// (and the test node's images); the rest runs the test node.
 const APT_PACKAGES: &[&str] = &[
     "bpftrace",
     "bpftool",
@@ -42,6 +44,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     // `python3 -m venv` for the tools below (Debian splits venv out of python3).
     "python3-venv",
+    "qemu-system-x86",
 ];
 
 /// Python tools deploy/'s tests run, pinned so a new release cannot change
@@ -59,6 +62,7 @@ pub fn run() -> Result<()> {
     } else {
         apt_packages(APT_PACKAGES)?;
         python_tools(&python_venv(), PYTHON_TOOLS)?;
+        musl_target()?;
     }
     eprintln!(
         "xtask: set-up complete in {:.1}s",
@@ -88,6 +92,20 @@ fn rust_src() -> Result<()> {
     }
     eprintln!("xtask: installing rust-src for {NIGHTLY}");
     status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
+}
+
+/// The static kernel-test binary that the VM matrix boots is built for musl.
+fn musl_target() -> Result<()> {
+    const MUSL: &str = "x86_64-unknown-linux-musl";
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("cannot run rustup")?;
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == MUSL) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the Rust target {MUSL}");
+    status(Command::new("rustup").args(["target", "add", MUSL]))
 }
 
 fn bpf_linker(n: &Nightly) -> Result<()> {
