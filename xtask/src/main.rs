@@ -20,8 +20,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str =
-    "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits | vm-test [--kernel NAME]...>";
+const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits | vm-test [--kernel NAME]...>";
 
 fn main() -> ExitCode {
     match real_main() {

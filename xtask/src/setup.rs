@@ -101,7 +101,10 @@ fn musl_target() -> Result<()> {
         .args(["target", "list", "--installed"])
         .output()
         .context("cannot run rustup")?;
-    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == MUSL) {
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == MUSL)
+    {
         return Ok(());
     }
     eprintln!("xtask: installing the Rust target {MUSL}");

@@ -173,8 +173,7 @@ pub fn matrix(targets: &[Target]) -> Result<Totals> {
     let t0 = Instant::now();
     let bin = build_test_binary()?;
     let work = root().join("target/vm-test");
-    std::fs::create_dir_all(&work)
-        .with_context(|| format!("cannot create {}", work.display()))?;
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let mut runs = vec![];
     let mut initrd: Option<PathBuf> = None;
     for t in targets {
@@ -192,7 +191,12 @@ pub fn matrix(targets: &[Target]) -> Result<Totals> {
                     }
                 };
                 match kernels::fetch(prefix, suffix) {
-                    Ok(k) => qemu::boot(&k, &initrd, &expect_args(t), &work.join(format!("{}.log", t.name))),
+                    Ok(k) => qemu::boot(
+                        &k,
+                        &initrd,
+                        &expect_args(t),
+                        &work.join(format!("{}.log", t.name)),
+                    ),
                     Err(e) => report::Run::broken(format!("{e:#}")),
                 }
             }
@@ -229,10 +233,22 @@ fn expect_args(t: &Target) -> Vec<String> {
 /// object for the BPF target whatever the host target is).
 fn build_test_binary() -> Result<PathBuf> {
     status(cargo().args([
-        "build", "--release", "--quiet", "--target", MUSL, "-p", "podscope", "--bin", TEST_BIN,
+        "build",
+        "--release",
+        "--quiet",
+        "--target",
+        MUSL,
+        "-p",
+        "podscope",
+        "--bin",
+        TEST_BIN,
     ]))
     .context("building the static kernel-test binary failed")?;
-    Ok(root().join("target").join(MUSL).join("release").join(TEST_BIN))
+    Ok(root()
+        .join("target")
+        .join(MUSL)
+        .join("release")
+        .join(TEST_BIN))
 }
 
 /// The host kernel runs the same static binary directly.

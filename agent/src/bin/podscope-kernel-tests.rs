@@ -9,7 +9,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use podscope::selftest::{self, Context};
 
-const USAGE: &str = "usage: podscope-kernel-tests [--expect NAME=VALUE]... [--only SCENARIO]... [--list]";
+const USAGE: &str =
+    "usage: podscope-kernel-tests [--expect NAME=VALUE]... [--only SCENARIO]... [--list]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);

@@ -287,12 +287,30 @@ fn exits_check(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Check {
     // Every family's offsets: the object is loaded whole.
     let offsets = match btf.as_ref().map(KernelOffsets::resolve) {
         Ok(Ok(o)) => o,
-        Ok(Err(e)) => return check("exits", Status::Missing, e.to_string(), "exit tracing is unavailable"),
-        Err(_) => return check("exits", Status::Missing, "no kernel BTF", "exit tracing is unavailable"),
+        Ok(Err(e)) => {
+            return check(
+                "exits",
+                Status::Missing,
+                e.to_string(),
+                "exit tracing is unavailable",
+            );
+        }
+        Err(_) => {
+            return check(
+                "exits",
+                Status::Missing,
+                "no kernel BTF",
+                "exit tracing is unavailable",
+            );
+        }
     };
     match probes::exits::probe_selection(&offsets) {
         Ok(a) => {
-            let refused: Vec<String> = a.refused.iter().map(|(k, why)| format!("{k} refused: {why}")).collect();
+            let refused: Vec<String> = a
+                .refused
+                .iter()
+                .map(|(k, why)| format!("{k} refused: {why}"))
+                .collect();
             let order = probes::exits::PREFERENCE.map(|k| k.to_string()).join(" > ");
             let detail = if refused.is_empty() {
                 format!("{} {} (the first of {order})", a.attach_type, a.hook)
@@ -302,11 +320,19 @@ fn exits_check(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Check {
             let meaning = if a.attach_type == probes::exits::PREFERENCE[0] {
                 "every exit is traced with the cheapest hook".to_string()
             } else {
-                format!("every exit is traced; {} is refused here, so the hook costs a little more", probes::exits::PREFERENCE[0])
+                format!(
+                    "every exit is traced; {} is refused here, so the hook costs a little more",
+                    probes::exits::PREFERENCE[0]
+                )
             };
             check("exits", Status::Ok, detail, meaning)
         }
-        Err(e) => check("exits", Status::Missing, e.to_string(), "exit tracing is unavailable on this kernel"),
+        Err(e) => check(
+            "exits",
+            Status::Missing,
+            e.to_string(),
+            "exit tracing is unavailable on this kernel",
+        ),
     }
 }
 
@@ -317,7 +343,10 @@ fn hook_meaning(hook: Hook) -> (&'static str, &'static str) {
             "plain tracepoints work: the last-resort hook for every family",
             "no plain tracepoints until tracefs is mounted (podscope mounts it when needed)",
         ),
-        Hook::RawTp => ("raw tracepoints work: the exits family's second choice", "families use tp_btf or plain tracepoints instead"),
+        Hook::RawTp => (
+            "raw tracepoints work: the exits family's second choice",
+            "families use tp_btf or plain tracepoints instead",
+        ),
         Hook::TpBtf => (
             "BTF tracepoints work: exits and scheduler probes use them (cheapest tracepoint form)",
             "families fall back to raw or plain tracepoints (slightly more overhead)",
@@ -326,7 +355,10 @@ fn hook_meaning(hook: Hook) -> (&'static str, &'static str) {
             "BPF trampolines work: fentry can accelerate function probes",
             "BPF trampolines are refused (fentry/fexit): podscope uses tracepoints, which cover every family",
         ),
-        Hook::Kprobe => ("kprobes work", "no kprobes (CONFIG_KPROBES unset?): podscope needs none, tracepoints cover every family"),
+        Hook::Kprobe => (
+            "kprobes work",
+            "no kprobes (CONFIG_KPROBES unset?): podscope needs none, tracepoints cover every family",
+        ),
         Hook::Lsm => (
             "BPF LSM programs load and attach",
             "no BPF LSM programs (trampolines refused or CONFIG_BPF_LSM unset): podscope needs none",

@@ -65,11 +65,18 @@ fn own_cgroup_id() -> Option<u64> {
 /// A normal exit with status 3, and every field of its event.
 pub fn exit_code_3(_: &Context) -> Verdict {
     let mut t = Tracer::attach(None, RING)?;
-    let (e, status) = exit_of(&mut t, Command::new("sh").args(["-c", "exit 3"]), |_| Ok(()))?;
+    let (e, status) = exit_of(
+        &mut t,
+        Command::new("sh").args(["-c", "exit 3"]),
+        |_| Ok(()),
+    )?;
     ensure_eq!(status.code(), Some(3), "wait status");
     ensure_eq!(e.exit_code, Some(3), "exit_code");
     ensure_eq!(e.signal, None, "signal");
-    ensure!(!e.core_dumped && !e.thread && !e.partial, "flags wrong: {e:?}");
+    ensure!(
+        !e.core_dumped && !e.thread && !e.partial,
+        "flags wrong: {e:?}"
+    );
     ensure_eq!(e.comm.as_str(), "sh", "comm");
     ensure_eq!(e.ppid, std::process::id(), "ppid");
     ensure_eq!(e.pid, e.tgid, "pid of a main thread");
@@ -90,7 +97,9 @@ pub fn exit_code_3(_: &Context) -> Verdict {
 
 fn killed_by(sig: i32, name: &str) -> Verdict {
     let mut t = Tracer::attach(None, RING)?;
-    let (e, status) = exit_of(&mut t, Command::new("sleep").arg("30"), |pid| signal(pid, sig))?;
+    let (e, status) = exit_of(&mut t, Command::new("sleep").arg("30"), |pid| {
+        signal(pid, sig)
+    })?;
     ensure_eq!(status.signal(), Some(sig), "wait status signal");
     ensure_eq!(e.signal.as_deref(), Some(name), "signal");
     ensure_eq!(e.exit_code, None, "exit_code");
@@ -117,7 +126,10 @@ pub fn sigsegv_core_flag(_: &Context) -> Verdict {
         .to_str()
         .and_then(|s| std::ffi::CString::new(s).ok())
     else {
-        fail!("temporary directory {} is not a C string", scratch.display())
+        fail!(
+            "temporary directory {} is not a C string",
+            scratch.display()
+        )
     };
     // SAFETY: the child only calls async-signal-safe functions before it faults.
     let pid = unsafe { libc::fork() };
@@ -139,7 +151,10 @@ pub fn sigsegv_core_flag(_: &Context) -> Verdict {
     let Some(e) = e else {
         fail!("no exit event for the crash")
     };
-    ensure!(libc::WIFSIGNALED(status), "the child was not killed by a signal ({status:#x})");
+    ensure!(
+        libc::WIFSIGNALED(status),
+        "the child was not killed by a signal ({status:#x})"
+    );
     ensure_eq!(libc::WTERMSIG(status), libc::SIGSEGV, "wait status signal");
     ensure_eq!(e.signal.as_deref(), Some("SIGSEGV"), "signal");
     ensure_eq!(
@@ -164,7 +179,10 @@ pub fn lone_thread_exit(_: &Context) -> Verdict {
     let Some(e) = t.wait_for(WAIT, |e| e.pid == tid) else {
         fail!("no exit event for thread {tid}")
     };
-    ensure!(e.thread, "a lone thread's exit is reported as a process exit: {e:?}");
+    ensure!(
+        e.thread,
+        "a lone thread's exit is reported as a process exit: {e:?}"
+    );
     ensure_eq!(e.tgid, me, "tgid");
     ensure_eq!(e.comm.as_str(), "podscope-short", "comm");
     ensure_eq!(e.exit_code, Some(0), "exit_code");
@@ -184,17 +202,17 @@ pub fn multithreaded_process_exit(ctx: &Context) -> Verdict {
     let (e, status) = exit_of(&mut t, &mut cmd, |_| Ok(()))?;
     let want = i32::from(helper::THREADS_THEN_EXIT_STATUS);
     ensure_eq!(status.code(), Some(want), "wait status");
-    ensure_eq!(e.exit_code, Some(helper::THREADS_THEN_EXIT_STATUS), "exit_code");
+    ensure_eq!(
+        e.exit_code,
+        Some(helper::THREADS_THEN_EXIT_STATUS),
+        "exit_code"
+    );
     ensure!(!e.thread, "reported as a thread exit: {e:?}");
     let pid = e.tgid;
     std::thread::sleep(Duration::from_millis(100));
     let mut extra = 0;
     t.probe.drain(|x| extra += u32::from(x.tgid == pid));
-    ensure_eq!(
-        extra,
-        0,
-        "events from threads torn down with their process"
-    );
+    ensure_eq!(extra, 0, "events from threads torn down with their process");
     Ok(format!("one event, exit_code={want}"))
 }
 

@@ -193,7 +193,11 @@ pub fn result_line(name: &str, outcome: &Outcome) -> String {
 
 /// Runs the scenarios (all, or those named in `only`), printing each line
 /// as it finishes and the summary last; returns the number of failures.
-pub fn run_all(ctx: &Context, only: &[String], out: &mut dyn std::io::Write) -> std::io::Result<u32> {
+pub fn run_all(
+    ctx: &Context,
+    only: &[String],
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<u32> {
     let start = Instant::now();
     let mut counts = [0u32; 3];
     for s in SCENARIOS
@@ -229,7 +233,9 @@ pub fn parse_expectation(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .filter(|(k, v)| !k.is_empty() && !v.is_empty())
-        .ok_or_else(|| format!("`{s}` is not an expectation: write NAME=VALUE, e.g. exits=tp_btf or fentry=ok"))
+        .ok_or_else(|| {
+            format!("`{s}` is not an expectation: write NAME=VALUE, e.g. exits=tp_btf or fentry=ok")
+        })
 }
 
 #[cfg(test)]
@@ -240,21 +246,35 @@ mod tests {
     fn result_lines_are_one_line_each() {
         let l = result_line("x", &Outcome::Fail("a\nb".into()));
         assert_eq!(l, "PODSCOPE-TEST x fail a b");
-        assert_eq!(result_line("y", &Outcome::Pass(String::new())), "PODSCOPE-TEST y pass ");
+        assert_eq!(
+            result_line("y", &Outcome::Pass(String::new())),
+            "PODSCOPE-TEST y pass "
+        );
     }
 
     #[test]
     fn names_are_unique_and_single_words() {
         for (i, s) in SCENARIOS.iter().enumerate() {
             assert!(!s.name.contains(char::is_whitespace));
-            assert!(SCENARIOS[..i].iter().all(|o| o.name != s.name), "{}", s.name);
+            assert!(
+                SCENARIOS[..i].iter().all(|o| o.name != s.name),
+                "{}",
+                s.name
+            );
         }
     }
 
     #[test]
     fn expectations_parse() {
-        assert_eq!(parse_expectation("exits=tp_btf").unwrap(), ("exits".into(), "tp_btf".into()));
-        assert!(parse_expectation("exits").unwrap_err().contains("NAME=VALUE"));
+        assert_eq!(
+            parse_expectation("exits=tp_btf").unwrap(),
+            ("exits".into(), "tp_btf".into())
+        );
+        assert!(
+            parse_expectation("exits")
+                .unwrap_err()
+                .contains("NAME=VALUE")
+        );
         assert!(parse_expectation("=x").is_err());
     }
 }

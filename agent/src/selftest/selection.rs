@@ -32,7 +32,11 @@ pub fn exits_hook_selection(ctx: &Context) -> Verdict {
         .into_iter()
         .find(|k| hook_of(*k).is_some_and(usable));
     if let Some(best) = best {
-        ensure_eq!(chosen.attach_type, best, "exits hook (the best one capability probing found)");
+        ensure_eq!(
+            chosen.attach_type,
+            best,
+            "exits hook (the best one capability probing found)"
+        );
     }
     let better: Vec<AttachType> = exits::PREFERENCE
         .into_iter()
@@ -47,7 +51,9 @@ pub fn exits_hook_selection(ctx: &Context) -> Verdict {
             continue;
         }
         let Some(hook) = Hook::from_name(name) else {
-            fail!("unknown expectation `{name}`: use exits or one of the hook names of `podscope doctor`")
+            fail!(
+                "unknown expectation `{name}`: use exits or one of the hook names of `podscope doctor`"
+            )
         };
         let got = if usable(hook) { "ok" } else { "refused" };
         ensure!(
@@ -66,7 +72,17 @@ pub fn exits_hook_selection(ctx: &Context) -> Verdict {
 
     let summary: Vec<String> = hooks
         .iter()
-        .map(|p| format!("{}={}", p.hook, if p.result.is_ok() { "ok" } else { "refused" }))
+        .map(|p| {
+            format!(
+                "{}={}",
+                p.hook,
+                if p.result.is_ok() { "ok" } else { "refused" }
+            )
+        })
         .collect();
-    Ok(format!("exits={} ({})", chosen.attach_type, summary.join(" ")))
+    Ok(format!(
+        "exits={} ({})",
+        chosen.attach_type,
+        summary.join(" ")
+    ))
 }

@@ -18,7 +18,10 @@ pub fn privileged(test: &str) -> bool {
         !required(),
         "{test}: needs root to load eBPF programs, and PODSCOPE_REQUIRE_KERNEL_TESTS=1"
     );
-    say_skipped(test, "needs root (or CAP_BPF+CAP_PERFMON) to load eBPF programs");
+    say_skipped(
+        test,
+        "needs root (or CAP_BPF+CAP_PERFMON) to load eBPF programs",
+    );
     false
 }
 

@@ -35,7 +35,8 @@ pub fn build(test_bin: &Path, out: &Path) -> Result<()> {
     let busybox = fs::read(BUSYBOX).with_context(|| {
         format!("cannot read {BUSYBOX}: install busybox-static (`cargo xtask setup` does)")
     })?;
-    let tests = fs::read(test_bin).with_context(|| format!("cannot read {}", test_bin.display()))?;
+    let tests =
+        fs::read(test_bin).with_context(|| format!("cannot read {}", test_bin.display()))?;
     let mut w = Writer::default();
     for dir in ["bin", "dev", "proc", "sys", "root"] {
         w.entry(dir, 0o040755, &[], (0, 0));
@@ -51,7 +52,8 @@ pub fn build(test_bin: &Path, out: &Path) -> Result<()> {
     w.entry("podscope-kernel-tests", 0o100755, &tests, (0, 0));
     w.entry("init", 0o100755, INIT.as_bytes(), (0, 0));
     let bytes = w.finish();
-    let mut f = fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut f =
+        fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     f.write_all(&bytes)
         .with_context(|| format!("cannot write {}", out.display()))
 }
@@ -95,7 +97,7 @@ impl Writer {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }

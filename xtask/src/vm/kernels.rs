@@ -178,13 +178,21 @@ mod tests {
         let n = "linux-image-6.1.0-56-cloud-amd64-unsigned";
         assert!(matches(n, cloud.0, cloud.1));
         assert!(!matches(n, generic.0, generic.1));
-        assert!(matches("linux-image-6.1.0-56-amd64-unsigned", generic.0, generic.1));
+        assert!(matches(
+            "linux-image-6.1.0-56-amd64-unsigned",
+            generic.0,
+            generic.1
+        ));
         assert!(matches(
             "linux-image-6.12.117+deb12-cloud-amd64-unsigned",
             "linux-image-6.12.",
             "-cloud-amd64-unsigned"
         ));
-        assert!(!matches("linux-image-6.1.0--cloud-amd64-unsigned", cloud.0, cloud.1));
+        assert!(!matches(
+            "linux-image-6.1.0--cloud-amd64-unsigned",
+            cloud.0,
+            cloud.1
+        ));
     }
 
     #[test]

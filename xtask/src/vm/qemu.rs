@@ -35,17 +35,26 @@ pub fn boot(kernel: &Kernel, initrd: &Path, args: &[String], log: &Path) -> Run 
     // exercised, emulated round-robin on one host thread: measured on the
     // 10,000-process scenario, multi-threaded TCG took 33 s (its vCPUs
     // spend the time synchronising), one thread 4 s, a single vCPU 2 s.
-    cmd.args(["-accel", "tcg,thread=single", "-smp", "2", "-cpu", "max", "-m", "1024"])
-        .args(["-nographic", "-no-reboot", "-nic", "none"])
-        .arg("-kernel")
-        .arg(&kernel.vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(append(args))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "-accel",
+        "tcg,thread=single",
+        "-smp",
+        "2",
+        "-cpu",
+        "max",
+        "-m",
+        "1024",
+    ])
+    .args(["-nographic", "-no-reboot", "-nic", "none"])
+    .arg("-kernel")
+    .arg(&kernel.vmlinuz)
+    .arg("-initrd")
+    .arg(initrd)
+    .arg("-append")
+    .arg(append(args))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -116,12 +125,8 @@ pub fn boot(kernel: &Kernel, initrd: &Path, args: &[String], log: &Path) -> Run 
             DEADLINE.as_secs(),
             log.display()
         ));
-    } else if run.problem.is_some() {
-        if let Ok(st) = status {
-            if let Some(p) = run.problem.as_mut() {
-                p.push_str(&format!(" (qemu {st}; console in {})", log.display()));
-            }
-        }
+    } else if let (Some(p), Ok(st)) = (run.problem.as_mut(), status) {
+        p.push_str(&format!(" (qemu {st}; console in {})", log.display()));
     }
     run
 }

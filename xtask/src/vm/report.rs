@@ -116,7 +116,9 @@ fn cell(run: &Run, scenario: &str) -> (&'static str, Option<String>) {
     match run.results.iter().find(|r| r.name == scenario) {
         Some(r) if r.word == "pass" => ("pass", None),
         Some(r) if r.word == "skip" && run.expected_skip(scenario) => ("expected-skip", None),
-        Some(r) if r.word == "skip" => ("SKIP", Some(format!("skipped unexpectedly: {}", r.detail))),
+        Some(r) if r.word == "skip" => {
+            ("SKIP", Some(format!("skipped unexpectedly: {}", r.detail)))
+        }
         Some(r) => ("FAIL", Some(r.detail.clone())),
         None => ("MISSING", Some("no result".into())),
     }
@@ -190,7 +192,11 @@ pub fn print(runs: &[Run], out: &mut dyn Write) -> std::io::Result<Totals> {
         writeln!(out, "FAILED {f}")?;
     }
     for run in runs {
-        if let Some(sel) = run.results.iter().find(|r| r.name == "exits_hook_selection") {
+        if let Some(sel) = run
+            .results
+            .iter()
+            .find(|r| r.name == "exits_hook_selection")
+        {
             writeln!(out, "{}: {}", run.name(), sel.detail)?;
         }
     }
@@ -213,7 +219,10 @@ mod tests {
         let run = Run::parse(OUTPUT);
         assert_eq!(run.results.len(), 3);
         assert_eq!(run.results[1].word, "fail");
-        assert_eq!(run.results[1].detail, "signal: got None, want Some(\"SIGKILL\")");
+        assert_eq!(
+            run.results[1].detail,
+            "signal: got None, want Some(\"SIGKILL\")"
+        );
         assert_eq!(run.kernel.as_deref(), Some("6.1.0-56-cloud-amd64"));
         assert_eq!(run.tests_seconds, Some(4.5));
         assert!(run.problem.is_none());
@@ -239,6 +248,9 @@ mod tests {
         );
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("| exit_code_3 | pass |"), "{text}");
-        assert!(text.contains("FAILED ? / sigkill: signal: got None"), "{text}");
+        assert!(
+            text.contains("FAILED ? / sigkill: signal: got None"),
+            "{text}"
+        );
     }
 }
