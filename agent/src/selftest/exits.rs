@@ -88,9 +88,11 @@ pub fn exit_code_3(_: &Context) -> Verdict {
     if let Some(id) = own_cgroup_id() {
         ensure_eq!(e.cgroup_id, id, "cgroup id (the child lives in our cgroup)");
     }
+    // The offset shows that each kernel's own BTF was used: it differs between kernels.
     Ok(format!(
-        "exit_code=3 via {}, lifetime {:?}",
+        "exit_code=3 via {} (task_struct.exit_code at {}), lifetime {:?}",
         t.probe.attachment.attach_type,
+        t.offsets.exits.task_exit_code,
         e.lifetime()
     ))
 }

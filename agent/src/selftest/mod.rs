@@ -1,5 +1,5 @@
 //! podscope's kernel-facing tests as a library, so that one piece of code
-//! serves both `cargo test` (agent/tests/exits.rs) and the static
+//! serves both `cargo test` (agent/tests/kernel.rs) and the static
 //! `podscope-kernel-tests` binary that `cargo xtask vm-test` boots on other
 //! kernels. Every scenario loads the real programs into the running kernel
 //! and checks them against real processes, with the parent's own wait status
@@ -13,6 +13,7 @@
 //! PODSCOPE-SUMMARY kernel=<release> passed=N failed=N skipped=N seconds=S
 //! ```
 
+mod cgroups;
 mod exits;
 pub mod helper;
 mod selection;
@@ -153,6 +154,10 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "ten_thousand_processes",
         run: exits::ten_thousand_processes,
+    },
+    Scenario {
+        name: "cgroup_mkdir_rmdir",
+        run: cgroups::cgroup_mkdir_rmdir,
     },
 ];
 

@@ -13,6 +13,8 @@ use crate::probes::{
 /// The probe, with its object kept alive (dropping it detaches).
 pub struct Tracer {
     pub probe: ExitProbe,
+    /// The offsets it was loaded with, for the scenarios to report.
+    pub offsets: KernelOffsets,
     _ebpf: Ebpf,
 }
 
@@ -24,7 +26,11 @@ impl Tracer {
         let mut ebpf = probes::load_object(&offsets, &opts)?;
         let btf = probes::attach_btf();
         let probe = ExitProbe::attach(&mut ebpf, btf.as_ref(), only)?;
-        Ok(Tracer { probe, _ebpf: ebpf })
+        Ok(Tracer {
+            probe,
+            offsets,
+            _ebpf: ebpf,
+        })
     }
 
     /// Drains events until `pred` matches one, or `timeout` passes.

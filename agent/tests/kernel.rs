@@ -1,4 +1,4 @@
-//! Exit tracing on the real kernel: the scenarios of `podscope::selftest`
+//! podscope's probes on the real kernel: the scenarios of `podscope::selftest`
 //! (the same code the static `podscope-kernel-tests` runs in the VM matrix),
 //! one cargo test each. Needs root.
 
@@ -79,8 +79,13 @@ fn ten_thousand_short_processes_are_all_accounted_for() {
 }
 
 #[test]
+fn cgroup_creation_and_removal_are_reported() {
+    scenario("cgroup_mkdir_rmdir");
+}
+
+#[test]
 fn every_scenario_has_a_cargo_test() {
-    let me = include_str!("exits.rs");
+    let me = include_str!("kernel.rs");
     for s in selftest::SCENARIOS {
         assert!(
             me.contains(&format!("scenario(\"{}\")", s.name)),
