@@ -172,7 +172,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 pub fn matrix(targets: &[Target]) -> Result<Totals> {
     let t0 = Instant::now();
     let bin = build_test_binary()?;
-    let work = root().join("target/vm-test");
+    let work = root().join("target").join("vm-test");
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let mut runs = vec![];
     let mut initrd: Option<PathBuf> = None;
@@ -219,10 +219,11 @@ pub fn matrix(targets: &[Target]) -> Result<Totals> {
     }
     let totals = report::print(&runs, &mut std::io::stdout().lock())?;
     println!(
-        "kernel matrix: {} kernels in {:.1} s (logs in {})",
+        "kernel matrix: {} kernel{} in {:.1} s (consoles in {})",
         runs.len(),
+        if runs.len() == 1 { "" } else { "s" },
         t0.elapsed().as_secs_f64(),
-        work.display()
+        work.canonicalize().unwrap_or(work).display()
     );
     Ok(totals)
 }
