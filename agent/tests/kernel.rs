@@ -34,6 +34,11 @@ fn the_best_exit_hook_is_chosen_by_probing() {
 }
 
 #[test]
+fn doctor_reports_the_hook_exits_chose() {
+    scenario("doctor_reports_the_choice");
+}
+
+#[test]
 fn exit_code_3_is_reported() {
     scenario("exit_code_3");
 }

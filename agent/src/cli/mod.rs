@@ -1,6 +1,6 @@
 //! The `podscope` command line: one module per subcommand.
 
-mod doctor;
+pub mod doctor;
 mod trace;
 
 use std::{io::IsTerminal, process::ExitCode, time::Duration};

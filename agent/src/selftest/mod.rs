@@ -120,6 +120,10 @@ pub const SCENARIOS: &[Scenario] = &[
         run: selection::exits_hook_selection,
     },
     Scenario {
+        name: "doctor_reports_the_choice",
+        run: selection::doctor_reports_the_choice,
+    },
+    Scenario {
         name: "exit_code_3",
         run: exits::exit_code_3,
     },

@@ -86,3 +86,34 @@ pub fn exits_hook_selection(ctx: &Context) -> Verdict {
         summary.join(" ")
     ))
 }
+
+/// `podscope doctor` on this kernel: it must report the hook the exits
+/// family really attaches, and a status for every hook type.
+pub fn doctor_reports_the_choice(_: &Context) -> Verdict {
+    use crate::cli::doctor::{Status, diagnose};
+    let offsets = KernelOffsets::from_sys_fs()?;
+    let chosen = exits::probe_selection(&offsets)?.attach_type;
+    let report = diagnose();
+    let find = |name: &str| report.checks.iter().find(|c| c.name == name);
+    let Some(exits_line) = find(exits::FAMILY) else {
+        fail!("doctor has no exits line")
+    };
+    ensure_eq!(exits_line.status, Status::Ok, "doctor's exits status");
+    ensure!(
+        exits_line.detail.starts_with(&format!("{chosen} ")),
+        "doctor says `{}`, but the exits family chose {chosen}",
+        exits_line.detail
+    );
+    for hook in Hook::ALL {
+        let Some(c) = find(hook.name()) else {
+            fail!("doctor has no {hook} line")
+        };
+        ensure!(
+            matches!(c.status, Status::Ok | Status::Fallback),
+            "doctor's {hook}: {:?} {}",
+            c.status,
+            c.detail
+        );
+    }
+    Ok(format!("exits: {}", exits_line.detail))
+}
