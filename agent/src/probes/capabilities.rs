@@ -65,6 +65,15 @@ pub struct HookProbe {
     pub result: Result<(), String>,
 }
 
+/// aya appends "Verifier output: " with the verifier's log, which is empty
+/// when the kernel refused the program type outright: drop the empty label.
+fn tidy(reason: &str) -> String {
+    let r = reason.trim_end();
+    r.strip_suffix("Verifier output:")
+        .map(|s| s.trim_end().trim_end_matches('.').to_string())
+        .unwrap_or_else(|| r.to_string())
+}
+
 /// Tries every hook type once. Each program is detached again when the
 /// object is dropped at the end.
 pub fn probe_hooks() -> Result<Vec<HookProbe>, ProbeError> {
@@ -120,7 +129,32 @@ pub fn probe_hooks() -> Result<Vec<HookProbe>, ProbeError> {
             })(),
             Hook::NetfilterLink => bpf_sys::probe_netfilter_link().map_err(|e| e.to_string()),
         };
-        out.push(HookProbe { hook, result });
+        out.push(HookProbe {
+            hook,
+            result: result.map_err(|e| tidy(&e)),
+        });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_verifier_logs_are_dropped() {
+        assert_eq!(
+            tidy(
+                "the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1). Verifier output: "
+            ),
+            "the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1)"
+        );
+        assert_eq!(
+            tidy("Verifier output: R1 invalid"),
+            "Verifier output: R1 invalid"
+        );
+        for h in Hook::ALL {
+            assert_eq!(Hook::from_name(h.name()), Some(h));
+        }
+    }
 }

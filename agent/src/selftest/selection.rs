@@ -66,7 +66,7 @@ pub fn exits_hook_selection(ctx: &Context) -> Verdict {
                 .find(|p| p.hook == hook)
                 .and_then(|p| p.result.clone().err())
                 .unwrap_or_default();
-            fail!("{name}: got {got}, want {want} {why}");
+            fail!("{name}: got {got}, want {want} ({why})");
         }
     }
 
