@@ -115,8 +115,10 @@ pub fn cni_config() -> String {
     .to_string()
 }
 
-/// Writes containerd's and CNI's config files (idempotent).
-pub fn write_config() -> Result<()> {
+/// Writes containerd's and CNI's config files (idempotent); true when
+/// containerd's own config changed (a running containerd must restart to
+/// read it, which its containers survive).
+pub fn write_config() -> Result<bool> {
     for dir in [
         Path::new(paths::STATE_DIR).to_path_buf(),
         paths::cni_conf_dir(),
@@ -125,18 +127,21 @@ pub fn write_config() -> Result<()> {
     ] {
         std::fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
     }
-    write_if_changed(&paths::containerd_config(), &config())?;
+    let changed = write_if_changed(&paths::containerd_config(), &config())?;
+    // containerd rereads the CNI directory by itself.
     write_if_changed(
         &paths::cni_conf_dir().join("10-podscope.conflist"),
         &cni_config(),
-    )
+    )?;
+    Ok(changed)
 }
 
-fn write_if_changed(p: &Path, text: &str) -> Result<()> {
+fn write_if_changed(p: &Path, text: &str) -> Result<bool> {
     if std::fs::read_to_string(p).is_ok_and(|t| t == text) {
-        return Ok(());
+        return Ok(false);
     }
-    std::fs::write(p, text).ctx(|| format!("cannot write {}", p.display()))
+    std::fs::write(p, text).ctx(|| format!("cannot write {}", p.display()))?;
+    Ok(true)
 }
 
 /// Our containerd's PID, if it runs.
@@ -194,4 +199,41 @@ pub fn stop() -> Result<Option<i32>> {
     process::terminate(pid, Duration::from_secs(10))?;
     let _ = std::fs::remove_file(paths::containerd_pid());
     Ok(Some(pid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_keeps_to_our_directories() {
+        let c = config();
+        assert!(c.contains("restrict_oom_score_adj = true"));
+        assert!(c.contains("SystemdCgroup = false"));
+        assert!(c.contains(&format!("address = \"{}\"", paths::SOCKET)));
+        assert!(c.contains(&format!("sandbox_image = \"{}\"", paths::PAUSE_IMAGE)));
+        // Every absolute path it names is ours (or the CNI plugins' directory).
+        for word in c.split('"').filter(|w| w.starts_with('/')) {
+            assert!(
+                word.starts_with(paths::STATE_DIR)
+                    || word.starts_with(paths::ROOT_DIR)
+                    || word == "/usr/lib/cni",
+                "containerd config names {word}"
+            );
+        }
+    }
+
+    #[test]
+    fn pods_get_benchmark_addresses() {
+        let v: serde_json::Value = serde_json::from_str(&cni_config()).unwrap();
+        let ipam = &v["plugins"][0]["ipam"];
+        assert_eq!(ipam["ranges"][0][0]["subnet"], "198.18.0.0/16");
+        assert_eq!(v["plugins"][0]["ipMasq"], false);
+        assert!(
+            ipam["dataDir"]
+                .as_str()
+                .unwrap()
+                .starts_with(paths::STATE_DIR)
+        );
+    }
 }

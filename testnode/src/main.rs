@@ -37,7 +37,7 @@ enum Cmd {
     Up,
     /// Run a Pod manifest (a supported subset of Kubernetes' Pod).
     Apply {
-        /// The manifest file.
+        /// The manifest file (`-` reads stdin).
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
         /// Wait until every container runs, or has exited at least once.
@@ -199,7 +199,11 @@ async fn up() -> Result<ExitCode> {
     } else {
         println!("network namespace {} exists", paths::NETNS);
     }
-    containerd::write_config()?;
+    if containerd::write_config()?
+        && let Some(pid) = containerd::stop()?
+    {
+        println!("containerd's config changed: stopped containerd (pid {pid}) to restart it");
+    }
     let (pid, started) = containerd::start().await?;
     let mut cri = Cri::connect(paths::SOCKET).await?;
     let version = cri.version().await?;
@@ -255,7 +259,14 @@ fn split_pod(s: &str) -> Result<(String, String)> {
 }
 
 async fn apply(file: &Path, wait: Wait, timeout: Duration, output: Output) -> Result<ExitCode> {
-    let mut pod = Pod::from_file(file).map_err(Error::from)?;
+    let mut pod = if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("cannot read the manifest from stdin")?;
+        Pod::parse(&text, "<stdin>").map_err(Error::from)?
+    } else {
+        Pod::from_file(file).map_err(Error::from)?
+    };
     testnode::qos::qos_class(&pod).map_err(Error::from)?;
     require_up()?;
     let (ns, name) = (pod.namespace().to_string(), pod.name().to_string());
