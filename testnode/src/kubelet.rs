@@ -39,6 +39,8 @@ const TICK: Duration = Duration::from_millis(250);
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
 /// How long a `Deleted` status file stays for `delete --wait` and `status`.
 const DELETED_RETENTION: Duration = Duration::from_secs(60);
+/// Status files are scanned for expired `Deleted` pods every 5 s, not every tick.
+const GC_EVERY_TICKS: u64 = 20;
 
 /// The containers CRI knows, by id → CRI state, from one ListContainers.
 #[derive(Debug, Default)]
@@ -71,6 +73,7 @@ pub async fn run() -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .ctx(|| "cannot handle SIGTERM".into())?;
     let mut reported_down = false;
+    let mut tick: u64 = 0;
     log(format!("kubelet: watching {}", dir.display()));
     loop {
         let snapshot = match cri.list_containers().await {
@@ -131,7 +134,10 @@ pub async fn run() -> Result<()> {
                 }
             }
         }
-        collect_deleted(&workers);
+        tick += 1;
+        if tick.is_multiple_of(GC_EVERY_TICKS) {
+            collect_deleted(&workers);
+        }
 
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -308,6 +314,8 @@ impl PodWorker {
     }
 
     async fn reconcile(&mut self, snapshot: &Snapshot) -> Result<()> {
+        // Cleared first: a failed StartContainer below sets it again.
+        self.status.message = None;
         if self.status.sandbox_id.is_none() {
             self.run_sandbox().await?;
         }
@@ -315,7 +323,6 @@ impl PodWorker {
             self.reconcile_container(i, snapshot).await?;
         }
         self.status.phase = self.phase();
-        self.status.message = None;
         Ok(())
     }
 
