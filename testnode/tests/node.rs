@@ -391,6 +391,38 @@ fn scenario_unsupported_field() {
     let _ = std::fs::remove_file(f);
 }
 
+fn scenario_missing_image_is_reported() {
+    let f = variant(
+        "ignores-sigterm.yaml",
+        &[
+            ("name: ignores-sigterm\n", "name: no-image\n"),
+            (
+                "    command:",
+                "    image: docker.io/podscope/does-not-exist:1\n    command:",
+            ),
+        ],
+    );
+    let out = node(&[
+        "apply",
+        "-f",
+        f.to_str().unwrap(),
+        "--wait",
+        "running",
+        "--timeout",
+        "3s",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("timed out") && err.contains("CreateContainer"),
+        "{err}"
+    );
+    let s = status("examples/no-image");
+    assert_eq!(s.phase, Phase::Pending, "{s:#?}");
+    ok(&["delete", "examples/no-image", "--wait"]);
+    let _ = std::fs::remove_file(f);
+}
+
 fn scenario_containerd_restart() {
     let f = variant(
         "ignores-sigterm.yaml",
@@ -489,6 +521,10 @@ fn test_node_end_to_end() {
         say("SKIPPED testnode end-to-end: needs root (real containerd, netns and cgroups)");
         return;
     }
+    // `down` is checked whatever the state before; a node that was up (the
+    // xtask test run brings one up for the whole suite) is brought up again
+    // afterwards, without the pods it had.
+    let was_up = testnode::containerd::running().is_some();
     type Scenario = (&'static str, fn());
     let scenarios: &[Scenario] = &[
         ("up is idempotent", scenario_up_is_idempotent),
@@ -504,6 +540,10 @@ fn test_node_end_to_end() {
         ),
         ("background-dies keeps running", scenario_background_dies),
         ("pods look like kubelet's", scenario_kubelet_like_pod),
+        (
+            "a missing image is reported",
+            scenario_missing_image_is_reported,
+        ),
         (
             "containerd restarts under running pods",
             scenario_containerd_restart,
@@ -525,6 +565,10 @@ fn test_node_end_to_end() {
     let down = std::panic::catch_unwind(check_down);
     if down.is_err() {
         failed.push("down leaves nothing");
+    }
+    if was_up {
+        say("testnode: the node was up before the tests: bringing it up again");
+        ok(&["up"]);
     }
     assert!(failed.is_empty(), "failed scenarios: {failed:?}");
 }
