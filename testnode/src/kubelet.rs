@@ -498,8 +498,11 @@ impl PodWorker {
             return Phase::Pending;
         }
         let policy = self.plan.pod.restart_policy();
+        // An `unknown` container (removed behind our back) counts as ended
+        // with an unknown code, so a Never pod still reaches a final phase.
         let finished = |c: &ContainerStatus| {
-            c.state == "exited" && !policy.restarts(c.exit_code.unwrap_or(-1))
+            (c.state == "exited" || c.state == "unknown")
+                && !policy.restarts(c.exit_code.unwrap_or(-1))
         };
         if cs.iter().all(finished) {
             return if cs.iter().all(|c| c.exit_code == Some(0)) {

@@ -170,7 +170,11 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
         } => exec(&pod, &container, command, timeout).await,
         Cmd::Containerd { action } => containerd_cmd(action).await,
         Cmd::Down => {
-            for line in cleanup::down().await? {
+            let _lock = process::NodeLock::acquire()?;
+            let lines = cleanup::down().await?;
+            // Still holding it: a waiting `up` then locks the unlinked file, which is fine.
+            let _ = std::fs::remove_file(paths::LOCK_FILE);
+            for line in lines {
                 println!("{line}");
             }
             println!("the test node is down");
@@ -187,6 +191,7 @@ const KUBELET_MARKER: &str = "podscope-testnode kubelet";
 
 async fn up() -> Result<ExitCode> {
     let t = Instant::now();
+    let _lock = process::NodeLock::acquire()?;
     std::fs::create_dir_all(paths::STATE_DIR)
         .with_context(|| format!("cannot create {}", paths::STATE_DIR))?;
     cleanup::record_preexisting()?;
@@ -546,6 +551,15 @@ async fn exec(pod: &str, container: &str, cmd: Vec<String>, timeout: Duration) -
 }
 
 async fn containerd_cmd(action: Action) -> Result<ExitCode> {
+    // No node, nothing to do (and no lock file to leave behind).
+    if !Path::new(paths::STATE_DIR).exists() {
+        if action == Action::Start {
+            bail!("the test node is not up: run `podscope-testnode up`");
+        }
+        println!("containerd is not running");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _lock = process::NodeLock::acquire()?;
     match action {
         Action::Stop => match containerd::stop()? {
             Some(pid) => println!("stopped containerd (pid {pid}); containers keep running"),

@@ -9,6 +9,8 @@ pub const NETNS: &str = "podscope-node";
 pub const STATE_DIR: &str = "/run/podscope-node";
 /// Persistent root: containerd's content store and snapshots, the image tar.
 pub const ROOT_DIR: &str = "/var/lib/podscope-node";
+/// Serialises `up`, `down` and `containerd start|stop` (flock); `down` removes it.
+pub const LOCK_FILE: &str = "/run/podscope-node.lock";
 /// containerd's gRPC socket, which serves CRI (runtime.v1).
 pub const SOCKET: &str = "/run/podscope-node/containerd.sock";
 /// The containerd namespace CRI uses.

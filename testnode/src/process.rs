@@ -144,3 +144,29 @@ pub fn random_uuid() -> Result<String> {
         .map(|s| s.trim().to_string())
         .ctx(|| "cannot read /proc/sys/kernel/random/uuid".into())
 }
+
+/// Serialises `up`, `down` and `containerd start|stop` between processes (two
+/// test binaries bringing the node up at once would otherwise both start a
+/// containerd). An advisory `flock(2)` on a file beside the state directory,
+/// released when the guard drops; `down` removes the file.
+pub struct NodeLock {
+    _file: File,
+}
+
+impl NodeLock {
+    pub fn acquire() -> Result<NodeLock> {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(crate::paths::LOCK_FILE)
+            .ctx(|| format!("cannot open {}", crate::paths::LOCK_FILE))?;
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::Io {
+                what: format!("cannot lock {}", crate::paths::LOCK_FILE),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(NodeLock { _file: file })
+    }
+}

@@ -475,6 +475,7 @@ fn check_down() {
     let out = ok(&["down"]);
     assert!(out.contains("the test node is down"), "{out}");
     assert!(!testnode::netns::path().exists(), "netns left");
+    assert!(!Path::new(paths::LOCK_FILE).exists(), "lock file left");
     assert!(
         !Path::new(paths::STATE_DIR).exists() && !Path::new(paths::ROOT_DIR).exists(),
         "state dirs left"
