@@ -7,8 +7,9 @@
 //! task asks for a container's full status only when its state changes.
 //! Restarts follow `restartPolicy` with a fixed 1 s back-off and increasing
 //! attempt numbers; the previous attempt's exited container is kept (as
-//! kubelet keeps one) and older ones are removed. Removing a manifest makes
-//! the task stop the containers with the pod's grace period (CRI
+//! kubelet keeps one) and older ones are removed. `delete` renames the
+//! manifest to `<key>.yaml.deleted`, which makes the task (or, if the daemon
+//! was restarted meanwhile, a new one) stop the containers with the pod's grace period (CRI
 //! StopContainer timeout: SIGTERM, then SIGKILL), remove the sandbox, write
 //! the final status (phase `Deleted`) and end.
 //!
@@ -100,36 +101,39 @@ pub async fn run() -> Result<()> {
         tx.send_replace(Arc::new(snapshot));
 
         workers.retain(|_, h| !h.is_finished());
-        for manifest in manifest_files(&dir) {
-            let Some(key) = manifest
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
+        // Deletions first: a pod being deleted blocks its key until it is gone.
+        for (file, deleting) in manifest_files(&dir) {
+            let Some(key) = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.split('.').next())
+                .map(str::to_string)
             else {
                 continue;
             };
             if workers.contains_key(&key) {
                 continue;
             }
-            let mtime = std::fs::metadata(&manifest).and_then(|m| m.modified()).ok();
-            if mtime.is_some() && broken.get(&manifest) == mtime.as_ref() {
+            let mtime = std::fs::metadata(&file).and_then(|m| m.modified()).ok();
+            if mtime.is_some() && broken.get(&file) == mtime.as_ref() {
                 continue;
             }
-            match Pod::from_file(&manifest) {
+            match Pod::from_file(&file) {
                 Ok(pod) => {
-                    broken.remove(&manifest);
+                    broken.remove(&file);
                     let uid = pod.metadata.uid.clone().unwrap_or_default();
                     match PodPlan::new(pod, uid) {
                         Ok(plan) => {
-                            let worker = PodWorker::new(plan, manifest.clone(), cri.clone());
+                            let worker = PodWorker::new(plan, file.clone(), deleting, cri.clone());
                             workers.insert(key, tokio::spawn(worker.run(rx.clone())));
                         }
-                        Err(e) => log(format!("kubelet: {}: {e}", manifest.display())),
+                        Err(e) => log(format!("kubelet: {}: {e}", file.display())),
                     }
                 }
                 Err(e) => {
                     log(format!("kubelet: {e}"));
                     if let Some(m) = mtime {
-                        broken.insert(manifest, m);
+                        broken.insert(file, m);
                     }
                 }
             }
@@ -149,17 +153,35 @@ pub async fn run() -> Result<()> {
     Ok(())
 }
 
-fn manifest_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+/// The manifests (`<key>.yaml`, false) and deletion markers
+/// (`<key>.yaml.deleted`, true), markers first.
+fn manifest_files(dir: &Path) -> Vec<(PathBuf, bool)> {
+    let mut v: Vec<(PathBuf, bool)> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+                .filter_map(|p| {
+                    let name = p.file_name()?.to_str()?.to_string();
+                    if name.ends_with(".yaml.deleted") {
+                        Some((p, true))
+                    } else if name.ends_with(".yaml") {
+                        Some((p, false))
+                    } else {
+                        None
+                    }
+                })
                 .collect()
         })
         .unwrap_or_default();
-    v.sort();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     v
+}
+
+/// The file's inode: `apply` writes a new file (rename), so a changed inode
+/// means the manifest this task runs was deleted or replaced.
+fn inode(p: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).ok().map(|m| m.ino())
 }
 
 /// Removes `Deleted` status files past their retention.
@@ -210,7 +232,10 @@ struct Track {
 
 struct PodWorker {
     plan: PodPlan,
+    /// The manifest this task runs, or the deletion marker it tears down.
     manifest: PathBuf,
+    manifest_inode: Option<u64>,
+    deleting: bool,
     cri: Cri,
     status: PodStatus,
     tracks: Vec<Track>,
@@ -218,7 +243,7 @@ struct PodWorker {
 }
 
 impl PodWorker {
-    fn new(plan: PodPlan, manifest: PathBuf, cri: Cri) -> PodWorker {
+    fn new(plan: PodPlan, manifest: PathBuf, deleting: bool, cri: Cri) -> PodWorker {
         let pod = &plan.pod;
         let fresh = PodStatus {
             namespace: pod.namespace().into(),
@@ -269,7 +294,9 @@ impl PodWorker {
         let tracks = vec![Track::default(); status.containers.len()];
         PodWorker {
             plan,
+            manifest_inode: inode(&manifest),
             manifest,
+            deleting,
             cri,
             status,
             tracks,
@@ -282,8 +309,9 @@ impl PodWorker {
         log(format!("kubelet: pod {key} (uid {})", self.plan.uid));
         loop {
             let snapshot = snapshots.borrow_and_update().clone();
-            if !self.manifest.exists() {
+            if self.deleting || inode(&self.manifest) != self.manifest_inode {
                 self.teardown().await;
+                self.remove_marker();
                 log(format!("kubelet: pod {key} deleted"));
                 return;
             }
@@ -294,6 +322,17 @@ impl PodWorker {
             }
             self.publish();
             let _ = tokio::time::timeout(Duration::from_secs(1), snapshots.changed()).await;
+        }
+    }
+
+    /// Removes the deletion marker if it is this pod's (a later pod of the
+    /// same name may have been applied and deleted meanwhile).
+    fn remove_marker(&self) {
+        let marker = paths::deleting_file(&self.status.namespace, &self.status.name);
+        let ours = Pod::from_file(&marker)
+            .is_ok_and(|p| p.metadata.uid.as_deref() == Some(self.plan.uid.as_str()));
+        if ours {
+            let _ = std::fs::remove_file(marker);
         }
     }
 

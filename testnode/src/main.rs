@@ -279,9 +279,10 @@ async fn apply(file: &Path, wait: Wait, timeout: Duration, output: Output) -> Re
     let deadline = Instant::now() + timeout;
 
     // A pod of that name still being deleted: wait for it to go first.
-    while let Some(s) = status::read(&ns, &name)?
-        && s.phase == Phase::Terminating
-        && !target.exists()
+    let deleting = paths::deleting_file(&ns, &name);
+    while !target.exists()
+        && (deleting.exists()
+            || status::read(&ns, &name)?.is_some_and(|s| s.phase == Phase::Terminating))
     {
         if Instant::now() > deadline {
             bail!("pod {ns}/{name} is still being deleted; try again later");
@@ -408,8 +409,11 @@ async fn delete(pod: &str, wait: bool, timeout: Duration, output: Output) -> Res
             _ => return Err(UsageError(format!("there is no pod {ns}/{name}")).into()),
         }
     } else {
-        std::fs::remove_file(&manifest)
-            .with_context(|| format!("cannot remove {}", manifest.display()))?;
+        // Renamed, not removed: the marker keeps the spec until the daemon
+        // has torn the pod down, even if the daemon restarts meanwhile.
+        let marker = paths::deleting_file(&ns, &name);
+        std::fs::rename(&manifest, &marker)
+            .with_context(|| format!("cannot rename {}", manifest.display()))?;
     }
     if !wait {
         if output == Output::Table {

@@ -94,6 +94,11 @@ pub fn pod_key(namespace: &str, name: &str) -> String {
 pub fn manifest_file(namespace: &str, name: &str) -> PathBuf {
     manifests_dir().join(format!("{}.yaml", pod_key(namespace, name)))
 }
+/// `delete` renames the manifest to this marker, which keeps the spec until
+/// the daemon has torn the pod down (even a daemon started after the delete).
+pub fn deleting_file(namespace: &str, name: &str) -> PathBuf {
+    manifests_dir().join(format!("{}.yaml.deleted", pod_key(namespace, name)))
+}
 pub fn status_file(namespace: &str, name: &str) -> PathBuf {
     pods_dir().join(format!("{}.json", pod_key(namespace, name)))
 }
