@@ -423,6 +423,39 @@ fn scenario_missing_image_is_reported() {
     let _ = std::fs::remove_file(f);
 }
 
+/// A kubelet daemon replaced mid-delete (another `up` from a rebuilt binary
+/// does that) still finishes the deletion.
+fn scenario_delete_survives_kubelet_restart() {
+    let f = variant(
+        "ignores-sigterm.yaml",
+        &[
+            // The 3 s grace keeps the teardown in progress while the daemon is replaced.
+            ("name: ignores-sigterm\n", "name: orphan\n"),
+        ],
+    );
+    ok(&["apply", "-f", f.to_str().unwrap(), "--wait", "running"]);
+    ok(&["delete", "examples/orphan"]);
+    let pid = testnode::process::read_pid(&paths::kubelet_pid()).expect("kubelet pid");
+    testnode::process::terminate(pid, Duration::from_secs(5)).expect("stop the kubelet daemon");
+    let up = ok(&["up"]);
+    assert!(up.contains("started the kubelet daemon"), "{up}");
+    let s = pod_json(&[
+        "delete",
+        "examples/orphan",
+        "--wait",
+        "--timeout",
+        "20s",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(s.phase, Phase::Deleted, "{s:#?}");
+    assert!(
+        !paths::deleting_file("examples", "orphan").exists(),
+        "marker left"
+    );
+    let _ = std::fs::remove_file(f);
+}
+
 fn scenario_containerd_restart() {
     let f = variant(
         "ignores-sigterm.yaml",
@@ -541,6 +574,10 @@ fn test_node_end_to_end() {
         ),
         ("background-dies keeps running", scenario_background_dies),
         ("pods look like kubelet's", scenario_kubelet_like_pod),
+        (
+            "delete survives a kubelet restart",
+            scenario_delete_survives_kubelet_restart,
+        ),
         (
             "a missing image is reported",
             scenario_missing_image_is_reported,
