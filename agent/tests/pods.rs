@@ -7,29 +7,16 @@ mod support;
 
 use std::{
     io::{BufRead, BufReader, Write},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use support::{privileged, required};
+use support::{privileged, required, testnode};
 
 const NS: &str = "podscope-attr";
 const SOCKET: &str = "/run/podscope-node/containerd.sock";
-
-fn testnode() -> Option<PathBuf> {
-    let bin = std::env::var_os("PODSCOPE_TESTNODE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../target/release/podscope-testnode"
-            ))
-        });
-    bin.exists().then_some(bin)
-}
 
 fn node(args: &[&str]) -> String {
     let bin = testnode().expect("podscope-testnode");

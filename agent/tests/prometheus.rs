@@ -16,22 +16,10 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{privileged, required};
+use support::{privileged, required, testnode};
 
 const NS: &str = "podscope-prom";
 const SOCKET: &str = "/run/podscope-node/containerd.sock";
-
-fn testnode() -> Option<PathBuf> {
-    let bin = std::env::var_os("PODSCOPE_TESTNODE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../target/release/podscope-testnode"
-            ))
-        });
-    bin.exists().then_some(bin)
-}
 
 fn which(tool: &str) -> bool {
     Command::new("sh")

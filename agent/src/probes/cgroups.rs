@@ -11,7 +11,10 @@ use aya::{
     programs::{BtfTracePoint, TracePoint},
 };
 
-use super::{AttachType, Attachment, FamilyStats, ProbeError, error_chain, program};
+use super::{
+    AttachType, Attachment, FamilyStats, ProbeError, attach_first, error_chain, program,
+    take_family_maps,
+};
 use crate::kernel::{
     btf::{Btf, BtfError},
     tracefs::{self, TracepointFormat},
@@ -74,43 +77,10 @@ impl CgroupProbe {
         btf: Option<&aya::Btf>,
         offsets: &CgroupOffsets,
     ) -> Result<CgroupProbe, ProbeError> {
-        let mut refused = vec![];
-        let mut chosen = None;
-        for kind in [AttachType::TpBtf, AttachType::Tracepoint] {
-            match attach_pair(ebpf, btf, offsets, kind) {
-                Ok(()) => {
-                    chosen = Some(kind);
-                    break;
-                }
-                Err(r) => refused.push((kind, r)),
-            }
-        }
-        let Some(attach_type) = chosen else {
-            let reasons = refused
-                .iter()
-                .map(|(k, r)| format!("{k}: {r}"))
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(ProbeError::Attach {
-                family: FAMILY,
-                reasons,
-            });
-        };
-        let map_err = |map, detail: String| ProbeError::Map {
-            family: FAMILY,
-            map,
-            detail,
-        };
-        let events = ebpf
-            .take_map(EVENTS_MAP)
-            .ok_or_else(|| map_err(EVENTS_MAP, "absent".into()))
-            .and_then(|m| RingBuf::try_from(m).map_err(|e| map_err(EVENTS_MAP, e.to_string())))?;
-        let stats = ebpf
-            .take_map(STATS_MAP)
-            .ok_or_else(|| map_err(STATS_MAP, "absent".into()))
-            .and_then(|m| {
-                PerCpuArray::try_from(m).map_err(|e| map_err(STATS_MAP, e.to_string()))
-            })?;
+        let kinds = [AttachType::TpBtf, AttachType::Tracepoint];
+        let (attach_type, refused) =
+            attach_first(FAMILY, kinds, |kind| attach_pair(ebpf, btf, offsets, kind))?;
+        let (events, stats) = take_family_maps(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
         Ok(CgroupProbe {
             events,
             stats,

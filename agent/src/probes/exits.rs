@@ -19,8 +19,8 @@ use aya::{
 use serde::Serialize;
 
 use super::{
-    AttachType, Attachment, FamilyStats, KernelOffsets, LoadOptions, ProbeError, error_chain,
-    program,
+    AttachType, Attachment, FamilyStats, KernelOffsets, LoadOptions, ProbeError, attach_first,
+    error_chain, program, take_family_maps,
 };
 use crate::{
     kernel::{
@@ -168,46 +168,12 @@ impl ExitProbe {
         btf: Option<&aya::Btf>,
         only: Option<AttachType>,
     ) -> Result<ExitProbe, ProbeError> {
-        let mut refused = vec![];
-        let mut chosen = None;
-        for kind in PREFERENCE {
-            if only.is_some_and(|o| o != kind) {
-                continue;
-            }
-            match attach_one(ebpf, btf, kind) {
-                Ok(()) => {
-                    chosen = Some(kind);
-                    break;
-                }
-                Err(reason) => refused.push((kind, reason)),
-            }
-        }
-        let Some(attach_type) = chosen else {
-            let reasons = refused
-                .iter()
-                .map(|(k, r)| format!("{k}: {r}"))
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(ProbeError::Attach {
-                family: FAMILY,
-                reasons,
-            });
-        };
-        let map_err = |map, detail: String| ProbeError::Map {
-            family: FAMILY,
-            map,
-            detail,
-        };
-        let events = ebpf
-            .take_map(EVENTS_MAP)
-            .ok_or_else(|| map_err(EVENTS_MAP, "absent".into()))
-            .and_then(|m| RingBuf::try_from(m).map_err(|e| map_err(EVENTS_MAP, e.to_string())))?;
-        let stats = ebpf
-            .take_map(STATS_MAP)
-            .ok_or_else(|| map_err(STATS_MAP, "absent".into()))
-            .and_then(|m| {
-                PerCpuArray::try_from(m).map_err(|e| map_err(STATS_MAP, e.to_string()))
-            })?;
+        let kinds = PREFERENCE
+            .into_iter()
+            .filter(|k| only.is_none_or(|o| o == *k));
+        let (attach_type, refused) =
+            attach_first(FAMILY, kinds, |kind| attach_one(ebpf, btf, kind))?;
+        let (events, stats) = take_family_maps(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
         Ok(ExitProbe {
             events,
             stats,

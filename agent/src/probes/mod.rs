@@ -165,6 +165,61 @@ pub fn load_object_for_probing(btf: Option<&aya::Btf>) -> Result<Ebpf, ProbeErro
         .map_err(|e| ProbeError::Load(error_chain(&e)))
 }
 
+/// Tries each hook type in order until one attaches: the chosen type and
+/// the refusals before it, or one error with every reason.
+pub(crate) fn attach_first(
+    family: &'static str,
+    kinds: impl IntoIterator<Item = AttachType>,
+    mut try_attach: impl FnMut(AttachType) -> Result<(), String>,
+) -> Result<(AttachType, Vec<(AttachType, String)>), ProbeError> {
+    let mut refused = vec![];
+    for kind in kinds {
+        match try_attach(kind) {
+            Ok(()) => return Ok((kind, refused)),
+            Err(reason) => refused.push((kind, reason)),
+        }
+    }
+    let reasons = refused
+        .iter()
+        .map(|(k, r)| format!("{k}: {r}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(ProbeError::Attach { family, reasons })
+}
+
+/// A family's ring buffer and per-CPU stats array, taken out of the object.
+pub(crate) fn take_family_maps(
+    ebpf: &mut Ebpf,
+    family: &'static str,
+    events_map: &'static str,
+    stats_map: &'static str,
+) -> Result<
+    (
+        aya::maps::RingBuf<aya::maps::MapData>,
+        aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    ),
+    ProbeError,
+> {
+    let map_err = |map, detail: String| ProbeError::Map {
+        family,
+        map,
+        detail,
+    };
+    let events = ebpf
+        .take_map(events_map)
+        .ok_or_else(|| map_err(events_map, "absent".into()))
+        .and_then(|m| {
+            aya::maps::RingBuf::try_from(m).map_err(|e| map_err(events_map, e.to_string()))
+        })?;
+    let stats = ebpf
+        .take_map(stats_map)
+        .ok_or_else(|| map_err(stats_map, "absent".into()))
+        .and_then(|m| {
+            aya::maps::PerCpuArray::try_from(m).map_err(|e| map_err(stats_map, e.to_string()))
+        })?;
+    Ok((events, stats))
+}
+
 /// A program of the object, as its concrete type.
 pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
 where

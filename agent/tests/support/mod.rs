@@ -30,3 +30,17 @@ pub fn say_skipped(test: &str, why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
+
+/// The test node's binary (testnode/): `$PODSCOPE_TESTNODE`, or the release
+/// build of this workspace.
+pub fn testnode() -> Option<std::path::PathBuf> {
+    let bin = std::env::var_os("PODSCOPE_TESTNODE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/release/podscope-testnode"
+            ))
+        });
+    bin.exists().then_some(bin)
+}
