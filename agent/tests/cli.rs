@@ -151,6 +151,7 @@ fn doctor_tests_every_hook_type() {
         "tp_btf",
         "fentry",
         "kprobe",
+        "lsm",
         "netfilter_link",
         "ring_buffer",
         "btf",

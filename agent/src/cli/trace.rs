@@ -69,6 +69,7 @@ pub enum Family {
 pub enum AttachChoice {
     Auto,
     TpBtf,
+    RawTp,
     Tracepoint,
 }
 
@@ -100,6 +101,7 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
         exits_attach: match args.attach {
             AttachChoice::Auto => None,
             AttachChoice::TpBtf => Some(AttachType::TpBtf),
+            AttachChoice::RawTp => Some(AttachType::RawTp),
             AttachChoice::Tracepoint => Some(AttachType::Tracepoint),
         },
         resolver: ResolverOptions {

@@ -231,6 +231,15 @@ impl Resolver {
             id.namespace = Some(s.namespace.clone());
             id.pod = Some(s.pod.clone());
         }
+        // The sandbox's own (pause) container: named "POD", as kubelet and
+        // cAdvisor name it, so its exits (runc's bootstrap) are not unlabelled.
+        if cg
+            .container_id
+            .as_ref()
+            .is_some_and(|c| self.sandboxes.contains_key(c))
+        {
+            id.container = Some("POD".to_string());
+        }
         if cg
             .container_id
             .as_ref()
