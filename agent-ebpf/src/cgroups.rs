@@ -73,9 +73,9 @@ fn offsets() -> CgroupOffsets {
 fn from_btf(ctx: &BtfTracePointContext, op: u32) {
     bump(&CGROUP_STATS, STAT_HITS);
     let off = offsets();
-    // SAFETY: the tracepoint's first two arguments.
-    let cgrp: *const u8 = unsafe { ctx.arg(0) };
-    let path: *const u8 = unsafe { ctx.arg(1) };
+    // The tracepoint's first two arguments; only read through probe helpers.
+    let cgrp: *const u8 = ctx.arg(0);
+    let path: *const u8 = ctx.arg(1);
     let hierarchy = kmem::read_ptr(cgrp, off.cgroup_root)
         .and_then(|root| kmem::read::<i32>(root, off.root_hierarchy_id));
     let id = kmem::read_ptr(cgrp, off.cgroup_kn).and_then(|kn| kmem::read::<u64>(kn, off.kn_id));

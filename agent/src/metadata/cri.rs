@@ -19,6 +19,8 @@ pub const KNOWN_SOCKETS: &[&str] = &[
     "/run/k3s/containerd/containerd.sock",
     "/run/cri-dockerd.sock",
     "/var/run/cri-dockerd.sock",
+    // This project's test node (testnode/): last, so a real runtime wins.
+    "/run/podscope-node/containerd.sock",
 ];
 
 /// The first known CRI socket that exists on this node.
