@@ -7,6 +7,8 @@
 
 pub mod cgroups;
 pub mod exits;
+pub mod oom;
+pub mod signals;
 pub mod stats;
 
 /// Length of `task_struct.comm`, including the NUL.

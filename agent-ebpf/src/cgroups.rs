@@ -5,8 +5,8 @@
 
 use agent_common::{
     cgroups::{
-        CGROUP_FLAG_TRUNCATED, CGROUP_MKDIR, CGROUP_PATH_MAX, CGROUP_RMDIR, CgroupEvent,
-        CgroupOffsets,
+        CGROUP_ATTACH, CGROUP_FLAG_TRUNCATED, CGROUP_MKDIR, CGROUP_PATH_MAX, CGROUP_RMDIR,
+        CgroupEvent, CgroupOffsets,
     },
     stats::{STAT_EMITTED, STAT_FILTERED, STAT_HITS, STAT_LOST, STAT_READ_ERRORS, STAT_SLOTS},
 };
@@ -29,6 +29,10 @@ static CGROUP_OFFSETS: CgroupOffsets = CgroupOffsets {
     tp_root: 0,
     tp_id: 0,
     tp_path: 0,
+    task_tgid: 0,
+    tp_attach_root: 0,
+    tp_attach_id: 0,
+    tp_attach_pid: 0,
     _pad: 0,
 };
 
@@ -60,6 +64,66 @@ pub fn cgroup_mkdir_tracepoint(ctx: TracePointContext) -> u32 {
 pub fn cgroup_rmdir_tracepoint(ctx: TracePointContext) -> u32 {
     from_record(&ctx, CGROUP_RMDIR);
     0
+}
+
+/// tp_btf: `(struct cgroup *dst_cgrp, const char *path, struct task_struct
+/// *task, bool threadgroup)`. Which process entered a container's cgroup
+/// first tells userspace the container's main process, the one whose end is
+/// the container's end.
+#[btf_tracepoint(function = "cgroup_attach_task")]
+pub fn cgroup_attach_tp_btf(ctx: BtfTracePointContext) -> i32 {
+    bump(&CGROUP_STATS, STAT_HITS);
+    let off = offsets();
+    let cgrp: *const u8 = ctx.arg(0);
+    let task: *const u8 = ctx.arg(2);
+    let hierarchy = kmem::read_ptr(cgrp, off.cgroup_root)
+        .and_then(|root| kmem::read::<i32>(root, off.root_hierarchy_id));
+    let id = kmem::read_ptr(cgrp, off.cgroup_kn).and_then(|kn| kmem::read::<u64>(kn, off.kn_id));
+    let tgid = kmem::read::<u32>(task, off.task_tgid);
+    match (hierarchy, id, tgid) {
+        (Ok(0), Ok(id), Ok(tgid)) => emit_attach(id, tgid),
+        (Ok(_), Ok(_), Ok(_)) => bump(&CGROUP_STATS, STAT_FILTERED),
+        _ => bump(&CGROUP_STATS, STAT_READ_ERRORS),
+    }
+    0
+}
+
+#[tracepoint(category = "cgroup", name = "cgroup_attach_task")]
+pub fn cgroup_attach_tracepoint(ctx: TracePointContext) -> u32 {
+    bump(&CGROUP_STATS, STAT_HITS);
+    let off = offsets();
+    let base = ctx.as_ptr() as *const u8;
+    let root = kmem::read::<i32>(base, off.tp_attach_root);
+    let id = kmem::read::<u64>(base, off.tp_attach_id);
+    // The record's pid is the moved task's: the group leader when a whole
+    // process moves (cgroup.procs), which is the tgid.
+    let pid = kmem::read::<u32>(base, off.tp_attach_pid);
+    match (root, id, pid) {
+        (Ok(0), Ok(id), Ok(pid)) => emit_attach(id, pid),
+        (Ok(_), Ok(_), Ok(_)) => bump(&CGROUP_STATS, STAT_FILTERED),
+        _ => bump(&CGROUP_STATS, STAT_READ_ERRORS),
+    }
+    0
+}
+
+#[inline(always)]
+fn emit_attach(id: u64, tgid: u32) {
+    let Some(mut entry) = CGROUP_EVENTS.reserve::<CgroupEvent>(0) else {
+        bump(&CGROUP_STATS, STAT_LOST);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: the reserved entry is ours until submit.
+    unsafe {
+        (*event).id = id;
+        (*event).op = CGROUP_ATTACH;
+        (*event).flags = 0;
+        (*event).pid = tgid;
+        (*event)._pad = 0;
+        (*event).path[0] = 0;
+    }
+    entry.submit(0);
+    bump(&CGROUP_STATS, STAT_EMITTED);
 }
 
 #[inline(always)]
@@ -116,6 +180,8 @@ fn emit(op: u32, id: u64, path: *const u8) {
         (*event).id = id;
         (*event).op = op;
         (*event).flags = 0;
+        (*event).pid = 0;
+        (*event)._pad = 0;
         let buf = &mut (*event).path;
         match bpf_probe_read_kernel_str_bytes(path, buf) {
             Ok(s) if s.len() >= CGROUP_PATH_MAX - 1 => (*event).flags = CGROUP_FLAG_TRUNCATED,

@@ -8,7 +8,9 @@ mod cgroups;
 mod doctor;
 mod exits;
 mod kmem;
+mod oom;
 mod ringbuf;
+mod signals;
 mod stats;
 
 #[cfg(not(test))]

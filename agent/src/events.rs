@@ -6,12 +6,23 @@ use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
 
-use crate::probes::exits::Exit;
+use crate::{
+    forensics::{BackgroundDeath, record::TerminationRecord},
+    probes::{exits::Exit, oom::OomKill, signals::Signal},
+};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     Exit(Exit),
+    /// A signal whose default action ends a process; belongs to its target.
+    Signal(Signal),
+    /// An OOM kill; belongs to its victim.
+    Oom(OomKill),
+    /// A container's end, explained (termination forensics).
+    Termination(Box<TerminationRecord>),
+    /// A process of a container died while the container lives on.
+    BackgroundDeath(BackgroundDeath),
 }
 
 impl Event {
@@ -19,6 +30,20 @@ impl Event {
     pub fn pod(&self) -> &crate::metadata::PodIdentity {
         match self {
             Event::Exit(e) => &e.pod,
+            Event::Signal(s) => &s.target.pod,
+            Event::Oom(o) => &o.pod,
+            Event::Termination(t) => &t.pod,
+            Event::BackgroundDeath(d) => &d.pod,
+        }
+    }
+
+    /// The family name `trace` selects by.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Event::Exit(_) => "exits",
+            Event::Signal(_) => "signals",
+            Event::Oom(_) => "oom",
+            Event::Termination(_) | Event::BackgroundDeath(_) => "terminations",
         }
     }
 
@@ -68,6 +93,7 @@ mod tests {
     fn exit_json_has_the_documented_fields() {
         let e = Event::Exit(Exit {
             ts: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123),
+            ts_boot_ns: 1,
             pid: 7,
             tgid: 7,
             ppid: 1,

@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod events;
+pub mod forensics;
 pub mod kernel;
 pub mod metadata;
 pub mod metrics;

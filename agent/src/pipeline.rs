@@ -9,16 +9,24 @@
 //! A new family registers here once: its probe is attached in [`Pipeline::start`]
 //! and drained in [`Pipeline::next_batch`].
 
-use std::{os::fd::RawFd, time::Duration};
+use std::{
+    os::fd::RawFd,
+    time::{Duration, Instant},
+};
+
+use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
     events::Event,
-    kernel::release_freed_memory,
+    forensics::{Finding, Forensics, ForensicsStats},
+    kernel::{cgroups::CgroupLayout, release_freed_memory},
     metadata::{Resolver, ResolverOptions, ResolverStats},
     probes::{
         self, AttachType, Attachment, FamilyStats, KernelOffsets, LoadOptions, ProbeError,
-        cgroups::CgroupProbe,
+        cgroups::{CgroupOp, CgroupProbe},
         exits::{Exit, ExitProbe},
+        oom::{OomKill, OomProbe},
+        signals::{Signal, SignalProbe},
     },
 };
 
@@ -40,6 +48,9 @@ pub struct SourceStats {
 pub struct Pipeline {
     exits: ExitProbe,
     cgroups: Option<CgroupProbe>,
+    signals: Option<SignalProbe>,
+    oom: Option<OomProbe>,
+    forensics: Forensics,
     resolver: Resolver,
     attachments: Vec<Attachment>,
     /// Refused family attachments: (family, reason).
@@ -72,6 +83,31 @@ impl Pipeline {
                 None
             }
         };
+        // Termination forensics: without signals, records lack the sender
+        // and the SIGTERM → SIGKILL timeline; without OOM, OOM kills read as
+        // SIGKILLs of unknown origin.
+        let signals = match SignalProbe::attach(&mut ebpf, btf.as_ref()) {
+            Ok(p) => {
+                attachments.push(p.attachment.clone());
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!("{e}: termination records will not name who sent a signal");
+                unavailable.push((probes::signals::FAMILY, e.to_string()));
+                None
+            }
+        };
+        let oom = match OomProbe::attach(&mut ebpf, &offsets.oom) {
+            Ok(p) => {
+                attachments.push(p.attachment.clone());
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!("{e}: OOM kills will show as SIGKILLs of unknown origin");
+                unavailable.push((probes::oom::FAMILY, e.to_string()));
+                None
+            }
+        };
         let exits = ExitProbe::attach(&mut ebpf, btf.as_ref(), opts.exits_attach)?;
         attachments.push(exits.attachment.clone());
         for a in &attachments {
@@ -87,9 +123,17 @@ impl Pipeline {
         drop(btf);
         release_freed_memory();
         let resolver = Resolver::new(&opts.resolver).await;
+        let layout = CgroupLayout::current();
+        let mut forensics = Forensics::new(&layout, opts.resolver.max_cgroups);
+        if let Some(root) = layout.v2_root() {
+            forensics.adopt_running(&resolver, root);
+        }
         Ok(Pipeline {
             exits,
             cgroups,
+            signals,
+            oom,
+            forensics,
             resolver,
             attachments,
             unavailable,
@@ -105,30 +149,87 @@ impl Pipeline {
     pub fn ring_fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.exits.ring_fd()];
         fds.extend(self.cgroups.as_ref().map(CgroupProbe::ring_fd));
+        fds.extend(self.signals.as_ref().map(SignalProbe::ring_fd));
+        fds.extend(self.oom.as_ref().map(OomProbe::ring_fd));
         fds
     }
 
-    /// Everything the kernel sent since the last call, attributed. cgroup
-    /// changes are applied first: an exit may follow its container's creation closely.
+    /// Everything the kernel sent since the last call, attributed, and what
+    /// forensics concluded from it. cgroup creations are applied first (an
+    /// exit may follow its container's creation closely), removals last.
     pub async fn next_batch(&mut self) -> Vec<Event> {
+        let mut changes = vec![];
         if let Some(cg) = self.cgroups.as_mut() {
-            let resolver = &mut self.resolver;
-            cg.drain(|c| {
-                if c.created {
-                    resolver.cgroup_created(c.id, &c.path);
-                } else {
-                    resolver.cgroup_removed(c.id);
-                }
-            });
+            cg.drain(|c| changes.push(c));
+        }
+        for c in &changes {
+            match c.op {
+                CgroupOp::Created => self.resolver.cgroup_created(c.id, &c.path),
+                CgroupOp::Attached { tgid } => self.forensics.on_attach(&self.resolver, c.id, tgid),
+                CgroupOp::Removed => {}
+            }
+        }
+        // In the kernel's order: the OOM killer marks its victim, then sends
+        // SIGKILL, then the victim exits.
+        let mut ooms: Vec<OomKill> = vec![];
+        if let Some(p) = self.oom.as_mut() {
+            p.drain(|o| ooms.push(o));
+        }
+        let mut signals: Vec<Signal> = vec![];
+        if let Some(p) = self.signals.as_mut() {
+            p.drain(|s| signals.push(s));
         }
         let mut exits: Vec<Exit> = vec![];
         self.exits.drain(|e| exits.push(e));
-        let mut events = Vec::with_capacity(exits.len());
+
+        for oom in ooms {
+            self.forensics.on_oom(&self.resolver, oom);
+        }
+        let mut events = Vec::with_capacity(exits.len() + signals.len());
+        for mut sig in signals {
+            sig.sender.pod = self.resolver.identify(sig.sender.cgroup_id).await;
+            sig.target.pod = self.resolver.identify(sig.target.cgroup_id).await;
+            self.forensics.on_signal(&sig);
+            events.push(Event::Signal(sig));
+        }
         for mut exit in exits {
             exit.pod = self.resolver.identify(exit.cgroup_id).await;
+            self.forensics.on_exit(&self.resolver, &exit);
             events.push(Event::Exit(exit));
         }
+        for c in &changes {
+            if c.op == CgroupOp::Removed {
+                self.resolver.cgroup_removed(c.id);
+                self.forensics.on_removed(c.id);
+            }
+        }
+        for f in self.forensics.take_findings(Instant::now()) {
+            events.push(finding_event(f));
+        }
         events
+    }
+
+    /// Everything still in the kernel and every finding forensics holds,
+    /// without waiting for them to settle: at shutdown.
+    pub async fn final_batch(&mut self) -> Vec<Event> {
+        let mut events = self.next_batch().await;
+        for f in self
+            .forensics
+            .take_findings(Instant::now() + Duration::from_secs(3600))
+        {
+            events.push(finding_event(f));
+        }
+        events
+    }
+
+    /// Whether forensics holds findings that a later call will release
+    /// (the caller should not sleep long).
+    pub fn has_pending(&self) -> bool {
+        self.forensics.has_pending()
+    }
+
+    pub fn forensics_stats(&self) -> ForensicsStats {
+        self.forensics.stats
     }
 
     /// Periodic upkeep (about once a second).
@@ -147,6 +248,18 @@ impl Pipeline {
                 stats: c.stats(),
             });
         }
+        if let Some(p) = &self.signals {
+            out.push(SourceStats {
+                source: probes::signals::FAMILY,
+                stats: p.stats(),
+            });
+        }
+        if let Some(p) = &self.oom {
+            out.push(SourceStats {
+                source: probes::oom::FAMILY,
+                stats: p.stats(),
+            });
+        }
         out
     }
 
@@ -161,6 +274,47 @@ impl Pipeline {
     /// Whether attribution has heard from CRI at least once (or runs without it).
     pub fn metadata_synced(&self) -> bool {
         self.resolver.synced()
+    }
+}
+
+fn finding_event(f: Finding) -> Event {
+    match f {
+        Finding::Termination(t) => Event::Termination(t),
+        Finding::BackgroundDeath(d) => Event::BackgroundDeath(d),
+        Finding::Oom(o) => Event::Oom(*o),
+    }
+}
+
+struct RingFd(RawFd);
+impl std::os::fd::AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The pipeline's ring buffers, registered with the async runtime: wakes
+/// when any of them has a batch waiting (or an OOM, which always wakes).
+pub struct Rings(Vec<AsyncFd<RingFd>>);
+
+impl Rings {
+    /// The caller must drop `Rings` before the pipeline, which owns the fds.
+    pub fn register(pipeline: &Pipeline) -> std::io::Result<Rings> {
+        pipeline
+            .ring_fds()
+            .into_iter()
+            // SAFETY: the fds stay open while `Rings` lives: the pipeline
+            // owns them and the caller drops `Rings` first.
+            .map(|fd| unsafe { AsyncFd::register_with_interest(RingFd(fd), Interest::READABLE) })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Rings)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    pub async fn readable(&self) {
+        let waits = self.0.iter().map(|r| Box::pin(r.readable()));
+        if let (Ok(mut guard), _, _) = futures_util::future::select_all(waits).await {
+            guard.clear_ready();
+        }
     }
 }
 

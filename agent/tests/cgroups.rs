@@ -18,7 +18,7 @@ use podscope::{
     metadata::{Resolver, ResolverOptions},
     probes::{
         self, AttachType, KernelOffsets, LoadOptions,
-        cgroups::{CgroupChange, CgroupProbe},
+        cgroups::{CgroupChange, CgroupOp, CgroupProbe},
         exits::{Exit, ExitProbe},
     },
 };
@@ -108,15 +108,18 @@ fn sees_mkdir_and_rmdir(kind: Option<AttachType>, tag: &str) {
         scratch.0.file_name().unwrap().to_string_lossy()
     );
     let all = changes_until(&mut p.cgroups, |all| {
-        all.iter().any(|c| c.id == id && !c.created)
+        all.iter().any(|c| c.id == id && c.op == CgroupOp::Removed)
     });
     let made = all
         .iter()
-        .find(|c| c.id == id && c.created)
+        .find(|c| c.id == id && c.op == CgroupOp::Created)
         .expect("mkdir seen");
     assert_eq!(made.path, rel);
     assert!(!made.truncated);
-    assert!(all.iter().any(|c| c.id == id && !c.created), "rmdir seen");
+    assert!(
+        all.iter().any(|c| c.id == id && c.op == CgroupOp::Removed),
+        "rmdir seen"
+    );
     assert_eq!(p.cgroups.stats().lost, 0);
 
     // A v1 hierarchy's cgroup ids mean nothing to bpf_get_current_cgroup_id():
@@ -190,12 +193,10 @@ fn an_exit_is_attributed_after_its_cgroup_is_gone() {
         .await;
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            p.cgroups.drain(|c| {
-                if c.created {
-                    resolver.cgroup_created(c.id, &c.path)
-                } else {
-                    resolver.cgroup_removed(c.id)
-                }
+            p.cgroups.drain(|c| match c.op {
+                CgroupOp::Created => resolver.cgroup_created(c.id, &c.path),
+                CgroupOp::Removed => resolver.cgroup_removed(c.id),
+                CgroupOp::Attached { .. } => {}
             });
             let mut exits: Vec<Exit> = vec![];
             p.exits.drain(|e| exits.push(e));

@@ -2,6 +2,7 @@
 
 pub mod doctor;
 mod trace;
+mod why;
 
 use std::{io::IsTerminal, process::ExitCode, time::Duration};
 
@@ -30,6 +31,8 @@ pub enum Command {
     Agent(crate::daemon::config::AgentArgs),
     /// Live view of one event family, straight from the kernel (no daemon needed).
     Trace(trace::TraceArgs),
+    /// Why a pod's containers ended: reason, sender, OOM, grace period (asks the local agent).
+    Why(why::WhyArgs),
     /// What this kernel and node support, and what that means for podscope.
     Doctor(doctor::DoctorArgs),
 }
@@ -84,6 +87,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => crate::daemon::run(args),
         Command::Trace(args) => trace::run(args),
+        Command::Why(args) => why::run(args),
         Command::Doctor(args) => doctor::run(args),
     };
     match result {

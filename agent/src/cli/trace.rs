@@ -3,7 +3,6 @@
 
 use std::{
     io::{self, Write},
-    os::fd::{AsRawFd, RawFd},
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -11,17 +10,14 @@ use std::{
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, ValueEnum};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    signal::unix::SignalKind,
-};
+use tokio::signal::unix::SignalKind;
 
 use super::{Output, parse_duration};
 use crate::{
     events::{Event, Filter},
     kernel::privilege::Privileges,
     metadata::{PodIdentity, ResolverOptions},
-    pipeline::{DRAIN_INTERVAL, Pipeline, PipelineOptions},
+    pipeline::{DRAIN_INTERVAL, Pipeline, PipelineOptions, Rings},
     probes::{AttachType, LoadOptions},
 };
 
@@ -63,6 +59,23 @@ pub struct TraceArgs {
 pub enum Family {
     /// Process and thread exits: exit code, signal, core dump.
     Exits,
+    /// Signals that can end a process: sender, target, what the kernel did with it.
+    Signals,
+    /// OOM kills: victim, scope (container, pod, node), usage against the limit.
+    Oom,
+    /// Container terminations explained, and deaths of other processes in containers.
+    Terminations,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::Exits => "exits",
+            Family::Signals => "signals",
+            Family::Oom => "oom",
+            Family::Terminations => "terminations",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -83,13 +96,6 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
         ));
     }
     Ok(n)
-}
-
-struct Fd(RawFd);
-impl AsRawFd for Fd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
 }
 
 pub fn run(args: TraceArgs) -> Result<ExitCode> {
@@ -125,6 +131,7 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
         Session {
             pipeline,
             filter,
+            family: args.family,
             output: args.output,
             shown: 0,
         }
@@ -137,20 +144,15 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
 struct Session {
     pipeline: Pipeline,
     filter: Filter,
+    family: Family,
     output: Output,
     shown: u64,
 }
 
 impl Session {
     async fn stream(mut self, duration: Option<Duration>) -> Result<ExitCode> {
-        // SAFETY: the ring buffer fds stay open while `rings` lives: the
-        // pipeline owns them and outlives `rings`, dropped before it below.
-        let rings = self
-            .pipeline
-            .ring_fds()
-            .into_iter()
-            .map(|fd| unsafe { AsyncFd::register_with_interest(Fd(fd), Interest::READABLE) })
-            .collect::<Result<Vec<_>, _>>()
+        // Dropped before the pipeline, which owns the fds.
+        let rings = Rings::register(&self.pipeline)
             .map_err(|e| anyhow!("cannot poll the ring buffers: {e}"))?;
         let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
@@ -161,14 +163,12 @@ impl Session {
         let mut lost_reported = 0u64;
         let mut out = io::BufWriter::new(io::stdout().lock());
         if self.output == Output::Table {
-            writeln!(out, "{}", table_header())?;
+            writeln!(out, "{}", table_header(self.family))?;
             out.flush()?;
         }
         let result: io::Result<()> = loop {
             tokio::select! {
-                guard = rings[0].readable() => {
-                    let mut guard = guard?;
-                    guard.clear_ready();
+                _ = rings.readable() => {
                     if let Err(e) = self.write_batch(&mut out).await {
                         break Err(e);
                     }
@@ -197,7 +197,7 @@ impl Session {
             }
         };
         let result = match result {
-            Ok(()) => self.write_batch(&mut out).await,
+            Ok(()) => self.write_final_batch(&mut out).await,
             e => e,
         };
         match result {
@@ -207,15 +207,27 @@ impl Session {
             Err(e) => return Err(e.into()),
         }
         drop(rings);
-        let stats = self.pipeline.source_stats()[0].stats;
         let rs = self.pipeline.resolver_stats();
+        let kernel: Vec<String> = self
+            .pipeline
+            .source_stats()
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {} seen, {} lost, {} read errors, {} filtered",
+                    s.source,
+                    s.stats.hits - s.stats.filtered,
+                    s.stats.lost,
+                    s.stats.read_errors,
+                    s.stats.filtered
+                )
+            })
+            .collect();
         eprintln!(
-            "podscope: {} exits shown; kernel: {} seen, {} lost (ring buffer full), {} read errors, {} threads of exiting processes folded into their process; attribution: {} CRI errors, {} events of containers CRI did not name",
+            "podscope: {} {} shown; kernel: {} (filtered: threads folded into their process's exit, signals that cannot end a process); attribution: {} CRI errors, {} events of containers CRI did not name",
             self.shown,
-            stats.hits - stats.filtered,
-            stats.lost,
-            stats.read_errors,
-            stats.filtered,
+            self.family.name(),
+            kernel.join("; "),
             rs.cri_errors,
             rs.unnamed_container_events,
         );
@@ -223,8 +235,25 @@ impl Session {
     }
 
     async fn write_batch(&mut self, out: &mut io::BufWriter<io::StdoutLock<'_>>) -> io::Result<()> {
-        for event in self.pipeline.next_batch().await {
-            if !self.filter.matches(event.pod()) {
+        let batch = self.pipeline.next_batch().await;
+        self.write_events(batch, out)
+    }
+
+    async fn write_final_batch(
+        &mut self,
+        out: &mut io::BufWriter<io::StdoutLock<'_>>,
+    ) -> io::Result<()> {
+        let batch = self.pipeline.final_batch().await;
+        self.write_events(batch, out)
+    }
+
+    fn write_events(
+        &mut self,
+        batch: Vec<Event>,
+        out: &mut io::BufWriter<io::StdoutLock<'_>>,
+    ) -> io::Result<()> {
+        for event in batch {
+            if event.family() != self.family.name() || !self.filter.matches(event.pod()) {
                 continue;
             }
             self.shown += 1;
@@ -237,26 +266,51 @@ impl Session {
     }
 }
 
-fn table_header() -> String {
-    format!(
-        "{:<12} {:>7} {:>7} {:>7} {:<16} {:<7} {:<16} {:>10}  {:<40} {}",
-        "TIME",
-        "PID",
-        "TID",
-        "PPID",
-        "COMM",
-        "KIND",
-        "RESULT",
-        "LIFETIME",
-        "NAMESPACE/POD",
-        "CONTAINER"
-    )
+fn table_header(family: Family) -> String {
+    match family {
+        Family::Exits => format!(
+            "{:<12} {:>7} {:>7} {:>7} {:<16} {:<7} {:<16} {:>10}  {:<40} {}",
+            "TIME",
+            "PID",
+            "TID",
+            "PPID",
+            "COMM",
+            "KIND",
+            "RESULT",
+            "LIFETIME",
+            "NAMESPACE/POD",
+            "CONTAINER"
+        ),
+        Family::Signals => format!(
+            "{:<12} {:<9} {:<28} {:<28} {:<10} {:<8} {:<40} {}",
+            "TIME",
+            "SIGNAL",
+            "SENDER",
+            "TARGET",
+            "DELIVERY",
+            "HANDLER",
+            "NAMESPACE/POD",
+            "CONTAINER"
+        ),
+        Family::Oom => format!(
+            "{:<12} {:>7} {:<16} {:<10} {:<24} {:<40} {}",
+            "TIME", "PID", "VICTIM", "SCOPE", "USAGE/LIMIT", "NAMESPACE/POD", "CONTAINER"
+        ),
+        Family::Terminations => format!(
+            "{:<12} {:<40} {:<16} {:<22} {:>4}  {}",
+            "TIME", "NAMESPACE/POD", "CONTAINER", "REASON", "CODE", "EXPLANATION"
+        ),
+    }
+}
+
+fn time_column(t: std::time::SystemTime) -> String {
+    let ts = humantime::format_rfc3339_millis(t).to_string();
+    ts.get(11..23).unwrap_or(&ts).to_string()
 }
 
 fn table_row(event: &Event) -> String {
     match event {
         Event::Exit(e) => {
-            let ts = humantime::format_rfc3339_millis(e.ts).to_string();
             let result = match (&e.signal, e.exit_code) {
                 (Some(sig), _) if e.core_dumped => format!("{sig} (core)"),
                 (Some(sig), _) => sig.to_string(),
@@ -265,7 +319,7 @@ fn table_row(event: &Event) -> String {
             };
             format!(
                 "{:<12} {:>7} {:>7} {:>7} {:<16} {:<7} {:<16} {:>10}  {:<40} {}",
-                ts.get(11..23).unwrap_or(&ts),
+                time_column(e.ts),
                 e.tgid,
                 e.pid,
                 e.ppid,
@@ -277,6 +331,76 @@ fn table_row(event: &Event) -> String {
                 container_column(&e.pod)
             )
         }
+        Event::Signal(s) => {
+            let party = |p: &crate::probes::signals::Party| {
+                let place = if p.pod.is_host() {
+                    "host".to_string()
+                } else {
+                    container_column(&p.pod)
+                };
+                format!("{}/{} ({place})", p.comm, p.tgid)
+            };
+            format!(
+                "{:<12} {:<9} {:<28} {:<28} {:<10} {:<8} {:<40} {}",
+                time_column(s.ts),
+                s.signal,
+                party(&s.sender),
+                party(&s.target),
+                format!("{:?}", s.delivery).to_lowercase(),
+                format!("{:?}", s.handler).to_lowercase(),
+                pod_column(&s.target.pod),
+                container_column(&s.target.pod)
+            )
+        }
+        Event::Oom(o) => {
+            let usage = o
+                .scope
+                .as_ref()
+                .map(|s| match (s.usage_bytes, s.limit_bytes) {
+                    (Some(u), Some(l)) => format!(
+                        "{} / {}",
+                        crate::forensics::record::mib(u),
+                        crate::forensics::record::mib(l)
+                    ),
+                    _ => "-".into(),
+                })
+                .unwrap_or_else(|| "-".into());
+            format!(
+                "{:<12} {:>7} {:<16} {:<10} {:<24} {:<40} {}",
+                time_column(o.ts),
+                o.victim_pid,
+                o.victim_comm,
+                o.scope.as_ref().map_or("node", |s| s.scope.as_str()),
+                usage,
+                pod_column(&o.pod),
+                container_column(&o.pod)
+            )
+        }
+        Event::Termination(t) => format!(
+            "{:<12} {:<40} {:<16} {:<22} {:>4}  {}",
+            time_column(t.finished_at),
+            pod_column(&t.pod),
+            container_column(&t.pod),
+            t.reason.as_str(),
+            t.exit_code,
+            t.explanation
+        ),
+        Event::BackgroundDeath(d) => format!(
+            "{:<12} {:<40} {:<16} {:<22} {:>4}  a background process died while the container runs: {} (pid {}) {}{}",
+            time_column(d.ts),
+            pod_column(&d.pod),
+            container_column(&d.pod),
+            format!("background:{}", d.death.cause.as_str()),
+            "-",
+            d.death.comm,
+            d.death.pid,
+            d.death.signal.as_deref().unwrap_or("exited"),
+            d.death
+                .sender
+                .as_ref()
+                .map(|s| format!(" from {} ({})", s.comm, s.kind.as_str()))
+                .unwrap_or_default()
+        ),
     }
 }
 

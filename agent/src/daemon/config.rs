@@ -43,6 +43,10 @@ pub struct AgentArgs {
     /// spec.nodeName) [default: the host name].
     #[arg(long, env = "PODSCOPE_NODE_NAME")]
     pub node_name: Option<String>,
+    /// Most bytes the termination journal keeps on disk (in the state
+    /// directory), oldest records dropped first [default: 16777216].
+    #[arg(long, env = "PODSCOPE_JOURNAL_MAX_BYTES")]
+    pub journal_max_bytes: Option<u64>,
 }
 
 /// The config file's keys: the flags' names.
@@ -57,6 +61,7 @@ struct FileConfig {
     max_series: Option<usize>,
     ring_buffer_size: Option<u32>,
     node_name: Option<String>,
+    journal_max_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -69,6 +74,7 @@ pub struct AgentConfig {
     pub max_series: usize,
     pub ring_buffer_size: u32,
     pub node_name: String,
+    pub journal_max_bytes: u64,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -119,7 +125,18 @@ impl AgentConfig {
                 detail: format!("{ring_buffer_size} must be a power of two of at least 4096"),
             });
         }
+        let journal_max_bytes = args
+            .journal_max_bytes
+            .or(file.journal_max_bytes)
+            .unwrap_or(16 << 20);
+        if journal_max_bytes < 64 << 10 {
+            return Err(ConfigError::Invalid {
+                key: "journal-max-bytes",
+                detail: format!("{journal_max_bytes} is too small: at least 65536"),
+            });
+        }
         Ok(AgentConfig {
+            journal_max_bytes,
             listen,
             cri_socket: args.cri_socket.clone().or(file.cri_socket),
             use_cri: !(args.no_cri || file.no_cri.unwrap_or(false)),

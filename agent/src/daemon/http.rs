@@ -23,6 +23,7 @@ use tokio::sync::broadcast;
 
 use crate::{
     events::{Event, Filter},
+    forensics::store::TerminationStore,
     metrics::{Metrics, to_prometheus_text},
 };
 
@@ -33,6 +34,7 @@ pub struct AppState {
     pub events: broadcast::Sender<Arc<Event>>,
     /// Events a slow stream reader missed.
     pub stream_dropped: Counter,
+    pub terminations: Mutex<TerminationStore>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -41,6 +43,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/terminations", get(terminations))
         .with_state(state)
 }
 
@@ -90,19 +93,38 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn events(
-    State(s): State<Arc<AppState>>,
-    filter: Result<Query<Filter>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Query(filter) = match filter {
+type FilterQuery = Result<Query<Filter>, axum::extract::rejection::QueryRejection>;
+
+fn filter_of(q: FilterQuery) -> Result<Filter, Response> {
+    q.map(|Query(f)| f).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("{e}; the parameters are namespace, pod, container\n"),
+        )
+            .into_response()
+    })
+}
+
+/// Termination records (and background deaths) of the pods the filter
+/// selects, oldest first; survives agent restarts (the journal).
+async fn terminations(State(s): State<Arc<AppState>>, q: FilterQuery) -> Response {
+    let filter = match filter_of(q) {
         Ok(f) => f,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("{e}; the parameters are namespace, pod, container\n"),
-            )
-                .into_response();
+        Err(r) => return r,
+    };
+    let body = match s.terminations.lock() {
+        Ok(store) => serde_json::to_string(&store.query(&filter)).unwrap_or_default(),
+        Err(_) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "records unavailable\n").into_response();
         }
+    };
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn events(State(s): State<Arc<AppState>>, q: FilterQuery) -> Response {
+    let filter = match filter_of(q) {
+        Ok(f) => f,
+        Err(r) => return r,
     };
     let rx = s.events.subscribe();
     let stream = futures_util::stream::unfold((rx, filter, s), |(mut rx, filter, s)| async move {

@@ -6,37 +6,29 @@ pub mod config;
 pub mod http;
 
 use std::{
-    os::fd::{AsRawFd, RawFd},
     process::ExitCode,
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    signal::unix::SignalKind,
-    sync::broadcast,
-};
+use tokio::{signal::unix::SignalKind, sync::broadcast};
 
 use self::{
     config::{AgentArgs, AgentConfig},
     http::AppState,
 };
 use crate::{
+    forensics::{
+        journal::Journal,
+        store::{JournalStats, JournalWriter, TerminationStore},
+    },
     kernel::privilege::Privileges,
     metadata::ResolverOptions,
     metrics::{Metrics, MetricsOptions},
-    pipeline::{DRAIN_INTERVAL, Pipeline, PipelineOptions},
+    pipeline::{DRAIN_INTERVAL, Pipeline, PipelineOptions, Rings},
     probes::LoadOptions,
 };
-
-struct Fd(RawFd);
-impl AsRawFd for Fd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
-}
 
 pub fn run(args: AgentArgs) -> Result<ExitCode> {
     let cfg = match AgentConfig::resolve(&args) {
@@ -85,12 +77,14 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
     });
     metrics.set_probes(pipeline.attachments(), &pipeline.unavailable);
     let stream_dropped = metrics.stream_dropped.clone();
+    let (store, journal) = open_journal(&cfg);
     let (tx, _) = broadcast::channel(16_384);
     let state = Arc::new(AppState {
         metrics: Mutex::new(metrics),
         ready: Default::default(),
         events: tx.clone(),
         stream_dropped,
+        terminations: Mutex::new(store),
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
@@ -100,27 +94,22 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
             })
             .into_future(),
     );
-    tracing::info!(listen = %cfg.listen, "attached; serving /metrics, /healthz, /readyz, /api/v1/events");
+    tracing::info!(listen = %cfg.listen, "attached; serving /metrics, /healthz, /readyz, /api/v1/events, /api/v1/terminations");
 
-    // SAFETY: the fd stays open while `ring` lives: the pipeline owns it and
-    // is dropped after `ring`, below.
-    let ring =
-        unsafe { AsyncFd::register_with_interest(Fd(pipeline.ring_fds()[0]), Interest::READABLE) }
-            .map_err(|e| anyhow!("cannot poll the ring buffer: {e}"))?;
+    // Dropped before the pipeline, which owns the fds.
+    let rings =
+        Rings::register(&pipeline).map_err(|e| anyhow!("cannot poll the ring buffers: {e}"))?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     let mut ticks = 0u64;
     loop {
         tokio::select! {
-            guard = ring.readable() => {
-                if let Ok(mut g) = guard {
-                    g.clear_ready();
-                }
-                deliver(&mut pipeline, &state, &tx).await;
+            _ = rings.readable() => {
+                deliver(&mut pipeline, &state, &tx, journal.as_ref()).await;
             }
             _ = tick.tick() => {
-                deliver(&mut pipeline, &state, &tx).await;
+                deliver(&mut pipeline, &state, &tx, journal.as_ref()).await;
                 ticks += 1;
                 if !ticks.is_multiple_of(10) {
                     continue;
@@ -129,6 +118,9 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
                 let sources = pipeline.source_stats();
                 if let Ok(mut m) = state.metrics.lock() {
                     m.update(&sources, &pipeline);
+                    if let Some(j) = &journal {
+                        m.update_journal(&j.stats);
+                    }
                     if ticks.is_multiple_of(300) {
                         m.gc(&pipeline, Instant::now());
                     }
@@ -141,7 +133,10 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
     }
     // SIGTERM: stop answering ready, flush what the kernel holds, detach.
     state.ready.store(false, Ordering::Relaxed);
-    deliver(&mut pipeline, &state, &tx).await;
+    let last = pipeline.final_batch().await;
+    consume(last, &state, &tx, journal.as_ref());
+    // The journal thread writes what it was sent, then ends with the channel.
+    drop(journal);
     let _ = stop_http.send(());
     drop(tx);
     // Open event streams would hold a graceful shutdown forever: give them a moment, no more.
@@ -151,19 +146,67 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
     {
         tracing::info!("closing open event streams");
     }
-    drop(ring);
+    drop(rings);
     drop(pipeline);
     tracing::info!("probes detached; bye");
     Ok(ExitCode::SUCCESS)
 }
+
+/// The journal in the state directory and the records it holds. A journal
+/// that cannot be opened is logged and the agent runs on without it.
+fn open_journal(cfg: &AgentConfig) -> (TerminationStore, Option<JournalWriter>) {
+    let mut store = TerminationStore::new(RECORDS_KEPT);
+    match Journal::open(&cfg.state_dir, cfg.journal_max_bytes) {
+        Ok((journal, records, recovery)) => {
+            tracing::info!(
+                "termination journal: {} records from {}",
+                recovery.records,
+                cfg.state_dir.display()
+            );
+            for r in records {
+                store.add(r);
+            }
+            let stats = Arc::new(JournalStats::default());
+            stats
+                .recovered_dropped_bytes
+                .store(recovery.dropped_bytes, Ordering::Relaxed);
+            match JournalWriter::spawn(journal, stats) {
+                Ok(w) => (store, Some(w)),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot start the journal thread ({e}): termination records are kept in memory only"
+                    );
+                    (store, None)
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!("{e}: termination records are kept in memory only");
+            (store, None)
+        }
+    }
+}
+
+/// Termination records kept in memory for the API (the journal keeps more on disk).
+const RECORDS_KEPT: usize = 10_000;
 
 /// One batch: attributed, counted, streamed.
 async fn deliver(
     pipeline: &mut Pipeline,
     state: &AppState,
     tx: &broadcast::Sender<Arc<crate::events::Event>>,
+    journal: Option<&JournalWriter>,
 ) {
     let batch = pipeline.next_batch().await;
+    consume(batch, state, tx, journal);
+}
+
+fn consume(
+    batch: Vec<crate::events::Event>,
+    state: &AppState,
+    tx: &broadcast::Sender<Arc<crate::events::Event>>,
+    journal: Option<&JournalWriter>,
+) {
     if batch.is_empty() {
         return;
     }
@@ -171,6 +214,24 @@ async fn deliver(
     if let Ok(mut m) = state.metrics.lock() {
         for e in &batch {
             m.observe(e, now);
+        }
+    }
+    for e in &batch {
+        match e {
+            crate::events::Event::Termination(t) => {
+                if let Some(j) = journal {
+                    j.write((**t).clone());
+                }
+                if let Ok(mut s) = state.terminations.lock() {
+                    s.add((**t).clone());
+                }
+            }
+            crate::events::Event::BackgroundDeath(d) => {
+                if let Ok(mut s) = state.terminations.lock() {
+                    s.add_death(d.clone());
+                }
+            }
+            _ => {}
         }
     }
     if tx.receiver_count() > 0 {

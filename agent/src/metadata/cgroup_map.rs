@@ -16,6 +16,9 @@ use super::cgroup_path::{self, CgroupRef};
 #[derive(Debug)]
 struct Entry {
     pod: Arc<CgroupRef>,
+    /// Relative to the v2 root, e.g. `/kubepods/burstable/pod…/…`: where
+    /// the container's files are (memory.*, cpu.stat) in every hierarchy.
+    path: Box<str>,
     removed: Option<Instant>,
 }
 
@@ -105,6 +108,7 @@ impl CgroupMap {
             id,
             Entry {
                 pod: pod.clone(),
+                path: path.into(),
                 removed: None,
             },
         );
@@ -120,6 +124,19 @@ impl CgroupMap {
 
     pub fn get(&self, id: u64) -> Option<&Arc<CgroupRef>> {
         self.by_id.get(&id).map(|e| &e.pod)
+    }
+
+    /// The cgroup's path relative to the hierarchy's root.
+    pub fn path(&self, id: u64) -> Option<&str> {
+        self.by_id.get(&id).map(|e| &*e.path)
+    }
+
+    /// Every pod cgroup still present: (id, path, what the path says).
+    pub fn live(&self) -> impl Iterator<Item = (u64, &str, &Arc<CgroupRef>)> {
+        self.by_id
+            .iter()
+            .filter(|(_, e)| e.removed.is_none())
+            .map(|(id, e)| (*id, &*e.path, &e.pod))
     }
 
     /// Drops removed cgroups older than the retention.

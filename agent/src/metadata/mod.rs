@@ -26,7 +26,7 @@ use self::{
 use crate::kernel::cgroups::CgroupLayout;
 
 /// Who an event belongs to. All None: a host process.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PodIdentity {
     pub namespace: Option<String>,
     pub pod: Option<String>,
@@ -187,6 +187,31 @@ impl Resolver {
         {
             self.stale = true;
         }
+    }
+
+    /// What the cgroup's path says (pod uid, container id), if it is a pod's.
+    pub fn cgroup(&self, id: u64) -> Option<&Arc<cgroup_path::CgroupRef>> {
+        self.cgroups.get(id)
+    }
+
+    /// The cgroup's path relative to the hierarchy roots, if it is a pod's.
+    pub fn cgroup_path(&self, id: u64) -> Option<&str> {
+        self.cgroups.path(id)
+    }
+
+    /// Pod cgroups that exist now: (id, path, what the path says).
+    pub fn live_cgroups(&self) -> impl Iterator<Item = (u64, &str, &Arc<cgroup_path::CgroupRef>)> {
+        self.cgroups.live()
+    }
+
+    /// CRI's restart attempt of a container (0 for the first run).
+    pub fn attempt(&self, container_id: &str) -> Option<u32> {
+        self.containers.get(container_id).map(|(m, _)| m.attempt)
+    }
+
+    /// Whether the container id is a pod sandbox's (pause) container.
+    pub fn is_sandbox(&self, container_id: &str) -> bool {
+        self.sandboxes.contains_key(container_id)
     }
 
     pub fn cgroup_removed(&mut self, id: u64) {

@@ -7,6 +7,7 @@
 //! that are gone once the retention has passed.
 
 pub mod exits;
+pub mod terminations;
 
 use std::{
     collections::HashMap,
@@ -118,6 +119,11 @@ pub struct Metrics {
     /// Events a slow `/api/v1/events` reader missed.
     pub stream_dropped: Counter,
     exits: exits::ExitMetrics,
+    terminations: terminations::TerminationMetrics,
+    journal_written: Counter,
+    journal_errors: Counter,
+    journal_dropped: Counter,
+    journal_seen: (u64, u64, u64),
     /// Kernel counters already exported, to add only the difference.
     lost_seen: HashMap<&'static str, u64>,
     cri_errors_seen: u64,
@@ -184,7 +190,26 @@ impl Metrics {
                 node: opts.node_name.clone(),
             })
             .set(1);
+        let journal_written = Counter::default();
+        registry.register(
+            "journal_records_written",
+            "Termination records written durably to the journal in the state directory",
+            journal_written.clone(),
+        );
+        let journal_errors = Counter::default();
+        registry.register(
+            "journal_write_errors",
+            "Termination records the journal could not write (kept in memory only)",
+            journal_errors.clone(),
+        );
+        let journal_dropped = Counter::default();
+        registry.register(
+            "journal_recovered_dropped_bytes",
+            "Bytes of a torn write (agent killed while writing) cut off the journal at start-up",
+            journal_dropped.clone(),
+        );
         let exits = exits::ExitMetrics::register(&mut registry, opts);
+        let terminations = terminations::TerminationMetrics::register(&mut registry, opts);
         Metrics {
             registry,
             events,
@@ -195,6 +220,11 @@ impl Metrics {
             cri_errors,
             stream_dropped,
             exits,
+            terminations,
+            journal_written,
+            journal_errors,
+            journal_dropped,
+            journal_seen: (0, 0, 0),
             lost_seen: HashMap::new(),
             cri_errors_seen: 0,
         }
@@ -225,6 +255,20 @@ impl Metrics {
             Event::Exit(e) => {
                 self.exits.observe(e, now, &self.series_refused);
                 crate::probes::exits::FAMILY
+            }
+            Event::Signal(_) => crate::probes::signals::FAMILY,
+            Event::Oom(o) => {
+                self.terminations.oom(o, now, &self.series_refused);
+                crate::probes::oom::FAMILY
+            }
+            Event::Termination(t) => {
+                self.terminations.termination(t, now, &self.series_refused);
+                "terminations"
+            }
+            Event::BackgroundDeath(d) => {
+                self.terminations
+                    .background_death(d, now, &self.series_refused);
+                "background_deaths"
             }
         };
         self.events
@@ -261,10 +305,27 @@ impl Metrics {
             .set(pipeline.resolver().live_containers() as i64);
     }
 
+    pub fn update_journal(&mut self, j: &crate::forensics::store::JournalStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = (
+            j.written.load(Relaxed),
+            j.errors.load(Relaxed),
+            j.recovered_dropped_bytes.load(Relaxed),
+        );
+        self.journal_written
+            .inc_by(now.0.saturating_sub(self.journal_seen.0));
+        self.journal_errors
+            .inc_by(now.1.saturating_sub(self.journal_seen.1));
+        self.journal_dropped
+            .inc_by(now.2.saturating_sub(self.journal_seen.2));
+        self.journal_seen = now;
+    }
+
     /// Drops the series of pods gone for longer than the retention.
     pub fn gc(&mut self, pipeline: &Pipeline, now: Instant) {
-        self.exits
-            .gc(now, |ns, pod| !pipeline.resolver().pod_alive(ns, pod));
+        let gone = |ns: &str, pod: &str| !pipeline.resolver().pod_alive(ns, pod);
+        self.exits.gc(now, gone);
+        self.terminations.gc(now, gone);
     }
 
     /// The OpenMetrics text exposition.
@@ -276,7 +337,7 @@ impl Metrics {
     }
 
     pub fn series(&self) -> usize {
-        self.exits.series()
+        self.exits.series() + self.terminations.series()
     }
 }
 

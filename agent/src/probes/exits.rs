@@ -84,6 +84,9 @@ pub struct Exit {
     /// When it happened (RFC 3339 in JSON).
     #[serde(serialize_with = "crate::events::rfc3339")]
     pub ts: SystemTime,
+    /// The same moment in ns since boot, to order it against other families' events.
+    #[serde(skip)]
+    pub ts_boot_ns: u64,
     /// The thread's id (equal to `tgid` for a process's main thread).
     pub pid: u32,
     /// The process's id.
@@ -111,17 +114,13 @@ pub struct Exit {
 impl Exit {
     pub fn decode(raw: &ExitEvent, clock: &BootClock) -> Exit {
         let (exit_code, signal, core_dumped) = decode_wait_status(raw.wait_status);
-        let comm_len = raw
-            .comm
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(raw.comm.len());
         Exit {
             ts: clock.to_system_time(raw.ts_boot_ns),
+            ts_boot_ns: raw.ts_boot_ns,
             pid: raw.pid,
             tgid: raw.tgid,
             ppid: raw.ppid,
-            comm: String::from_utf8_lossy(&raw.comm[..comm_len]).into_owned(),
+            comm: super::comm_str(&raw.comm),
             exit_code,
             signal: signal.map(crate::signals::name),
             core_dumped,

@@ -8,6 +8,8 @@
 pub mod capabilities;
 pub mod cgroups;
 pub mod exits;
+pub mod oom;
+pub mod signals;
 
 use std::fmt;
 
@@ -86,6 +88,8 @@ pub struct Attachment {
 pub struct KernelOffsets {
     pub exits: agent_common::exits::ExitOffsets,
     pub cgroups: agent_common::cgroups::CgroupOffsets,
+    pub signals: agent_common::signals::SignalOffsets,
+    pub oom: agent_common::oom::OomOffsets,
 }
 
 impl KernelOffsets {
@@ -93,6 +97,8 @@ impl KernelOffsets {
         Ok(KernelOffsets {
             exits: exits::resolve_offsets(btf)?,
             cgroups: cgroups::resolve_offsets(btf)?,
+            signals: signals::resolve_offsets(btf)?,
+            oom: oom::resolve_offsets(),
         })
     }
 
@@ -148,6 +154,8 @@ pub fn load_object(offsets: &KernelOffsets, opts: &LoadOptions) -> Result<Ebpf, 
     loader.override_global("RINGBUF_WAKEUP_BYTES", &opts.wakeup_bytes, true);
     exits::configure(&mut loader, &offsets.exits, opts);
     cgroups::configure(&mut loader, &offsets.cgroups);
+    signals::configure(&mut loader, &offsets.signals);
+    oom::configure(&mut loader, &offsets.oom);
     loader
         .load(EBPF_OBJECT)
         .map_err(|e| ProbeError::Load(error_chain(&e)))
@@ -229,6 +237,12 @@ where
         .ok_or_else(|| format!("program {name} is missing from the eBPF object"))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| e.to_string())
+}
+
+/// A NUL-padded kernel `comm` as text.
+pub(crate) fn comm_str(comm: &[u8]) -> String {
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..len]).into_owned()
 }
 
 /// An error and its causes on one line: aya's outer errors rarely say why.

@@ -12,7 +12,7 @@ use crate::{
     kernel::cgroups::CgroupLayout,
     probes::{
         self, KernelOffsets, LoadOptions,
-        cgroups::{CgroupChange, CgroupProbe},
+        cgroups::{CgroupChange, CgroupOp, CgroupProbe},
     },
 };
 
@@ -46,9 +46,13 @@ pub fn cgroup_mkdir_rmdir(_: &Context) -> Verdict {
         fail!("cannot create the cgroup {}: {e}", dir.display());
     }
     let id = std::fs::metadata(&dir).map(|m| m.ino());
-    let created = wait_for(&mut probe, |c| c.created && c.path.ends_with(&name));
+    let created = wait_for(&mut probe, |c| {
+        c.op == CgroupOp::Created && c.path.ends_with(&name)
+    });
     let removed_dir = std::fs::remove_dir(&dir);
-    let removed = wait_for(&mut probe, |c| !c.created && c.path.ends_with(&name));
+    let removed = wait_for(&mut probe, |c| {
+        c.op == CgroupOp::Removed && c.path.ends_with(&name)
+    });
     let id = id?;
     removed_dir?;
     let Some(created) = created else {

@@ -1,0 +1,119 @@
+//! OOM kills: `oom:mark_victim`. The plain tracepoint, because its record is
+//! where the victim's memory figures are (kernel ≥ 6.8; only `pid` before),
+//! and its argument changed type across kernels (pid, then task pointer).
+//! A few events a day: cost does not matter, promptness does, so every
+//! event wakes the reader (userspace reads the cgroup files for the OOM's
+//! scope before the container's cgroup disappears).
+
+use agent_common::{
+    OFFSET_ABSENT, TASK_COMM_LEN,
+    oom::{OOM_FLAG_FIGURES, OOM_FLAG_PARTIAL, OomEvent, OomOffsets},
+    stats::{STAT_EMITTED, STAT_HITS, STAT_LOST, STAT_READ_ERRORS, STAT_SLOTS},
+};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_RB_FORCE_WAKEUP,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
+    },
+    macros::{map, tracepoint},
+    maps::{PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+
+use crate::{kmem, stats::bump};
+
+#[unsafe(no_mangle)]
+static OOM_OFFSETS: OomOffsets = OomOffsets {
+    tp_pid: 8,
+    tp_comm: OFFSET_ABSENT,
+    tp_total_vm: OFFSET_ABSENT,
+    tp_anon_rss: OFFSET_ABSENT,
+    tp_file_rss: OFFSET_ABSENT,
+    tp_shmem_rss: OFFSET_ABSENT,
+    tp_pgtables: OFFSET_ABSENT,
+    tp_oom_score_adj: OFFSET_ABSENT,
+};
+
+#[map]
+static OOM_EVENTS: RingBuf = RingBuf::with_byte_size(64 << 10, 0);
+
+#[map]
+static OOM_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
+
+#[tracepoint(category = "oom", name = "mark_victim")]
+pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
+    on_mark_victim(&ctx);
+    0
+}
+
+#[inline(always)]
+fn field<T: Default>(base: *const u8, off: u32, flags: &mut u32) -> T {
+    if off == OFFSET_ABSENT {
+        return T::default();
+    }
+    kmem::read::<T>(base, off).unwrap_or_else(|_| {
+        *flags |= OOM_FLAG_PARTIAL;
+        T::default()
+    })
+}
+
+#[inline(always)]
+fn on_mark_victim(ctx: &TracePointContext) {
+    bump(&OOM_STATS, STAT_HITS);
+    // SAFETY: a volatile read keeps the load-time value from being folded.
+    let off = unsafe { core::ptr::read_volatile(&OOM_OFFSETS) };
+    let base = ctx.as_ptr() as *const u8;
+    let Some(mut entry) = OOM_EVENTS.reserve::<OomEvent>(0) else {
+        bump(&OOM_STATS, STAT_LOST);
+        return;
+    };
+    let mut flags = 0u32;
+    if off.tp_anon_rss != OFFSET_ABSENT {
+        flags |= OOM_FLAG_FIGURES;
+    }
+    let victim_pid = field::<i32>(base, off.tp_pid, &mut flags) as u32;
+    let total_vm_kb = field::<u64>(base, off.tp_total_vm, &mut flags);
+    let anon_rss_kb = field::<u64>(base, off.tp_anon_rss, &mut flags);
+    let file_rss_kb = field::<u64>(base, off.tp_file_rss, &mut flags);
+    let shmem_rss_kb = field::<u64>(base, off.tp_shmem_rss, &mut flags);
+    let pgtables_kb = field::<u64>(base, off.tp_pgtables, &mut flags);
+    let oom_score_adj = field::<i16>(base, off.tp_oom_score_adj, &mut flags) as i32;
+    let mut victim_comm = [0u8; TASK_COMM_LEN];
+    if off.tp_comm != OFFSET_ABSENT {
+        match kmem::read::<u32>(base, off.tp_comm) {
+            Ok(loc) => {
+                let at = base.wrapping_add((loc & 0xffff) as usize);
+                // SAFETY: probe-read helper, tolerant of bad addresses.
+                if unsafe { bpf_probe_read_kernel_str_bytes(at, &mut victim_comm) }.is_err() {
+                    flags |= OOM_FLAG_PARTIAL;
+                }
+            }
+            Err(_) => flags |= OOM_FLAG_PARTIAL,
+        }
+    }
+    if flags & OOM_FLAG_PARTIAL != 0 {
+        bump(&OOM_STATS, STAT_READ_ERRORS);
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    entry.write(OomEvent {
+        ts_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        trigger_cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        total_vm_kb,
+        anon_rss_kb,
+        file_rss_kb,
+        shmem_rss_kb,
+        pgtables_kb,
+        victim_pid,
+        trigger_pid: pid_tgid as u32,
+        trigger_tgid: (pid_tgid >> 32) as u32,
+        oom_score_adj,
+        flags,
+        _pad: 0,
+        victim_comm,
+        trigger_comm: bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]),
+    });
+    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
+    bump(&OOM_STATS, STAT_EMITTED);
+}

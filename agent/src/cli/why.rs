@@ -1,0 +1,273 @@
+//! `podscope why NAMESPACE/POD`: the last terminations of a pod's containers,
+//! explained, and the deaths of other processes Kubernetes never saw — asked
+//! of the local agent (`/api/v1/terminations`), which keeps them across its
+//! own restarts.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+
+use super::Output;
+use crate::forensics::record::{SenderKind, TerminationRecord};
+
+#[derive(Args, Debug)]
+pub struct WhyArgs {
+    /// The pod: NAMESPACE/POD (or POD in the default namespace).
+    pub pod: String,
+    /// Only this container.
+    #[arg(short = 'c', long)]
+    pub container: Option<String>,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// The agent's address (its --listen).
+    #[arg(long, default_value = "127.0.0.1:9811", env = "PODSCOPE_AGENT")]
+    pub agent: SocketAddr,
+    /// How many terminations per container to show, newest first.
+    #[arg(long, default_value_t = 3)]
+    pub last: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct Answer {
+    terminations: Vec<TerminationRecord>,
+    background_deaths: Vec<serde_json::Value>,
+}
+
+pub fn run(args: WhyArgs) -> Result<ExitCode> {
+    let (ns, pod) = match args.pod.split_once('/') {
+        Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => (ns, pod),
+        None if !args.pod.is_empty() => ("default", args.pod.as_str()),
+        _ => {
+            eprintln!("podscope: {:?} is not NAMESPACE/POD", args.pod);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let mut query = format!("namespace={}&pod={}", encode(ns), encode(pod));
+    if let Some(c) = &args.container {
+        query.push_str(&format!("&container={}", encode(c)));
+    }
+    let body = get(args.agent, &format!("/api/v1/terminations?{query}"))?;
+    if args.output == Output::Json {
+        println!("{body}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let answer: Answer = serde_json::from_str(&body)
+        .with_context(|| format!("the agent at {} answered something unexpected", args.agent))?;
+    print!("{}", render(ns, pod, &answer, args.last));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render(ns: &str, pod: &str, a: &Answer, last: usize) -> String {
+    let mut out = String::new();
+    if a.terminations.is_empty() && a.background_deaths.is_empty() {
+        out.push_str(&format!(
+            "{ns}/{pod}: no container of this pod has ended since the agent's journal began\n"
+        ));
+        return out;
+    }
+    // Containers in order of their newest termination, newest first.
+    let mut names: Vec<String> = vec![];
+    for r in a.terminations.iter().rev() {
+        let n = r.pod.container.clone().unwrap_or_else(|| "?".into());
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    for name in &names {
+        let recs: Vec<&TerminationRecord> = a
+            .terminations
+            .iter()
+            .rev()
+            .filter(|r| r.pod.container.as_deref().unwrap_or("?") == name)
+            .take(last.max(1))
+            .collect();
+        let Some(newest) = recs.first() else { continue };
+        out.push_str(&format!(
+            "{ns}/{pod} container {name}: {}\n  {}\n",
+            newest.reason.as_str(),
+            newest.explanation
+        ));
+        for (i, r) in recs.iter().enumerate() {
+            out.push_str(&detail(r, i == 0));
+        }
+        out.push('\n');
+    }
+    if !a.background_deaths.is_empty() {
+        out.push_str("Processes that died while their container kept running (Kubernetes does not report these):\n");
+        for d in &a.background_deaths {
+            let s = |k: &str| d.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+            let sender = d
+                .get("sender")
+                .and_then(|x| x.get("kind"))
+                .and_then(|v| v.as_str())
+                .map(|k| format!(", sent by {k}"))
+                .unwrap_or_default();
+            let how = match d.get("signal").and_then(|v| v.as_str()) {
+                Some(sig) => sig.to_string(),
+                None => format!(
+                    "exit {}",
+                    d.get("exit_code")
+                        .map(|v| v.to_string())
+                        .unwrap_or_default()
+                ),
+            };
+            out.push_str(&format!(
+                "  {}  container {}: {} (pid {}) {} by {how}{sender}\n",
+                s("ts"),
+                s("container"),
+                s("comm"),
+                d.get("pid").map(|v| v.to_string()).unwrap_or_default(),
+                s("cause").replace('_', "-"),
+            ));
+        }
+    }
+    out
+}
+
+fn detail(r: &TerminationRecord, newest: bool) -> String {
+    let t = |x: std::time::SystemTime| humantime::format_rfc3339_millis(x).to_string();
+    let mut s = String::new();
+    let attempt = r
+        .restart_attempt
+        .map(|a| format!(", attempt {a}"))
+        .unwrap_or_default();
+    let signal = r
+        .signal
+        .as_ref()
+        .map(|x| format!(" ({x})"))
+        .unwrap_or_default();
+    if newest {
+        s.push_str(&format!(
+            "    ended {}{attempt}: exit code {}{signal}, ran {:.1} s, PID 1 {} (pid {})\n",
+            t(r.finished_at),
+            r.exit_code,
+            r.finished_at
+                .duration_since(r.started_at)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            r.comm,
+            r.pid
+        ));
+        if let Some(x) = &r.sender {
+            let place = match (&x.pod, &x.container) {
+                (Some(p), Some(c)) => format!(" in {p}/{c}"),
+                _ => String::new(),
+            };
+            s.push_str(&format!(
+                "    sender: {} — {} (pid {}){place}\n",
+                x.kind.as_str(),
+                x.comm,
+                x.pid
+            ));
+        }
+        if let Some(at) = r.stop.sigterm_at {
+            let kill = match (r.stop.sigkill_at, r.stop.sigkill_sender) {
+                (Some(_), Some(k)) => format!(
+                    ", SIGKILL from {} {:.1} s later",
+                    k.as_str(),
+                    r.stop.grace_used_seconds.unwrap_or_default()
+                ),
+                _ => String::new(),
+            };
+            let handled = match r.stop.sigterm_handled {
+                Some(true) => "handled",
+                Some(false) => "not handled",
+                None => "?",
+            };
+            s.push_str(&format!(
+                "    stop: SIGTERM at {} from {} ({handled}){kill}\n",
+                t(at),
+                r.stop.sigterm_sender.map_or("?", SenderKind::as_str)
+            ));
+        }
+        if let Some(o) = &r.oom {
+            let usage = match (o.usage_bytes, o.limit_bytes) {
+                (Some(u), Some(l)) => format!(
+                    ", usage {} of limit {}",
+                    crate::forensics::record::mib(u),
+                    crate::forensics::record::mib(l)
+                ),
+                _ => String::new(),
+            };
+            s.push_str(&format!(
+                "    OOM: scope {}{usage}, victim {} (pid {}){}\n",
+                o.scope.as_str(),
+                o.victim_comm,
+                o.victim_pid,
+                o.cgroup
+                    .as_ref()
+                    .map(|c| format!(", limit of {c}"))
+                    .unwrap_or_default()
+            ));
+        }
+        for d in &r.previous_deaths {
+            s.push_str(&format!(
+                "    before: {} (pid {}) {} {}\n",
+                d.comm,
+                d.pid,
+                d.cause.as_str().replace('_', "-"),
+                d.signal
+                    .clone()
+                    .unwrap_or_else(|| format!("exit {}", d.exit_code.unwrap_or(0)))
+            ));
+        }
+    } else {
+        s.push_str(&format!(
+            "    earlier: {} at {}, exit code {}{signal}: {}\n",
+            r.reason.as_str(),
+            t(r.finished_at),
+            r.exit_code,
+            r.explanation
+        ));
+    }
+    s
+}
+
+/// Percent-encodes a query value (names are DNS labels, but be safe).
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A plain HTTP/1.0 GET: the agent is local and the answer small, so no
+/// HTTP client library is needed.
+fn get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| {
+        anyhow!(
+            "cannot reach the podscope agent at {addr} ({e}): is `podscope agent` running on this node? (--agent ADDR)"
+        )
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n"
+    )?;
+    let mut raw = vec![];
+    conn.read_to_end(&mut raw)
+        .with_context(|| format!("reading the agent's answer from {addr}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("the agent at {addr} sent an incomplete answer"))?;
+    let status = head.split(' ').nth(1).unwrap_or("");
+    if status != "200" {
+        bail!(
+            "the agent at {addr} answered {}: {}",
+            head.lines().next().unwrap_or(""),
+            body.trim()
+        );
+    }
+    Ok(body.to_string())
+}

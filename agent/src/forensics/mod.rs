@@ -1,0 +1,569 @@
+//! Termination forensics: one record per container death, joining the
+//! main process's exit, the signals sent to it and by whom, and any OOM
+//! kill, into a reason and an explanation (see [`record`]); and the deaths
+//! of other processes that Kubernetes never sees.
+//!
+//! ```text
+//! cgroup attach ─▶ main process of each container (the first one in)
+//! mark_victim ───▶ OOM (scope read from the cgroup files at once) ─┐
+//! signal_generate ▶ per-container signal history ──────────────────┼─▶ main exits: TerminationRecord
+//! exits ─────────▶ main exit, or a background death ───────────────┘   others: BackgroundDeath
+//! ```
+//!
+//! Events of one moment come from different ring buffers, so a record is
+//! finished one drain later ([`SETTLE`]): the OOM or the signal that
+//! explains an exit may be read just after it.
+
+pub mod journal;
+pub mod record;
+pub mod scope;
+pub mod store;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    path::Path,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::Serialize;
+
+use self::{
+    record::{
+        Death, DeathCause, Evidence, MainExit, OomDetails, Reason, Sender, SenderKind,
+        StopTimeline, TerminationRecord, decide, explain,
+    },
+    scope::ScopeReader,
+};
+use crate::{
+    kernel::cgroups::CgroupLayout,
+    metadata::{PodIdentity, Resolver},
+    probes::{
+        exits::Exit,
+        oom::OomKill,
+        signals::{Delivery, Handler, Origin, Signal},
+    },
+};
+
+/// How long a finished main exit waits for the signals and OOM events that
+/// explain it to be read from their ring buffers.
+pub const SETTLE: Duration = Duration::from_millis(250);
+/// An OOM whose victim has not been seen (by its SIGKILL or exit) by then is
+/// reported with what is known.
+const OOM_MATCH_WINDOW: Duration = Duration::from_secs(2);
+const SIGNALS_KEPT: usize = 32;
+const DEATHS_KEPT: usize = 5;
+const OOMS_KEPT: usize = 4;
+
+/// Container runtimes' process names (as the kernel truncates them to 15
+/// bytes): a signal from one of them is a stop the runtime carried out.
+const RUNTIME_COMMS: &[&str] = &[
+    "runc",
+    "crun",
+    "youki",
+    "runsc",
+    "containerd-shim",
+    "containerd",
+    "conmon",
+    "crio",
+    "dockerd",
+    "docker-init",
+    "cri-dockerd",
+    "kata-runtime",
+    "kata-shim",
+];
+
+/// A process of a container that died while the container lived on.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BackgroundDeath {
+    #[serde(serialize_with = "crate::events::rfc3339")]
+    pub ts: SystemTime,
+    #[serde(flatten)]
+    pub pod: PodIdentity,
+    #[serde(flatten)]
+    pub death: Death,
+}
+
+/// What the engine produces.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Finding {
+    Termination(Box<TerminationRecord>),
+    BackgroundDeath(BackgroundDeath),
+    Oom(Box<OomKill>),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ForensicsStats {
+    pub terminations: u64,
+    pub background_deaths: u64,
+    pub oom_kills: u64,
+    /// Containers that ended without podscope knowing their main process
+    /// (started before podscope and not found in /proc, or the attach was lost).
+    pub unknown_main: u64,
+    /// Containers forgotten because the table was full.
+    pub evicted: u64,
+}
+
+#[derive(Default)]
+struct ContainerState {
+    main: Option<u32>,
+    signals: VecDeque<Signal>,
+    ooms: VecDeque<OomKill>,
+    deaths: VecDeque<Death>,
+    ended: bool,
+    removed: Option<Instant>,
+}
+
+struct Pending {
+    due: Instant,
+    cgroup_id: u64,
+    exit: Exit,
+    attempt: Option<u32>,
+}
+
+pub struct Forensics {
+    containers: HashMap<u64, ContainerState>,
+    /// Recent SIGKILLs, to find an OOM victim's container.
+    recent_kills: VecDeque<Signal>,
+    /// OOMs whose victim's container is not known yet.
+    unmatched_ooms: VecDeque<(Instant, OomKill)>,
+    pending: Vec<Pending>,
+    findings: Vec<Finding>,
+    scope: ScopeReader,
+    cap: usize,
+    pub stats: ForensicsStats,
+}
+
+impl Forensics {
+    pub fn new(layout: &CgroupLayout, cap: usize) -> Forensics {
+        Forensics {
+            containers: HashMap::new(),
+            recent_kills: VecDeque::new(),
+            unmatched_ooms: VecDeque::new(),
+            pending: vec![],
+            findings: vec![],
+            scope: ScopeReader::new(layout),
+            cap,
+            stats: ForensicsStats::default(),
+        }
+    }
+
+    /// Containers that existed before podscope: their main process from /proc.
+    pub fn adopt_running(&mut self, resolver: &Resolver, v2_root: &Path) {
+        let found: Vec<(u64, Option<u32>)> = resolver
+            .live_cgroups()
+            .filter(|(_, _, r)| r.container_id.is_some())
+            .map(|(id, path, _)| (id, guess_main(&v2_root.join(path.trim_start_matches('/')))))
+            .collect();
+        for (id, main) in found {
+            if let Some(main) = main {
+                self.state(id).main.get_or_insert(main);
+            }
+        }
+    }
+
+    fn state(&mut self, cgroup_id: u64) -> &mut ContainerState {
+        if self.containers.len() >= self.cap && !self.containers.contains_key(&cgroup_id) {
+            // Forget the longest-removed container first, else any.
+            let victim = self
+                .containers
+                .iter()
+                .filter_map(|(id, s)| s.removed.map(|t| (t, *id)))
+                .min()
+                .map(|(_, id)| id)
+                .or_else(|| self.containers.keys().next().copied());
+            if let Some(v) = victim {
+                self.containers.remove(&v);
+                self.stats.evicted += 1;
+            }
+        }
+        self.containers.entry(cgroup_id).or_default()
+    }
+
+    fn is_container(resolver: &Resolver, cgroup_id: u64) -> bool {
+        resolver
+            .cgroup(cgroup_id)
+            .is_some_and(|r| r.container_id.is_some())
+    }
+
+    /// A process moved into a cgroup: the first into a container's is its main process.
+    pub fn on_attach(&mut self, resolver: &Resolver, cgroup_id: u64, tgid: u32) {
+        if Self::is_container(resolver, cgroup_id) {
+            self.state(cgroup_id).main.get_or_insert(tgid);
+        }
+    }
+
+    pub fn on_removed(&mut self, cgroup_id: u64) {
+        if let Some(s) = self.containers.get_mut(&cgroup_id) {
+            s.removed.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// An OOM kill: its scope is read now, while the cgroups still exist.
+    pub fn on_oom(&mut self, resolver: &Resolver, mut oom: OomKill) {
+        let trigger_container = resolver
+            .cgroup(oom.trigger_cgroup_id)
+            .filter(|r| r.container_id.is_some())
+            .and_then(|_| resolver.cgroup_path(oom.trigger_cgroup_id));
+        oom.scope = Some(self.scope.read(trigger_container));
+        let kill = self
+            .recent_kills
+            .iter()
+            .rev()
+            .find(|k| k.target.tgid == oom.victim_pid)
+            .cloned();
+        match kill {
+            Some(k) => self.oom_matched(oom, k.target.cgroup_id, &k.target.pod),
+            None => self.unmatched_ooms.push_back((Instant::now(), oom)),
+        }
+    }
+
+    fn oom_matched(&mut self, mut oom: OomKill, cgroup_id: u64, pod: &PodIdentity) {
+        oom.victim_cgroup_id = cgroup_id;
+        oom.pod = pod.clone();
+        self.stats.oom_kills += 1;
+        if pod.container_id.is_some() {
+            let s = self.state(cgroup_id);
+            if s.ooms.len() == OOMS_KEPT {
+                s.ooms.pop_front();
+            }
+            s.ooms.push_back(oom.clone());
+        }
+        self.findings.push(Finding::Oom(Box::new(oom)));
+    }
+
+    /// A signal, attributed on both sides.
+    pub fn on_signal(&mut self, sig: &Signal) {
+        if sig.signo == 9 {
+            if let Some(i) = self
+                .unmatched_ooms
+                .iter()
+                .position(|(_, o)| o.victim_pid == sig.target.tgid)
+            {
+                if let Some((_, oom)) = self.unmatched_ooms.remove(i) {
+                    self.oom_matched(oom, sig.target.cgroup_id, &sig.target.pod);
+                }
+            }
+            if self.recent_kills.len() == SIGNALS_KEPT {
+                self.recent_kills.pop_front();
+            }
+            self.recent_kills.push_back(sig.clone());
+        }
+        if sig.target.pod.container_id.is_some() {
+            let s = self.state(sig.target.cgroup_id);
+            if s.signals.len() == SIGNALS_KEPT {
+                s.signals.pop_front();
+            }
+            s.signals.push_back(sig.clone());
+        }
+    }
+
+    /// An exit, attributed.
+    pub fn on_exit(&mut self, resolver: &Resolver, exit: &Exit) {
+        if exit.thread || exit.pod.container_id.is_none() {
+            return;
+        }
+        let cid = exit.pod.container_id.as_deref().unwrap_or_default();
+        if resolver.is_sandbox(cid) || exit.pod.container.as_deref() == Some("POD") {
+            return;
+        }
+        // An OOM victim whose SIGKILL was not seen is found by its exit.
+        if let Some(i) = self
+            .unmatched_ooms
+            .iter()
+            .position(|(_, o)| o.victim_pid == exit.tgid)
+            && let Some((_, oom)) = self.unmatched_ooms.remove(i)
+        {
+            self.oom_matched(oom, exit.cgroup_id, &exit.pod);
+        }
+        let attempt = resolver.attempt(cid);
+        let s = self.state(exit.cgroup_id);
+        if s.ended {
+            return;
+        }
+        if s.main == Some(exit.tgid) {
+            s.ended = true;
+            self.pending.push(Pending {
+                due: Instant::now() + SETTLE,
+                cgroup_id: exit.cgroup_id,
+                exit: exit.clone(),
+                attempt,
+            });
+            return;
+        }
+        let Some(death) = death_of(exit, s) else {
+            return;
+        };
+        if s.deaths.len() == DEATHS_KEPT {
+            s.deaths.pop_front();
+        }
+        s.deaths.push_back(death.clone());
+        let teardown = death
+            .sender
+            .as_ref()
+            .is_some_and(|x| x.kind == SenderKind::PidNamespaceTeardown);
+        if death.cause != DeathCause::Error && !teardown {
+            self.stats.background_deaths += 1;
+            self.findings
+                .push(Finding::BackgroundDeath(BackgroundDeath {
+                    ts: exit.ts,
+                    pod: exit.pod.clone(),
+                    death,
+                }));
+        }
+    }
+
+    /// Records that are due, deaths and OOMs found since the last call.
+    pub fn take_findings(&mut self, now: Instant) -> Vec<Finding> {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.due <= now);
+        self.pending = later;
+        for p in due {
+            let record = self.finish(p);
+            self.stats.terminations += 1;
+            self.findings.push(Finding::Termination(Box::new(record)));
+        }
+        while let Some((t, _)) = self.unmatched_ooms.front() {
+            if now.duration_since(*t) < OOM_MATCH_WINDOW {
+                break;
+            }
+            if let Some((_, oom)) = self.unmatched_ooms.pop_front() {
+                self.stats.oom_kills += 1;
+                self.findings.push(Finding::Oom(Box::new(oom)));
+            }
+        }
+        // Forget containers a while after their cgroup went.
+        self.containers.retain(|_, s| {
+            s.removed
+                .is_none_or(|t| now.duration_since(t) < Duration::from_secs(60))
+        });
+        std::mem::take(&mut self.findings)
+    }
+
+    /// Whether anything waits to be finished (the caller drains again soon).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || !self.unmatched_ooms.is_empty()
+    }
+
+    fn finish(&mut self, p: Pending) -> TerminationRecord {
+        let s = self.containers.entry(p.cgroup_id).or_default();
+        let exit = &p.exit;
+        let main = exit.tgid;
+        let to_main: Vec<&Signal> = s
+            .signals
+            .iter()
+            .filter(|x| x.target.tgid == main && x.ts_boot_ns <= exit.ts_boot_ns)
+            .collect();
+        let exit_boot = exit.ts_boot_ns;
+        let oom = s
+            .ooms
+            .iter()
+            .rev()
+            .find(|o| o.victim_pid == main)
+            .map(|o| OomDetails::new(o.victim_pid, &o.victim_comm, o.scope.as_ref(), o.memory));
+        let oom_kill_ts = s
+            .ooms
+            .iter()
+            .rev()
+            .find(|o| o.victim_pid == main)
+            .map(|o| o.ts_boot_ns);
+        let kind_of = |x: &Signal| {
+            classify(
+                x,
+                oom_kill_ts.is_some_and(|t| x.signo == 9 && x.ts_boot_ns >= t),
+            )
+        };
+        let sigterm = to_main.iter().find(|x| x.signo == 15).copied();
+        let sigkill = to_main.iter().rev().find(|x| x.signo == 9).copied();
+        let mut stop = StopTimeline::default();
+        if let Some(t) = sigterm {
+            stop.sigterm_at = Some(t.ts);
+            stop.sigterm_sender = Some(kind_of(t));
+            stop.sigterm_handled = Some(
+                t.delivery == Delivery::Delivered && t.handler == Handler::Custom
+                    || exit.signal.is_none(),
+            );
+            let end = sigkill.map_or(exit_boot, |k| k.ts_boot_ns);
+            stop.grace_used_seconds = Some(end.saturating_sub(t.ts_boot_ns) as f64 / 1e9);
+        }
+        if let Some(k) = sigkill {
+            stop.sigkill_at = Some(k.ts);
+            stop.sigkill_sender = Some(kind_of(k));
+        }
+        // The signal that ended it: the last one of its kind sent to it.
+        let fatal = exit
+            .signal
+            .as_ref()
+            .and_then(|_| {
+                to_main
+                    .iter()
+                    .rev()
+                    .find(|x| Some(x.signal.as_ref()) == exit.signal.as_deref())
+            })
+            .copied();
+        let fatal_sender = fatal.map(|x| sender_of(x, kind_of(x)));
+        let fatal_was_fault = fatal.is_some_and(|x| x.origin == Origin::Fault);
+        let signo = exit
+            .signal
+            .as_ref()
+            .map(|n| (crate::signals::number(n).unwrap_or(0), n.clone()));
+        let main_exit = MainExit {
+            pid: main,
+            comm: &exit.comm,
+            exit_code: exit.exit_code,
+            signal: signo.clone(),
+            core_dumped: exit.core_dumped,
+        };
+        let ev = Evidence {
+            fatal_sender: fatal_sender.as_ref(),
+            fatal_was_fault,
+            oom: oom.as_ref(),
+            stop: &stop,
+        };
+        let reason = decide(&main_exit, &ev);
+        let deaths: Vec<Death> = s.deaths.iter().cloned().collect();
+        let explanation = explain(&main_exit, reason, &ev, &deaths);
+        let sender = match reason {
+            Reason::KilledAfterGracePeriod => sigkill.map(|k| sender_of(k, kind_of(k))),
+            Reason::GracefulStop => sigterm.map(|t| sender_of(t, kind_of(t))),
+            Reason::OomKilled | Reason::NodeOomKilled => fatal_sender.clone().map(|mut x| {
+                x.kind = SenderKind::OomKiller;
+                x
+            }),
+            _ => fatal_sender.clone(),
+        };
+        TerminationRecord {
+            pod: exit.pod.clone(),
+            restart_attempt: p.attempt,
+            started_at: exit.ts.checked_sub(exit.lifetime()).unwrap_or(exit.ts),
+            finished_at: exit.ts,
+            pid: main,
+            comm: exit.comm.clone(),
+            exit_code: match (&signo, exit.exit_code) {
+                (Some((n, _)), _) => 128 + n,
+                (None, code) => u32::from(code.unwrap_or(0)),
+            },
+            signal: exit.signal.as_ref().map(|s| s.to_string()),
+            core_dumped: exit.core_dumped,
+            reason,
+            explanation,
+            sender,
+            stop,
+            oom,
+            previous_deaths: deaths,
+        }
+    }
+}
+
+/// How a background process died, if that matters.
+fn death_of(exit: &Exit, s: &ContainerState) -> Option<Death> {
+    let sig = exit.signal.as_deref();
+    let fatal = s
+        .signals
+        .iter()
+        .rev()
+        .find(|x| x.target.tgid == exit.tgid && Some(x.signal.as_ref()) == sig);
+    let oom = s.ooms.iter().any(|o| o.victim_pid == exit.tgid);
+    let kind = fatal.map(|x| classify(x, oom && x.signo == 9));
+    let cause = match (sig, exit.exit_code) {
+        (Some("SIGKILL"), _) if oom => DeathCause::OomKilled,
+        (Some(n), _)
+            if exit.core_dumped
+                || fatal.is_some_and(|x| x.origin == Origin::Fault)
+                || (matches!(
+                    n,
+                    "SIGABRT" | "SIGSEGV" | "SIGBUS" | "SIGILL" | "SIGFPE" | "SIGSYS" | "SIGTRAP"
+                ) && kind.is_none_or(|k| {
+                    k == SenderKind::SameContainer || k == SenderKind::KernelFault
+                })) =>
+        {
+            DeathCause::Crashed
+        }
+        (Some(_), _) => DeathCause::Killed,
+        (None, Some(0)) | (None, None) => return None,
+        (None, Some(_)) => DeathCause::Error,
+    };
+    Some(Death {
+        at: exit.ts,
+        pid: exit.tgid,
+        comm: exit.comm.clone(),
+        cause,
+        exit_code: exit.exit_code,
+        signal: exit.signal.as_ref().map(|s| s.to_string()),
+        sender: fatal.zip(kind).map(|(x, k)| sender_of(x, k)),
+    })
+}
+
+/// Who sent it, as a closed set.
+pub fn classify(sig: &Signal, oom_kill: bool) -> SenderKind {
+    if oom_kill {
+        return SenderKind::OomKiller;
+    }
+    if sig.origin == Origin::Fault {
+        return SenderKind::KernelFault;
+    }
+    if sig.origin == Origin::Kernel {
+        return if sig.signo == 9 && sig.sender_exiting && sig.sender.tgid != sig.target.tgid {
+            SenderKind::PidNamespaceTeardown
+        } else {
+            SenderKind::Kernel
+        };
+    }
+    match (&sig.sender.pod.pod_uid, &sig.sender.pod.container_id) {
+        (None, _) if RUNTIME_COMMS.contains(&sig.sender.comm.as_str()) => SenderKind::Runtime,
+        (None, _) if sig.sender.comm == "kubelet" => SenderKind::Kubelet,
+        (None, _) => SenderKind::HostProcess,
+        (Some(_), c) if c.is_some() && *c == sig.target.pod.container_id => {
+            SenderKind::SameContainer
+        }
+        (Some(_), _) => SenderKind::OtherContainer,
+    }
+}
+
+fn sender_of(sig: &Signal, kind: SenderKind) -> Sender {
+    let p = &sig.sender.pod;
+    Sender {
+        kind,
+        pid: sig.sender.tgid,
+        comm: sig.sender.comm.clone(),
+        namespace: p.namespace.clone(),
+        pod: p.pod.clone(),
+        container: p.container.clone(),
+    }
+}
+
+/// The main process of a running container: the namespace's init when the
+/// container has its own pid namespace, else its oldest process.
+fn guess_main(cgroup_dir: &Path) -> Option<u32> {
+    let procs = std::fs::read_to_string(cgroup_dir.join("cgroup.procs")).ok()?;
+    let pids: Vec<u32> = procs
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let status = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/status")).ok();
+    if let Some(init) = pids.iter().copied().find(|&pid| {
+        status(pid).is_some_and(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .is_some_and(|v| {
+                    v.split_whitespace().count() > 1 && v.split_whitespace().last() == Some("1")
+                })
+        })
+    }) {
+        return Some(init);
+    }
+    let start = |pid: u32| -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command (which may contain spaces): field 22 is starttime.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(19)?
+            .parse()
+            .ok()
+    };
+    pids.into_iter()
+        .filter_map(|p| start(p).map(|s| (s, p)))
+        .min()
+        .map(|(_, p)| p)
+}

@@ -1,0 +1,118 @@
+//! What the agent remembers of terminations and background deaths, for
+//! `/api/v1/terminations` and `podscope why`: bounded, newest kept, filled
+//! from the journal at start-up. The journal writes happen on a thread of
+//! their own: an fdatasync must not stall the event loop.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+};
+
+use serde::Serialize;
+
+use super::{BackgroundDeath, journal::Journal, record::TerminationRecord};
+use crate::events::Filter;
+
+pub struct TerminationStore {
+    records: VecDeque<TerminationRecord>,
+    deaths: VecDeque<BackgroundDeath>,
+    cap: usize,
+}
+
+/// The `/api/v1/terminations` answer.
+#[derive(Serialize)]
+pub struct Answer<'a> {
+    /// Oldest first.
+    pub terminations: Vec<&'a TerminationRecord>,
+    /// Processes other than the main one that died while their container
+    /// lived on (since the agent started), oldest first.
+    pub background_deaths: Vec<&'a BackgroundDeath>,
+}
+
+impl TerminationStore {
+    pub fn new(cap: usize) -> TerminationStore {
+        TerminationStore {
+            records: VecDeque::new(),
+            deaths: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    pub fn add(&mut self, r: TerminationRecord) {
+        if self.records.len() == self.cap {
+            self.records.pop_front();
+        }
+        self.records.push_back(r);
+    }
+
+    pub fn add_death(&mut self, d: BackgroundDeath) {
+        if self.deaths.len() == self.cap {
+            self.deaths.pop_front();
+        }
+        self.deaths.push_back(d);
+    }
+
+    pub fn query(&self, f: &Filter) -> Answer<'_> {
+        Answer {
+            terminations: self.records.iter().filter(|r| f.matches(&r.pod)).collect(),
+            background_deaths: self.deaths.iter().filter(|d| f.matches(&d.pod)).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+/// Counters of the journal, exported as metrics.
+#[derive(Default)]
+pub struct JournalStats {
+    pub written: AtomicU64,
+    pub errors: AtomicU64,
+    /// Bytes of torn writes cut off when the journal was opened.
+    pub recovered_dropped_bytes: AtomicU64,
+}
+
+/// Sends records to the journal's thread.
+pub struct JournalWriter {
+    tx: mpsc::Sender<TerminationRecord>,
+    pub stats: Arc<JournalStats>,
+}
+
+impl JournalWriter {
+    pub fn spawn(mut journal: Journal, stats: Arc<JournalStats>) -> std::io::Result<JournalWriter> {
+        let (tx, rx) = mpsc::channel::<TerminationRecord>();
+        let s = stats.clone();
+        std::thread::Builder::new()
+            .name("journal".into())
+            .spawn(move || {
+                for r in rx {
+                    match journal.append(&r) {
+                        Ok(()) => {
+                            s.written.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            if s.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                                tracing::warn!("{e}: the record is kept in memory only (counted in podscope_journal_write_errors_total)");
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(JournalWriter { tx, stats })
+    }
+
+    pub fn write(&self, r: TerminationRecord) {
+        if self.tx.send(r).is_err() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Termination forensics' series, per namespace/pod/container:
+//! - `podscope_container_terminations_total{…,reason}`
+//! - `podscope_container_last_termination_timestamp_seconds{…,reason}`
+//! - `podscope_oom_kills_total{…,scope}` (every OOM kill in a pod, PID 1 or not)
+//! - `podscope_container_background_deaths_total{…,cause}`: processes other
+//!   than PID 1 that were killed, crashed or OOM-killed while the container
+//!   lived on — deaths Kubernetes never reports.
+
+use std::time::{Instant, UNIX_EPOCH};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use super::{MetricsOptions, SeriesBook};
+use crate::{
+    forensics::{BackgroundDeath, record::TerminationRecord},
+    metadata::PodIdentity,
+    probes::oom::OomKill,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub scope: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub cause: String,
+}
+
+pub struct TerminationMetrics {
+    terminations: Family<ReasonLabels, Counter>,
+    last: Family<ReasonLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    ooms: Family<ScopeLabels, Counter>,
+    deaths: Family<CauseLabels, Counter>,
+    reasons: SeriesBook<ReasonLabels>,
+    scopes: SeriesBook<ScopeLabels>,
+    causes: SeriesBook<CauseLabels>,
+}
+
+/// namespace, pod, container of a pod's event; None for the host's.
+fn workload(p: &PodIdentity) -> Option<(String, String, String)> {
+    Some((
+        p.namespace.clone()?,
+        p.pod.clone()?,
+        p.container.clone().unwrap_or_default(),
+    ))
+}
+
+impl TerminationMetrics {
+    pub fn register(registry: &mut Registry, opts: &MetricsOptions) -> TerminationMetrics {
+        let terminations = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "container_terminations",
+            "Container terminations (the main process ended), by podscope's reason: Completed, Error, OOMKilled, NodeOOMKilled, GracefulStop, KilledAfterGracePeriod, KilledBySignal, Crashed",
+            terminations.clone(),
+        );
+        let last = Family::<ReasonLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "container_last_termination_timestamp_seconds",
+            "When the container last ended for this reason (Unix time)",
+            last.clone(),
+        );
+        let ooms = Family::<ScopeLabels, Counter>::default();
+        registry.register(
+            "oom_kills",
+            "OOM kills of processes in pods, by the limit that was hit: container, pod, or node (no container or pod limit)",
+            ooms.clone(),
+        );
+        let deaths = Family::<CauseLabels, Counter>::default();
+        registry.register(
+            "container_background_deaths",
+            "Processes other than the container's main process that died while the container kept running, by cause: killed, crashed, oom_killed",
+            deaths.clone(),
+        );
+        TerminationMetrics {
+            terminations,
+            last,
+            ooms,
+            deaths,
+            reasons: SeriesBook::new(opts.max_series, opts.series_retention),
+            scopes: SeriesBook::new(opts.max_series, opts.series_retention),
+            causes: SeriesBook::new(opts.max_series, opts.series_retention),
+        }
+    }
+
+    pub fn termination(&mut self, r: &TerminationRecord, now: Instant, refused: &Counter) {
+        let Some((namespace, pod, container)) = workload(&r.pod) else {
+            return;
+        };
+        let labels = ReasonLabels {
+            namespace,
+            pod,
+            container,
+            reason: r.reason.as_str().to_string(),
+        };
+        if self.reasons.admit(&labels, now, refused) {
+            self.terminations.get_or_create(&labels).inc();
+            let at = r
+                .finished_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.last.get_or_create(&labels).set(at);
+        }
+    }
+
+    pub fn oom(&mut self, o: &OomKill, now: Instant, refused: &Counter) {
+        let Some((namespace, pod, container)) = workload(&o.pod) else {
+            return;
+        };
+        let labels = ScopeLabels {
+            namespace,
+            pod,
+            container,
+            scope: o
+                .scope
+                .as_ref()
+                .map_or("node", |s| s.scope.as_str())
+                .to_string(),
+        };
+        if self.scopes.admit(&labels, now, refused) {
+            self.ooms.get_or_create(&labels).inc();
+        }
+    }
+
+    pub fn background_death(&mut self, d: &BackgroundDeath, now: Instant, refused: &Counter) {
+        let Some((namespace, pod, container)) = workload(&d.pod) else {
+            return;
+        };
+        let labels = CauseLabels {
+            namespace,
+            pod,
+            container,
+            cause: d.death.cause.as_str().to_string(),
+        };
+        if self.causes.admit(&labels, now, refused) {
+            self.deaths.get_or_create(&labels).inc();
+        }
+    }
+
+    pub fn gc(&mut self, now: Instant, gone: impl Fn(&str, &str) -> bool) {
+        for l in self.reasons.expire(now, |l| gone(&l.namespace, &l.pod)) {
+            self.terminations.remove(&l);
+            self.last.remove(&l);
+        }
+        for l in self.scopes.expire(now, |l| gone(&l.namespace, &l.pod)) {
+            self.ooms.remove(&l);
+        }
+        for l in self.causes.expire(now, |l| gone(&l.namespace, &l.pod)) {
+            self.deaths.remove(&l);
+        }
+    }
+
+    pub fn series(&self) -> usize {
+        self.reasons.len() * 2 + self.scopes.len() + self.causes.len()
+    }
+}
