@@ -9,9 +9,9 @@ pub const CGROUP_PATH_MAX: usize = 256;
 
 pub const CGROUP_MKDIR: u32 = 1;
 pub const CGROUP_RMDIR: u32 = 2;
-/// A process moved into a v2 cgroup (`cgroup:cgroup_attach_task`): the
-/// first one into a container's cgroup is the container's main process.
-pub const CGROUP_ATTACH: u32 = 3;
+/// The first exec in a v2 cgroup created since start-up
+/// (`sched:sched_process_exec`): in a container's cgroup, its entrypoint.
+pub const CGROUP_FIRST_EXEC: u32 = 3;
 
 /// The path did not fit in `CGROUP_PATH_MAX` bytes.
 pub const CGROUP_FLAG_TRUNCATED: u32 = 1;
@@ -33,12 +33,6 @@ pub struct CgroupOffsets {
     pub tp_root: u32,
     pub tp_id: u32,
     pub tp_path: u32,
-    /// `task_struct.tgid`, for cgroup_attach_task's task argument.
-    pub task_tgid: u32,
-    /// Plain `cgroup_attach_task` record: `dst_root`, `dst_id`, `pid`.
-    pub tp_attach_root: u32,
-    pub tp_attach_id: u32,
-    pub tp_attach_pid: u32,
     pub _pad: u32,
 }
 
@@ -46,13 +40,13 @@ pub struct CgroupOffsets {
 #[derive(Clone, Copy, Debug)]
 pub struct CgroupEvent {
     pub id: u64,
-    /// `CGROUP_MKDIR`, `CGROUP_RMDIR` or `CGROUP_ATTACH`.
+    /// `CGROUP_MKDIR`, `CGROUP_RMDIR` or `CGROUP_FIRST_EXEC`.
     pub op: u32,
     pub flags: u32,
-    /// The process attached (`CGROUP_ATTACH`): its tgid.
+    /// The process that exec'd (`CGROUP_FIRST_EXEC`): its tgid.
     pub pid: u32,
     pub _pad: u32,
-    /// Empty for `CGROUP_ATTACH`. NUL-terminated path relative to the v2 root, e.g. `/kubepods/burstable/pod…/…`.
+    /// Empty for `CGROUP_FIRST_EXEC`. NUL-terminated path relative to the v2 root, e.g. `/kubepods/burstable/pod…/…`.
     pub path: [u8; CGROUP_PATH_MAX],
 }
 

@@ -5,16 +5,16 @@
 
 use agent_common::{
     cgroups::{
-        CGROUP_ATTACH, CGROUP_FLAG_TRUNCATED, CGROUP_MKDIR, CGROUP_PATH_MAX, CGROUP_RMDIR,
+        CGROUP_FIRST_EXEC, CGROUP_FLAG_TRUNCATED, CGROUP_MKDIR, CGROUP_PATH_MAX, CGROUP_RMDIR,
         CgroupEvent, CgroupOffsets,
     },
     stats::{STAT_EMITTED, STAT_FILTERED, STAT_HITS, STAT_LOST, STAT_READ_ERRORS, STAT_SLOTS},
 };
 use aya_ebpf::{
     EbpfContext,
-    helpers::bpf_probe_read_kernel_str_bytes,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 
@@ -29,10 +29,6 @@ static CGROUP_OFFSETS: CgroupOffsets = CgroupOffsets {
     tp_root: 0,
     tp_id: 0,
     tp_path: 0,
-    task_tgid: 0,
-    tp_attach_root: 0,
-    tp_attach_id: 0,
-    tp_attach_pid: 0,
     _pad: 0,
 };
 
@@ -66,48 +62,35 @@ pub fn cgroup_rmdir_tracepoint(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// tp_btf: `(struct cgroup *dst_cgrp, const char *path, struct task_struct
-/// *task, bool threadgroup)`. Which process entered a container's cgroup
-/// first tells userspace the container's main process, the one whose end is
-/// the container's end.
-#[btf_tracepoint(function = "cgroup_attach_task")]
-pub fn cgroup_attach_tp_btf(ctx: BtfTracePointContext) -> i32 {
-    bump(&CGROUP_STATS, STAT_HITS);
-    let off = offsets();
-    let cgrp: *const u8 = ctx.arg(0);
-    let task: *const u8 = ctx.arg(2);
-    let hierarchy = kmem::read_ptr(cgrp, off.cgroup_root)
-        .and_then(|root| kmem::read::<i32>(root, off.root_hierarchy_id));
-    let id = kmem::read_ptr(cgrp, off.cgroup_kn).and_then(|kn| kmem::read::<u64>(kn, off.kn_id));
-    let tgid = kmem::read::<u32>(task, off.task_tgid);
-    match (hierarchy, id, tgid) {
-        (Ok(0), Ok(id), Ok(tgid)) => emit_attach(id, tgid),
-        (Ok(_), Ok(_), Ok(_)) => bump(&CGROUP_STATS, STAT_FILTERED),
-        _ => bump(&CGROUP_STATS, STAT_READ_ERRORS),
-    }
+/// v2 cgroups created since start-up whose first exec has not been seen.
+/// The first program executed in a container's cgroup is its entrypoint:
+/// the container's main process (the runtime's bootstrap processes, e.g.
+/// runc's `runc:[0:PARENT]`, enter the cgroup first but never exec).
+#[map]
+static AWAITING_EXEC: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16_384, 0);
+
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn cgroup_exec_tp_btf(_ctx: BtfTracePointContext) -> i32 {
+    on_exec();
     0
 }
 
-#[tracepoint(category = "cgroup", name = "cgroup_attach_task")]
-pub fn cgroup_attach_tracepoint(ctx: TracePointContext) -> u32 {
-    bump(&CGROUP_STATS, STAT_HITS);
-    let off = offsets();
-    let base = ctx.as_ptr() as *const u8;
-    let root = kmem::read::<i32>(base, off.tp_attach_root);
-    let id = kmem::read::<u64>(base, off.tp_attach_id);
-    // The record's pid is the moved task's: the group leader when a whole
-    // process moves (cgroup.procs), which is the tgid.
-    let pid = kmem::read::<u32>(base, off.tp_attach_pid);
-    match (root, id, pid) {
-        (Ok(0), Ok(id), Ok(pid)) => emit_attach(id, pid),
-        (Ok(_), Ok(_), Ok(_)) => bump(&CGROUP_STATS, STAT_FILTERED),
-        _ => bump(&CGROUP_STATS, STAT_READ_ERRORS),
-    }
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn cgroup_exec_tracepoint(_ctx: TracePointContext) -> u32 {
+    on_exec();
     0
 }
 
+/// Every exec costs one hash lookup; only a new cgroup's first exec is sent.
 #[inline(always)]
-fn emit_attach(id: u64, tgid: u32) {
+fn on_exec() {
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is not read, only its presence.
+    if unsafe { AWAITING_EXEC.get(&id) }.is_none() {
+        return;
+    }
+    let _ = AWAITING_EXEC.remove(&id);
+    bump(&CGROUP_STATS, STAT_HITS);
     let Some(mut entry) = CGROUP_EVENTS.reserve::<CgroupEvent>(0) else {
         bump(&CGROUP_STATS, STAT_LOST);
         return;
@@ -116,9 +99,9 @@ fn emit_attach(id: u64, tgid: u32) {
     // SAFETY: the reserved entry is ours until submit.
     unsafe {
         (*event).id = id;
-        (*event).op = CGROUP_ATTACH;
+        (*event).op = CGROUP_FIRST_EXEC;
         (*event).flags = 0;
-        (*event).pid = tgid;
+        (*event).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
         (*event)._pad = 0;
         (*event).path[0] = 0;
     }
@@ -169,6 +152,11 @@ fn from_record(ctx: &TracePointContext, op: u32) {
 
 #[inline(always)]
 fn emit(op: u32, id: u64, path: *const u8) {
+    if op == CGROUP_MKDIR {
+        let _ = AWAITING_EXEC.insert(&id, &0, 0);
+    } else {
+        let _ = AWAITING_EXEC.remove(&id);
+    }
     let Some(mut entry) = CGROUP_EVENTS.reserve::<CgroupEvent>(0) else {
         bump(&CGROUP_STATS, STAT_LOST);
         return;

@@ -7,7 +7,7 @@
 
 use agent_common::{
     OFFSET_ABSENT, TASK_COMM_LEN,
-    oom::{OOM_FLAG_FIGURES, OOM_FLAG_PARTIAL, OomEvent, OomOffsets},
+    oom::{MemcgLevel, OOM_FLAG_FIGURES, OOM_FLAG_PARTIAL, OOM_MEMCG_LEVELS, OomEvent, OomOffsets},
     stats::{STAT_EMITTED, STAT_HITS, STAT_LOST, STAT_READ_ERRORS, STAT_SLOTS},
 };
 use aya_ebpf::{
@@ -15,7 +15,7 @@ use aya_ebpf::{
     bindings::BPF_RB_FORCE_WAKEUP,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
     },
     macros::{map, tracepoint},
     maps::{PerCpuArray, RingBuf},
@@ -34,6 +34,14 @@ static OOM_OFFSETS: OomOffsets = OomOffsets {
     tp_shmem_rss: OFFSET_ABSENT,
     tp_pgtables: OFFSET_ABSENT,
     tp_oom_score_adj: OFFSET_ABSENT,
+    task_cgroups: OFFSET_ABSENT,
+    css_set_subsys: OFFSET_ABSENT,
+    memory_cgrp_id: OFFSET_ABSENT,
+    memcg_memory: OFFSET_ABSENT,
+    pc_usage: OFFSET_ABSENT,
+    pc_max: OFFSET_ABSENT,
+    pc_watermark: OFFSET_ABSENT,
+    pc_parent: OFFSET_ABSENT,
 };
 
 #[map]
@@ -96,6 +104,8 @@ fn on_mark_victim(ctx: &TracePointContext) {
     if flags & OOM_FLAG_PARTIAL != 0 {
         bump(&OOM_STATS, STAT_READ_ERRORS);
     }
+    let mut memcg = [MemcgLevel::default(); OOM_MEMCG_LEVELS];
+    let memcg_levels = read_memcg(&off, &mut memcg);
     let pid_tgid = bpf_get_current_pid_tgid();
     entry.write(OomEvent {
         ts_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
@@ -110,10 +120,46 @@ fn on_mark_victim(ctx: &TracePointContext) {
         trigger_tgid: (pid_tgid >> 32) as u32,
         oom_score_adj,
         flags,
-        _pad: 0,
+        memcg_levels,
         victim_comm,
         trigger_comm: bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]),
+        memcg,
     });
     entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     bump(&OOM_STATS, STAT_EMITTED);
+}
+
+/// The current task's memory cgroup page counters, innermost first: which
+/// limit the failed charge hit is the level whose usage reached its max.
+#[inline(always)]
+fn read_memcg(off: &OomOffsets, out: &mut [MemcgLevel; OOM_MEMCG_LEVELS]) -> u32 {
+    if off.pc_parent == OFFSET_ABSENT || off.memory_cgrp_id == OFFSET_ABSENT {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let slot = off.css_set_subsys + (off.memory_cgrp_id & 63) * 8;
+    let Ok(css) = kmem::read_ptr(task, off.task_cgroups).and_then(|cset| kmem::read_ptr(cset, slot))
+    else {
+        return 0;
+    };
+    // The css is the first member of struct mem_cgroup.
+    let mut counter = css.wrapping_add(off.memcg_memory as usize);
+    let mut n = 0u32;
+    for level in out.iter_mut() {
+        if counter.is_null() {
+            break;
+        }
+        let (Ok(usage), Ok(max)) = (
+            kmem::read::<u64>(counter, off.pc_usage),
+            kmem::read::<u64>(counter, off.pc_max),
+        ) else {
+            break;
+        };
+        level.usage_pages = usage;
+        level.max_pages = max;
+        level.watermark_pages = kmem::read::<u64>(counter, off.pc_watermark).unwrap_or(0);
+        n += 1;
+        counter = kmem::read_ptr(counter, off.pc_parent).unwrap_or(core::ptr::null());
+    }
+    n
 }

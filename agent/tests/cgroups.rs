@@ -196,7 +196,7 @@ fn an_exit_is_attributed_after_its_cgroup_is_gone() {
             p.cgroups.drain(|c| match c.op {
                 CgroupOp::Created => resolver.cgroup_created(c.id, &c.path),
                 CgroupOp::Removed => resolver.cgroup_removed(c.id),
-                CgroupOp::Attached { .. } => {}
+                CgroupOp::FirstExec { .. } => {}
             });
             let mut exits: Vec<Exit> = vec![];
             p.exits.drain(|e| exits.push(e));

@@ -4,7 +4,7 @@
 //! of other processes that Kubernetes never sees.
 //!
 //! ```text
-//! cgroup attach ─▶ main process of each container (the first one in)
+//! first exec ───▶ main process of each container (its entrypoint)
 //! mark_victim ───▶ OOM (scope read from the cgroup files at once) ─┐
 //! signal_generate ▶ per-container signal history ──────────────────┼─▶ main exits: TerminationRecord
 //! exits ─────────▶ main exit, or a background death ───────────────┘   others: BackgroundDeath
@@ -185,8 +185,8 @@ impl Forensics {
             .is_some_and(|r| r.container_id.is_some())
     }
 
-    /// A process moved into a cgroup: the first into a container's is its main process.
-    pub fn on_attach(&mut self, resolver: &Resolver, cgroup_id: u64, tgid: u32) {
+    /// The first exec in a container's cgroup: its entrypoint, the main process.
+    pub fn on_first_exec(&mut self, resolver: &Resolver, cgroup_id: u64, tgid: u32) {
         if Self::is_container(resolver, cgroup_id) {
             self.state(cgroup_id).main.get_or_insert(tgid);
         }
@@ -204,7 +204,16 @@ impl Forensics {
             .cgroup(oom.trigger_cgroup_id)
             .filter(|r| r.container_id.is_some())
             .and_then(|_| resolver.cgroup_path(oom.trigger_cgroup_id));
-        oom.scope = Some(self.scope.read(trigger_container));
+        // The kernel's counters at the OOM when the probe read them; the
+        // cgroup files otherwise (they may be gone already).
+        oom.scope = scope::from_levels(&oom.memcg, trigger_container)
+            .or_else(|| Some(self.scope.read(trigger_container)));
+        tracing::debug!(
+            trigger = ?trigger_container,
+            scope = ?oom.scope,
+            "OOM kill of pid {}",
+            oom.victim_pid
+        );
         let kill = self
             .recent_kills
             .iter()

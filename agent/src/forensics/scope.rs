@@ -121,6 +121,43 @@ impl ScopeReader {
     }
 }
 
+/// The scope from the page counters the kernel side read at the OOM (the
+/// trigger's memory cgroup first, then its ancestors): the innermost level
+/// whose usage reached its limit. `container` is the trigger's container
+/// cgroup path when it is in one (level 0 is then the container, 1 the pod).
+pub fn from_levels(levels: &[(u64, u64)], container: Option<&str>) -> Option<ScopeReading> {
+    if levels.is_empty() {
+        return None;
+    }
+    let hit = levels.iter().position(|&(usage, max)| {
+        max < UNLIMITED && usage.saturating_add((max / 50).max(V1_SLACK_BYTES)) >= max
+    });
+    let Some(i) = hit else {
+        return Some(ScopeReading {
+            scope: OomScope::Node,
+            cgroup: None,
+            usage_bytes: None,
+            limit_bytes: None,
+        });
+    };
+    let (usage, max) = levels[i];
+    let mut path = container.map(|c| c.trim_end_matches('/').to_string());
+    for _ in 0..i {
+        path = path.as_deref().and_then(parent).map(str::to_string);
+    }
+    let scope = match (container.is_some(), i) {
+        (true, 0) => OomScope::Container,
+        (true, 1) => OomScope::Pod,
+        _ => OomScope::Node,
+    };
+    Some(ScopeReading {
+        scope,
+        cgroup: path.filter(|p| !p.is_empty()),
+        usage_bytes: Some(usage),
+        limit_bytes: Some(max),
+    })
+}
+
 fn v1_hit(dir: &Path) -> Option<(Option<u64>, u64)> {
     let limit = read_u64(&dir.join("memory.limit_in_bytes"))?;
     if limit >= UNLIMITED {
@@ -168,6 +205,26 @@ mod tests {
     }
 
     const C: &str = "/kubepods/burstable/podU/cid";
+
+    #[test]
+    fn scope_from_the_kernels_page_counters() {
+        let unl = u64::MAX / 2;
+        let mib = 1u64 << 20;
+        let lv = [(32 * mib - 8192, 32 * mib), (32 * mib, 64 * mib), (40 * mib, unl)];
+        let r = from_levels(&lv, Some(C)).unwrap();
+        assert_eq!((r.scope, r.usage_bytes, r.limit_bytes), (OomScope::Container, Some(32 * mib - 8192), Some(32 * mib)));
+        assert_eq!(r.cgroup.as_deref(), Some(C));
+        let pod = [(10 * mib, unl), (64 * mib, 64 * mib), (64 * mib, unl)];
+        let r = from_levels(&pod, Some(C)).unwrap();
+        assert_eq!(r.scope, OomScope::Pod);
+        assert_eq!(r.cgroup.as_deref(), Some("/kubepods/burstable/podU"));
+        let alloc = [(10 * mib, unl), (10 * mib, unl), (48 * mib, unl), (48 * mib, 48 * mib)];
+        let r = from_levels(&alloc, Some(C)).unwrap();
+        assert_eq!((r.scope, r.cgroup.as_deref()), (OomScope::Node, Some("/kubepods")));
+        let global = [(10 * mib, unl), (9000 * mib, unl)];
+        assert_eq!(from_levels(&global, Some(C)).unwrap().cgroup, None);
+        assert!(from_levels(&[], Some(C)).is_none());
+    }
 
     #[test]
     fn v1_container_limit() {

@@ -5,7 +5,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 
 use agent_common::cgroups::{
-    CGROUP_ATTACH, CGROUP_FLAG_TRUNCATED, CGROUP_MKDIR, CgroupEvent, CgroupOffsets,
+    CGROUP_FIRST_EXEC, CGROUP_FLAG_TRUNCATED, CGROUP_MKDIR, CgroupEvent, CgroupOffsets,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -23,7 +23,7 @@ use crate::kernel::{
 };
 
 pub const FAMILY: &str = "cgroups";
-const HOOK: &str = "cgroup:cgroup_mkdir, cgroup:cgroup_rmdir, cgroup:cgroup_attach_task";
+const HOOK: &str = "cgroup:cgroup_mkdir, cgroup:cgroup_rmdir, sched:sched_process_exec";
 const EVENTS_MAP: &str = "CGROUP_EVENTS";
 const STATS_MAP: &str = "CGROUP_STATS";
 
@@ -37,11 +37,7 @@ pub fn resolve_offsets(btf: &Btf) -> Result<CgroupOffsets, BtfError> {
         Some(Ok(l)) => l,
         _ => RECORD_DEFAULT,
     };
-    let (tp_attach_root, tp_attach_id, tp_attach_pid) =
-        match tracefs::mounted().map(|_| attach_record_layout()) {
-            Some(Ok(l)) => l,
-            _ => ATTACH_RECORD_DEFAULT,
-        };
+
     Ok(CgroupOffsets {
         cgroup_kn: btf.offset_of("cgroup", "kn")?,
         kn_id: btf.offset_of("kernfs_node", "id")?,
@@ -50,20 +46,8 @@ pub fn resolve_offsets(btf: &Btf) -> Result<CgroupOffsets, BtfError> {
         tp_root,
         tp_id,
         tp_path,
-        task_tgid: btf.offset_of("task_struct", "tgid")?,
-        tp_attach_root,
-        tp_attach_id,
-        tp_attach_pid,
         _pad: 0,
     })
-}
-
-/// `cgroup:cgroup_attach_task`'s `dst_root`, `dst_id` and `pid` on 5.x/6.x.
-const ATTACH_RECORD_DEFAULT: (u32, u32, u32) = (8, 16, 24);
-
-fn attach_record_layout() -> Result<(u32, u32, u32), String> {
-    let f = TracepointFormat::read("cgroup", "cgroup_attach_task")?;
-    Ok((f.offset("dst_root")?, f.offset("dst_id")?, f.offset("pid")?))
 }
 
 fn record_layout() -> Result<(u32, u32, u32), String> {
@@ -80,18 +64,17 @@ pub(super) fn configure<'a>(loader: &mut EbpfLoader<'a>, offsets: &'a CgroupOffs
 pub enum CgroupOp {
     Created,
     Removed,
-    /// A process (this tgid) moved into it.
-    Attached {
-        tgid: u32,
-    },
+    /// The first exec in it since it was created, by this process: in a
+    /// container's cgroup, the entrypoint, i.e. the main process.
+    FirstExec { tgid: u32 },
 }
 
-/// A v2 cgroup was created, removed, or had a process moved in.
+/// A v2 cgroup was created, removed, or saw its first exec.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CgroupChange {
     pub id: u64,
     pub op: CgroupOp,
-    /// Empty for `Attached`.
+    /// Empty for `FirstExec`.
     pub path: String,
     pub truncated: bool,
 }
@@ -141,7 +124,7 @@ impl CgroupProbe {
                 id: raw.id,
                 op: match raw.op {
                     CGROUP_MKDIR => CgroupOp::Created,
-                    CGROUP_ATTACH => CgroupOp::Attached { tgid: raw.pid },
+                    CGROUP_FIRST_EXEC => CgroupOp::FirstExec { tgid: raw.pid },
                     _ => CgroupOp::Removed,
                 },
                 path: String::from_utf8_lossy(&raw.path[..len]).into_owned(),
@@ -173,7 +156,7 @@ fn attach_pair(
             for (prog, hook) in [
                 ("cgroup_mkdir_tp_btf", "cgroup_mkdir"),
                 ("cgroup_rmdir_tp_btf", "cgroup_rmdir"),
-                ("cgroup_attach_tp_btf", "cgroup_attach_task"),
+                ("cgroup_exec_tp_btf", "sched_process_exec"),
             ] {
                 let p: &mut BtfTracePoint = program(ebpf, prog)?;
                 p.load(hook, btf).map_err(|e| error_chain(&e))?;
@@ -184,24 +167,19 @@ fn attach_pair(
             tracefs::ensure_mounted()?;
             let layout = record_layout()?;
             let loaded = (offsets.tp_root, offsets.tp_id, offsets.tp_path);
-            let attach_loaded = (
-                offsets.tp_attach_root,
-                offsets.tp_attach_id,
-                offsets.tp_attach_pid,
-            );
-            if layout != loaded || attach_record_layout()? != attach_loaded {
+            if layout != loaded {
                 return Err(format!(
                     "cgroup_mkdir's record layout on this kernel {layout:?} differs from the one loaded {loaded:?}: mount tracefs before starting podscope"
                 ));
             }
-            for (prog, hook) in [
-                ("cgroup_mkdir_tracepoint", "cgroup_mkdir"),
-                ("cgroup_rmdir_tracepoint", "cgroup_rmdir"),
-                ("cgroup_attach_tracepoint", "cgroup_attach_task"),
+            for (prog, category, hook) in [
+                ("cgroup_mkdir_tracepoint", "cgroup", "cgroup_mkdir"),
+                ("cgroup_rmdir_tracepoint", "cgroup", "cgroup_rmdir"),
+                ("cgroup_exec_tracepoint", "sched", "sched_process_exec"),
             ] {
                 let p: &mut TracePoint = program(ebpf, prog)?;
                 p.load().map_err(|e| error_chain(&e))?;
-                p.attach("cgroup", hook).map_err(|e| error_chain(&e))?;
+                p.attach(category, hook).map_err(|e| error_chain(&e))?;
             }
         }
         other => return Err(format!("{other} is not a cgroup hook")),

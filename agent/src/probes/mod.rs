@@ -98,7 +98,7 @@ impl KernelOffsets {
             exits: exits::resolve_offsets(btf)?,
             cgroups: cgroups::resolve_offsets(btf)?,
             signals: signals::resolve_offsets(btf)?,
-            oom: oom::resolve_offsets(),
+            oom: oom::resolve_offsets(btf),
         })
     }
 

@@ -23,6 +23,7 @@ use super::{
 };
 use crate::{
     kernel::{
+        btf::{Btf, BtfError},
         clock::BootClock,
         tracefs::{self, TracepointFormat},
     },
@@ -36,14 +37,59 @@ const STATS_MAP: &str = "OOM_STATS";
 
 /// The record layout, from tracefs when it is mounted (the defaults are
 /// the oldest layout: just `pid`, which every kernel since 4.x has at 8).
-pub fn resolve_offsets() -> OomOffsets {
-    if tracefs::ensure_mounted().is_err() {
-        return OomOffsets::default();
-    }
-    match TracepointFormat::read("oom", "mark_victim") {
+pub fn resolve_offsets(btf: &Btf) -> OomOffsets {
+    let mut o = match tracefs::ensure_mounted()
+        .and_then(|_| TracepointFormat::read("oom", "mark_victim"))
+    {
         Ok(f) => offsets_from_format(&f),
         Err(_) => OomOffsets::default(),
+    };
+    // The memory cgroup's counters: optional (a kernel without memcg has none).
+    let memcg = || -> Result<(u32, u32, u32, u32, u32, u32, u32, u32), BtfError> {
+        let id = btf
+            .enum_value("cgroup_subsys_id", "memory_cgrp_id")?
+            .ok_or(BtfError::NoMember {
+                strukt: "cgroup_subsys_id".into(),
+                member: "memory_cgrp_id".into(),
+            })?;
+        Ok((
+            btf.offset_of("task_struct", "cgroups")?,
+            btf.offset_of("css_set", "subsys")?,
+            id as u32,
+            btf.offset_of("mem_cgroup", "memory")?,
+            btf.offset_of("page_counter", "usage")?,
+            btf.offset_of("page_counter", "max")?,
+            btf.offset_of("page_counter", "watermark")?,
+            btf.offset_of("page_counter", "parent")?,
+        ))
+    };
+    if let Ok(m) = memcg() {
+        (
+            o.task_cgroups,
+            o.css_set_subsys,
+            o.memory_cgrp_id,
+            o.memcg_memory,
+            o.pc_usage,
+            o.pc_max,
+            o.pc_watermark,
+            o.pc_parent,
+        ) = m;
     }
+    o
+}
+
+/// The fields that come from the tracepoint's record (the rest from BTF).
+fn record_part(o: &OomOffsets) -> [u32; 8] {
+    [
+        o.tp_pid,
+        o.tp_comm,
+        o.tp_total_vm,
+        o.tp_anon_rss,
+        o.tp_file_rss,
+        o.tp_shmem_rss,
+        o.tp_pgtables,
+        o.tp_oom_score_adj,
+    ]
 }
 
 pub fn offsets_from_format(f: &TracepointFormat) -> OomOffsets {
@@ -57,6 +103,7 @@ pub fn offsets_from_format(f: &TracepointFormat) -> OomOffsets {
         tp_shmem_rss: opt("shmem_rss"),
         tp_pgtables: opt("pgtables"),
         tp_oom_score_adj: opt("oom_score_adj"),
+        ..OomOffsets::default()
     }
 }
 
@@ -125,6 +172,10 @@ pub struct OomKill {
     pub trigger_cgroup_id: u64,
     pub memory: Option<VictimMemory>,
     pub scope: Option<ScopeReading>,
+    /// The trigger's memory cgroup and its ancestors at the OOM, innermost
+    /// first: (usage, limit) in bytes.
+    #[serde(skip)]
+    pub memcg: Vec<(u64, u64)>,
     pub partial: bool,
     /// The victim's pod and container.
     #[serde(flatten)]
@@ -151,10 +202,24 @@ impl OomKill {
                 oom_score_adj: raw.oom_score_adj,
             }),
             scope: None,
+            memcg: {
+                let page = page_size();
+                raw.memcg
+                    .iter()
+                    .take(raw.memcg_levels as usize)
+                    .map(|l| (l.usage_pages * page, l.max_pages.saturating_mul(page)))
+                    .collect()
+            },
             partial: raw.flags & OOM_FLAG_PARTIAL != 0,
             pod: PodIdentity::default(),
         }
     }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 { n as u64 } else { 4096 }
 }
 
 pub struct OomProbe {
@@ -169,7 +234,7 @@ impl OomProbe {
         let mut attach = || -> Result<(), String> {
             tracefs::ensure_mounted()?;
             let on_kernel = offsets_from_format(&TracepointFormat::read("oom", "mark_victim")?);
-            if on_kernel != *offsets {
+            if record_part(&on_kernel) != record_part(offsets) {
                 return Err(format!(
                     "mark_victim's record layout {on_kernel:?} differs from the one loaded {offsets:?}"
                 ));
