@@ -138,7 +138,8 @@ fn read_memcg(off: &OomOffsets, out: &mut [MemcgLevel; OOM_MEMCG_LEVELS]) -> u32
     }
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let slot = off.css_set_subsys + (off.memory_cgrp_id & 63) * 8;
-    let Ok(css) = kmem::read_ptr(task, off.task_cgroups).and_then(|cset| kmem::read_ptr(cset, slot))
+    let Ok(css) =
+        kmem::read_ptr(task, off.task_cgroups).and_then(|cset| kmem::read_ptr(cset, slot))
     else {
         return 0;
     };

@@ -165,7 +165,9 @@ impl Pipeline {
         for c in &changes {
             match c.op {
                 CgroupOp::Created => self.resolver.cgroup_created(c.id, &c.path),
-                CgroupOp::FirstExec { tgid } => self.forensics.on_first_exec(&self.resolver, c.id, tgid),
+                CgroupOp::FirstExec { tgid } => {
+                    self.forensics.on_first_exec(&self.resolver, c.id, tgid)
+                }
                 CgroupOp::Removed => {}
             }
         }

@@ -13,41 +13,10 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{privileged, required, testnode};
+use support::{apply, node, privileged, required, testnode};
 
 const NS: &str = "podscope-attr";
 const SOCKET: &str = "/run/podscope-node/containerd.sock";
-
-fn node(args: &[&str]) -> String {
-    let bin = testnode().expect("podscope-testnode");
-    let out = Command::new(&bin).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "podscope-testnode {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Applies a manifest and returns the pod's status (testnode's JSON).
-fn apply(name: &str, wait: &str, manifest: &str) -> Value {
-    let dir = std::env::temp_dir().join(format!("podscope-pods-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(format!("{name}.yaml"));
-    std::fs::write(&file, manifest).unwrap();
-    let out = node(&[
-        "apply",
-        "-f",
-        file.to_str().unwrap(),
-        "--wait",
-        wait,
-        "-o",
-        "json",
-    ]);
-    let _ = std::fs::remove_file(&file);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("apply -o json printed {out:?}: {e}"))
-}
 
 fn pod(name: &str, containers: &[(&str, &str)]) -> String {
     let mut m = format!(

@@ -210,17 +210,32 @@ mod tests {
     fn scope_from_the_kernels_page_counters() {
         let unl = u64::MAX / 2;
         let mib = 1u64 << 20;
-        let lv = [(32 * mib - 8192, 32 * mib), (32 * mib, 64 * mib), (40 * mib, unl)];
+        let lv = [
+            (32 * mib - 8192, 32 * mib),
+            (32 * mib, 64 * mib),
+            (40 * mib, unl),
+        ];
         let r = from_levels(&lv, Some(C)).unwrap();
-        assert_eq!((r.scope, r.usage_bytes, r.limit_bytes), (OomScope::Container, Some(32 * mib - 8192), Some(32 * mib)));
+        assert_eq!(
+            (r.scope, r.usage_bytes, r.limit_bytes),
+            (OomScope::Container, Some(32 * mib - 8192), Some(32 * mib))
+        );
         assert_eq!(r.cgroup.as_deref(), Some(C));
         let pod = [(10 * mib, unl), (64 * mib, 64 * mib), (64 * mib, unl)];
         let r = from_levels(&pod, Some(C)).unwrap();
         assert_eq!(r.scope, OomScope::Pod);
         assert_eq!(r.cgroup.as_deref(), Some("/kubepods/burstable/podU"));
-        let alloc = [(10 * mib, unl), (10 * mib, unl), (48 * mib, unl), (48 * mib, 48 * mib)];
+        let alloc = [
+            (10 * mib, unl),
+            (10 * mib, unl),
+            (48 * mib, unl),
+            (48 * mib, 48 * mib),
+        ];
         let r = from_levels(&alloc, Some(C)).unwrap();
-        assert_eq!((r.scope, r.cgroup.as_deref()), (OomScope::Node, Some("/kubepods")));
+        assert_eq!(
+            (r.scope, r.cgroup.as_deref()),
+            (OomScope::Node, Some("/kubepods"))
+        );
         let global = [(10 * mib, unl), (9000 * mib, unl)];
         assert_eq!(from_levels(&global, Some(C)).unwrap().cgroup, None);
         assert!(from_levels(&[], Some(C)).is_none());

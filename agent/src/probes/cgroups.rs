@@ -66,7 +66,9 @@ pub enum CgroupOp {
     Removed,
     /// The first exec in it since it was created, by this process: in a
     /// container's cgroup, the entrypoint, i.e. the main process.
-    FirstExec { tgid: u32 },
+    FirstExec {
+        tgid: u32,
+    },
 }
 
 /// A v2 cgroup was created, removed, or saw its first exec.

@@ -44,3 +44,62 @@ pub fn testnode() -> Option<std::path::PathBuf> {
         });
     bin.exists().then_some(bin)
 }
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status, body).
+pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// Runs `podscope-testnode ARGS`, failing the test with its output if it fails.
+pub fn node(args: &[&str]) -> String {
+    let bin = testnode().expect("podscope-testnode");
+    let out = std::process::Command::new(&bin)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "podscope-testnode {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Applies a manifest (waiting as `wait` says) and returns the pod's status
+/// (the test node's JSON).
+pub fn apply(name: &str, wait: &str, manifest: &str) -> serde_json::Value {
+    let dir = std::env::temp_dir().join(format!("podscope-manifests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, manifest).unwrap();
+    let out = node(&[
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+        "--wait",
+        wait,
+        "-o",
+        "json",
+    ]);
+    let _ = std::fs::remove_file(&file);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("apply -o json printed {out:?}: {e}"))
+}
