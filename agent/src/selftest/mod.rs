@@ -17,6 +17,7 @@ mod cgroups;
 mod exits;
 pub mod helper;
 mod selection;
+mod terminations;
 mod tracer;
 
 use std::{fmt, path::PathBuf, time::Instant};
@@ -162,6 +163,22 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "cgroup_mkdir_rmdir",
         run: cgroups::cgroup_mkdir_rmdir,
+    },
+    Scenario {
+        name: "cgroup_first_exec",
+        run: terminations::cgroup_first_exec,
+    },
+    Scenario {
+        name: "signal_sender_and_target",
+        run: terminations::signal_sender_and_target,
+    },
+    Scenario {
+        name: "signal_fault_origin",
+        run: terminations::signal_fault_origin,
+    },
+    Scenario {
+        name: "oom_victim_and_scope",
+        run: terminations::oom_victim_and_scope,
     },
 ];
 
