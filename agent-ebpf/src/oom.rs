@@ -56,15 +56,15 @@ pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A record field, 0 where this kernel's record lacks it. Read failures are
+/// not tracked per field: merging them into flags multiplies the paths the
+/// verifier walks (6.1's gives up), and the record is the kernel's own memory.
 #[inline(always)]
-fn field<T: Default>(base: *const u8, off: u32, flags: &mut u32) -> T {
+fn field<T: Default>(base: *const u8, off: u32) -> T {
     if off == OFFSET_ABSENT {
         return T::default();
     }
-    kmem::read::<T>(base, off).unwrap_or_else(|_| {
-        *flags |= OOM_FLAG_PARTIAL;
-        T::default()
-    })
+    kmem::read::<T>(base, off).unwrap_or_default()
 }
 
 #[inline(always)]
@@ -81,25 +81,26 @@ fn on_mark_victim(ctx: &TracePointContext) {
     if off.tp_anon_rss != OFFSET_ABSENT {
         flags |= OOM_FLAG_FIGURES;
     }
-    let victim_pid = field::<i32>(base, off.tp_pid, &mut flags) as u32;
-    let total_vm_kb = field::<u64>(base, off.tp_total_vm, &mut flags);
-    let anon_rss_kb = field::<u64>(base, off.tp_anon_rss, &mut flags);
-    let file_rss_kb = field::<u64>(base, off.tp_file_rss, &mut flags);
-    let shmem_rss_kb = field::<u64>(base, off.tp_shmem_rss, &mut flags);
-    let pgtables_kb = field::<u64>(base, off.tp_pgtables, &mut flags);
-    let oom_score_adj = field::<i16>(base, off.tp_oom_score_adj, &mut flags) as i32;
+    let victim_pid = match kmem::read::<i32>(base, off.tp_pid) {
+        Ok(p) => p as u32,
+        Err(_) => {
+            flags |= OOM_FLAG_PARTIAL;
+            0
+        }
+    };
+    let total_vm_kb = field::<u64>(base, off.tp_total_vm);
+    let anon_rss_kb = field::<u64>(base, off.tp_anon_rss);
+    let file_rss_kb = field::<u64>(base, off.tp_file_rss);
+    let shmem_rss_kb = field::<u64>(base, off.tp_shmem_rss);
+    let pgtables_kb = field::<u64>(base, off.tp_pgtables);
+    let oom_score_adj = field::<i16>(base, off.tp_oom_score_adj) as i32;
     let mut victim_comm = [0u8; TASK_COMM_LEN];
     if off.tp_comm != OFFSET_ABSENT {
-        match kmem::read::<u32>(base, off.tp_comm) {
-            Ok(loc) => {
-                let at = base.wrapping_add((loc & 0xffff) as usize);
-                // SAFETY: probe-read helper, tolerant of bad addresses.
-                if unsafe { bpf_probe_read_kernel_str_bytes(at, &mut victim_comm) }.is_err() {
-                    flags |= OOM_FLAG_PARTIAL;
-                }
-            }
-            Err(_) => flags |= OOM_FLAG_PARTIAL,
-        }
+        let loc = field::<u32>(base, off.tp_comm);
+        let at = base.wrapping_add((loc & 0xffff) as usize);
+        // SAFETY: probe-read helper, tolerant of bad addresses; a failed
+        // read leaves the name empty and userspace takes it from the exit.
+        let _ = unsafe { bpf_probe_read_kernel_str_bytes(at, &mut victim_comm) };
     }
     if flags & OOM_FLAG_PARTIAL != 0 {
         bump(&OOM_STATS, STAT_READ_ERRORS);

@@ -27,7 +27,8 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("exits") => exits(),
         Some("pods") => pods(),
         Some("agent") => agent(),
-        _ => bail!("usage: cargo xtask bench <exits | pods | agent>"),
+        Some("terminations") => terminations(),
+        _ => bail!("usage: cargo xtask bench <exits | pods | agent | terminations>"),
     }
 }
 
@@ -47,6 +48,8 @@ pub fn storm(args: &[String]) -> Result<ExitCode> {
         if pid == 0 {
             match kind {
                 "process" => process_storm(per),
+                "kill" => kill_storm(per, libc::SIGUSR1),
+                "kill-filtered" => kill_storm(per, libc::SIGURG),
                 _ => thread_storm(per),
             }
             unsafe { libc::_exit(0) };
@@ -69,6 +72,35 @@ fn process_storm(n: u32) {
         if c > 0 {
             unsafe { libc::waitpid(c, std::ptr::null_mut(), 0) };
         }
+    }
+}
+
+/// `n` signals to a child that ignores them: signal_generate fires for each
+/// (the tracepoint runs before the disposition is looked at), the child is
+/// never woken. SIGUSR1's default action is fatal (the probe emits it);
+/// SIGURG's is not (the probe filters it in the kernel).
+fn kill_storm(n: u32, sig: i32) {
+    // SAFETY: the child only sets a disposition and pauses.
+    let c = unsafe { libc::fork() };
+    if c == 0 {
+        unsafe {
+            libc::signal(sig, libc::SIG_IGN);
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    if c <= 0 {
+        return;
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    for _ in 0..n {
+        // SAFETY: our own child.
+        unsafe { libc::kill(c, sig) };
+    }
+    unsafe {
+        libc::kill(c, libc::SIGKILL);
+        libc::waitpid(c, std::ptr::null_mut(), 0);
     }
 }
 
@@ -106,15 +138,38 @@ struct Running {
     progs: Vec<u32>,
 }
 
+/// What a benchmark traces: podscope's family and the same hook for bpftrace.
+struct Traced {
+    family: &'static str,
+    bpftrace_count: &'static str,
+    bpftrace_print: &'static str,
+}
+
+const EXITS: Traced = Traced {
+    family: "exits",
+    bpftrace_count: "tracepoint:sched:sched_process_exit { @exits = count(); }",
+    bpftrace_print: "tracepoint:sched:sched_process_exit { printf(\"%d %d %s\\n\", pid, tid, comm); }",
+};
+
+const SIGNALS: Traced = Traced {
+    family: "signals",
+    bpftrace_count: "tracepoint:signal:signal_generate { @signals = count(); }",
+    bpftrace_print: "tracepoint:signal:signal_generate { printf(\"%d %s -> %d %d %d\\n\", pid, comm, args->pid, args->sig, args->result); }",
+};
+
 /// Starts a tracer and returns once it has attached.
 fn start(tracer: Tracer, podscope: &Path) -> Result<Option<Running>> {
+    start_on(tracer, podscope, &EXITS)
+}
+
+fn start_on(tracer: Tracer, podscope: &Path, traced: &Traced) -> Result<Option<Running>> {
     let mut cmd = match tracer {
         Tracer::None => return Ok(None),
         Tracer::Podscope => {
             let mut c = Command::new(podscope);
             c.args([
                 "trace",
-                "exits",
+                traced.family,
                 "-o",
                 "json",
                 "--log",
@@ -126,18 +181,12 @@ fn start(tracer: Tracer, podscope: &Path) -> Result<Option<Running>> {
         }
         Tracer::BpftraceCount => {
             let mut c = Command::new("bpftrace");
-            c.args([
-                "-e",
-                "tracepoint:sched:sched_process_exit { @exits = count(); }",
-            ]);
+            c.args(["-e", traced.bpftrace_count]);
             c
         }
         Tracer::BpftracePrint => {
             let mut c = Command::new("bpftrace");
-            c.args([
-                "-e",
-                "tracepoint:sched:sched_process_exit { printf(\"%d %d %s\\n\", pid, tid, comm); }",
-            ]);
+            c.args(["-e", traced.bpftrace_print]);
             c
         }
     };
@@ -433,6 +482,103 @@ fn exits() -> Result<ExitCode> {
 
     if mounted_tracefs {
         unmount_tracefs();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `terminations`: a signal storm (200,000 kill(2) to a child that ignores
+/// them) with and without podscope's signal probe and against bpftrace on
+/// the same tracepoint, for a signal the probe emits (SIGUSR1: fatal by
+/// default) and one it filters in the kernel (SIGURG); then the journal's
+/// write cost per record (`benches/journal.rs`).
+fn terminations() -> Result<ExitCode> {
+    setup::run()?;
+    let podscope = build_podscope()?;
+    let mounted_tracefs = ensure_tracefs()?;
+    let _stats = BpfStats::enable()?;
+    let tracers = [
+        Tracer::None,
+        Tracer::Podscope,
+        Tracer::BpftraceCount,
+        Tracer::BpftracePrint,
+    ];
+    let n = 200_000u32;
+    println!("terminations benchmark: {ROUNDS} rounds, conditions interleaved, median wall time of the workload");
+    for (kind, label) in [
+        ("kill", "kill storm: 200,000 SIGUSR1 (fatal by default: podscope emits each)"),
+        ("kill-filtered", "kill storm: 200,000 SIGURG (not fatal: podscope filters each in the kernel)"),
+    ] {
+        let mut times: Vec<Vec<Duration>> = vec![vec![]; tracers.len()];
+        let mut prog = vec![(0u64, 0u64); tracers.len()];
+        let mut cpu = vec![Duration::ZERO; tracers.len()];
+        let mut lost = 0u64;
+        let mut shown = String::new();
+        for _ in 0..ROUNDS {
+            for (i, &tracer) in tracers.iter().enumerate() {
+                let running = start_on(tracer, &podscope, &SIGNALS)?;
+                times[i].push(workload(kind, n, 1)?);
+                if let Some(r) = running {
+                    std::thread::sleep(Duration::from_millis(300));
+                    let s = stop(r)?;
+                    prog[i].0 += s.prog_ns;
+                    prog[i].1 += s.prog_runs;
+                    cpu[i] += s.cpu;
+                    if tracer == Tracer::Podscope {
+                        if let Some(l) = s.stderr.lines().find(|l| l.contains("signals shown")) {
+                            shown = l.to_string();
+                            lost += l
+                                .split("signals ")
+                                .nth(2)
+                                .and_then(|x| x.split(" lost").next())
+                                .and_then(|x| x.rsplit(", ").next())
+                                .and_then(|x| x.trim().parse::<u64>().ok())
+                                .unwrap_or(0);
+                        }
+                    }
+                }
+            }
+        }
+        let base = median(&mut times[0]);
+        let spread = (times[0][ROUNDS - 1] - times[0][0]).as_secs_f64() / base.as_secs_f64();
+        println!("\n{label} (baseline spread min..max: {:.1}%)", spread * 100.0);
+        println!(
+            "  {:<18} {:>10} {:>9} {:>17} {:>14}",
+            "tracer", "median", "ratio", "kernel ns/signal", "tracer CPU/run"
+        );
+        for (i, &tracer) in tracers.iter().enumerate() {
+            let m = median(&mut times[i]);
+            let ns = if prog[i].1 == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.0}", prog[i].0 as f64 / prog[i].1 as f64)
+            };
+            let c = if tracer == Tracer::None {
+                "-".to_string()
+            } else {
+                format!("{:.0} ms", cpu[i].as_secs_f64() * 1000.0 / ROUNDS as f64)
+            };
+            println!(
+                "  {:<18} {:>9.3}s {:>9.3} {:>17} {:>14}",
+                tracer.name(),
+                m.as_secs_f64(),
+                m.as_secs_f64() / base.as_secs_f64(),
+                ns,
+                c
+            );
+        }
+        println!("  podscope, last round: {shown}");
+        println!("  podscope signals lost over all rounds: {lost}");
+    }
+    if mounted_tracefs {
+        unmount_tracefs();
+    }
+    println!("\njournal (benches/journal.rs, on {}):", std::env::temp_dir().display());
+    let st = Command::new("cargo")
+        .args(["bench", "--quiet", "-p", "podscope", "--bench", "journal"])
+        .status()
+        .context("cannot run cargo bench")?;
+    if !st.success() {
+        bail!("the journal benchmark failed");
     }
     Ok(ExitCode::SUCCESS)
 }

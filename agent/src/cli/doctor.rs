@@ -227,6 +227,7 @@ pub fn diagnose() -> Report {
 
     if privileged {
         checks.push(exits_check(&btf));
+        checks.extend(forensics_checks(&btf));
     }
 
     Report {
@@ -334,6 +335,64 @@ fn exits_check(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Check {
             "exit tracing is unavailable on this kernel",
         ),
     }
+}
+
+/// The signal and OOM probes, attached for real and detached: what
+/// termination records can say on this kernel.
+fn forensics_checks(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Vec<Check> {
+    let Ok(Ok(offsets)) = btf.as_ref().map(KernelOffsets::resolve) else {
+        return vec![];
+    };
+    let loaded = probes::load_object(&offsets, &probes::LoadOptions::with_ring_buffer(4096));
+    let mut ebpf = match loaded {
+        Ok(e) => e,
+        Err(e) => return vec![check("signals", Status::Missing, e.to_string(), "termination records cannot name senders")],
+    };
+    let aya_btf = probes::attach_btf();
+    let signals = match probes::signals::SignalProbe::attach(&mut ebpf, aya_btf.as_ref()) {
+        Ok(p) => check(
+            "signals",
+            Status::Ok,
+            format!("{} {}", p.attachment.attach_type, p.attachment.hook),
+            "termination records name who sent SIGTERM/SIGKILL and when (grace periods)",
+        ),
+        Err(e) => check(
+            "signals",
+            Status::Missing,
+            e.to_string(),
+            "termination records cannot name the sender or time a grace period",
+        ),
+    };
+    let oom = match probes::oom::OomProbe::attach(&mut ebpf, &offsets.oom) {
+        Ok(p) => {
+            let figures = offsets.oom.tp_anon_rss != agent_common::OFFSET_ABSENT;
+            let counters = offsets.oom.pc_parent != agent_common::OFFSET_ABSENT;
+            let status = if counters { Status::Ok } else { Status::Fallback };
+            check(
+                "oom",
+                status,
+                format!(
+                    "{} {}; victim memory figures {}; memory cgroup counters {}",
+                    p.attachment.attach_type,
+                    p.attachment.hook,
+                    if figures { "in the record" } else { "absent (kernel < 6.8)" },
+                    if counters { "read at the OOM" } else { "not in BTF" }
+                ),
+                if counters {
+                    "OOM kills name their victim and scope (container, pod, node) with usage against the limit"
+                } else {
+                    "OOM scope is read from cgroup files, which may be gone when the container died"
+                },
+            )
+        }
+        Err(e) => check(
+            "oom",
+            Status::Missing,
+            e.to_string(),
+            "OOM kills show as SIGKILLs from the kernel, without scope or usage",
+        ),
+    };
+    vec![signals, oom]
 }
 
 /// What each hook type's availability means for podscope.
