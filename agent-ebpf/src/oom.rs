@@ -7,15 +7,15 @@
 
 use agent_common::{
     OFFSET_ABSENT, TASK_COMM_LEN,
-    oom::{MemcgLevel, OOM_FLAG_FIGURES, OOM_FLAG_PARTIAL, OOM_MEMCG_LEVELS, OomEvent, OomOffsets},
-    stats::{STAT_EMITTED, STAT_HITS, STAT_LOST, STAT_READ_ERRORS, STAT_SLOTS},
+    oom::{MemcgLevel, OOM_FLAG_FIGURES, OOM_MEMCG_LEVELS, OomEvent, OomOffsets},
+    stats::{STAT_EMITTED, STAT_HITS, STAT_LOST, STAT_SLOTS},
 };
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_RB_FORCE_WAKEUP,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes, generated,
     },
     macros::{map, tracepoint},
     maps::{PerCpuArray, RingBuf},
@@ -56,15 +56,23 @@ pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// A record field, 0 where this kernel's record lacks it. Read failures are
-/// not tracked per field: merging them into flags multiplies the paths the
-/// verifier walks (6.1's gives up), and the record is the kernel's own memory.
+/// Copies `size_of::<T>()` bytes from `base + off` into `dst`, or zeroes
+/// `dst` when the record lacks the field. No branch on the read's outcome
+/// (the helper zeroes `dst` when it fails): every branch multiplies the paths
+/// the verifier walks, and 6.1's gives up on this program otherwise.
 #[inline(always)]
-fn field<T: Default>(base: *const u8, off: u32) -> T {
+unsafe fn copy_into<T>(dst: *mut T, base: *const u8, off: u32) {
     if off == OFFSET_ABSENT {
-        return T::default();
+        unsafe { core::ptr::write_bytes(dst, 0, 1) };
+        return;
     }
-    kmem::read::<T>(base, off).unwrap_or_default()
+    unsafe {
+        generated::bpf_probe_read_kernel(
+            dst.cast(),
+            size_of::<T>() as u32,
+            base.wrapping_add(off as usize).cast(),
+        )
+    };
 }
 
 #[inline(always)]
@@ -77,55 +85,40 @@ fn on_mark_victim(ctx: &TracePointContext) {
         bump(&OOM_STATS, STAT_LOST);
         return;
     };
-    let mut flags = 0u32;
-    if off.tp_anon_rss != OFFSET_ABSENT {
-        flags |= OOM_FLAG_FIGURES;
-    }
-    let victim_pid = match kmem::read::<i32>(base, off.tp_pid) {
-        Ok(p) => p as u32,
-        Err(_) => {
-            flags |= OOM_FLAG_PARTIAL;
-            0
-        }
-    };
-    let total_vm_kb = field::<u64>(base, off.tp_total_vm);
-    let anon_rss_kb = field::<u64>(base, off.tp_anon_rss);
-    let file_rss_kb = field::<u64>(base, off.tp_file_rss);
-    let shmem_rss_kb = field::<u64>(base, off.tp_shmem_rss);
-    let pgtables_kb = field::<u64>(base, off.tp_pgtables);
-    let oom_score_adj = field::<i16>(base, off.tp_oom_score_adj) as i32;
-    let mut victim_comm = [0u8; TASK_COMM_LEN];
-    if off.tp_comm != OFFSET_ABSENT {
-        let loc = field::<u32>(base, off.tp_comm);
-        let at = base.wrapping_add((loc & 0xffff) as usize);
-        // SAFETY: probe-read helper, tolerant of bad addresses; a failed
-        // read leaves the name empty and userspace takes it from the exit.
-        let _ = unsafe { bpf_probe_read_kernel_str_bytes(at, &mut victim_comm) };
-    }
-    if flags & OOM_FLAG_PARTIAL != 0 {
-        bump(&OOM_STATS, STAT_READ_ERRORS);
-    }
-    let mut memcg = [MemcgLevel::default(); OOM_MEMCG_LEVELS];
-    let memcg_levels = read_memcg(&off, &mut memcg);
+    let ev = entry.as_mut_ptr();
     let pid_tgid = bpf_get_current_pid_tgid();
-    entry.write(OomEvent {
-        ts_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
-        trigger_cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        total_vm_kb,
-        anon_rss_kb,
-        file_rss_kb,
-        shmem_rss_kb,
-        pgtables_kb,
-        victim_pid,
-        trigger_pid: pid_tgid as u32,
-        trigger_tgid: (pid_tgid >> 32) as u32,
-        oom_score_adj,
-        flags,
-        memcg_levels,
-        victim_comm,
-        trigger_comm: bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]),
-        memcg,
-    });
+    // SAFETY: the reserved entry is ours until submit; every field is written.
+    unsafe {
+        (*ev).ts_boot_ns = bpf_ktime_get_boot_ns();
+        (*ev).trigger_cgroup_id = bpf_get_current_cgroup_id();
+        (*ev).trigger_pid = pid_tgid as u32;
+        (*ev).trigger_tgid = (pid_tgid >> 32) as u32;
+        (*ev).flags = if off.tp_anon_rss != OFFSET_ABSENT {
+            OOM_FLAG_FIGURES
+        } else {
+            0
+        };
+        copy_into(&raw mut (*ev).victim_pid, base, off.tp_pid);
+        copy_into(&raw mut (*ev).total_vm_kb, base, off.tp_total_vm);
+        copy_into(&raw mut (*ev).anon_rss_kb, base, off.tp_anon_rss);
+        copy_into(&raw mut (*ev).file_rss_kb, base, off.tp_file_rss);
+        copy_into(&raw mut (*ev).shmem_rss_kb, base, off.tp_shmem_rss);
+        copy_into(&raw mut (*ev).pgtables_kb, base, off.tp_pgtables);
+        // A short in the record; the event's i32 gets it sign-extended below.
+        let mut adj: i16 = 0;
+        copy_into(&raw mut adj, base, off.tp_oom_score_adj);
+        (*ev).oom_score_adj = adj as i32;
+        (*ev).victim_comm = [0u8; TASK_COMM_LEN];
+        if off.tp_comm != OFFSET_ABSENT {
+            let mut loc: u32 = 0;
+            copy_into(&raw mut loc, base, off.tp_comm);
+            let at = base.wrapping_add((loc & 0xffff) as usize);
+            // A failed read leaves the name empty; userspace takes it from the exit.
+            let _ = bpf_probe_read_kernel_str_bytes(at, &mut (*ev).victim_comm);
+        }
+        (*ev).trigger_comm = bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]);
+        (*ev).memcg_levels = read_memcg(&off, &mut (*ev).memcg);
+    }
     entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     bump(&OOM_STATS, STAT_EMITTED);
 }
@@ -134,34 +127,36 @@ fn on_mark_victim(ctx: &TracePointContext) {
 /// limit the failed charge hit is the level whose usage reached its max.
 #[inline(always)]
 fn read_memcg(off: &OomOffsets, out: &mut [MemcgLevel; OOM_MEMCG_LEVELS]) -> u32 {
+    *out = [MemcgLevel::default(); OOM_MEMCG_LEVELS];
     if off.pc_parent == OFFSET_ABSENT || off.memory_cgrp_id == OFFSET_ABSENT {
         return 0;
     }
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let slot = off.css_set_subsys + (off.memory_cgrp_id & 63) * 8;
-    let Ok(css) =
-        kmem::read_ptr(task, off.task_cgroups).and_then(|cset| kmem::read_ptr(cset, slot))
-    else {
-        return 0;
-    };
+    let css = kmem::read_ptr(task, off.task_cgroups)
+        .and_then(|cset| kmem::read_ptr(cset, slot))
+        .unwrap_or(core::ptr::null());
     // The css is the first member of struct mem_cgroup.
-    let mut counter = css.wrapping_add(off.memcg_memory as usize);
+    let mut counter = if css.is_null() {
+        css
+    } else {
+        css.wrapping_add(off.memcg_memory as usize)
+    };
     let mut n = 0u32;
     for level in out.iter_mut() {
         if counter.is_null() {
             break;
         }
-        let (Ok(usage), Ok(max)) = (
-            kmem::read::<u64>(counter, off.pc_usage),
-            kmem::read::<u64>(counter, off.pc_max),
-        ) else {
-            break;
-        };
-        level.usage_pages = usage;
-        level.max_pages = max;
-        level.watermark_pages = kmem::read::<u64>(counter, off.pc_watermark).unwrap_or(0);
+        // SAFETY: probe reads into our own memory; failures leave zeroes.
+        unsafe {
+            copy_into(&raw mut level.usage_pages, counter, off.pc_usage);
+            copy_into(&raw mut level.max_pages, counter, off.pc_max);
+            copy_into(&raw mut level.watermark_pages, counter, off.pc_watermark);
+            let mut parent: *const u8 = core::ptr::null();
+            copy_into(&raw mut parent, counter, off.pc_parent);
+            counter = parent;
+        }
         n += 1;
-        counter = kmem::read_ptr(counter, off.pc_parent).unwrap_or(core::ptr::null());
     }
     n
 }

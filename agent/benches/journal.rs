@@ -57,7 +57,9 @@ fn main() {
     // The state directory's filesystem, as the agent would use it.
     let dir = std::env::var_os("PODSCOPE_BENCH_DIR")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("podscope-journal-bench-{}", std::process::id())));
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("podscope-journal-bench-{}", std::process::id()))
+        });
     let _ = std::fs::remove_dir_all(&dir);
     let n = 2000u32;
     let (mut j, _, _) = Journal::open(&dir, 64 << 20).expect("journal");

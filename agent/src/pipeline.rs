@@ -282,7 +282,7 @@ impl Pipeline {
 fn finding_event(f: Finding) -> Event {
     match f {
         Finding::Termination(t) => Event::Termination(t),
-        Finding::BackgroundDeath(d) => Event::BackgroundDeath(d),
+        Finding::BackgroundDeath(d) => Event::BackgroundDeath(*d),
         Finding::Oom(o) => Event::Oom(*o),
     }
 }

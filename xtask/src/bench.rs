@@ -503,10 +503,18 @@ fn terminations() -> Result<ExitCode> {
         Tracer::BpftracePrint,
     ];
     let n = 200_000u32;
-    println!("terminations benchmark: {ROUNDS} rounds, conditions interleaved, median wall time of the workload");
+    println!(
+        "terminations benchmark: {ROUNDS} rounds, conditions interleaved, median wall time of the workload"
+    );
     for (kind, label) in [
-        ("kill", "kill storm: 200,000 SIGUSR1 (fatal by default: podscope emits each)"),
-        ("kill-filtered", "kill storm: 200,000 SIGURG (not fatal: podscope filters each in the kernel)"),
+        (
+            "kill",
+            "kill storm: 200,000 SIGUSR1 (fatal by default: podscope emits each)",
+        ),
+        (
+            "kill-filtered",
+            "kill storm: 200,000 SIGURG (not fatal: podscope filters each in the kernel)",
+        ),
     ] {
         let mut times: Vec<Vec<Duration>> = vec![vec![]; tracers.len()];
         let mut prog = vec![(0u64, 0u64); tracers.len()];
@@ -540,7 +548,10 @@ fn terminations() -> Result<ExitCode> {
         }
         let base = median(&mut times[0]);
         let spread = (times[0][ROUNDS - 1] - times[0][0]).as_secs_f64() / base.as_secs_f64();
-        println!("\n{label} (baseline spread min..max: {:.1}%)", spread * 100.0);
+        println!(
+            "\n{label} (baseline spread min..max: {:.1}%)",
+            spread * 100.0
+        );
         println!(
             "  {:<18} {:>10} {:>9} {:>17} {:>14}",
             "tracer", "median", "ratio", "kernel ns/signal", "tracer CPU/run"
@@ -572,7 +583,10 @@ fn terminations() -> Result<ExitCode> {
     if mounted_tracefs {
         unmount_tracefs();
     }
-    println!("\njournal (benches/journal.rs, on {}):", std::env::temp_dir().display());
+    println!(
+        "\njournal (benches/journal.rs, on {}):",
+        std::env::temp_dir().display()
+    );
     let st = Command::new("cargo")
         .args(["bench", "--quiet", "-p", "podscope", "--bench", "journal"])
         .status()

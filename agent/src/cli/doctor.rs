@@ -346,7 +346,14 @@ fn forensics_checks(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Vec<Chec
     let loaded = probes::load_object(&offsets, &probes::LoadOptions::with_ring_buffer(4096));
     let mut ebpf = match loaded {
         Ok(e) => e,
-        Err(e) => return vec![check("signals", Status::Missing, e.to_string(), "termination records cannot name senders")],
+        Err(e) => {
+            return vec![check(
+                "signals",
+                Status::Missing,
+                e.to_string(),
+                "termination records cannot name senders",
+            )];
+        }
     };
     let aya_btf = probes::attach_btf();
     let signals = match probes::signals::SignalProbe::attach(&mut ebpf, aya_btf.as_ref()) {
@@ -367,7 +374,11 @@ fn forensics_checks(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Vec<Chec
         Ok(p) => {
             let figures = offsets.oom.tp_anon_rss != agent_common::OFFSET_ABSENT;
             let counters = offsets.oom.pc_parent != agent_common::OFFSET_ABSENT;
-            let status = if counters { Status::Ok } else { Status::Fallback };
+            let status = if counters {
+                Status::Ok
+            } else {
+                Status::Fallback
+            };
             check(
                 "oom",
                 status,
@@ -375,8 +386,16 @@ fn forensics_checks(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Vec<Chec
                     "{} {}; victim memory figures {}; memory cgroup counters {}",
                     p.attachment.attach_type,
                     p.attachment.hook,
-                    if figures { "in the record" } else { "absent (kernel < 6.8)" },
-                    if counters { "read at the OOM" } else { "not in BTF" }
+                    if figures {
+                        "in the record"
+                    } else {
+                        "absent (kernel < 6.8)"
+                    },
+                    if counters {
+                        "read at the OOM"
+                    } else {
+                        "not in BTF"
+                    }
                 ),
                 if counters {
                     "OOM kills name their victim and scope (container, pod, node) with usage against the limit"

@@ -95,13 +95,12 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
 
 type FilterQuery = Result<Query<Filter>, axum::extract::rejection::QueryRejection>;
 
-fn filter_of(q: FilterQuery) -> Result<Filter, Response> {
+fn filter_of(q: FilterQuery) -> Result<Filter, (StatusCode, String)> {
     q.map(|Query(f)| f).map_err(|e| {
         (
             StatusCode::BAD_REQUEST,
             format!("{e}; the parameters are namespace, pod, container\n"),
         )
-            .into_response()
     })
 }
 
@@ -110,7 +109,7 @@ fn filter_of(q: FilterQuery) -> Result<Filter, Response> {
 async fn terminations(State(s): State<Arc<AppState>>, q: FilterQuery) -> Response {
     let filter = match filter_of(q) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let body = match s.terminations.lock() {
         Ok(store) => serde_json::to_string(&store.query(&filter)).unwrap_or_default(),
@@ -124,7 +123,7 @@ async fn terminations(State(s): State<Arc<AppState>>, q: FilterQuery) -> Respons
 async fn events(State(s): State<Arc<AppState>>, q: FilterQuery) -> Response {
     let filter = match filter_of(q) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let rx = s.events.subscribe();
     let stream = futures_util::stream::unfold((rx, filter, s), |(mut rx, filter, s)| async move {

@@ -87,7 +87,7 @@ pub struct BackgroundDeath {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Finding {
     Termination(Box<TerminationRecord>),
-    BackgroundDeath(BackgroundDeath),
+    BackgroundDeath(Box<BackgroundDeath>),
     Oom(Box<OomKill>),
 }
 
@@ -247,10 +247,9 @@ impl Forensics {
                 .unmatched_ooms
                 .iter()
                 .position(|(_, o)| o.victim_pid == sig.target.tgid)
+                && let Some((_, oom)) = self.unmatched_ooms.remove(i)
             {
-                if let Some((_, oom)) = self.unmatched_ooms.remove(i) {
-                    self.oom_matched(oom, sig.target.cgroup_id, &sig.target.pod);
-                }
+                self.oom_matched(oom, sig.target.cgroup_id, &sig.target.pod);
             }
             if self.recent_kills.len() == SIGNALS_KEPT {
                 self.recent_kills.pop_front();
@@ -313,11 +312,11 @@ impl Forensics {
         if death.cause != DeathCause::Error && !teardown {
             self.stats.background_deaths += 1;
             self.findings
-                .push(Finding::BackgroundDeath(BackgroundDeath {
+                .push(Finding::BackgroundDeath(Box::new(BackgroundDeath {
                     ts: exit.ts,
                     pod: exit.pod.clone(),
                     death,
-                }));
+                })));
         }
     }
 

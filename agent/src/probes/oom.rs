@@ -45,36 +45,29 @@ pub fn resolve_offsets(btf: &Btf) -> OomOffsets {
         Err(_) => OomOffsets::default(),
     };
     // The memory cgroup's counters: optional (a kernel without memcg has none).
-    let memcg = || -> Result<(u32, u32, u32, u32, u32, u32, u32, u32), BtfError> {
+    let memcg = |o: &mut OomOffsets| -> Result<(), BtfError> {
         let id = btf
             .enum_value("cgroup_subsys_id", "memory_cgrp_id")?
             .ok_or(BtfError::NoMember {
                 strukt: "cgroup_subsys_id".into(),
                 member: "memory_cgrp_id".into(),
             })?;
-        Ok((
-            btf.offset_of("task_struct", "cgroups")?,
-            btf.offset_of("css_set", "subsys")?,
-            id as u32,
-            btf.offset_of("mem_cgroup", "memory")?,
-            btf.offset_of("page_counter", "usage")?,
-            btf.offset_of("page_counter", "max")?,
-            btf.offset_of("page_counter", "watermark")?,
-            btf.offset_of("page_counter", "parent")?,
-        ))
+        let pc = |m| btf.offset_of("page_counter", m);
+        let resolved = OomOffsets {
+            task_cgroups: btf.offset_of("task_struct", "cgroups")?,
+            css_set_subsys: btf.offset_of("css_set", "subsys")?,
+            memory_cgrp_id: id as u32,
+            memcg_memory: btf.offset_of("mem_cgroup", "memory")?,
+            pc_usage: pc("usage")?,
+            pc_max: pc("max")?,
+            pc_watermark: pc("watermark")?,
+            pc_parent: pc("parent")?,
+            ..*o
+        };
+        *o = resolved;
+        Ok(())
     };
-    if let Ok(m) = memcg() {
-        (
-            o.task_cgroups,
-            o.css_set_subsys,
-            o.memory_cgrp_id,
-            o.memcg_memory,
-            o.pc_usage,
-            o.pc_max,
-            o.pc_watermark,
-            o.pc_parent,
-        ) = m;
-    }
+    let _ = memcg(&mut o);
     o
 }
 

@@ -83,7 +83,7 @@ pub fn signal_sender_and_target(_: &Context) -> Verdict {
     let me = std::process::id();
     let Some(s) = wait_for(
         |f| {
-            probe.drain(|x| f(x));
+            probe.drain(&mut *f);
         },
         |s: &Signal| s.target.tgid == pid as u32 && s.signo == 15,
     ) else {
@@ -100,7 +100,7 @@ pub fn signal_sender_and_target(_: &Context) -> Verdict {
     // SIGCHLD (our child's end) cannot end a process: filtered in the kernel.
     let chld = wait_for(
         |f| {
-            probe.drain(|x| f(x));
+            probe.drain(&mut *f);
         },
         |s: &Signal| s.signo == 17,
     );
@@ -127,7 +127,7 @@ pub fn signal_fault_origin(_: &Context) -> Verdict {
     reap(pid);
     let Some(s) = wait_for(
         |f| {
-            probe.drain(|x| f(x));
+            probe.drain(&mut *f);
         },
         |s: &Signal| s.target.tgid == pid as u32 && s.signo == 11,
     ) else {
@@ -223,7 +223,7 @@ fn oom_in(dir: &std::path::Path, rel: &str, limit: u64) -> Verdict {
     );
     let Some(o) = wait_for(
         |f| {
-            oom.drain(|x| f(x));
+            oom.drain(&mut *f);
         },
         |o: &OomKill| o.victim_pid == pid as u32,
     ) else {
@@ -245,7 +245,7 @@ fn oom_in(dir: &std::path::Path, rel: &str, limit: u64) -> Verdict {
     ensure_eq!(r.limit_bytes, Some(limit), "limit read at the OOM");
     let kill = wait_for(
         |f| {
-            signals.drain(|x| f(x));
+            signals.drain(&mut *f);
         },
         |s: &Signal| s.target.tgid == pid as u32 && s.signo == 9,
     );
@@ -308,7 +308,7 @@ pub fn cgroup_first_exec(_: &Context) -> Verdict {
     let status = reap(pid);
     let ev = wait_for(
         |f| {
-            probe.drain(|x| f(x));
+            probe.drain(&mut *f);
         },
         |c: &crate::probes::cgroups::CgroupChange| {
             c.id == id && matches!(c.op, CgroupOp::FirstExec { .. })
