@@ -575,3 +575,144 @@ fn guess_main(cgroup_dir: &Path) -> Option<u32> {
         .min()
         .map(|(_, p)| p)
 }
+
+#[cfg(test)]
+mod tests {
+    use agent_common::{exits::ExitEvent, oom::OomEvent, signals::SignalEvent};
+
+    use super::*;
+    use crate::{kernel::clock::BootClock, metadata::ResolverOptions, probes::oom::OomScope};
+
+    const UID: &str = "0b1e5c2a-5d0e-4e8e-9a57-5f0b8c1d2e3f";
+    const CID: &str = "3f2a9c1e8b7d6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b2a1f";
+
+    fn comm(s: &str) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[..s.len()].copy_from_slice(s.as_bytes());
+        c
+    }
+
+    fn container() -> PodIdentity {
+        PodIdentity {
+            namespace: Some("shop".into()),
+            pod: Some("cart".into()),
+            pod_uid: Some(UID.into()),
+            container: Some("app".into()),
+            container_id: Some(CID.into()),
+        }
+    }
+
+    /// The order the ring buffers can deliver a memory-limit kill in: the
+    /// SIGKILL and the exit read before the OOM that explains them.
+    #[test]
+    fn an_oom_read_after_its_kill_and_exit_still_explains_the_death() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut resolver = rt.block_on(Resolver::new(&ResolverOptions {
+            use_cri: false,
+            ..Default::default()
+        }));
+        let path = format!("/kubepods/burstable/pod{UID}/{CID}");
+        resolver.cgroup_created(100, &path);
+        let clock = BootClock::new();
+        let mut f = Forensics::new(&CgroupLayout::None, 1000);
+        f.on_first_exec(&resolver, 100, 10);
+
+        let mut kill = Signal::decode(
+            &SignalEvent {
+                ts_boot_ns: 2_000,
+                sender_cgroup_id: 100,
+                target_cgroup_id: 100,
+                sender_pid: 10,
+                sender_tgid: 10,
+                target_pid: 10,
+                target_tgid: 10,
+                sig: 9,
+                code: 0x80,
+                si_pid: 0,
+                result: 0,
+                handler: 0,
+                flags: agent_common::signals::SIGNAL_FLAG_PRIV,
+                sender_comm: comm("java"),
+                target_comm: comm("java"),
+            },
+            &clock,
+        );
+        kill.sender.pod = container();
+        kill.target.pod = container();
+        let mut exit = crate::probes::exits::Exit::decode(
+            &ExitEvent {
+                ts_boot_ns: 3_000,
+                start_boot_ns: 1_000,
+                cgroup_id: 100,
+                pid: 10,
+                tgid: 10,
+                ppid: 1,
+                wait_status: 9,
+                flags: agent_common::exits::EXIT_FLAG_GROUP_DEAD,
+                _pad: 0,
+                comm: comm("java"),
+            },
+            &clock,
+        );
+        exit.pod = container();
+        let mib = 1u64 << 20;
+        let mut memcg = [agent_common::oom::MemcgLevel::default(); 5];
+        memcg[0].usage_pages = 64 * mib / 4096;
+        memcg[0].max_pages = 64 * mib / 4096;
+        memcg[1].usage_pages = 64 * mib / 4096;
+        memcg[1].max_pages = u64::MAX / 8192;
+        let oom = OomKill::decode(
+            &OomEvent {
+                ts_boot_ns: 1_500,
+                trigger_cgroup_id: 100,
+                total_vm_kb: 0,
+                anon_rss_kb: 0,
+                file_rss_kb: 0,
+                shmem_rss_kb: 0,
+                pgtables_kb: 0,
+                victim_pid: 10,
+                trigger_pid: 10,
+                trigger_tgid: 10,
+                oom_score_adj: 0,
+                flags: 0,
+                memcg_levels: 2,
+                victim_comm: comm("java"),
+                trigger_comm: comm("java"),
+                memcg,
+            },
+            &clock,
+        );
+
+        f.on_signal(&kill);
+        f.on_exit(&resolver, &exit);
+        f.on_oom(&resolver, oom);
+        let found = f.take_findings(Instant::now() + SETTLE);
+        let record = found
+            .iter()
+            .find_map(|x| match x {
+                Finding::Termination(t) => Some(t),
+                _ => None,
+            })
+            .expect("a termination record");
+        assert_eq!(record.reason, Reason::OomKilled, "{record:#?}");
+        assert_eq!(record.exit_code, 137);
+        assert_eq!(
+            record.sender.as_ref().map(|s| s.kind),
+            Some(SenderKind::OomKiller)
+        );
+        let oom = record.oom.as_ref().expect("OOM details");
+        assert_eq!(oom.scope, OomScope::Container);
+        assert_eq!(oom.limit_bytes, Some(64 * mib));
+        assert_eq!(record.pod.container.as_deref(), Some("app"));
+        assert!(
+            found
+                .iter()
+                .any(|x| matches!(x, Finding::Oom(o) if o.pod.container.as_deref() == Some("app")))
+        );
+        // A second exit of the same (ended) container is not a second termination.
+        f.on_exit(&resolver, &exit);
+        assert!(f.take_findings(Instant::now() + SETTLE).is_empty());
+    }
+}
