@@ -177,3 +177,25 @@ fn doctor_tests_every_hook_type() {
             .all(|c| !c["meaning"].as_str().unwrap().is_empty())
     );
 }
+
+#[test]
+fn why_without_an_agent_says_where_it_looked() {
+    // A port nothing listens on: bind one, then let it go.
+    let port = support::free_port();
+    let out = podscope()
+        .args(["why", "shop/cart", "--agent", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the podscope agent") && err.contains(&port.to_string()),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    for bad in ["shop/", "/cart", "a/b/c"] {
+        let out = podscope().args(["why", bad]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("NAMESPACE/POD"));
+    }
+}
