@@ -89,6 +89,26 @@ fn cgroup_creation_and_removal_are_reported() {
 }
 
 #[test]
+fn a_new_cgroups_first_exec_names_the_containers_main_process() {
+    scenario("cgroup_first_exec");
+}
+
+#[test]
+fn a_signal_names_its_sender_and_target() {
+    scenario("signal_sender_and_target");
+}
+
+#[test]
+fn a_real_fault_is_told_from_a_kill() {
+    scenario("signal_fault_origin");
+}
+
+#[test]
+fn an_oom_kill_names_its_victim_and_the_limit_it_hit() {
+    scenario("oom_victim_and_scope");
+}
+
+#[test]
 fn every_scenario_has_a_cargo_test() {
     let me = include_str!("kernel.rs");
     for s in selftest::SCENARIOS {

@@ -537,7 +537,7 @@ fn terminations() -> Result<ExitCode> {
                             lost += l
                                 .split("signals ")
                                 .nth(2)
-                                .and_then(|x| x.split(" lost").next())
+                                .and_then(|x| x.split(" lost (").next())
                                 .and_then(|x| x.rsplit(", ").next())
                                 .and_then(|x| x.trim().parse::<u64>().ok())
                                 .unwrap_or(0);

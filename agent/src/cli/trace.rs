@@ -214,7 +214,7 @@ impl Session {
             .iter()
             .map(|s| {
                 format!(
-                    "{} {} seen, {} lost, {} read errors, {} filtered",
+                    "{} {} seen, {} lost (ring buffer full), {} read errors, {} filtered",
                     s.source,
                     s.stats.hits - s.stats.filtered,
                     s.stats.lost,
