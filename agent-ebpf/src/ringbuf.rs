@@ -6,7 +6,7 @@
 //! userspace also drains on a short timer, which bounds the latency.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     maps::RingBuf,
 };
 
@@ -19,6 +19,9 @@ static RINGBUF_WAKEUP_BYTES: u64 = 0;
 pub fn wakeup_flags(ring: &RingBuf) -> u64 {
     // SAFETY: a volatile read keeps the load-time value from being folded.
     let threshold = unsafe { core::ptr::read_volatile(&RINGBUF_WAKEUP_BYTES) };
+    // Rings differ in size: never wait for more than an eighth of this one,
+    // or a small ring would fill before its reader is woken.
+    let threshold = threshold.min(ring.query(BPF_RB_RING_SIZE as u64) / 8);
     if threshold == 0 || ring.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
         BPF_RB_FORCE_WAKEUP as u64
     } else {

@@ -154,7 +154,7 @@ pub fn load_object(offsets: &KernelOffsets, opts: &LoadOptions) -> Result<Ebpf, 
     loader.override_global("RINGBUF_WAKEUP_BYTES", &opts.wakeup_bytes, true);
     exits::configure(&mut loader, &offsets.exits, opts);
     cgroups::configure(&mut loader, &offsets.cgroups);
-    signals::configure(&mut loader, &offsets.signals);
+    signals::configure(&mut loader, &offsets.signals, opts);
     oom::configure(&mut loader, &offsets.oom);
     loader
         .load(EBPF_OBJECT)

@@ -65,8 +65,16 @@ pub fn resolve_offsets(btf: &Btf) -> Result<SignalOffsets, BtfError> {
     })
 }
 
-pub(super) fn configure<'a>(loader: &mut EbpfLoader<'a>, offsets: &'a SignalOffsets) {
-    loader.override_global("SIGNAL_OFFSETS", offsets, true);
+pub(super) fn configure<'a>(
+    loader: &mut EbpfLoader<'a>,
+    offsets: &'a SignalOffsets,
+    opts: &super::LoadOptions,
+) {
+    // As large as the exits ring: a kill loop produces signals as fast as
+    // a fork loop produces exits.
+    loader
+        .override_global("SIGNAL_OFFSETS", offsets, true)
+        .map_max_entries(EVENTS_MAP, opts.ring_buffer_bytes);
 }
 
 /// One side of a signal: a process and who it belongs to.
