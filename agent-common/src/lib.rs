@@ -7,6 +7,7 @@
 
 pub mod cgroups;
 pub mod exits;
+pub mod net;
 pub mod stats;
 
 /// Length of `task_struct.comm`, including the NUL.

@@ -12,6 +12,10 @@ use crate::probes::exits::Exit;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     Exit(Exit),
+    /// A new connection's path through kube-proxy's rules (`trace net`).
+    Connection(crate::kubeproxy::Connection),
+    /// A packet the kernel dropped, with its reason (`trace net`).
+    Drop(crate::kubeproxy::PacketDrop),
 }
 
 impl Event {
@@ -19,6 +23,16 @@ impl Event {
     pub fn pod(&self) -> &crate::metadata::PodIdentity {
         match self {
             Event::Exit(e) => &e.pod,
+            Event::Connection(c) => &c.pod,
+            Event::Drop(d) => &d.pod,
+        }
+    }
+
+    /// The `trace` family the event belongs to.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Event::Exit(_) => "exits",
+            Event::Connection(_) | Event::Drop(_) => "net",
         }
     }
 

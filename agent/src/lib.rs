@@ -5,6 +5,7 @@
 //! - [`probes`]: the eBPF object, one module per event family (attach, decode);
 //! - [`metadata`]: attribution of events to pods and containers (cgroups, CRI);
 //! - [`events`]: the typed events consumers see;
+//! - [`kubeproxy`]: kube-proxy's rules as a Service map; packet paths attributed to pods and Services;
 //! - [`cli`]: the `podscope` subcommands;
 //! - [`selftest`]: the kernel-facing tests, shared by `cargo test` and the static `podscope-kernel-tests`.
 
@@ -12,6 +13,7 @@ pub mod cli;
 pub mod daemon;
 pub mod events;
 pub mod kernel;
+pub mod kubeproxy;
 pub mod metadata;
 pub mod metrics;
 pub mod pipeline;

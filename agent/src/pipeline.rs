@@ -11,6 +11,7 @@
 
 use std::{os::fd::RawFd, time::Duration};
 
+use crate::kubeproxy::{self, RuleSource, Seen};
 use crate::{
     events::Event,
     kernel::release_freed_memory,
@@ -19,6 +20,7 @@ use crate::{
         self, AttachType, Attachment, FamilyStats, KernelOffsets, LoadOptions, ProbeError,
         cgroups::CgroupProbe,
         exits::{Exit, ExitProbe},
+        net::NetProbe,
     },
 };
 
@@ -28,6 +30,10 @@ pub struct PipelineOptions {
     /// Force the exit probe's hook type (None: the best the kernel allows).
     pub exits_attach: Option<AttachType>,
     pub resolver: ResolverOptions,
+    /// Attach the packet probes (netfilter links, kfree_skb) and read kube-proxy's rules.
+    pub net: bool,
+    /// The network namespace where kube-proxy's rules live (None: this process's).
+    pub netns: Option<std::path::PathBuf>,
 }
 
 /// Counters of one family, as exported.
@@ -40,6 +46,9 @@ pub struct SourceStats {
 pub struct Pipeline {
     exits: ExitProbe,
     cgroups: Option<CgroupProbe>,
+    net: Option<NetProbe>,
+    rules: RuleSource,
+    seen: Seen,
     resolver: Resolver,
     attachments: Vec<Attachment>,
     /// Refused family attachments: (family, reason).
@@ -74,6 +83,41 @@ impl Pipeline {
         };
         let exits = ExitProbe::attach(&mut ebpf, btf.as_ref(), opts.exits_attach)?;
         attachments.push(exits.attachment.clone());
+        let net = if !opts.net {
+            None
+        } else if offsets.net.is_none() {
+            let why =
+                "this kernel's BTF lacks the conntrack or sk_buff fields the packet probes read"
+                    .to_string();
+            tracing::warn!("{why}");
+            unavailable.push((probes::net::FAMILY_CONNS, why));
+            None
+        } else {
+            match NetProbe::attach(
+                &mut ebpf,
+                btf.as_ref(),
+                offsets.drop_reasons.clone(),
+                opts.netns.as_deref(),
+            ) {
+                Ok(p) => {
+                    attachments.extend(p.attachments.iter().cloned());
+                    for (family, why) in &p.unavailable {
+                        tracing::warn!("{family}: {why}");
+                    }
+                    unavailable.extend(p.unavailable.iter().cloned());
+                    Some(p)
+                }
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    unavailable.push((probes::net::FAMILY_CONNS, e.to_string()));
+                    None
+                }
+            }
+        };
+        let mut rules = RuleSource::new(opts.netns.as_deref());
+        if net.is_some() {
+            rules.refresh(true);
+        }
         for a in &attachments {
             for (kind, why) in &a.refused {
                 tracing::info!(
@@ -90,6 +134,9 @@ impl Pipeline {
         Ok(Pipeline {
             exits,
             cgroups,
+            net,
+            rules,
+            seen: Seen::new(16_384, Duration::from_secs(120)),
             resolver,
             attachments,
             unavailable,
@@ -105,6 +152,7 @@ impl Pipeline {
     pub fn ring_fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.exits.ring_fd()];
         fds.extend(self.cgroups.as_ref().map(CgroupProbe::ring_fd));
+        fds.extend(self.net.iter().flat_map(NetProbe::ring_fds));
         fds
     }
 
@@ -128,12 +176,47 @@ impl Pipeline {
             exit.pod = self.resolver.identify(exit.cgroup_id).await;
             events.push(Event::Exit(exit));
         }
+        self.net_batch(&mut events);
         events
+    }
+
+    /// New connections and drops, attributed to pods, Services and endpoints.
+    fn net_batch(&mut self, events: &mut Vec<Event>) {
+        let Some(net) = self.net.as_mut() else { return };
+        let (mut conns, mut drops) = (vec![], vec![]);
+        net.drain_conns(|c| conns.push(c));
+        net.drain_drops(|d| drops.push(d));
+        if conns.is_empty() && drops.is_empty() {
+            return;
+        }
+        self.rules.refresh(false);
+        let resolver = &self.resolver;
+        let pod_of = |ip| resolver.pod_by_ip(ip);
+        for c in &conns {
+            events.push(Event::Connection(kubeproxy::connection(
+                c,
+                &self.rules.map,
+                &pod_of,
+            )));
+        }
+        for d in &drops {
+            let (drop, conn) = kubeproxy::drop_events(d, &self.rules.map, &pod_of);
+            events.push(Event::Drop(drop));
+            if let (Some(conn), Some(t)) = (conn, d.tuple)
+                && self.seen.first(t)
+            {
+                events.push(Event::Connection(conn));
+            }
+        }
     }
 
     /// Periodic upkeep (about once a second).
     pub async fn tick(&mut self) {
         self.resolver.tick().await;
+        if self.net.is_some() {
+            self.rules.refresh(false);
+            self.seen.gc();
+        }
     }
 
     pub fn source_stats(&self) -> Vec<SourceStats> {
@@ -146,6 +229,13 @@ impl Pipeline {
                 source: probes::cgroups::FAMILY,
                 stats: c.stats(),
             });
+        }
+        if let Some(n) = &self.net {
+            out.extend(
+                n.stats()
+                    .into_iter()
+                    .map(|(source, stats)| SourceStats { source, stats }),
+            );
         }
         out
     }

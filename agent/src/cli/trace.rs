@@ -57,12 +57,28 @@ pub struct TraceArgs {
     /// Force one hook type instead of the best the kernel allows.
     #[arg(long, value_enum, default_value_t = AttachChoice::Auto)]
     pub attach: AttachChoice,
+    /// `net`: the network namespace where kube-proxy's rules live (e.g.
+    /// /run/netns/podscope-node) [default: this process's].
+    #[arg(long, env = "PODSCOPE_NETNS")]
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Family {
     /// Process and thread exits: exit code, signal, core dump.
     Exits,
+    /// New connections through kube-proxy's rules (pod → ClusterIP → endpoint,
+    /// rejected, dropped) and packet drops with the kernel's reason.
+    Net,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::Exits => "exits",
+            Family::Net => "net",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -109,6 +125,8 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
             use_cri: !args.no_cri,
             ..Default::default()
         },
+        net: args.family == Family::Net,
+        netns: args.netns.clone(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -125,6 +143,7 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
         Session {
             pipeline,
             filter,
+            family: args.family,
             output: args.output,
             shown: 0,
         }
@@ -137,6 +156,7 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
 struct Session {
     pipeline: Pipeline,
     filter: Filter,
+    family: Family,
     output: Output,
     shown: u64,
 }
@@ -161,7 +181,7 @@ impl Session {
         let mut lost_reported = 0u64;
         let mut out = io::BufWriter::new(io::stdout().lock());
         if self.output == Output::Table {
-            writeln!(out, "{}", table_header())?;
+            writeln!(out, "{}", table_header(self.family))?;
             out.flush()?;
         }
         let result: io::Result<()> = loop {
@@ -207,6 +227,29 @@ impl Session {
             Err(e) => return Err(e.into()),
         }
         drop(rings);
+        if self.family == Family::Net {
+            for s in self.pipeline.source_stats() {
+                if matches!(
+                    s.source,
+                    crate::probes::net::FAMILY_CONNS | crate::probes::net::FAMILY_DROPS
+                ) {
+                    eprintln!(
+                        "podscope: {}: kernel: {} seen, {} reported, {} lost (ring buffer full), {} read errors, {} not reported on purpose (established traffic, unspecific drop reasons)",
+                        s.source,
+                        s.stats.hits,
+                        s.stats.emitted,
+                        s.stats.lost,
+                        s.stats.read_errors,
+                        s.stats.filtered
+                    );
+                }
+            }
+            for (family, why) in &self.pipeline.unavailable {
+                eprintln!("podscope: {family} unavailable: {why}");
+            }
+            eprintln!("podscope: {} lines shown", self.shown);
+            return Ok(ExitCode::SUCCESS);
+        }
         let stats = self.pipeline.source_stats()[0].stats;
         let rs = self.pipeline.resolver_stats();
         eprintln!(
@@ -224,7 +267,7 @@ impl Session {
 
     async fn write_batch(&mut self, out: &mut io::BufWriter<io::StdoutLock<'_>>) -> io::Result<()> {
         for event in self.pipeline.next_batch().await {
-            if !self.filter.matches(event.pod()) {
+            if event.family() != self.family.name() || !self.filter.matches(event.pod()) {
                 continue;
             }
             self.shown += 1;
@@ -237,7 +280,19 @@ impl Session {
     }
 }
 
-fn table_header() -> String {
+fn table_header(family: Family) -> String {
+    if family == Family::Net {
+        return format!(
+            "{:<12} {:<5} {:<32} {:<22} {:<30} {:<32} {}",
+            "TIME",
+            "PROTO",
+            "NAMESPACE/POD",
+            "SOURCE",
+            "DESTINATION (SERVICE)",
+            "ENDPOINT",
+            "OUTCOME"
+        );
+    }
     format!(
         "{:<12} {:>7} {:>7} {:>7} {:<16} {:<7} {:<16} {:>10}  {:<40} {}",
         "TIME",
@@ -255,6 +310,48 @@ fn table_header() -> String {
 
 fn table_row(event: &Event) -> String {
     match event {
+        Event::Connection(c) => {
+            let ts = humantime::format_rfc3339_millis(c.ts).to_string();
+            let dst = match &c.service {
+                Some(s) => format!("{} ({}/{}:{})", c.dst, s.namespace, s.name, s.port),
+                None => c.dst.to_string(),
+            };
+            let endpoint = match (&c.endpoint, &c.endpoint_pod) {
+                (Some(e), Some(p)) => format!("{e} ({}/{})", p.namespace, p.pod),
+                (Some(e), None) => e.to_string(),
+                (None, _) => "-".into(),
+            };
+            let outcome = match &c.reason {
+                Some(r) => format!("{} ({r})", c.outcome.as_str()),
+                None => c.outcome.as_str().to_string(),
+            };
+            format!(
+                "{:<12} {:<5} {:<32} {:<22} {:<30} {:<32} {}",
+                ts.get(11..23).unwrap_or(&ts),
+                c.protocol,
+                pod_column(&c.pod),
+                c.src.to_string(),
+                dst,
+                endpoint,
+                outcome
+            )
+        }
+        Event::Drop(d) => {
+            let ts = humantime::format_rfc3339_millis(d.ts).to_string();
+            let addr = |a: Option<std::net::SocketAddr>| {
+                a.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
+            };
+            format!(
+                "{:<12} {:<5} {:<32} {:<22} {:<30} {:<32} drop ({})",
+                ts.get(11..23).unwrap_or(&ts),
+                d.protocol.unwrap_or("-"),
+                pod_column(&d.pod),
+                addr(d.src),
+                addr(d.dst),
+                "-",
+                d.reason
+            )
+        }
         Event::Exit(e) => {
             let ts = humantime::format_rfc3339_millis(e.ts).to_string();
             let result = match (&e.signal, e.exit_code) {

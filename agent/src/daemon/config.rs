@@ -43,6 +43,10 @@ pub struct AgentArgs {
     /// spec.nodeName) [default: the host name].
     #[arg(long, env = "PODSCOPE_NODE_NAME")]
     pub node_name: Option<String>,
+    /// The network namespace where kube-proxy's rules live, e.g.
+    /// /run/netns/podscope-node [default: the agent's own, right for a hostNetwork DaemonSet].
+    #[arg(long, env = "PODSCOPE_NETNS")]
+    pub netns: Option<PathBuf>,
 }
 
 /// The config file's keys: the flags' names.
@@ -57,6 +61,7 @@ struct FileConfig {
     max_series: Option<usize>,
     ring_buffer_size: Option<u32>,
     node_name: Option<String>,
+    netns: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -69,6 +74,7 @@ pub struct AgentConfig {
     pub max_series: usize,
     pub ring_buffer_size: u32,
     pub node_name: String,
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -136,6 +142,7 @@ impl AgentConfig {
                 .clone()
                 .or(file.node_name)
                 .unwrap_or_else(hostname),
+            netns: args.netns.clone().or(file.netns),
         })
     }
 }

@@ -7,6 +7,7 @@
 //! that are gone once the retention has passed.
 
 pub mod exits;
+pub mod net;
 
 use std::{
     collections::HashMap,
@@ -118,6 +119,7 @@ pub struct Metrics {
     /// Events a slow `/api/v1/events` reader missed.
     pub stream_dropped: Counter,
     exits: exits::ExitMetrics,
+    net: net::NetMetrics,
     /// Kernel counters already exported, to add only the difference.
     lost_seen: HashMap<&'static str, u64>,
     cri_errors_seen: u64,
@@ -185,6 +187,7 @@ impl Metrics {
             })
             .set(1);
         let exits = exits::ExitMetrics::register(&mut registry, opts);
+        let net = net::NetMetrics::register(&mut registry, opts);
         Metrics {
             registry,
             events,
@@ -195,6 +198,7 @@ impl Metrics {
             cri_errors,
             stream_dropped,
             exits,
+            net,
             lost_seen: HashMap::new(),
             cri_errors_seen: 0,
         }
@@ -225,6 +229,14 @@ impl Metrics {
             Event::Exit(e) => {
                 self.exits.observe(e, now, &self.series_refused);
                 crate::probes::exits::FAMILY
+            }
+            Event::Connection(c) => {
+                self.net.observe_connection(c, now, &self.series_refused);
+                crate::probes::net::FAMILY_CONNS
+            }
+            Event::Drop(d) => {
+                self.net.observe_drop(d, now, &self.series_refused);
+                crate::probes::net::FAMILY_DROPS
             }
         };
         self.events
@@ -265,6 +277,8 @@ impl Metrics {
     pub fn gc(&mut self, pipeline: &Pipeline, now: Instant) {
         self.exits
             .gc(now, |ns, pod| !pipeline.resolver().pod_alive(ns, pod));
+        self.net
+            .gc(now, |ns, pod| !pipeline.resolver().pod_alive(ns, pod));
     }
 
     /// The OpenMetrics text exposition.
@@ -276,7 +290,7 @@ impl Metrics {
     }
 
     pub fn series(&self) -> usize {
-        self.exits.series()
+        self.exits.series() + self.net.series()
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod capabilities;
 pub mod cgroups;
 pub mod exits;
+pub mod net;
 
 use std::fmt;
 
@@ -86,6 +87,10 @@ pub struct Attachment {
 pub struct KernelOffsets {
     pub exits: agent_common::exits::ExitOffsets,
     pub cgroups: agent_common::cgroups::CgroupOffsets,
+    /// None: this kernel's BTF lacks a field the packet probes need.
+    pub net: Option<agent_common::net::NetOffsets>,
+    /// `enum skb_drop_reason`'s names by value.
+    pub drop_reasons: std::collections::HashMap<u32, String>,
 }
 
 impl KernelOffsets {
@@ -93,6 +98,10 @@ impl KernelOffsets {
         Ok(KernelOffsets {
             exits: exits::resolve_offsets(btf)?,
             cgroups: cgroups::resolve_offsets(btf)?,
+            net: net::resolve_offsets(btf)
+                .inspect_err(|e| tracing::debug!("packet probes unavailable: {e}"))
+                .ok(),
+            drop_reasons: net::drop_reason_names(btf),
         })
     }
 
@@ -148,6 +157,9 @@ pub fn load_object(offsets: &KernelOffsets, opts: &LoadOptions) -> Result<Ebpf, 
     loader.override_global("RINGBUF_WAKEUP_BYTES", &opts.wakeup_bytes, true);
     exits::configure(&mut loader, &offsets.exits, opts);
     cgroups::configure(&mut loader, &offsets.cgroups);
+    if let Some(net) = &offsets.net {
+        net::configure(&mut loader, net, opts);
+    }
     loader
         .load(EBPF_OBJECT)
         .map_err(|e| ProbeError::Load(error_chain(&e)))
