@@ -47,10 +47,12 @@ const CONN_STATS: &str = "NET_CONN_STATS";
 const DROP_EVENTS: &str = "NET_DROP_EVENTS";
 const DROP_STATS: &str = "NET_DROP_STATS";
 
-/// The filter table's priority (NF_IP_PRI_FILTER, NF_IP6_PRI_FILTER): the
-/// program runs right after it, so what it sees passed kube-proxy's rules,
-/// with nat done (DNAT at PRE_ROUTING/LOCAL_OUT happens earlier).
-const PRI_AFTER_FILTER: i32 = 1;
+/// Right after the filter table (NF_IP_PRI_FILTER = 0): what the program
+/// sees passed kube-proxy's rules, with nat done (DNAT at PRE_ROUTING and
+/// LOCAL_OUT happens earlier). The kernel allows one BPF program per hook and
+/// priority (EBUSY), so another podscope (a `trace` beside the agent) takes
+/// the next free one, still before the security table (50).
+const PRI_AFTER_FILTER: std::ops::RangeInclusive<i32> = 1..=40;
 
 /// Where the program is linked: both families, the three hooks with a filter
 /// table (forwarded pod traffic, traffic to the node, the node's own).
@@ -518,8 +520,18 @@ fn link_netfilter(ebpf: &Ebpf, netns: Option<&Path>) -> Result<(OwnedFd, Vec<Own
         HOOKS
             .iter()
             .map(|(pf, hook, name)| {
-                bpf_sys::link_netfilter(&prog_fd, *pf, *hook, PRI_AFTER_FILTER)
-                    .map_err(|e| format!("netfilter link at {name}: {e}"))
+                let mut last = None;
+                for priority in PRI_AFTER_FILTER {
+                    match bpf_sys::link_netfilter(&prog_fd, *pf, *hook, priority) {
+                        Ok(link) => return Ok(link),
+                        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = Some(e),
+                        Err(e) => return Err(format!("netfilter link at {name}: {e}")),
+                    }
+                }
+                Err(format!(
+                    "netfilter link at {name}: every priority after the filter table is taken ({})",
+                    last.map(|e| e.to_string()).unwrap_or_default()
+                ))
             })
             .collect::<Result<Vec<_>, String>>()
     })
