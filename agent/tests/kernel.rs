@@ -89,6 +89,11 @@ fn cgroup_creation_and_removal_are_reported() {
 }
 
 #[test]
+fn packet_drops_and_netfilter_links_are_reported() {
+    scenario("net_paths");
+}
+
+#[test]
 fn every_scenario_has_a_cargo_test() {
     let me = include_str!("kernel.rs");
     for s in selftest::SCENARIOS {

@@ -16,6 +16,7 @@
 mod cgroups;
 mod exits;
 pub mod helper;
+mod net;
 mod selection;
 mod tracer;
 
@@ -162,6 +163,10 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "cgroup_mkdir_rmdir",
         run: cgroups::cgroup_mkdir_rmdir,
+    },
+    Scenario {
+        name: "net_paths",
+        run: net::net_paths,
     },
 ];
 
