@@ -264,7 +264,7 @@ fn scenarios() {
             .spawn()
             .unwrap(),
     );
-    let (trace, lines, ready) = start_trace();
+    let (trace, lines, ready) = start_trace(&[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while get(port, "/readyz").map(|r| r.0) != Some(200) {
         assert!(Instant::now() < deadline, "the agent did not become ready");
@@ -411,12 +411,42 @@ fn scenarios() {
     // The direct connections to web-a are in no Service series: the
     // endpoint split above adds up to the 30 Service connections alone.
     let _ = std::fs::remove_dir_all(&scratch);
+
+    say("the older kernels' path: conntrack events instead of netfilter links");
+    let (fallback, lines, ready) = start_trace(&[("PODSCOPE_NET_FALLBACK", "conntrack")]);
+    ready
+        .recv_timeout(Duration::from_secs(30))
+        .expect("trace net attached");
+    let out = connect(&format!("{WEB_IP}:80"), 4);
+    assert!(out.starts_with("connected 4 "), "{out}");
+    let mut seen = vec![];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 4 && Instant::now() < deadline {
+        if let Ok(v) = lines.recv_timeout(Duration::from_millis(500))
+            && v["kind"] == "connection"
+            && v["dst"] == format!("{WEB_IP}:80").as_str()
+        {
+            seen.push(v);
+        }
+    }
+    drop(fallback);
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    for c in &seen {
+        assert_eq!(c["pod"], "client", "{c}");
+        assert_eq!(c["outcome"], "forwarded", "{c}");
+        assert_eq!(c["service"]["name"], "web", "{c}");
+        assert!(
+            c["endpoint_pod"]["pod"] == "web-a" || c["endpoint_pod"]["pod"] == "web-b",
+            "{c}"
+        );
+    }
 }
 
 type Started = (Proc, mpsc::Receiver<Value>, mpsc::Receiver<()>);
 
-fn start_trace() -> Started {
+fn start_trace(env: &[(&str, &str)]) -> Started {
     let mut child = Command::new(env!("CARGO_BIN_EXE_podscope"))
+        .envs(env.iter().copied())
         .args([
             "trace",
             "net",

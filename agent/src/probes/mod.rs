@@ -7,6 +7,7 @@
 
 pub mod capabilities;
 pub mod cgroups;
+pub mod conntrack;
 pub mod exits;
 pub mod net;
 
@@ -55,6 +56,9 @@ pub enum AttachType {
     Tracepoint,
     Kprobe,
     NetfilterLink,
+    /// Not a BPF hook: conntrack's netlink events, the packet paths'
+    /// fallback on kernels without netfilter links.
+    ConntrackEvents,
 }
 
 impl fmt::Display for AttachType {
@@ -66,6 +70,7 @@ impl fmt::Display for AttachType {
             AttachType::Tracepoint => "tracepoint",
             AttachType::Kprobe => "kprobe",
             AttachType::NetfilterLink => "netfilter_link",
+            AttachType::ConntrackEvents => "conntrack_events",
         })
     }
 }

@@ -263,6 +263,8 @@ pub struct RawDrop {
 pub struct NetProbe {
     conns: Option<(RingBuf<MapData>, PerCpuArray<MapData, u64>)>,
     drops: Option<(RingBuf<MapData>, PerCpuArray<MapData, u64>)>,
+    /// The fallback for conns when netfilter links are refused.
+    ct_events: Option<super::conntrack::ConntrackEvents>,
     reasons: HashMap<u32, String>,
     clock: BootClock,
     // Links first: dropped before the program.
@@ -306,7 +308,15 @@ impl NetProbe {
                 None
             }
         };
-        let (conns, prog, links) = match link_netfilter(ebpf, netns) {
+        // PODSCOPE_NET_FALLBACK=conntrack: use the older kernels' path here too (tests).
+        let forced = std::env::var("PODSCOPE_NET_FALLBACK").is_ok_and(|v| v == "conntrack");
+        let linked = if forced {
+            Err("not tried (PODSCOPE_NET_FALLBACK=conntrack)".to_string())
+        } else {
+            link_netfilter(ebpf, netns)
+        };
+        let mut ct_events = None;
+        let (conns, prog, links) = match linked {
             Ok((prog, links)) => {
                 attachments.push(Attachment {
                     family: FAMILY_CONNS,
@@ -326,11 +336,24 @@ impl NetProbe {
                 )
             }
             Err(why) => {
-                unavailable.push((FAMILY_CONNS, why));
+                match super::conntrack::ConntrackEvents::open(netns) {
+                    Ok(ev) => {
+                        attachments.push(Attachment {
+                            family: FAMILY_CONNS,
+                            hook: "conntrack netlink events (new connections, once confirmed)",
+                            attach_type: AttachType::ConntrackEvents,
+                            refused: vec![(AttachType::NetfilterLink, why)],
+                        });
+                        ct_events = Some(ev);
+                    }
+                    Err(e) => {
+                        unavailable.push((FAMILY_CONNS, format!("{why}; conntrack events: {e}")))
+                    }
+                }
                 (None, None, vec![])
             }
         };
-        if drops.is_none() && conns.is_none() {
+        if drops.is_none() && conns.is_none() && ct_events.is_none() {
             let reasons = unavailable
                 .iter()
                 .map(|(f, w)| format!("{f}: {w}"))
@@ -344,6 +367,7 @@ impl NetProbe {
         Ok(NetProbe {
             conns,
             drops,
+            ct_events,
             reasons,
             clock: BootClock::new(),
             _links: links,
@@ -358,10 +382,14 @@ impl NetProbe {
             .iter()
             .chain(self.drops.iter())
             .map(|(r, _)| r.as_raw_fd())
+            .chain(self.ct_events.as_ref().map(|e| e.fd()))
             .collect()
     }
 
     pub fn drain_conns(&mut self, mut f: impl FnMut(RawConn)) {
+        if let Some(ev) = self.ct_events.as_mut() {
+            ev.drain(&mut f);
+        }
         let Some((ring, _)) = self.conns.as_mut() else {
             return;
         };
@@ -426,6 +454,17 @@ impl NetProbe {
         }
         if let Some((_, s)) = &self.drops {
             out.push((FAMILY_DROPS, FamilyStats::from_slots(super::read_stats(s))));
+        }
+        if let Some(ev) = &self.ct_events {
+            out.push((
+                FAMILY_CONNS,
+                FamilyStats {
+                    hits: ev.received,
+                    emitted: ev.received,
+                    lost: ev.lost,
+                    ..FamilyStats::default()
+                },
+            ));
         }
         out
     }

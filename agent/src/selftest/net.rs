@@ -88,12 +88,16 @@ fn loopback_up() -> Result<(), String> {
         for (i, b) in b"lo".iter().enumerate() {
             req.ifr_name[i] = *b as libc::c_char;
         }
-        let mut ok = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req) == 0;
+        let mut ok = libc::ioctl(s, libc::SIOCGIFFLAGS as _, &mut req) == 0;
         req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        ok = ok && libc::ioctl(s, libc::SIOCSIFFLAGS, &mut req) == 0;
+        ok = ok && libc::ioctl(s, libc::SIOCSIFFLAGS as _, &mut req) == 0;
         let err = std::io::Error::last_os_error();
         libc::close(s);
-        if ok { Ok(()) } else { Err(format!("cannot bring lo up: {err}")) }
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("cannot bring lo up: {err}"))
+        }
     }
 }
 
@@ -154,10 +158,7 @@ pub fn net_paths(_: &Context) -> Verdict {
         offsets.drop_reasons.clone(),
         Some(&ns.path),
     )?;
-    let link = probe
-        .attachments
-        .iter()
-        .any(|a| a.family == FAMILY_CONNS);
+    let link = probe.attachments.iter().any(|a| a.family == FAMILY_CONNS);
     let refusal = probe
         .unavailable
         .iter()
@@ -224,11 +225,30 @@ pub fn net_paths(_: &Context) -> Verdict {
     let cip = CLUSTER_IP.to_string();
     let to = format!("127.0.0.1:{target}");
     ensure!(
-        in_ns(&ns, &["ip", "addr", "add", &format!("{cip}/32"), "dev", "lo"])
-            && in_ns(
-                &ns,
-                &["iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-d", &cip, "-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination", &to],
-            ),
+        in_ns(
+            &ns,
+            &["ip", "addr", "add", &format!("{cip}/32"), "dev", "lo"]
+        ) && in_ns(
+            &ns,
+            &[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-d",
+                &cip,
+                "-p",
+                "tcp",
+                "--dport",
+                "80",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to
+            ],
+        ),
         "cannot write the DNAT rule in the scenario's namespace"
     );
     let connected = ns
