@@ -8,14 +8,14 @@ mod support;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use support::{privileged, required, testnode};
+use support::{free_port, privileged, required, testnode};
 
 const NS: &str = "podscope-net";
 const SOCKET: &str = "/run/podscope-node/containerd.sock";
@@ -97,11 +97,12 @@ fn in_node(cmd: &[&str]) -> std::process::Output {
 struct DropRule(String);
 
 impl DropRule {
-    fn add(pod_ip: &str) -> DropRule {
-        let out = in_node(&[
+    fn iptables(op: &str, pod_ip: &str) -> std::process::Output {
+        let (comment, target) = ("podscope test: policy drop", "DROP");
+        in_node(&[
             "iptables",
             "-w",
-            "-I",
+            op,
             "FORWARD",
             "-d",
             pod_ip,
@@ -110,10 +111,14 @@ impl DropRule {
             "-m",
             "comment",
             "--comment",
-            "podscope test: policy drop",
+            comment,
             "-j",
-            "DROP",
-        ]);
+            target,
+        ])
+    }
+
+    fn add(pod_ip: &str) -> DropRule {
+        let out = DropRule::iptables("-I", pod_ip);
         assert!(out.status.success(), "{out:?}");
         DropRule(pod_ip.to_string())
     }
@@ -121,22 +126,7 @@ impl DropRule {
 
 impl Drop for DropRule {
     fn drop(&mut self) {
-        let _ = in_node(&[
-            "iptables",
-            "-w",
-            "-D",
-            "FORWARD",
-            "-d",
-            &self.0,
-            "-p",
-            "tcp",
-            "-m",
-            "comment",
-            "--comment",
-            "podscope test: policy drop",
-            "-j",
-            "DROP",
-        ]);
+        let _ = DropRule::iptables("-D", &self.0);
     }
 }
 
@@ -151,14 +141,6 @@ impl Drop for Proc {
 
 fn say(msg: &str) {
     let _ = writeln!(std::io::stderr(), "net: {msg}");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn get(port: u16, path: &str) -> Option<(u16, String)> {

@@ -263,181 +263,103 @@ pub fn render(ports: &[ServicePortRules], stale: &BTreeSet<String>) -> String {
 }
 
 /// The jumps from the built-in chains into kube-proxy's, as kube-proxy
-/// ensures them (table, chain, rule).
-const JUMPS: &[(&str, &str, &[&str])] = &[
+/// ensures them: (table, chain, only new connections, comment, target).
+const JUMPS: &[(&str, &str, bool, &str, &str)] = &[
     (
         "filter",
         "INPUT",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes load balancer firewall",
-            "-j",
-            "KUBE-PROXY-FIREWALL",
-        ],
+        true,
+        "kubernetes load balancer firewall",
+        "KUBE-PROXY-FIREWALL",
     ),
     (
         "filter",
         "INPUT",
-        &[
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes health check service ports",
-            "-j",
-            "KUBE-NODEPORTS",
-        ],
+        false,
+        "kubernetes health check service ports",
+        "KUBE-NODEPORTS",
     ),
     (
         "filter",
         "INPUT",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes externally-visible service portals",
-            "-j",
-            "KUBE-EXTERNAL-SERVICES",
-        ],
+        true,
+        "kubernetes externally-visible service portals",
+        "KUBE-EXTERNAL-SERVICES",
     ),
     (
         "filter",
         "FORWARD",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes load balancer firewall",
-            "-j",
-            "KUBE-PROXY-FIREWALL",
-        ],
+        true,
+        "kubernetes load balancer firewall",
+        "KUBE-PROXY-FIREWALL",
     ),
     (
         "filter",
         "FORWARD",
-        &[
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes forwarding rules",
-            "-j",
-            "KUBE-FORWARD",
-        ],
+        false,
+        "kubernetes forwarding rules",
+        "KUBE-FORWARD",
     ),
     (
         "filter",
         "FORWARD",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
+        true,
+        "kubernetes service portals",
+        "KUBE-SERVICES",
     ),
     (
         "filter",
         "FORWARD",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes externally-visible service portals",
-            "-j",
-            "KUBE-EXTERNAL-SERVICES",
-        ],
+        true,
+        "kubernetes externally-visible service portals",
+        "KUBE-EXTERNAL-SERVICES",
     ),
     (
         "filter",
         "OUTPUT",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes load balancer firewall",
-            "-j",
-            "KUBE-PROXY-FIREWALL",
-        ],
+        true,
+        "kubernetes load balancer firewall",
+        "KUBE-PROXY-FIREWALL",
     ),
     (
         "filter",
         "OUTPUT",
-        &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
+        true,
+        "kubernetes service portals",
+        "KUBE-SERVICES",
     ),
     (
         "nat",
         "OUTPUT",
-        &[
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
+        false,
+        "kubernetes service portals",
+        "KUBE-SERVICES",
     ),
     (
         "nat",
         "PREROUTING",
-        &[
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes service portals",
-            "-j",
-            "KUBE-SERVICES",
-        ],
+        false,
+        "kubernetes service portals",
+        "KUBE-SERVICES",
     ),
     (
         "nat",
         "POSTROUTING",
-        &[
-            "-m",
-            "comment",
-            "--comment",
-            "kubernetes postrouting rules",
-            "-j",
-            "KUBE-POSTROUTING",
-        ],
+        false,
+        "kubernetes postrouting rules",
+        "KUBE-POSTROUTING",
     ),
 ];
+
+/// A jump's match and target, as `iptables` arguments.
+fn jump_rule(new_only: bool, comment: &'static str, target: &'static str) -> Vec<&'static str> {
+    let mut rule = vec![];
+    if new_only {
+        rule.extend(["-m", "conntrack", "--ctstate", "NEW"]);
+    }
+    rule.extend(["-m", "comment", "--comment", comment, "-j", target]);
+    rule
+}
 
 /// A command run inside the node's network namespace.
 fn in_node(program: &str) -> Command {
@@ -492,10 +414,11 @@ fn existing_chains() -> Result<BTreeSet<String>> {
 }
 
 fn ensure_jumps() -> Result<()> {
-    for (table, chain, rule) in JUMPS {
+    for (table, chain, new_only, comment, target) in JUMPS {
+        let rule = jump_rule(*new_only, comment, target);
         let present = in_node("iptables")
             .args(["-w", "-t", table, "-C", chain])
-            .args(*rule)
+            .args(&rule)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -503,7 +426,7 @@ fn ensure_jumps() -> Result<()> {
         if !present {
             run(in_node("iptables")
                 .args(["-w", "-t", table, "-I", chain])
-                .args(*rule))?;
+                .args(&rule))?;
         }
     }
     Ok(())

@@ -71,14 +71,24 @@ pub fn load_netfilter_verdict(verdict: i32) -> io::Result<OwnedFd> {
         0x95,
     ];
     let license = b"GPL\0";
+    sys_bpf(
+        BPF_PROG_LOAD,
+        &mut netfilter_prog_attr(&insns, license, "podscope_p"),
+    )
+}
+
+/// BPF_PROG_LOAD's attributes for a netfilter program; `insns` and
+/// `license` must outlive the call that uses them.
+fn netfilter_prog_attr(insns: &[u64], license: &[u8], name: &str) -> Attr {
     let mut attr = Attr::new();
     attr.put_u32(0, BPF_PROG_TYPE_NETFILTER);
     attr.put_u32(4, insns.len() as u32);
     attr.put_u64(8, insns.as_ptr() as u64);
     attr.put_u64(16, license.as_ptr() as u64);
-    attr.0[48..48 + 10].copy_from_slice(b"podscope_p");
+    let n = name.len().min(15);
+    attr.0[48..48 + n].copy_from_slice(&name.as_bytes()[..n]);
     attr.put_u32(68, BPF_NETFILTER);
-    sys_bpf(BPF_PROG_LOAD, &mut attr)
+    attr
 }
 
 /// Links a netfilter program at a hook of the calling thread's network namespace.
@@ -113,14 +123,7 @@ pub fn probe_netfilter_link() -> io::Result<()> {
 /// carries the end of the verifier's log.
 pub fn load_netfilter_program(insns: &[u64], name: &str) -> Result<OwnedFd, String> {
     let license = b"GPL\0";
-    let mut attr = Attr::new();
-    attr.put_u32(0, BPF_PROG_TYPE_NETFILTER);
-    attr.put_u32(4, insns.len() as u32);
-    attr.put_u64(8, insns.as_ptr() as u64);
-    attr.put_u64(16, license.as_ptr() as u64);
-    let n = name.len().min(15);
-    attr.0[48..48 + n].copy_from_slice(&name.as_bytes()[..n]);
-    attr.put_u32(68, BPF_NETFILTER);
+    let mut attr = netfilter_prog_attr(insns, license, name);
     match sys_bpf(BPF_PROG_LOAD, &mut attr) {
         Ok(fd) => Ok(fd),
         Err(e) => {
