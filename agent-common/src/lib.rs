@@ -7,6 +7,7 @@
 
 pub mod cgroups;
 pub mod exits;
+pub mod net;
 pub mod oom;
 pub mod signals;
 pub mod stats;

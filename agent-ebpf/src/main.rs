@@ -8,6 +8,7 @@ mod cgroups;
 mod doctor;
 mod exits;
 mod kmem;
+mod net;
 mod oom;
 mod ringbuf;
 mod signals;

@@ -23,6 +23,10 @@ pub enum Event {
     Termination(Box<TerminationRecord>),
     /// A process of a container died while the container lives on.
     BackgroundDeath(BackgroundDeath),
+    /// A new connection's path through kube-proxy's rules (`trace net`).
+    Connection(crate::kubeproxy::Connection),
+    /// A packet the kernel dropped, with its reason (`trace net`).
+    Drop(crate::kubeproxy::PacketDrop),
 }
 
 impl Event {
@@ -34,6 +38,8 @@ impl Event {
             Event::Oom(o) => &o.pod,
             Event::Termination(t) => &t.pod,
             Event::BackgroundDeath(d) => &d.pod,
+            Event::Connection(c) => &c.pod,
+            Event::Drop(d) => &d.pod,
         }
     }
 
@@ -44,6 +50,7 @@ impl Event {
             Event::Signal(_) => "signals",
             Event::Oom(_) => "oom",
             Event::Termination(_) | Event::BackgroundDeath(_) => "terminations",
+            Event::Connection(_) | Event::Drop(_) => "net",
         }
     }
 

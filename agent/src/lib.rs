@@ -5,6 +5,7 @@
 //! - [`probes`]: the eBPF object, one module per event family (attach, decode);
 //! - [`metadata`]: attribution of events to pods and containers (cgroups, CRI);
 //! - [`events`]: the typed events consumers see;
+//! - [`kubeproxy`]: kube-proxy's rules as a Service map; packet paths attributed to pods and Services;
 //! - [`cli`]: the `podscope` subcommands;
 //! - [`selftest`]: the kernel-facing tests, shared by `cargo test` and the static `podscope-kernel-tests`.
 
@@ -13,6 +14,7 @@ pub mod daemon;
 pub mod events;
 pub mod forensics;
 pub mod kernel;
+pub mod kubeproxy;
 pub mod metadata;
 pub mod metrics;
 pub mod pipeline;

@@ -16,6 +16,7 @@ use std::{
 
 use tokio::io::{Interest, unix::AsyncFd};
 
+use crate::kubeproxy::{self, RuleSource, Seen};
 use crate::{
     events::Event,
     forensics::{Finding, Forensics, ForensicsStats},
@@ -25,6 +26,7 @@ use crate::{
         self, AttachType, Attachment, FamilyStats, KernelOffsets, LoadOptions, ProbeError,
         cgroups::{CgroupOp, CgroupProbe},
         exits::{Exit, ExitProbe},
+        net::NetProbe,
         oom::{OomKill, OomProbe},
         signals::{Signal, SignalProbe},
     },
@@ -36,6 +38,10 @@ pub struct PipelineOptions {
     /// Force the exit probe's hook type (None: the best the kernel allows).
     pub exits_attach: Option<AttachType>,
     pub resolver: ResolverOptions,
+    /// Attach the packet probes (netfilter links, kfree_skb) and read kube-proxy's rules.
+    pub net: bool,
+    /// The network namespace where kube-proxy's rules live (None: this process's).
+    pub netns: Option<std::path::PathBuf>,
 }
 
 /// Counters of one family, as exported.
@@ -51,6 +57,9 @@ pub struct Pipeline {
     signals: Option<SignalProbe>,
     oom: Option<OomProbe>,
     forensics: Forensics,
+    net: Option<NetProbe>,
+    rules: RuleSource,
+    seen: Seen,
     resolver: Resolver,
     attachments: Vec<Attachment>,
     /// Refused family attachments: (family, reason).
@@ -110,6 +119,41 @@ impl Pipeline {
         };
         let exits = ExitProbe::attach(&mut ebpf, btf.as_ref(), opts.exits_attach)?;
         attachments.push(exits.attachment.clone());
+        let net = if !opts.net {
+            None
+        } else if offsets.net.is_none() {
+            let why =
+                "this kernel's BTF lacks the conntrack or sk_buff fields the packet probes read"
+                    .to_string();
+            tracing::warn!("{why}");
+            unavailable.push((probes::net::FAMILY_CONNS, why));
+            None
+        } else {
+            match NetProbe::attach(
+                &mut ebpf,
+                btf.as_ref(),
+                offsets.drop_reasons.clone(),
+                opts.netns.as_deref(),
+            ) {
+                Ok(p) => {
+                    attachments.extend(p.attachments.iter().cloned());
+                    for (family, why) in &p.unavailable {
+                        tracing::warn!("{family}: {why}");
+                    }
+                    unavailable.extend(p.unavailable.iter().cloned());
+                    Some(p)
+                }
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    unavailable.push((probes::net::FAMILY_CONNS, e.to_string()));
+                    None
+                }
+            }
+        };
+        let mut rules = RuleSource::new(opts.netns.as_deref());
+        if net.is_some() {
+            rules.refresh(true);
+        }
         for a in &attachments {
             for (kind, why) in &a.refused {
                 tracing::info!(
@@ -134,6 +178,9 @@ impl Pipeline {
             signals,
             oom,
             forensics,
+            net,
+            rules,
+            seen: Seen::new(16_384, Duration::from_secs(120)),
             resolver,
             attachments,
             unavailable,
@@ -151,6 +198,7 @@ impl Pipeline {
         fds.extend(self.cgroups.as_ref().map(CgroupProbe::ring_fd));
         fds.extend(self.signals.as_ref().map(SignalProbe::ring_fd));
         fds.extend(self.oom.as_ref().map(OomProbe::ring_fd));
+        fds.extend(self.net.iter().flat_map(NetProbe::ring_fds));
         fds
     }
 
@@ -205,6 +253,7 @@ impl Pipeline {
                 self.forensics.on_removed(c.id);
             }
         }
+        self.net_batch(&mut events);
         for f in self.forensics.take_findings(Instant::now()) {
             events.push(finding_event(f));
         }
@@ -234,9 +283,43 @@ impl Pipeline {
         self.forensics.stats
     }
 
+    /// New connections and drops, attributed to pods, Services and endpoints.
+    fn net_batch(&mut self, events: &mut Vec<Event>) {
+        let Some(net) = self.net.as_mut() else { return };
+        let (mut conns, mut drops) = (vec![], vec![]);
+        net.drain_conns(|c| conns.push(c));
+        net.drain_drops(|d| drops.push(d));
+        if conns.is_empty() && drops.is_empty() {
+            return;
+        }
+        self.rules.refresh(false);
+        let resolver = &self.resolver;
+        let pod_of = |ip| resolver.pod_by_ip(ip);
+        for c in &conns {
+            events.push(Event::Connection(kubeproxy::connection(
+                c,
+                &self.rules.map,
+                &pod_of,
+            )));
+        }
+        for d in &drops {
+            let (drop, conn) = kubeproxy::drop_events(d, &self.rules.map, &pod_of);
+            events.push(Event::Drop(drop));
+            if let (Some(conn), Some(t)) = (conn, d.tuple)
+                && self.seen.first(t)
+            {
+                events.push(Event::Connection(conn));
+            }
+        }
+    }
+
     /// Periodic upkeep (about once a second).
     pub async fn tick(&mut self) {
         self.resolver.tick().await;
+        if self.net.is_some() {
+            self.rules.refresh(false);
+            self.seen.gc();
+        }
     }
 
     pub fn source_stats(&self) -> Vec<SourceStats> {
@@ -261,6 +344,13 @@ impl Pipeline {
                 source: probes::oom::FAMILY,
                 stats: p.stats(),
             });
+        }
+        if let Some(n) = &self.net {
+            out.extend(
+                n.stats()
+                    .into_iter()
+                    .map(|(source, stats)| SourceStats { source, stats }),
+            );
         }
         out
     }

@@ -109,6 +109,11 @@ fn an_oom_kill_names_its_victim_and_the_limit_it_hit() {
 }
 
 #[test]
+fn packet_drops_and_netfilter_links_are_reported() {
+    scenario("net_paths");
+}
+
+#[test]
 fn every_scenario_has_a_cargo_test() {
     let me = include_str!("kernel.rs");
     for s in selftest::SCENARIOS {

@@ -112,6 +112,9 @@ fn prometheus_scrapes_per_pod_exit_counts() {
             &format!("127.0.0.1:{agent_port}"),
             "--cri-socket",
             SOCKET,
+            // The packet probes watch the node's namespace, not the machine's.
+            "--netns",
+            "/run/netns/podscope-node",
         ])
         .arg("--state-dir")
         .arg(scratch.join("state"))

@@ -138,6 +138,10 @@ pub async fn run() -> Result<()> {
                 }
             }
         }
+        // kube-proxy's part: Services follow the pods' readiness and addresses.
+        if let Err(e) = crate::kubeproxy::sync() {
+            log(format!("kube-proxy: {e}"));
+        }
         tick += 1;
         if tick.is_multiple_of(GC_EVERY_TICKS) {
             collect_deleted(&workers);

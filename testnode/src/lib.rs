@@ -17,6 +17,7 @@
 //! - [`netns`]: the node's network namespace.
 //! - [`containerd`]: containerd's config and life cycle.
 //! - [`kubelet`]: the reconciling daemon (one task per pod).
+//! - [`service`] and [`kubeproxy`]: Service manifests, and kube-proxy's iptables rules for them.
 //! - [`status`]: the per-pod status files that `status` and `apply --wait` read.
 //! - [`cleanup`]: `down`, which removes everything.
 //! - [`process`]: pid files, daemons and signals, always by recorded PID.
@@ -27,10 +28,12 @@ pub mod cri;
 pub mod error;
 pub mod images;
 pub mod kubelet;
+pub mod kubeproxy;
 pub mod manifest;
 pub mod netns;
 pub mod paths;
 pub mod podconfig;
 pub mod process;
 pub mod qos;
+pub mod service;
 pub mod status;

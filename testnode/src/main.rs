@@ -14,9 +14,10 @@ use testnode::{
     cleanup, containerd,
     cri::Cri,
     error::Error,
-    images, kubelet,
+    images, kubelet, kubeproxy,
     manifest::Pod,
     netns, paths, process,
+    service::{self, Service},
     status::{self, Phase, PodStatus},
 };
 
@@ -35,7 +36,7 @@ struct Cli {
 enum Cmd {
     /// Create the node (netns, containerd, images, kubelet daemon); idempotent.
     Up,
-    /// Run a Pod manifest (a supported subset of Kubernetes' Pod).
+    /// Run a Pod manifest, or serve a ClusterIP Service (kube-proxy's iptables rules).
     Apply {
         /// The manifest file (`-` reads stdin).
         #[arg(short = 'f', long = "filename")]
@@ -49,9 +50,9 @@ enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Delete a pod: SIGTERM, SIGKILL after its grace period, remove the sandbox.
+    /// Delete a pod (SIGTERM, SIGKILL after its grace period, remove the sandbox), or a Service.
     Delete {
-        /// NAMESPACE/POD (or just POD in `default`).
+        /// NAMESPACE/POD (or just POD in `default`), or service/NAMESPACE/NAME.
         pod: String,
         /// Wait until the pod is gone and print how its containers ended.
         #[arg(long)]
@@ -264,14 +265,24 @@ fn split_pod(s: &str) -> Result<(String, String)> {
 }
 
 async fn apply(file: &Path, wait: Wait, timeout: Duration, output: Output) -> Result<ExitCode> {
-    let mut pod = if file == Path::new("-") {
+    let (text, origin) = if file == Path::new("-") {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
             .context("cannot read the manifest from stdin")?;
-        Pod::parse(&text, "<stdin>").map_err(Error::from)?
+        (text, "<stdin>".to_string())
     } else {
-        Pod::from_file(file).map_err(Error::from)?
+        let text = std::fs::read_to_string(file).map_err(|source| {
+            Error::Manifest(testnode::manifest::ManifestError::Read {
+                path: file.display().to_string(),
+                source,
+            })
+        })?;
+        (text, file.display().to_string())
     };
+    if service::kind_of(&text).as_deref() == Some("Service") {
+        return apply_service(&text, &origin, output);
+    }
+    let mut pod = Pod::parse(&text, &origin).map_err(Error::from)?;
     testnode::qos::qos_class(&pod).map_err(Error::from)?;
     require_up()?;
     let (ns, name) = (pod.namespace().to_string(), pod.name().to_string());
@@ -399,7 +410,47 @@ async fn wait_for(
     }
 }
 
+/// Stores a Service and writes kube-proxy's rules for it at once.
+fn apply_service(text: &str, origin: &str, output: Output) -> Result<ExitCode> {
+    let svc = Service::parse(text, origin).map_err(Error::from)?;
+    require_up()?;
+    let (verb, svc) = service::store(svc).map_err(|e| UsageError(e.to_string()))?;
+    kubeproxy::sync()?;
+    let ip = svc
+        .spec
+        .cluster_ip
+        .map(|ip| ip.to_string())
+        .unwrap_or_default();
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"kind": "Service", "namespace": svc.namespace(), "name": svc.name(), "clusterIP": ip})
+        ),
+        Output::Table => println!(
+            "service/{}/{} {verb} (cluster IP {ip})",
+            svc.namespace(),
+            svc.name()
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn delete(pod: &str, wait: bool, timeout: Duration, output: Output) -> Result<ExitCode> {
+    if let Some(rest) = pod
+        .strip_prefix("service/")
+        .or_else(|| pod.strip_prefix("svc/"))
+    {
+        let (ns, name) = split_pod(rest)?;
+        if !service::remove(&ns, &name)? {
+            return Err(UsageError(format!("there is no service {ns}/{name}")).into());
+        }
+        kubeproxy::sync()?;
+        if output == Output::Table {
+            println!("service/{ns}/{name} deleted");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let pod = pod.strip_prefix("pod/").unwrap_or(pod);
     let (ns, name) = split_pod(pod)?;
     let manifest = paths::manifest_file(&ns, &name);
     let before = status::read(&ns, &name)?;

@@ -246,7 +246,7 @@ impl Container {
 
 /// Kubernetes names here are DNS labels; that also keeps `_` free as the
 /// separator in `<namespace>_<name>` file names.
-fn dns_label(s: &str, field: &str) -> Result<(), String> {
+pub(crate) fn dns_label(s: &str, field: &str) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.chars()

@@ -66,6 +66,20 @@ pub fn kubelet_log() -> PathBuf {
 pub fn manifests_dir() -> PathBuf {
     state("manifests")
 }
+/// `apply` writes Service manifests here (`<namespace>_<name>.yaml`); the kube-proxy part of the daemon serves them.
+pub fn services_dir() -> PathBuf {
+    state("services")
+}
+/// The iptables rules last written for the Services (what `iptables-restore` was given).
+pub fn kube_proxy_rules() -> PathBuf {
+    state("kube-proxy.rules")
+}
+/// Serialises rule syncs between the daemon and `apply`/`delete` (flock).
+pub fn kube_proxy_lock() -> PathBuf {
+    state("kube-proxy.lock")
+}
+/// Services' cluster IPs, as kube-proxy's `--cluster-cidr` would say (for KUBE-MARK-MASQ).
+pub const SERVICE_SUBNET: &str = "198.19.0.0/16";
 /// The kubelet daemon writes one `<namespace>_<name>.json` per pod here.
 pub fn pods_dir() -> PathBuf {
     state("pods")

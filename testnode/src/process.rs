@@ -161,15 +161,20 @@ pub struct NodeLock {
 
 impl NodeLock {
     pub fn acquire() -> Result<NodeLock> {
+        NodeLock::acquire_at(std::path::Path::new(crate::paths::LOCK_FILE))
+    }
+
+    /// An exclusive flock on another file (e.g. the kube-proxy rules' lock).
+    pub fn acquire_at(path: &std::path::Path) -> Result<NodeLock> {
         let file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(crate::paths::LOCK_FILE)
-            .ctx(|| format!("cannot open {}", crate::paths::LOCK_FILE))?;
+            .open(path)
+            .ctx(|| format!("cannot open {}", path.display()))?;
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(Error::Io {
-                what: format!("cannot lock {}", crate::paths::LOCK_FILE),
+                what: format!("cannot lock {}", path.display()),
                 source: std::io::Error::last_os_error(),
             });
         }

@@ -22,13 +22,16 @@ use crate::{build_podscope, setup};
 
 const ROUNDS: usize = 7;
 
+mod net;
+
 pub fn run(args: &[String]) -> Result<ExitCode> {
     match args.first().map(String::as_str) {
         Some("exits") => exits(),
         Some("pods") => pods(),
         Some("agent") => agent(),
         Some("terminations") => terminations(),
-        _ => bail!("usage: cargo xtask bench <exits | pods | agent | terminations>"),
+        Some("net") => net::run(),
+        _ => bail!("usage: cargo xtask bench <exits | pods | agent | terminations | net>"),
     }
 }
 
@@ -800,6 +803,9 @@ fn agent() -> Result<ExitCode> {
             &format!("127.0.0.1:{port}"),
             "--cri-socket",
             NODE_SOCKET,
+            // The packet probes watch the node's namespace, not the machine's.
+            "--netns",
+            "/run/netns/podscope-node",
         ])
         .arg("--state-dir")
         .arg(&state)

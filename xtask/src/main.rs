@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits | vm-test [--kernel NAME]...>";
+const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits|pods|agent|net | vm-test [--kernel NAME]...>";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -103,7 +103,14 @@ fn run(rest: &[String]) -> Result<ExitCode> {
     };
     let args = if args.is_empty() {
         demo_node()?;
-        vec!["agent".into(), "--cri-socket".into(), NODE_SOCKET.into()]
+        vec![
+            "agent".into(),
+            "--cri-socket".into(),
+            NODE_SOCKET.into(),
+            // Where the test node's kube-proxy rules are.
+            "--netns".into(),
+            "/run/netns/podscope-node".into(),
+        ]
     } else {
         args
     };

@@ -45,6 +45,8 @@ const APT_PACKAGES: &[&str] = &[
     // `python3 -m venv` for the tools below (Debian splits venv out of python3).
     "python3-venv",
     "qemu-system-x86",
+    // `cargo xtask bench net`: throughput between two pods through a ClusterIP.
+    "iperf3",
 ];
 
 /// Python tools deploy/'s tests run, pinned so a new release cannot change

@@ -442,8 +442,8 @@ fn hook_meaning(hook: Hook) -> (&'static str, &'static str) {
             "no BPF LSM programs (trampolines refused or CONFIG_BPF_LSM unset): podscope needs none",
         ),
         Hook::NetfilterLink => (
-            "BPF netfilter links work (kernel ≥ 6.4): Service DNAT and rejects can be traced at the netfilter hooks",
-            "no BPF netfilter links (kernel < 6.4): packet paths fall back to conntrack events and kfree_skb",
+            "BPF netfilter links work (kernel ≥ 6.4): `trace net` sees each new connection right after the filter table, with its original and DNATed destination",
+            "no BPF netfilter links (kernel < 6.4): packet paths fall back to conntrack's netlink events for forwarded connections and kfree_skb for rejects and drops; lost: connections are seen only once conntrack confirms them, a burst can overflow the netlink socket (counted as lost), and nothing comes when conntrack events are disabled (net.netfilter.nf_conntrack_events=0)",
         ),
     }
 }

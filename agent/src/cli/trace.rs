@@ -53,6 +53,10 @@ pub struct TraceArgs {
     /// Force one hook type instead of the best the kernel allows.
     #[arg(long, value_enum, default_value_t = AttachChoice::Auto)]
     pub attach: AttachChoice,
+    /// `net`: the network namespace where kube-proxy's rules live (e.g.
+    /// /run/netns/podscope-node) [default: this process's].
+    #[arg(long, env = "PODSCOPE_NETNS")]
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -65,6 +69,9 @@ pub enum Family {
     Oom,
     /// Container terminations explained, and deaths of other processes in containers.
     Terminations,
+    /// New connections through kube-proxy's rules (pod → ClusterIP → endpoint,
+    /// rejected, dropped) and packet drops with the kernel's reason.
+    Net,
 }
 
 impl Family {
@@ -74,6 +81,7 @@ impl Family {
             Family::Signals => "signals",
             Family::Oom => "oom",
             Family::Terminations => "terminations",
+            Family::Net => "net",
         }
     }
 }
@@ -115,6 +123,8 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
             use_cri: !args.no_cri,
             ..Default::default()
         },
+        net: args.family == Family::Net,
+        netns: args.netns.clone(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -207,6 +217,29 @@ impl Session {
             Err(e) => return Err(e.into()),
         }
         drop(rings);
+        if self.family == Family::Net {
+            for s in self.pipeline.source_stats() {
+                if matches!(
+                    s.source,
+                    crate::probes::net::FAMILY_CONNS | crate::probes::net::FAMILY_DROPS
+                ) {
+                    eprintln!(
+                        "podscope: {}: kernel: {} seen, {} reported, {} lost (ring buffer full), {} read errors, {} not reported on purpose (established traffic, unspecific drop reasons)",
+                        s.source,
+                        s.stats.hits,
+                        s.stats.emitted,
+                        s.stats.lost,
+                        s.stats.read_errors,
+                        s.stats.filtered
+                    );
+                }
+            }
+            for (family, why) in &self.pipeline.unavailable {
+                eprintln!("podscope: {family} unavailable: {why}");
+            }
+            eprintln!("podscope: {} lines shown", self.shown);
+            return Ok(ExitCode::SUCCESS);
+        }
         let rs = self.pipeline.resolver_stats();
         let kernel: Vec<String> = self
             .pipeline
@@ -300,6 +333,16 @@ fn table_header(family: Family) -> String {
             "{:<12} {:<40} {:<16} {:<22} {:>4}  {}",
             "TIME", "NAMESPACE/POD", "CONTAINER", "REASON", "CODE", "EXPLANATION"
         ),
+        Family::Net => format!(
+            "{:<12} {:<5} {:<32} {:<22} {:<30} {:<32} {}",
+            "TIME",
+            "PROTO",
+            "NAMESPACE/POD",
+            "SOURCE",
+            "DESTINATION (SERVICE)",
+            "ENDPOINT",
+            "OUTCOME"
+        ),
     }
 }
 
@@ -310,6 +353,48 @@ fn time_column(t: std::time::SystemTime) -> String {
 
 fn table_row(event: &Event) -> String {
     match event {
+        Event::Connection(c) => {
+            let ts = humantime::format_rfc3339_millis(c.ts).to_string();
+            let dst = match &c.service {
+                Some(s) => format!("{} ({}/{}:{})", c.dst, s.namespace, s.name, s.port),
+                None => c.dst.to_string(),
+            };
+            let endpoint = match (&c.endpoint, &c.endpoint_pod) {
+                (Some(e), Some(p)) => format!("{e} ({}/{})", p.namespace, p.pod),
+                (Some(e), None) => e.to_string(),
+                (None, _) => "-".into(),
+            };
+            let outcome = match &c.reason {
+                Some(r) => format!("{} ({r})", c.outcome.as_str()),
+                None => c.outcome.as_str().to_string(),
+            };
+            format!(
+                "{:<12} {:<5} {:<32} {:<22} {:<30} {:<32} {}",
+                ts.get(11..23).unwrap_or(&ts),
+                c.protocol,
+                pod_column(&c.pod),
+                c.src.to_string(),
+                dst,
+                endpoint,
+                outcome
+            )
+        }
+        Event::Drop(d) => {
+            let ts = humantime::format_rfc3339_millis(d.ts).to_string();
+            let addr = |a: Option<std::net::SocketAddr>| {
+                a.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
+            };
+            format!(
+                "{:<12} {:<5} {:<32} {:<22} {:<30} {:<32} drop ({})",
+                ts.get(11..23).unwrap_or(&ts),
+                d.protocol.unwrap_or("-"),
+                pod_column(&d.pod),
+                addr(d.src),
+                addr(d.dst),
+                "-",
+                d.reason
+            )
+        }
         Event::Exit(e) => {
             let result = match (&e.signal, e.exit_code) {
                 (Some(sig), _) if e.core_dumped => format!("{sig} (core)"),

@@ -47,6 +47,10 @@ pub struct AgentArgs {
     /// directory), oldest records dropped first [default: 16777216].
     #[arg(long, env = "PODSCOPE_JOURNAL_MAX_BYTES")]
     pub journal_max_bytes: Option<u64>,
+    /// The network namespace where kube-proxy's rules live, e.g.
+    /// /run/netns/podscope-node [default: the agent's own, right for a hostNetwork DaemonSet].
+    #[arg(long, env = "PODSCOPE_NETNS")]
+    pub netns: Option<PathBuf>,
 }
 
 /// The config file's keys: the flags' names.
@@ -62,6 +66,7 @@ struct FileConfig {
     ring_buffer_size: Option<u32>,
     node_name: Option<String>,
     journal_max_bytes: Option<u64>,
+    netns: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -75,6 +80,7 @@ pub struct AgentConfig {
     pub ring_buffer_size: u32,
     pub node_name: String,
     pub journal_max_bytes: u64,
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -153,6 +159,7 @@ impl AgentConfig {
                 .clone()
                 .or(file.node_name)
                 .unwrap_or_else(hostname),
+            netns: args.netns.clone().or(file.netns),
         })
     }
 }

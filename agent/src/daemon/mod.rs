@@ -68,6 +68,8 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
             retention: cfg.series_retention,
             ..Default::default()
         },
+        net: true,
+        netns: cfg.netns.clone(),
     };
     let mut pipeline = Pipeline::start(&opts).await?;
     let metrics = Metrics::new(&MetricsOptions {

@@ -15,6 +15,9 @@ pub const BPF_PROG_TYPE_NETFILTER: u32 = 32;
 pub const BPF_NETFILTER: u32 = 45;
 
 pub const NFPROTO_IPV4: u32 = 2;
+pub const NFPROTO_IPV6: u32 = 10;
+pub const NF_INET_LOCAL_IN: u32 = 1;
+pub const NF_INET_FORWARD: u32 = 2;
 pub const NF_INET_LOCAL_OUT: u32 = 3;
 
 /// The `bpf_attr` union, large enough for the commands used here; unused
@@ -68,14 +71,24 @@ pub fn load_netfilter_verdict(verdict: i32) -> io::Result<OwnedFd> {
         0x95,
     ];
     let license = b"GPL\0";
+    sys_bpf(
+        BPF_PROG_LOAD,
+        &mut netfilter_prog_attr(&insns, license, "podscope_p"),
+    )
+}
+
+/// BPF_PROG_LOAD's attributes for a netfilter program; `insns` and
+/// `license` must outlive the call that uses them.
+fn netfilter_prog_attr(insns: &[u64], license: &[u8], name: &str) -> Attr {
     let mut attr = Attr::new();
     attr.put_u32(0, BPF_PROG_TYPE_NETFILTER);
     attr.put_u32(4, insns.len() as u32);
     attr.put_u64(8, insns.as_ptr() as u64);
     attr.put_u64(16, license.as_ptr() as u64);
-    attr.0[48..48 + 10].copy_from_slice(b"podscope_p");
+    let n = name.len().min(15);
+    attr.0[48..48 + n].copy_from_slice(&name.as_bytes()[..n]);
     attr.put_u32(68, BPF_NETFILTER);
-    sys_bpf(BPF_PROG_LOAD, &mut attr)
+    attr
 }
 
 /// Links a netfilter program at a hook of the calling thread's network namespace.
@@ -104,4 +117,50 @@ pub fn probe_netfilter_link() -> io::Result<()> {
     })
     .join()
     .map_err(|_| io::Error::other("netfilter probe thread panicked"))?
+}
+
+/// Loads a netfilter program from its (relocated) instructions; a refusal
+/// carries the end of the verifier's log.
+pub fn load_netfilter_program(insns: &[u64], name: &str) -> Result<OwnedFd, String> {
+    let license = b"GPL\0";
+    let mut attr = netfilter_prog_attr(insns, license, name);
+    match sys_bpf(BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => Ok(fd),
+        Err(e) => {
+            // Again with the verifier's log, only to say why.
+            let mut log = vec![0u8; 1 << 20];
+            attr.put_u32(24, 1);
+            attr.put_u32(28, log.len() as u32);
+            attr.put_u64(32, log.as_mut_ptr() as u64);
+            let _ = sys_bpf(BPF_PROG_LOAD, &mut attr);
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            let mut tail: Vec<&str> = text.lines().rev().take(6).collect();
+            tail.reverse();
+            Err(format!("{e}; verifier: {}", tail.join(" | ")))
+        }
+    }
+}
+
+/// Runs `f` on a thread that joined the network namespace at `netns` (on
+/// this thread when None): netfilter links are per namespace, and setns(2)
+/// changes only the calling thread.
+pub fn in_netns<T: Send + 'static>(
+    netns: Option<&std::path::Path>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    let Some(path) = netns else {
+        return Ok(f());
+    };
+    let file = std::fs::File::open(path)?;
+    std::thread::spawn(move || -> io::Result<T> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on this short-lived thread only.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns thread panicked"))?
 }

@@ -119,6 +119,35 @@ impl Cri {
     }
 }
 
+impl Cri {
+    /// A sandbox's pod IPs (PodSandboxStatus: the primary and any additional).
+    pub async fn sandbox_ips(&mut self, id: &str) -> Result<Vec<std::net::IpAddr>, String> {
+        let resp = self
+            .client
+            .pod_sandbox_status(v1::PodSandboxStatusRequest {
+                pod_sandbox_id: id.to_string(),
+                verbose: false,
+            })
+            .await
+            .map_err(|s| {
+                format!(
+                    "PodSandboxStatus on {}: {}",
+                    self.socket.display(),
+                    s.message()
+                )
+            })?;
+        let net = resp.into_inner().status.and_then(|s| s.network);
+        Ok(net
+            .map(|n| {
+                std::iter::once(n.ip)
+                    .chain(n.additional_ips.into_iter().map(|i| i.ip))
+                    .filter_map(|ip| ip.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
 fn container_meta(c: v1::Container) -> ContainerMeta {
     let label = |k: &str| c.labels.get(k).cloned().unwrap_or_default();
     let meta = c.metadata.clone().unwrap_or_default();

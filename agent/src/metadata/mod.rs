@@ -97,6 +97,10 @@ pub struct Resolver {
     last_refresh: Option<Instant>,
     retention: Duration,
     stats: ResolverStats,
+    /// Pod IP → sandbox id, from PodSandboxStatus (asked once per sandbox).
+    pod_ips: HashMap<std::net::IpAddr, String>,
+    /// Sandboxes whose IPs were asked for.
+    ips_known: std::collections::HashSet<String>,
 }
 
 impl Resolver {
@@ -126,6 +130,8 @@ impl Resolver {
             last_refresh: None,
             retention: opts.retention,
             stats: ResolverStats::default(),
+            pod_ips: HashMap::new(),
+            ips_known: Default::default(),
         };
         match (&cri_socket, opts.use_cri) {
             (Some(_), _) => {
@@ -346,6 +352,54 @@ impl Resolver {
             listed.1.into_iter().map(|s| (s.id.clone(), s)),
             now,
         );
+        self.refresh_pod_ips().await;
+    }
+
+    /// Asks CRI for the IPs of sandboxes not asked about yet (an IP does not
+    /// change in a sandbox's life), and forgets those of sandboxes gone.
+    async fn refresh_pod_ips(&mut self) {
+        let Some(cri) = self.cri.as_mut() else { return };
+        let new: Vec<String> = self
+            .sandboxes
+            .iter()
+            .filter(|(id, (_, gone))| gone.is_none() && !self.ips_known.contains(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in new {
+            match cri.sandbox_ips(&id).await {
+                Ok(ips) => {
+                    for ip in ips {
+                        self.pod_ips.insert(ip, id.clone());
+                    }
+                    self.ips_known.insert(id);
+                }
+                Err(e) => {
+                    self.stats.cri_errors += 1;
+                    tracing::debug!("{e}");
+                }
+            }
+        }
+        let sandboxes = &self.sandboxes;
+        self.pod_ips.retain(|_, id| sandboxes.contains_key(id));
+        self.ips_known.retain(|id| sandboxes.contains_key(id));
+    }
+
+    /// The pod an IP belongs to (namespace, name, uid), from CRI.
+    pub fn pod_by_ip(&self, ip: std::net::IpAddr) -> Option<PodIdentity> {
+        let id = self.pod_ips.get(&ip)?;
+        let (s, _) = self.sandboxes.get(id)?;
+        Some(PodIdentity {
+            namespace: Some(s.namespace.clone()),
+            pod: Some(s.pod.clone()),
+            pod_uid: Some(s.pod_uid.clone()),
+            container: None,
+            container_id: None,
+        })
+    }
+
+    /// Asks CRI again at the next tick (an unknown pod IP was seen).
+    pub fn mark_stale(&mut self) {
+        self.stale = true;
     }
 
     fn cri_failed(&mut self, err: String) {

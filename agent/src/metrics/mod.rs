@@ -7,6 +7,7 @@
 //! that are gone once the retention has passed.
 
 pub mod exits;
+pub mod net;
 pub mod terminations;
 
 use std::{
@@ -124,6 +125,7 @@ pub struct Metrics {
     journal_errors: Counter,
     journal_dropped: Counter,
     journal_seen: (u64, u64, u64),
+    net: net::NetMetrics,
     /// Kernel counters already exported, to add only the difference.
     lost_seen: HashMap<&'static str, u64>,
     cri_errors_seen: u64,
@@ -210,6 +212,7 @@ impl Metrics {
         );
         let exits = exits::ExitMetrics::register(&mut registry, opts);
         let terminations = terminations::TerminationMetrics::register(&mut registry, opts);
+        let net = net::NetMetrics::register(&mut registry, opts);
         Metrics {
             registry,
             events,
@@ -225,6 +228,7 @@ impl Metrics {
             journal_errors,
             journal_dropped,
             journal_seen: (0, 0, 0),
+            net,
             lost_seen: HashMap::new(),
             cri_errors_seen: 0,
         }
@@ -269,6 +273,14 @@ impl Metrics {
                 self.terminations
                     .background_death(d, now, &self.series_refused);
                 "background_deaths"
+            }
+            Event::Connection(c) => {
+                self.net.observe_connection(c, now, &self.series_refused);
+                crate::probes::net::FAMILY_CONNS
+            }
+            Event::Drop(d) => {
+                self.net.observe_drop(d, now, &self.series_refused);
+                crate::probes::net::FAMILY_DROPS
             }
         };
         self.events
@@ -326,6 +338,7 @@ impl Metrics {
         let gone = |ns: &str, pod: &str| !pipeline.resolver().pod_alive(ns, pod);
         self.exits.gc(now, gone);
         self.terminations.gc(now, gone);
+        self.net.gc(now, gone);
     }
 
     /// The OpenMetrics text exposition.
@@ -337,7 +350,7 @@ impl Metrics {
     }
 
     pub fn series(&self) -> usize {
-        self.exits.series() + self.terminations.series()
+        self.exits.series() + self.terminations.series() + self.net.series()
     }
 }
 

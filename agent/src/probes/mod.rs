@@ -7,7 +7,9 @@
 
 pub mod capabilities;
 pub mod cgroups;
+pub mod conntrack;
 pub mod exits;
+pub mod net;
 pub mod oom;
 pub mod signals;
 
@@ -56,6 +58,9 @@ pub enum AttachType {
     Tracepoint,
     Kprobe,
     NetfilterLink,
+    /// Not a BPF hook: conntrack's netlink events, the packet paths'
+    /// fallback on kernels without netfilter links.
+    ConntrackEvents,
 }
 
 impl fmt::Display for AttachType {
@@ -67,6 +72,7 @@ impl fmt::Display for AttachType {
             AttachType::Tracepoint => "tracepoint",
             AttachType::Kprobe => "kprobe",
             AttachType::NetfilterLink => "netfilter_link",
+            AttachType::ConntrackEvents => "conntrack_events",
         })
     }
 }
@@ -90,6 +96,10 @@ pub struct KernelOffsets {
     pub cgroups: agent_common::cgroups::CgroupOffsets,
     pub signals: agent_common::signals::SignalOffsets,
     pub oom: agent_common::oom::OomOffsets,
+    /// None: this kernel's BTF lacks a field the packet probes need.
+    pub net: Option<agent_common::net::NetOffsets>,
+    /// `enum skb_drop_reason`'s names by value.
+    pub drop_reasons: std::collections::HashMap<u32, String>,
 }
 
 impl KernelOffsets {
@@ -99,6 +109,10 @@ impl KernelOffsets {
             cgroups: cgroups::resolve_offsets(btf)?,
             signals: signals::resolve_offsets(btf)?,
             oom: oom::resolve_offsets(btf),
+            net: net::resolve_offsets(btf)
+                .inspect_err(|e| tracing::debug!("packet probes unavailable: {e}"))
+                .ok(),
+            drop_reasons: net::drop_reason_names(btf),
         })
     }
 
@@ -156,6 +170,9 @@ pub fn load_object(offsets: &KernelOffsets, opts: &LoadOptions) -> Result<Ebpf, 
     cgroups::configure(&mut loader, &offsets.cgroups);
     signals::configure(&mut loader, &offsets.signals, opts);
     oom::configure(&mut loader, &offsets.oom);
+    if let Some(net) = &offsets.net {
+        net::configure(&mut loader, net, opts);
+    }
     loader
         .load(EBPF_OBJECT)
         .map_err(|e| ProbeError::Load(error_chain(&e)))

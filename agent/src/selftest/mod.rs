@@ -16,6 +16,7 @@
 mod cgroups;
 mod exits;
 pub mod helper;
+mod net;
 mod selection;
 mod terminations;
 mod tracer;
@@ -179,6 +180,10 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "oom_victim_and_scope",
         run: terminations::oom_victim_and_scope,
+    },
+    Scenario {
+        name: "net_paths",
+        run: net::net_paths,
     },
 ];
 

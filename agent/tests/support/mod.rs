@@ -45,7 +45,7 @@ pub fn testnode() -> Option<std::path::PathBuf> {
     bin.exists().then_some(bin)
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback (for an agent's --listen).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

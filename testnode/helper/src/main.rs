@@ -9,6 +9,9 @@
 //!                                           set SIGTERM's disposition, then sleep
 //! podscope-helper crash segv                a real invalid memory access
 //! podscope-helper pause                     a sandbox's PID 1: reap children, exit on SIGTERM
+//! podscope-helper serve PORT                accept TCP connections on PORT, reply `ok`, close
+//! podscope-helper connect ADDR:PORT N [--timeout SECS]
+//!                                           N TCP connect/close rounds; prints `connected C refused R timeout T`
 //! ```
 
 use std::{
@@ -18,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-const USAGE: &str = "usage: podscope-helper alloc MIB [--hold SECS] | spin THREADS | sigterm ignore|handle|default | crash segv | pause";
+const USAGE: &str = "usage: podscope-helper alloc MIB [--hold SECS] | spin THREADS | sigterm ignore|handle|default | crash segv | pause | serve PORT | connect ADDR:PORT N [--timeout SECS]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +33,9 @@ fn main() -> ExitCode {
         ["sigterm", mode] => sigterm(mode),
         ["crash", "segv"] => crash_segv(),
         ["pause"] => pause(),
+        ["serve", port] => serve(port),
+        ["connect", addr, n] => connect(addr, n, "2"),
+        ["connect", addr, n, "--timeout", secs] => connect(addr, n, secs),
         _ => Err(format!("unknown arguments {args:?}")),
     };
     match result {
@@ -166,4 +172,49 @@ fn pause() -> Result<(), String> {
             }
         }
     }
+}
+
+/// An endpoint behind a Service: every connection gets `ok` and is closed.
+fn serve(port: &str) -> Result<(), String> {
+    let port = number(port, "PORT")?;
+    let listener = std::net::TcpListener::bind(("0.0.0.0", port as u16))
+        .map_err(|e| format!("cannot listen on port {port}: {e}"))?;
+    say(&format!("listening on {port}"));
+    // A failed accept (e.g. the client already gone) is not the server's end.
+    for mut c in listener.incoming().flatten() {
+        let _ = c.write_all(b"ok\n");
+    }
+    Ok(())
+}
+
+/// A client: N connections, each closed at once; how each ended is counted,
+/// so a test sees a REJECT (refused) apart from a DROP (timeout).
+fn connect(addr: &str, n: &str, secs: &str) -> Result<(), String> {
+    let n = number(n, "N")?;
+    let timeout = Duration::from_secs(number(secs, "SECS")?.max(1));
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("ADDR:PORT must be an address and a port, not `{addr}`"))?;
+    let (mut ok, mut refused, mut timed_out, mut other) = (0u64, 0u64, 0u64, 0u64);
+    let mut last_other = String::new();
+    for _ in 0..n {
+        match std::net::TcpStream::connect_timeout(&addr, timeout) {
+            Ok(_) => ok += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => timed_out += 1,
+            Err(e) => {
+                other += 1;
+                last_other = e.to_string();
+            }
+        }
+    }
+    say(&format!(
+        "connected {ok} refused {refused} timeout {timed_out} other {other}{}",
+        if other > 0 {
+            format!(" ({last_other})")
+        } else {
+            String::new()
+        }
+    ));
+    Ok(())
 }

@@ -1,0 +1,567 @@
+//! kube-proxy's rules as a Service map, and the attribution of what the
+//! packet probes saw to pods, Services and endpoints.
+//!
+//! The map comes from `iptables-save` (nat and filter tables) in the network
+//! namespace where the rules live: `KUBE-SERVICES` gives each ClusterIP:port
+//! its Service (from kube-proxy's comment `ns/svc:port cluster IP`) and
+//! `KUBE-SVC-*` chain, the `KUBE-SVC-*` chain its `KUBE-SEP-*` chains, each
+//! `KUBE-SEP-*` its DNAT target; the filter table's `has no endpoints`
+//! REJECT (and `has no local endpoints` DROP) rules name the Services that
+//! have none. It is re-read on a timer and rebuilt only when the text changed.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::Serialize;
+
+use crate::{
+    metadata::PodIdentity,
+    probes::net::{RawConn, RawDrop, Tuple, proto_name},
+};
+
+/// A Service port, as kube-proxy names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's name, or its number when it has none.
+    pub port: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceEntry {
+    pub service: Option<ServiceRef>,
+    /// DNAT targets of its endpoint chains, in rule order.
+    pub endpoints: Vec<SocketAddr>,
+    /// The filter table rejects (or drops) it: kube-proxy's "has no endpoints".
+    pub no_endpoints: bool,
+}
+
+/// ClusterIP:port/protocol → Service.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceMap {
+    pub by_addr: HashMap<(IpAddr, u16, String), ServiceEntry>,
+}
+
+/// Splits an iptables-save rule into words, keeping "quoted strings" whole.
+fn words(line: &str) -> Vec<String> {
+    let mut out = vec![];
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// The options of one rule that matter here.
+#[derive(Default, Debug)]
+struct Rule {
+    chain: String,
+    dst: Option<IpAddr>,
+    proto: Option<String>,
+    dport: Option<u16>,
+    comment: Option<String>,
+    jump: Option<String>,
+    to_destination: Option<SocketAddr>,
+}
+
+fn parse_rule(line: &str) -> Option<Rule> {
+    let w = words(line);
+    if w.first().map(String::as_str) != Some("-A") {
+        return None;
+    }
+    let mut r = Rule {
+        chain: w.get(1)?.clone(),
+        ..Rule::default()
+    };
+    let mut i = 2;
+    while i < w.len() {
+        let next = w.get(i + 1);
+        match w[i].as_str() {
+            "-d" => r.dst = next.and_then(|d| d.split('/').next()?.parse().ok()),
+            "-p" => r.proto = next.cloned(),
+            "--dport" => r.dport = next.and_then(|p| p.parse().ok()),
+            "--comment" => r.comment = next.cloned(),
+            "-j" => r.jump = next.cloned(),
+            "--to-destination" => r.to_destination = next.and_then(|d| d.parse().ok()),
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    Some(r)
+}
+
+/// `ns/svc:port` (or `ns/svc`) → the Service; `port` is the number when unnamed.
+fn service_ref(name: &str, port: u16) -> Option<ServiceRef> {
+    let (ns, rest) = name.split_once('/')?;
+    let (svc, port_name) = match rest.split_once(':') {
+        Some((s, p)) => (s, p.to_string()),
+        None => (rest, port.to_string()),
+    };
+    Some(ServiceRef {
+        namespace: ns.to_string(),
+        name: svc.to_string(),
+        port: port_name,
+    })
+}
+
+impl ServiceMap {
+    /// From `iptables-save` output (both tables in one text, or either).
+    pub fn parse(text: &str) -> ServiceMap {
+        let mut table = "";
+        let mut svc_rules = vec![];
+        let mut chain_seps: HashMap<String, Vec<String>> = HashMap::new();
+        let mut sep_dnat: HashMap<String, SocketAddr> = HashMap::new();
+        let mut map = ServiceMap::default();
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = if t == "nat" {
+                    "nat"
+                } else if t == "filter" {
+                    "filter"
+                } else {
+                    ""
+                };
+                continue;
+            }
+            let Some(rule) = parse_rule(line) else {
+                continue;
+            };
+            let jump = rule.jump.clone().unwrap_or_default();
+            match (table, rule.chain.as_str()) {
+                ("nat", "KUBE-SERVICES") if jump.starts_with("KUBE-SVC-") => svc_rules.push(rule),
+                ("nat", c) if c.starts_with("KUBE-SVC-") && jump.starts_with("KUBE-SEP-") => {
+                    chain_seps.entry(c.to_string()).or_default().push(jump);
+                }
+                ("nat", c) if c.starts_with("KUBE-SEP-") && jump == "DNAT" => {
+                    if let Some(to) = rule.to_destination {
+                        sep_dnat.insert(c.to_string(), to);
+                    }
+                }
+                ("filter", "KUBE-SERVICES" | "KUBE-EXTERNAL-SERVICES")
+                    if jump == "REJECT" || jump == "DROP" =>
+                {
+                    let comment = rule.comment.as_deref().unwrap_or("");
+                    let name = comment
+                        .strip_suffix(" has no endpoints")
+                        .or_else(|| comment.strip_suffix(" has no local endpoints"));
+                    if let (Some(name), Some(ip), Some(port)) = (name, rule.dst, rule.dport) {
+                        let proto = rule.proto.clone().unwrap_or_else(|| "tcp".into());
+                        let e = map.by_addr.entry((ip, port, proto)).or_default();
+                        e.service = service_ref(name, port);
+                        e.no_endpoints = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        for rule in svc_rules {
+            let (Some(ip), Some(port)) = (rule.dst, rule.dport) else {
+                continue;
+            };
+            let name = rule
+                .comment
+                .as_deref()
+                .and_then(|c| c.strip_suffix(" cluster IP"))
+                .unwrap_or("");
+            let proto = rule.proto.clone().unwrap_or_else(|| "tcp".into());
+            let endpoints = rule
+                .jump
+                .as_ref()
+                .and_then(|c| chain_seps.get(c))
+                .map(|seps| {
+                    seps.iter()
+                        .filter_map(|s| sep_dnat.get(s).copied())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let e = map.by_addr.entry((ip, port, proto)).or_default();
+            e.service = service_ref(name, port);
+            e.endpoints = endpoints;
+        }
+        map
+    }
+
+    pub fn lookup(&self, proto: u8, dst: SocketAddr) -> Option<&ServiceEntry> {
+        self.by_addr
+            .get(&(dst.ip(), dst.port(), proto_name(proto).to_string()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_addr.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_addr.is_empty()
+    }
+}
+
+/// Reads kube-proxy's rules in a network namespace (this process's when None).
+pub struct RuleSource {
+    netns: Option<PathBuf>,
+    last_text: String,
+    last_read: Option<Instant>,
+    pub map: ServiceMap,
+    pub errors: u64,
+    reported: bool,
+}
+
+/// How often the rules are re-read.
+pub const REFRESH: Duration = Duration::from_secs(2);
+
+impl RuleSource {
+    pub fn new(netns: Option<&Path>) -> RuleSource {
+        RuleSource {
+            netns: netns.map(Path::to_path_buf),
+            last_text: String::new(),
+            last_read: None,
+            map: ServiceMap::default(),
+            errors: 0,
+            reported: false,
+        }
+    }
+
+    fn save(&self) -> Result<String, String> {
+        let mut cmd = Command::new("iptables-save");
+        if let Some(ns) = &self.netns {
+            let file = std::fs::File::open(ns)
+                .map_err(|e| format!("cannot open the network namespace {}: {e}", ns.display()))?;
+            use std::os::{fd::AsRawFd, unix::process::CommandExt};
+            let fd = file.as_raw_fd();
+            // SAFETY: setns in the forked child before exec; the fd stays open
+            // in the parent until the command returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let out = cmd.output().map_err(|e| format!("iptables-save: {e}"))?;
+            drop(file);
+            return text_of(out);
+        }
+        text_of(cmd.output().map_err(|e| format!("iptables-save: {e}"))?)
+    }
+
+    /// Re-reads the rules when [`REFRESH`] has passed (or `force`); true when
+    /// the map changed.
+    pub fn refresh(&mut self, force: bool) -> bool {
+        if !force && self.last_read.is_some_and(|t| t.elapsed() < REFRESH) {
+            return false;
+        }
+        self.last_read = Some(Instant::now());
+        match self.save() {
+            Ok(text) => {
+                self.reported = false;
+                if text == self.last_text {
+                    return false;
+                }
+                self.map = ServiceMap::parse(&text);
+                self.last_text = text;
+                true
+            }
+            Err(e) => {
+                self.errors += 1;
+                if !self.reported {
+                    tracing::warn!(
+                        "cannot read kube-proxy's rules ({e}): connections are shown without their Service"
+                    );
+                    self.reported = true;
+                }
+                false
+            }
+        }
+    }
+}
+
+fn text_of(out: std::process::Output) -> Result<String, String> {
+    if !out.status.success() {
+        return Err(format!(
+            "iptables-save: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    // Counters and timestamps change without the rules changing.
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split(" [").next().unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// What happened to a new connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Forwarded,
+    RejectedNoEndpoints,
+    Dropped,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::RejectedNoEndpoints => "rejected_no_endpoints",
+            Outcome::Dropped => "dropped",
+        }
+    }
+}
+
+/// A pod by name, for the endpoint side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub pod: String,
+}
+
+/// One new connection's path: `kind: "connection"` in JSON.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Connection {
+    #[serde(serialize_with = "crate::events::rfc3339")]
+    pub ts: SystemTime,
+    pub protocol: &'static str,
+    pub src: SocketAddr,
+    /// Where the client sent it (e.g. the ClusterIP).
+    pub dst: SocketAddr,
+    /// Where it went after DNAT (the endpoint); null when rejected or dropped first.
+    pub endpoint: Option<SocketAddr>,
+    pub endpoint_pod: Option<PodRef>,
+    /// The Service of `dst`; null for traffic that touches no Service.
+    pub service: Option<ServiceRef>,
+    pub outcome: Outcome,
+    /// The kernel's drop reason, when it was dropped or rejected.
+    pub reason: Option<String>,
+    /// The client pod (by source IP); all null for the host.
+    #[serde(flatten)]
+    pub pod: PodIdentity,
+}
+
+/// A packet dropped with a reason: `kind: "drop"` in JSON.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PacketDrop {
+    #[serde(serialize_with = "crate::events::rfc3339")]
+    pub ts: SystemTime,
+    pub reason: String,
+    pub protocol: Option<&'static str>,
+    pub src: Option<SocketAddr>,
+    pub dst: Option<SocketAddr>,
+    /// The pod that sent it (by source IP), or all null.
+    #[serde(flatten)]
+    pub pod: PodIdentity,
+}
+
+/// Connections whose outcome was reported, so a SYN retransmitted into a
+/// DROP counts once. Bounded: the oldest are forgotten first.
+pub struct Seen {
+    at: HashMap<Tuple, Instant>,
+    cap: usize,
+    ttl: Duration,
+}
+
+impl Seen {
+    pub fn new(cap: usize, ttl: Duration) -> Seen {
+        Seen {
+            at: HashMap::new(),
+            cap,
+            ttl,
+        }
+    }
+
+    /// True the first time a tuple is seen within the ttl.
+    pub fn first(&mut self, t: Tuple) -> bool {
+        let now = Instant::now();
+        if self
+            .at
+            .get(&t)
+            .is_some_and(|s| now.duration_since(*s) < self.ttl)
+        {
+            return false;
+        }
+        if self.at.len() >= self.cap {
+            self.gc();
+            if self.at.len() >= self.cap {
+                // Still full of live entries: forget the oldest.
+                if let Some(oldest) = self.at.iter().min_by_key(|(_, s)| **s).map(|(k, _)| *k) {
+                    self.at.remove(&oldest);
+                }
+            }
+        }
+        self.at.insert(t, now);
+        true
+    }
+
+    pub fn gc(&mut self) {
+        let ttl = self.ttl;
+        self.at.retain(|_, s| s.elapsed() < ttl);
+    }
+}
+
+/// Turns a forwarded connection into its event (None: not worth a line,
+/// e.g. a reply direction).
+pub fn connection(
+    raw: &RawConn,
+    map: &ServiceMap,
+    pod_of: &dyn Fn(IpAddr) -> Option<PodIdentity>,
+) -> Connection {
+    let entry = map.lookup(raw.orig.proto, raw.orig.dst);
+    let endpoint = raw.dnat.then_some(raw.translated);
+    Connection {
+        ts: raw.ts,
+        protocol: proto_name(raw.orig.proto),
+        src: raw.orig.src,
+        dst: raw.orig.dst,
+        endpoint,
+        endpoint_pod: endpoint.and_then(|e| pod_of(e.ip())).and_then(pod_ref),
+        service: entry.and_then(|e| e.service.clone()),
+        outcome: Outcome::Forwarded,
+        reason: None,
+        pod: pod_of(raw.orig.src.ip()).unwrap_or_default(),
+    }
+}
+
+fn pod_ref(p: PodIdentity) -> Option<PodRef> {
+    Some(PodRef {
+        namespace: p.namespace?,
+        pod: p.pod?,
+    })
+}
+
+/// A drop, and the Service connection it ended when its original
+/// destination is a Service: rejected when kube-proxy says the Service has
+/// no endpoints, dropped otherwise.
+pub fn drop_events(
+    raw: &RawDrop,
+    map: &ServiceMap,
+    pod_of: &dyn Fn(IpAddr) -> Option<PodIdentity>,
+) -> (PacketDrop, Option<Connection>) {
+    let t = raw.tuple;
+    // The pod that sent it, else the one it was going to (e.g. a reply being
+    // delivered into a pod's namespace).
+    let pod = t
+        .and_then(|t| pod_of(t.src.ip()).or_else(|| pod_of(t.dst.ip())))
+        .unwrap_or_default();
+    let drop = PacketDrop {
+        ts: raw.ts,
+        reason: raw.reason.clone(),
+        protocol: t.map(|t| proto_name(t.proto)),
+        src: t.map(|t| t.src),
+        dst: t.map(|t| t.dst),
+        pod: pod.clone(),
+    };
+    let conn = t.and_then(|t| {
+        let entry = map.lookup(t.proto, t.dst)?;
+        let service = entry.service.clone()?;
+        let outcome = if entry.no_endpoints && raw.reason == "NETFILTER_DROP" {
+            Outcome::RejectedNoEndpoints
+        } else {
+            Outcome::Dropped
+        };
+        // Where DNAT had sent it before it was dropped, if it had.
+        let endpoint = raw.packet.map(|p| p.dst).filter(|d| *d != t.dst);
+        Some(Connection {
+            ts: raw.ts,
+            protocol: proto_name(t.proto),
+            src: t.src,
+            dst: t.dst,
+            endpoint,
+            endpoint_pod: endpoint.and_then(|e| pod_of(e.ip())).and_then(pod_ref),
+            service: Some(service),
+            outcome,
+            reason: Some(raw.reason.clone()),
+            pod,
+        })
+    });
+    (drop, conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Recorded with `iptables-save` from the test node playing kube-proxy
+    /// (two endpoints behind one Service, one Service without endpoints).
+    const SAVED: &str = include_str!("../tests/fixtures/kube-proxy-iptables-save.txt");
+
+    #[test]
+    fn parses_kube_proxys_rules() {
+        let map = ServiceMap::parse(SAVED);
+        let web = map
+            .lookup(6, "198.19.0.10:80".parse().unwrap())
+            .expect("the ClusterIP is in the map");
+        assert_eq!(
+            web.service,
+            Some(ServiceRef {
+                namespace: "nettest".into(),
+                name: "web".into(),
+                port: "http".into()
+            })
+        );
+        assert_eq!(
+            web.endpoints,
+            [
+                "198.18.0.2:8080".parse::<SocketAddr>().unwrap(),
+                "198.18.0.3:8080".parse().unwrap()
+            ]
+        );
+        assert!(!web.no_endpoints);
+        let none = map
+            .lookup(6, "198.19.165.231:80".parse().unwrap())
+            .expect("the no-endpoint Service is in the map");
+        assert!(none.no_endpoints);
+        assert_eq!(none.service.as_ref().unwrap().port, "80");
+        assert!(map.lookup(17, "198.19.0.10:80".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn words_keep_quoted_comments() {
+        assert_eq!(
+            words(r#"-A X -m comment --comment "a b" -j Y"#),
+            ["-A", "X", "-m", "comment", "--comment", "a b", "-j", "Y"]
+        );
+    }
+
+    #[test]
+    fn seen_reports_a_tuple_once() {
+        let mut s = Seen::new(2, Duration::from_secs(60));
+        let t = |p| Tuple {
+            proto: 6,
+            src: SocketAddr::new([198, 18, 0, 2].into(), p),
+            dst: "198.19.0.10:80".parse().unwrap(),
+        };
+        assert!(s.first(t(1)));
+        assert!(!s.first(t(1)));
+        assert!(s.first(t(2)));
+        assert!(s.first(t(3)));
+        assert!(s.at.len() <= 2);
+    }
+}

@@ -1,0 +1,145 @@
+//! Packet paths through kube-proxy's rules:
+//! - `podscope_service_connections_total{namespace,pod,service_namespace,service,port,outcome}`
+//!   (outcome `forwarded`, `rejected_no_endpoints`, `dropped`; the client pod;
+//!   empty namespace and pod for the host or an unknown source);
+//! - `podscope_service_endpoint_connections_total{service_namespace,service,endpoint}`
+//!   (the real split among endpoints; `endpoint` is `ip:port`);
+//! - `podscope_packet_drops_total{namespace,pod,reason}` (the kernel's drop
+//!   reason names; drops attributed to a pod by the packet's source address).
+//!
+//! Traffic that touches no Service is not counted as Service traffic.
+
+use std::time::Instant;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+
+use super::{MetricsOptions, SeriesBook};
+use crate::kubeproxy::{Connection, Outcome, PacketDrop};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceConnLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub service_namespace: String,
+    pub service: String,
+    pub port: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service_namespace: String,
+    pub service: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub reason: String,
+}
+
+pub struct NetMetrics {
+    conns: Family<ServiceConnLabels, Counter>,
+    endpoints: Family<EndpointLabels, Counter>,
+    drops: Family<DropLabels, Counter>,
+    conn_book: SeriesBook<ServiceConnLabels>,
+    endpoint_book: SeriesBook<EndpointLabels>,
+    drop_book: SeriesBook<DropLabels>,
+}
+
+impl NetMetrics {
+    pub fn register(registry: &mut Registry, opts: &MetricsOptions) -> NetMetrics {
+        let conns = Family::<ServiceConnLabels, Counter>::default();
+        registry.register(
+            "service_connections",
+            "New connections to Services, by client pod and outcome: forwarded (DNAT to an endpoint), rejected_no_endpoints (kube-proxy's REJECT for a Service without endpoints), dropped",
+            conns.clone(),
+        );
+        let endpoints = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "service_endpoint_connections",
+            "New connections forwarded to each endpoint (ip:port) of a Service: the real split among endpoints",
+            endpoints.clone(),
+        );
+        let drops = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "packet_drops",
+            "Packets the kernel dropped, by sending pod and the kernel's drop reason (enum skb_drop_reason)",
+            drops.clone(),
+        );
+        NetMetrics {
+            conns,
+            endpoints,
+            drops,
+            conn_book: SeriesBook::new(opts.max_series, opts.series_retention),
+            endpoint_book: SeriesBook::new(opts.max_series, opts.series_retention),
+            drop_book: SeriesBook::new(opts.max_series, opts.series_retention),
+        }
+    }
+
+    pub fn observe_connection(&mut self, c: &Connection, now: Instant, refused: &Counter) {
+        let Some(svc) = &c.service else { return };
+        let labels = ServiceConnLabels {
+            namespace: c.pod.namespace.clone().unwrap_or_default(),
+            pod: c.pod.pod.clone().unwrap_or_default(),
+            service_namespace: svc.namespace.clone(),
+            service: svc.name.clone(),
+            port: svc.port.clone(),
+            outcome: c.outcome.as_str().to_string(),
+        };
+        if self.conn_book.admit(&labels, now, refused) {
+            self.conns.get_or_create(&labels).inc();
+        }
+        if let (Outcome::Forwarded, Some(ep)) = (c.outcome, c.endpoint) {
+            let labels = EndpointLabels {
+                service_namespace: svc.namespace.clone(),
+                service: svc.name.clone(),
+                endpoint: ep.to_string(),
+            };
+            if self.endpoint_book.admit(&labels, now, refused) {
+                self.endpoints.get_or_create(&labels).inc();
+            }
+        }
+    }
+
+    pub fn observe_drop(&mut self, d: &PacketDrop, now: Instant, refused: &Counter) {
+        let labels = DropLabels {
+            namespace: d.pod.namespace.clone().unwrap_or_default(),
+            pod: d.pod.pod.clone().unwrap_or_default(),
+            reason: d.reason.clone(),
+        };
+        if self.drop_book.admit(&labels, now, refused) {
+            self.drops.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Forgets the series of pods gone for longer than the retention, and
+    /// endpoints not used for as long.
+    pub fn gc(&mut self, now: Instant, gone: impl Fn(&str, &str) -> bool) {
+        for l in self
+            .conn_book
+            .expire(now, |l| !l.pod.is_empty() && gone(&l.namespace, &l.pod))
+        {
+            self.conns.remove(&l);
+        }
+        for l in self
+            .drop_book
+            .expire(now, |l| !l.pod.is_empty() && gone(&l.namespace, &l.pod))
+        {
+            self.drops.remove(&l);
+        }
+        for l in self.endpoint_book.expire(now, |_| true) {
+            self.endpoints.remove(&l);
+        }
+    }
+
+    pub fn series(&self) -> usize {
+        self.conn_book.len() + self.endpoint_book.len() + self.drop_book.len()
+    }
+}
