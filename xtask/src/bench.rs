@@ -534,17 +534,17 @@ fn terminations() -> Result<ExitCode> {
                     prog[i].0 += s.prog_ns;
                     prog[i].1 += s.prog_runs;
                     cpu[i] += s.cpu;
-                    if tracer == Tracer::Podscope {
-                        if let Some(l) = s.stderr.lines().find(|l| l.contains("signals shown")) {
-                            shown = l.to_string();
-                            lost += l
-                                .split("signals ")
-                                .nth(2)
-                                .and_then(|x| x.split(" lost (").next())
-                                .and_then(|x| x.rsplit(", ").next())
-                                .and_then(|x| x.trim().parse::<u64>().ok())
-                                .unwrap_or(0);
-                        }
+                    if tracer == Tracer::Podscope
+                        && let Some(l) = s.stderr.lines().find(|l| l.contains("signals shown"))
+                    {
+                        shown = l.to_string();
+                        lost += l
+                            .split("signals ")
+                            .nth(2)
+                            .and_then(|x| x.split(" lost (").next())
+                            .and_then(|x| x.rsplit(", ").next())
+                            .and_then(|x| x.trim().parse::<u64>().ok())
+                            .unwrap_or(0);
                     }
                 }
             }
