@@ -2,20 +2,18 @@
 //! `crate::metadata`. tp_btf where allowed, else the plain tracepoints,
 //! whose record layout comes from tracefs.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
 use agent_common::cgroups::{
     CGROUP_FIRST_EXEC, CGROUP_FLAG_TRUNCATED, CGROUP_MKDIR, CgroupEvent, CgroupOffsets,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, TracePoint},
 };
 
 use super::{
-    AttachType, Attachment, FamilyStats, ProbeError, attach_first, error_chain, program,
-    take_family_maps,
+    AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_first, error_chain, program,
 };
 use crate::kernel::{
     btf::{Btf, BtfError},
@@ -82,8 +80,7 @@ pub struct CgroupChange {
 }
 
 pub struct CgroupProbe {
-    events: RingBuf<MapData>,
-    stats: PerCpuArray<MapData, u64>,
+    maps: FamilyMaps,
     pub attachment: Attachment,
 }
 
@@ -96,10 +93,9 @@ impl CgroupProbe {
         let kinds = [AttachType::TpBtf, AttachType::Tracepoint];
         let (attach_type, refused) =
             attach_first(FAMILY, kinds, |kind| attach_pair(ebpf, btf, offsets, kind))?;
-        let (events, stats) = take_family_maps(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
+        let maps = FamilyMaps::take(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
         Ok(CgroupProbe {
-            events,
-            stats,
+            maps,
             attachment: Attachment {
                 family: FAMILY,
                 hook: HOOK,
@@ -110,18 +106,7 @@ impl CgroupProbe {
     }
 
     pub fn drain(&mut self, mut f: impl FnMut(CgroupChange)) -> usize {
-        let mut n = 0;
-        while let Some(item) = self.events.next() {
-            if item.len() < size_of::<CgroupEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel side writes exactly a CgroupEvent.
-            let raw = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const CgroupEvent) };
-            let len = raw
-                .path
-                .iter()
-                .position(|&b| b == 0)
-                .unwrap_or(raw.path.len());
+        self.maps.drain(|raw: CgroupEvent| {
             f(CgroupChange {
                 id: raw.id,
                 op: match raw.op {
@@ -129,20 +114,18 @@ impl CgroupProbe {
                     CGROUP_FIRST_EXEC => CgroupOp::FirstExec { tgid: raw.pid },
                     _ => CgroupOp::Removed,
                 },
-                path: String::from_utf8_lossy(&raw.path[..len]).into_owned(),
+                path: super::comm_str(&raw.path),
                 truncated: raw.flags & CGROUP_FLAG_TRUNCATED != 0,
-            });
-            n += 1;
-        }
-        n
+            })
+        })
     }
 
     pub fn stats(&self) -> FamilyStats {
-        FamilyStats::from_slots(super::read_stats(&self.stats))
+        self.maps.stats()
     }
 
     pub fn ring_fd(&self) -> RawFd {
-        self.events.as_raw_fd()
+        self.maps.ring_fd()
     }
 }
 

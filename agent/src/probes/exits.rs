@@ -3,7 +3,7 @@
 
 use std::{
     borrow::Cow,
-    os::fd::{AsRawFd, RawFd},
+    os::fd::RawFd,
     time::{Duration, SystemTime},
 };
 
@@ -13,14 +13,13 @@ use agent_common::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, RawTracePoint, TracePoint},
 };
 use serde::Serialize;
 
 use super::{
-    AttachType, Attachment, FamilyStats, KernelOffsets, LoadOptions, ProbeError, attach_first,
-    error_chain, program, take_family_maps,
+    AttachType, Attachment, FamilyMaps, FamilyStats, KernelOffsets, LoadOptions, ProbeError,
+    attach_first, error_chain, program,
 };
 use crate::{
     kernel::{
@@ -153,8 +152,7 @@ pub fn decode_wait_status(status: u32) -> (Option<u8>, Option<u32>, bool) {
 
 /// The attached exit probe and its ring buffer.
 pub struct ExitProbe {
-    events: RingBuf<MapData>,
-    stats: PerCpuArray<MapData, u64>,
+    maps: FamilyMaps,
     clock: BootClock,
     pub attachment: Attachment,
 }
@@ -172,10 +170,9 @@ impl ExitProbe {
             .filter(|k| only.is_none_or(|o| o == *k));
         let (attach_type, refused) =
             attach_first(FAMILY, kinds, |kind| attach_one(ebpf, btf, kind))?;
-        let (events, stats) = take_family_maps(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
+        let maps = FamilyMaps::take(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
         Ok(ExitProbe {
-            events,
-            stats,
+            maps,
             clock: BootClock::new(),
             attachment: Attachment {
                 family: FAMILY,
@@ -188,27 +185,18 @@ impl ExitProbe {
 
     /// Decodes every event waiting in the ring buffer; returns how many.
     pub fn drain(&mut self, mut f: impl FnMut(Exit)) -> usize {
-        let mut n = 0;
-        while let Some(item) = self.events.next() {
-            if item.len() < size_of::<ExitEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel side writes exactly an ExitEvent; read_unaligned
-            // because the ring buffer only guarantees 8-byte alignment.
-            let raw = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ExitEvent) };
-            f(Exit::decode(&raw, &self.clock));
-            n += 1;
-        }
-        n
+        let clock = &self.clock;
+        self.maps
+            .drain(|raw: ExitEvent| f(Exit::decode(&raw, clock)))
     }
 
     pub fn stats(&self) -> FamilyStats {
-        FamilyStats::from_slots(super::read_stats(&self.stats))
+        self.maps.stats()
     }
 
     /// The ring buffer's fd, readable when events wait (for epoll/AsyncFd).
     pub fn ring_fd(&self) -> RawFd {
-        self.events.as_raw_fd()
+        self.maps.ring_fd()
     }
 }
 

@@ -245,6 +245,52 @@ pub(crate) fn take_family_maps(
     Ok((events, stats))
 }
 
+/// A family's ring buffer and per-CPU stats, read the same way by every
+/// family: raw `#[repr(C)]` events out, counters summed over the CPUs.
+pub(crate) struct FamilyMaps {
+    events: aya::maps::RingBuf<aya::maps::MapData>,
+    stats: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+}
+
+impl FamilyMaps {
+    pub(crate) fn take(
+        ebpf: &mut Ebpf,
+        family: &'static str,
+        events_map: &'static str,
+        stats_map: &'static str,
+    ) -> Result<FamilyMaps, ProbeError> {
+        let (events, stats) = take_family_maps(ebpf, family, events_map, stats_map)?;
+        Ok(FamilyMaps { events, stats })
+    }
+
+    /// Every raw event waiting, in order; returns how many. `T` must be the
+    /// type the kernel side writes (shorter records are skipped).
+    pub(crate) fn drain<T: aya::Pod>(&mut self, mut f: impl FnMut(T)) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.events.next() {
+            if item.len() < size_of::<T>() {
+                continue;
+            }
+            // SAFETY: T is Pod (valid for any bytes) and the item is long
+            // enough; read_unaligned because the ring buffer only guarantees
+            // 8-byte alignment.
+            f(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const T) });
+            n += 1;
+        }
+        n
+    }
+
+    pub(crate) fn stats(&self) -> FamilyStats {
+        FamilyStats::from_slots(read_stats(&self.stats))
+    }
+
+    /// The ring buffer's fd, readable when events wait (for epoll/AsyncFd).
+    pub(crate) fn ring_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.events.as_raw_fd()
+    }
+}
+
 /// A program of the object, as its concrete type.
 pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
 where
@@ -256,7 +302,7 @@ where
         .map_err(|e: aya::programs::ProgramError| e.to_string())
 }
 
-/// A NUL-padded kernel `comm` as text.
+/// A NUL-padded kernel string (`comm`, a cgroup path) as text.
 pub(crate) fn comm_str(comm: &[u8]) -> String {
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..len]).into_owned()

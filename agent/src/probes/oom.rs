@@ -2,25 +2,16 @@
 //! whose allocation set the OOM killer off. The plain tracepoint, whose
 //! record layout comes from tracefs (the memory figures exist from 6.8 on).
 
-use std::{
-    os::fd::{AsRawFd, RawFd},
-    time::SystemTime,
-};
+use std::{os::fd::RawFd, time::SystemTime};
 
 use agent_common::{
     OFFSET_ABSENT,
     oom::{OOM_FLAG_FIGURES, OOM_FLAG_PARTIAL, OomEvent, OomOffsets},
 };
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
-};
+use aya::{Ebpf, EbpfLoader, programs::TracePoint};
 use serde::Serialize;
 
-use super::{
-    AttachType, Attachment, FamilyStats, ProbeError, error_chain, program, take_family_maps,
-};
+use super::{AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, error_chain, program};
 use crate::{
     kernel::{
         btf::{Btf, BtfError},
@@ -216,8 +207,7 @@ fn page_size() -> u64 {
 }
 
 pub struct OomProbe {
-    events: RingBuf<MapData>,
-    stats: PerCpuArray<MapData, u64>,
+    maps: FamilyMaps,
     clock: BootClock,
     pub attachment: Attachment,
 }
@@ -242,10 +232,9 @@ impl OomProbe {
             family: FAMILY,
             reasons: format!("tracepoint: {reasons}"),
         })?;
-        let (events, stats) = take_family_maps(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
+        let maps = FamilyMaps::take(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
         Ok(OomProbe {
-            events,
-            stats,
+            maps,
             clock: BootClock::new(),
             attachment: Attachment {
                 family: FAMILY,
@@ -257,25 +246,17 @@ impl OomProbe {
     }
 
     pub fn drain(&mut self, mut f: impl FnMut(OomKill)) -> usize {
-        let mut n = 0;
-        while let Some(item) = self.events.next() {
-            if item.len() < size_of::<OomEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel side writes exactly an OomEvent.
-            let raw = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const OomEvent) };
-            f(OomKill::decode(&raw, &self.clock));
-            n += 1;
-        }
-        n
+        let clock = &self.clock;
+        self.maps
+            .drain(|raw: OomEvent| f(OomKill::decode(&raw, clock)))
     }
 
     pub fn stats(&self) -> FamilyStats {
-        FamilyStats::from_slots(super::read_stats(&self.stats))
+        self.maps.stats()
     }
 
     pub fn ring_fd(&self) -> RawFd {
-        self.events.as_raw_fd()
+        self.maps.ring_fd()
     }
 }
 

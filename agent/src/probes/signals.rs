@@ -1,11 +1,7 @@
 //! Signals that can end a process, from `signal:signal_generate`: sender,
 //! target, signal, how it was sent and what the kernel did with it.
 
-use std::{
-    borrow::Cow,
-    os::fd::{AsRawFd, RawFd},
-    time::SystemTime,
-};
+use std::{borrow::Cow, os::fd::RawFd, time::SystemTime};
 
 use agent_common::signals::{
     HANDLER_CUSTOM, HANDLER_DEFAULT, HANDLER_IGNORE, SIGNAL_FLAG_GROUP, SIGNAL_FLAG_NOINFO,
@@ -13,14 +9,12 @@ use agent_common::signals::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, RawTracePoint},
 };
 use serde::Serialize;
 
 use super::{
-    AttachType, Attachment, FamilyStats, ProbeError, attach_first, error_chain, program,
-    take_family_maps,
+    AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_first, error_chain, program,
 };
 use crate::{
     kernel::{
@@ -215,8 +209,7 @@ impl Signal {
 }
 
 pub struct SignalProbe {
-    events: RingBuf<MapData>,
-    stats: PerCpuArray<MapData, u64>,
+    maps: FamilyMaps,
     clock: BootClock,
     pub attachment: Attachment,
 }
@@ -225,10 +218,9 @@ impl SignalProbe {
     pub fn attach(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<SignalProbe, ProbeError> {
         let (attach_type, refused) =
             attach_first(FAMILY, PREFERENCE, |kind| attach_one(ebpf, btf, kind))?;
-        let (events, stats) = take_family_maps(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
+        let maps = FamilyMaps::take(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
         Ok(SignalProbe {
-            events,
-            stats,
+            maps,
             clock: BootClock::new(),
             attachment: Attachment {
                 family: FAMILY,
@@ -240,25 +232,17 @@ impl SignalProbe {
     }
 
     pub fn drain(&mut self, mut f: impl FnMut(Signal)) -> usize {
-        let mut n = 0;
-        while let Some(item) = self.events.next() {
-            if item.len() < size_of::<SignalEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel side writes exactly a SignalEvent.
-            let raw = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const SignalEvent) };
-            f(Signal::decode(&raw, &self.clock));
-            n += 1;
-        }
-        n
+        let clock = &self.clock;
+        self.maps
+            .drain(|raw: SignalEvent| f(Signal::decode(&raw, clock)))
     }
 
     pub fn stats(&self) -> FamilyStats {
-        FamilyStats::from_slots(super::read_stats(&self.stats))
+        self.maps.stats()
     }
 
     pub fn ring_fd(&self) -> RawFd {
-        self.events.as_raw_fd()
+        self.maps.ring_fd()
     }
 }
 
