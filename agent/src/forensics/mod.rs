@@ -96,8 +96,9 @@ pub struct ForensicsStats {
     pub terminations: u64,
     pub background_deaths: u64,
     pub oom_kills: u64,
-    /// Containers that ended without podscope knowing their main process
-    /// (started before podscope and not found in /proc, or the attach was lost).
+    /// Containers whose cgroup went without a termination record: the main
+    /// process was not known (started before podscope and not found in
+    /// /proc) or its exit was lost.
     pub unknown_main: u64,
     /// Containers forgotten because the table was full.
     pub evicted: u64,
@@ -192,8 +193,14 @@ impl Forensics {
         }
     }
 
+    /// A container's cgroup went. If its main process's end was not seen
+    /// (it started before podscope and /proc did not tell, or an event was
+    /// lost), that is counted: a death without a record.
     pub fn on_removed(&mut self, cgroup_id: u64) {
         if let Some(s) = self.containers.get_mut(&cgroup_id) {
+            if s.removed.is_none() && !s.ended {
+                self.stats.unknown_main += 1;
+            }
             s.removed.get_or_insert_with(Instant::now);
         }
     }
@@ -272,6 +279,10 @@ impl Forensics {
         }
         let cid = exit.pod.container_id.as_deref().unwrap_or_default();
         if resolver.is_sandbox(cid) || exit.pod.container.as_deref() == Some("POD") {
+            // The pause container: its end is the pod's teardown, not a death to explain.
+            if let Some(s) = self.containers.get_mut(&exit.cgroup_id) {
+                s.ended = true;
+            }
             return;
         }
         // An OOM victim whose SIGKILL was not seen is found by its exit.

@@ -125,6 +125,8 @@ pub struct Metrics {
     journal_errors: Counter,
     journal_dropped: Counter,
     journal_seen: (u64, u64, u64),
+    unexplained: Counter,
+    unexplained_seen: u64,
     net: net::NetMetrics,
     /// Kernel counters already exported, to add only the difference.
     lost_seen: HashMap<&'static str, u64>,
@@ -204,6 +206,12 @@ impl Metrics {
             "Termination records the journal could not write (kept in memory only)",
             journal_errors.clone(),
         );
+        let unexplained = Counter::default();
+        registry.register(
+            "container_ends_unexplained",
+            "Containers that ended without a termination record (their main process was not known, or its exit event was lost)",
+            unexplained.clone(),
+        );
         let journal_dropped = Counter::default();
         registry.register(
             "journal_recovered_dropped_bytes",
@@ -228,6 +236,8 @@ impl Metrics {
             journal_errors,
             journal_dropped,
             journal_seen: (0, 0, 0),
+            unexplained,
+            unexplained_seen: 0,
             net,
             lost_seen: HashMap::new(),
             cri_errors_seen: 0,
@@ -308,6 +318,10 @@ impl Metrics {
                 });
             }
         }
+        let unknown = pipeline.forensics_stats().unknown_main;
+        self.unexplained
+            .inc_by(unknown.saturating_sub(self.unexplained_seen));
+        self.unexplained_seen = unknown;
         let rs = pipeline.resolver_stats();
         if rs.cri_errors > self.cri_errors_seen {
             self.cri_errors.inc_by(rs.cri_errors - self.cri_errors_seen);
