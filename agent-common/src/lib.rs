@@ -8,6 +8,7 @@
 pub mod cgroups;
 pub mod exits;
 pub mod stats;
+pub mod throttle;
 
 /// Length of `task_struct.comm`, including the NUL.
 pub const TASK_COMM_LEN: usize = 16;

@@ -10,6 +10,7 @@ mod exits;
 mod kmem;
 mod ringbuf;
 mod stats;
+mod throttle;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -6,12 +6,13 @@ use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
 
-use crate::probes::exits::Exit;
+use crate::probes::{exits::Exit, throttle::Throttle};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     Exit(Exit),
+    Throttle(Throttle),
 }
 
 impl Event {
@@ -19,6 +20,15 @@ impl Event {
     pub fn pod(&self) -> &crate::metadata::PodIdentity {
         match self {
             Event::Exit(e) => &e.pod,
+            Event::Throttle(t) => &t.pod,
+        }
+    }
+
+    /// The family (probe) it came from, as `podscope trace <family>` names it.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Event::Exit(_) => crate::probes::exits::FAMILY,
+            Event::Throttle(_) => crate::probes::throttle::FAMILY,
         }
     }
 

@@ -18,3 +18,4 @@ pub mod pipeline;
 pub mod probes;
 pub mod selftest;
 pub mod signals;
+pub mod throttle;

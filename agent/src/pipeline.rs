@@ -19,7 +19,9 @@ use crate::{
         self, AttachType, Attachment, FamilyStats, KernelOffsets, LoadOptions, ProbeError,
         cgroups::CgroupProbe,
         exits::{Exit, ExitProbe},
+        throttle::ThrottleProbe,
     },
+    throttle::ThrottleBook,
 };
 
 #[derive(Clone, Debug, Default)]
@@ -28,6 +30,10 @@ pub struct PipelineOptions {
     /// Force the exit probe's hook type (None: the best the kernel allows).
     pub exits_attach: Option<AttachType>,
     pub resolver: ResolverOptions,
+    /// Attach the CPU throttling probe (sched_switch, the hottest
+    /// tracepoint: only for the consumers that want it) and read the
+    /// containers' cpu.stat on every tick.
+    pub throttle: bool,
 }
 
 /// Counters of one family, as exported.
@@ -40,6 +46,8 @@ pub struct SourceStats {
 pub struct Pipeline {
     exits: ExitProbe,
     cgroups: Option<CgroupProbe>,
+    throttle: Option<ThrottleProbe>,
+    throttle_book: ThrottleBook,
     resolver: Resolver,
     attachments: Vec<Attachment>,
     /// Refused family attachments: (family, reason).
@@ -74,6 +82,21 @@ impl Pipeline {
         };
         let exits = ExitProbe::attach(&mut ebpf, btf.as_ref(), opts.exits_attach)?;
         attachments.push(exits.attachment.clone());
+        let throttle = if opts.throttle {
+            match ThrottleProbe::attach(&mut ebpf, btf.as_ref(), &offsets.throttle, None) {
+                Ok(p) => {
+                    attachments.push(p.attachment.clone());
+                    Some(p)
+                }
+                Err(e) => {
+                    tracing::warn!("{e}: CPU throttling is read from cpu.stat only");
+                    unavailable.push((probes::throttle::FAMILY, e.to_string()));
+                    None
+                }
+            }
+        } else {
+            None
+        };
         for a in &attachments {
             for (kind, why) in &a.refused {
                 tracing::info!(
@@ -90,6 +113,8 @@ impl Pipeline {
         Ok(Pipeline {
             exits,
             cgroups,
+            throttle,
+            throttle_book: ThrottleBook::new(crate::kernel::cgroups::CgroupLayout::current()),
             resolver,
             attachments,
             unavailable,
@@ -105,6 +130,7 @@ impl Pipeline {
     pub fn ring_fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.exits.ring_fd()];
         fds.extend(self.cgroups.as_ref().map(CgroupProbe::ring_fd));
+        fds.extend(self.throttle.as_ref().map(ThrottleProbe::ring_fd));
         fds
     }
 
@@ -128,12 +154,40 @@ impl Pipeline {
             exit.pod = self.resolver.identify(exit.cgroup_id).await;
             events.push(Event::Exit(exit));
         }
+        if let Some(probe) = self.throttle.as_mut() {
+            let mut throttles = vec![];
+            probe.drain(|t| throttles.push(t));
+            for mut t in throttles {
+                t.pod = self.resolver.identify(t.cgroup_id).await;
+                self.throttle_book.observe(&t);
+                events.push(Event::Throttle(t));
+            }
+        }
         events
     }
 
     /// Periodic upkeep (about once a second).
     pub async fn tick(&mut self) {
         self.resolver.tick().await;
+        if self.throttle.is_some() {
+            self.refresh_cpu_stats().await;
+        }
+    }
+
+    /// Reads every live container's cpu.stat into the throttle book.
+    pub async fn refresh_cpu_stats(&mut self) {
+        let mut containers = vec![];
+        for (id, path) in self.resolver.live_container_cgroups() {
+            let pod = self.resolver.identify(id).await;
+            containers.push((id, path, pod));
+        }
+        self.throttle_book.refresh(&containers);
+        self.throttle_book.forget_gone();
+    }
+
+    /// Per-container throttling, measured and from cpu.stat.
+    pub fn throttle_book(&self) -> &ThrottleBook {
+        &self.throttle_book
     }
 
     pub fn source_stats(&self) -> Vec<SourceStats> {
@@ -145,6 +199,12 @@ impl Pipeline {
             out.push(SourceStats {
                 source: probes::cgroups::FAMILY,
                 stats: c.stats(),
+            });
+        }
+        if let Some(t) = &self.throttle {
+            out.push(SourceStats {
+                source: probes::throttle::FAMILY,
+                stats: t.stats(),
             });
         }
         out

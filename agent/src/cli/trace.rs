@@ -63,6 +63,18 @@ pub struct TraceArgs {
 pub enum Family {
     /// Process and thread exits: exit code, signal, core dump.
     Exits,
+    /// CPU throttling: each time a container's CPU quota ran out on a CPU, and for how long.
+    Throttle,
+}
+
+impl Family {
+    /// The probe family's name (`Event::family`, `podscope_events_total{source}`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Exits => crate::probes::exits::FAMILY,
+            Family::Throttle => crate::probes::throttle::FAMILY,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -109,6 +121,7 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
             use_cri: !args.no_cri,
             ..Default::default()
         },
+        throttle: args.family == Family::Throttle,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -125,6 +138,7 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
         Session {
             pipeline,
             filter,
+            family: args.family,
             output: args.output,
             shown: 0,
         }
@@ -137,6 +151,7 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
 struct Session {
     pipeline: Pipeline,
     filter: Filter,
+    family: Family,
     output: Output,
     shown: u64,
 }
@@ -161,7 +176,7 @@ impl Session {
         let mut lost_reported = 0u64;
         let mut out = io::BufWriter::new(io::stdout().lock());
         if self.output == Output::Table {
-            writeln!(out, "{}", table_header())?;
+            writeln!(out, "{}", table_header(self.family))?;
             out.flush()?;
         }
         let result: io::Result<()> = loop {
@@ -207,8 +222,22 @@ impl Session {
             Err(e) => return Err(e.into()),
         }
         drop(rings);
-        let stats = self.pipeline.source_stats()[0].stats;
         let rs = self.pipeline.resolver_stats();
+        if self.family == Family::Throttle {
+            let stats = self
+                .pipeline
+                .source_stats()
+                .into_iter()
+                .find(|s| s.source == self.family.name())
+                .map(|s| s.stats)
+                .unwrap_or_default();
+            eprintln!(
+                "podscope: {} throttles shown; kernel: {} throttled switch-outs, {} lost, {} run queues removed while throttled; attribution: {} CRI errors",
+                self.shown, stats.hits, stats.lost, stats.read_errors, rs.cri_errors,
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        let stats = self.pipeline.source_stats()[0].stats;
         eprintln!(
             "podscope: {} exits shown; kernel: {} seen, {} lost (ring buffer full), {} read errors, {} threads of exiting processes folded into their process; attribution: {} CRI errors, {} events of containers CRI did not name",
             self.shown,
@@ -224,7 +253,7 @@ impl Session {
 
     async fn write_batch(&mut self, out: &mut io::BufWriter<io::StdoutLock<'_>>) -> io::Result<()> {
         for event in self.pipeline.next_batch().await {
-            if !self.filter.matches(event.pod()) {
+            if event.family() != self.family.name() || !self.filter.matches(event.pod()) {
                 continue;
             }
             self.shown += 1;
@@ -237,7 +266,13 @@ impl Session {
     }
 }
 
-fn table_header() -> String {
+fn table_header(family: Family) -> String {
+    if family == Family::Throttle {
+        return format!(
+            "{:<12} {:>3} {:>10} {:<8}  {:<40} {}",
+            "TIME", "CPU", "THROTTLED", "QUOTA", "NAMESPACE/POD", "CONTAINER"
+        );
+    }
     format!(
         "{:<12} {:>7} {:>7} {:>7} {:<16} {:<7} {:<16} {:>10}  {:<40} {}",
         "TIME",
@@ -277,11 +312,23 @@ fn table_row(event: &Event) -> String {
                 container_column(&e.pod)
             )
         }
+        Event::Throttle(t) => {
+            let ts = humantime::format_rfc3339_millis(t.ts).to_string();
+            format!(
+                "{:<12} {:>3} {:>10} {:<8}  {:<40} {}",
+                ts.get(11..23).unwrap_or(&ts),
+                t.cpu,
+                human_duration(t.duration()),
+                if t.ancestor { "ancestor" } else { "own" },
+                pod_column(&t.pod),
+                container_column(&t.pod)
+            )
+        }
     }
 }
 
 /// "namespace/pod", the pod uid when CRI did not name it, or "(host)".
-fn pod_column(id: &PodIdentity) -> String {
+pub(super) fn pod_column(id: &PodIdentity) -> String {
     match (&id.namespace, &id.pod, &id.pod_uid) {
         (Some(ns), Some(pod), _) => format!("{ns}/{pod}"),
         (_, _, Some(uid)) => format!("pod {uid}"),
@@ -289,7 +336,7 @@ fn pod_column(id: &PodIdentity) -> String {
     }
 }
 
-fn container_column(id: &PodIdentity) -> String {
+pub(super) fn container_column(id: &PodIdentity) -> String {
     match (&id.container, &id.container_id) {
         (Some(name), _) => name.clone(),
         (None, Some(cid)) => cid.chars().take(13).collect(),
@@ -297,7 +344,7 @@ fn container_column(id: &PodIdentity) -> String {
     }
 }
 
-fn human_duration(d: Duration) -> String {
+pub(super) fn human_duration(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;
     match ms {
         m if m < 1.0 => format!("{:.0}µs", m * 1000.0),

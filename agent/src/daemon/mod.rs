@@ -76,6 +76,7 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
             retention: cfg.series_retention,
             ..Default::default()
         },
+        throttle: true,
     };
     let mut pipeline = Pipeline::start(&opts).await?;
     let metrics = Metrics::new(&MetricsOptions {

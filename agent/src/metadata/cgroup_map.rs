@@ -16,6 +16,8 @@ use super::cgroup_path::{self, CgroupRef};
 #[derive(Debug)]
 struct Entry {
     pod: Arc<CgroupRef>,
+    /// Relative to the v2 root: where the cgroup's own files (cpu.stat) are.
+    path: Arc<str>,
     removed: Option<Instant>,
 }
 
@@ -105,6 +107,7 @@ impl CgroupMap {
             id,
             Entry {
                 pod: pod.clone(),
+                path: path.into(),
                 removed: None,
             },
         );
@@ -120,6 +123,14 @@ impl CgroupMap {
 
     pub fn get(&self, id: u64) -> Option<&Arc<CgroupRef>> {
         self.by_id.get(&id).map(|e| &e.pod)
+    }
+
+    /// Containers' cgroups that exist now: (id, path relative to the v2 root).
+    pub fn live_containers(&self) -> impl Iterator<Item = (u64, &Arc<str>)> {
+        self.by_id
+            .iter()
+            .filter(|(_, e)| e.removed.is_none() && e.pod.container_id.is_some())
+            .map(|(id, e)| (*id, &e.path))
     }
 
     /// Drops removed cgroups older than the retention.
@@ -149,7 +160,16 @@ mod tests {
             m.insert(8, "/system.slice/ssh.service").is_none(),
             "host cgroups are not kept"
         );
+        let live: Vec<_> = m
+            .live_containers()
+            .map(|(id, p)| (id, p.to_string()))
+            .collect();
+        assert_eq!(
+            live,
+            vec![(7, format!("/kubepods/pod{UID}/abcdef0123456789"))]
+        );
         m.remove(7);
+        assert_eq!(m.live_containers().count(), 0);
         m.gc(Instant::now());
         assert!(m.get(7).is_some(), "still within the retention");
         m.gc(Instant::now() + Duration::from_secs(61));

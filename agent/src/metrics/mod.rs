@@ -7,6 +7,7 @@
 //! that are gone once the retention has passed.
 
 pub mod exits;
+pub mod throttle;
 
 use std::{
     collections::HashMap,
@@ -118,6 +119,7 @@ pub struct Metrics {
     /// Events a slow `/api/v1/events` reader missed.
     pub stream_dropped: Counter,
     exits: exits::ExitMetrics,
+    throttle: throttle::ThrottleMetrics,
     /// Kernel counters already exported, to add only the difference.
     lost_seen: HashMap<&'static str, u64>,
     cri_errors_seen: u64,
@@ -185,6 +187,7 @@ impl Metrics {
             })
             .set(1);
         let exits = exits::ExitMetrics::register(&mut registry, opts);
+        let throttle = throttle::ThrottleMetrics::register(&mut registry, opts);
         Metrics {
             registry,
             events,
@@ -195,6 +198,7 @@ impl Metrics {
             cri_errors,
             stream_dropped,
             exits,
+            throttle,
             lost_seen: HashMap::new(),
             cri_errors_seen: 0,
         }
@@ -225,6 +229,10 @@ impl Metrics {
             Event::Exit(e) => {
                 self.exits.observe(e, now, &self.series_refused);
                 crate::probes::exits::FAMILY
+            }
+            Event::Throttle(t) => {
+                self.throttle.observe(t, now, &self.series_refused);
+                crate::probes::throttle::FAMILY
             }
         };
         self.events
@@ -259,11 +267,18 @@ impl Metrics {
         }
         self.tracked_containers
             .set(pipeline.resolver().live_containers() as i64);
+        self.throttle.update(
+            pipeline.throttle_book(),
+            Instant::now(),
+            &self.series_refused,
+        );
     }
 
     /// Drops the series of pods gone for longer than the retention.
     pub fn gc(&mut self, pipeline: &Pipeline, now: Instant) {
         self.exits
+            .gc(now, |ns, pod| !pipeline.resolver().pod_alive(ns, pod));
+        self.throttle
             .gc(now, |ns, pod| !pipeline.resolver().pod_alive(ns, pod));
     }
 
@@ -276,7 +291,7 @@ impl Metrics {
     }
 
     pub fn series(&self) -> usize {
-        self.exits.series()
+        self.exits.series() + self.throttle.series()
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod capabilities;
 pub mod cgroups;
 pub mod exits;
+pub mod throttle;
 
 use std::fmt;
 
@@ -86,6 +87,9 @@ pub struct Attachment {
 pub struct KernelOffsets {
     pub exits: agent_common::exits::ExitOffsets,
     pub cgroups: agent_common::cgroups::CgroupOffsets,
+    /// Optional: a kernel without CFS bandwidth control has none, and only
+    /// the throttle family is then unavailable.
+    pub throttle: Result<agent_common::throttle::ThrottleOffsets, String>,
 }
 
 impl KernelOffsets {
@@ -93,6 +97,7 @@ impl KernelOffsets {
         Ok(KernelOffsets {
             exits: exits::resolve_offsets(btf)?,
             cgroups: cgroups::resolve_offsets(btf)?,
+            throttle: throttle::resolve_offsets(btf).map_err(|e| e.to_string()),
         })
     }
 
@@ -148,6 +153,7 @@ pub fn load_object(offsets: &KernelOffsets, opts: &LoadOptions) -> Result<Ebpf, 
     loader.override_global("RINGBUF_WAKEUP_BYTES", &opts.wakeup_bytes, true);
     exits::configure(&mut loader, &offsets.exits, opts);
     cgroups::configure(&mut loader, &offsets.cgroups);
+    throttle::configure(&mut loader, &offsets.throttle);
     loader
         .load(EBPF_OBJECT)
         .map_err(|e| ProbeError::Load(error_chain(&e)))
@@ -218,6 +224,55 @@ pub(crate) fn take_family_maps(
             aya::maps::PerCpuArray::try_from(m).map_err(|e| map_err(stats_map, e.to_string()))
         })?;
     Ok((events, stats))
+}
+
+/// A family's attached hook, ring buffer and stats: [`attach_first`] over
+/// `kinds`, then [`take_family_maps`].
+pub(crate) struct AttachedFamily {
+    pub events: aya::maps::RingBuf<aya::maps::MapData>,
+    pub stats: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    pub attachment: Attachment,
+}
+
+pub(crate) fn attach_family(
+    ebpf: &mut Ebpf,
+    (family, hook): (&'static str, &'static str),
+    (events_map, stats_map): (&'static str, &'static str),
+    kinds: impl IntoIterator<Item = AttachType>,
+    mut try_attach: impl FnMut(&mut Ebpf, AttachType) -> Result<(), String>,
+) -> Result<AttachedFamily, ProbeError> {
+    let (attach_type, refused) = attach_first(family, kinds, |kind| try_attach(ebpf, kind))?;
+    let (events, stats) = take_family_maps(ebpf, family, events_map, stats_map)?;
+    Ok(AttachedFamily {
+        events,
+        stats,
+        attachment: Attachment {
+            family,
+            hook,
+            attach_type,
+            refused,
+        },
+    })
+}
+
+/// Reads every record waiting in a ring buffer as a `T` (the kernel side
+/// writes exactly one `T` per record; shorter records are skipped).
+pub(crate) fn drain_ring<T: aya::Pod>(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    mut f: impl FnMut(T),
+) -> usize {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<T>() {
+            continue;
+        }
+        // SAFETY: T is Pod (valid for any bytes) and the record holds at
+        // least size_of::<T>() of them; unaligned because the ring buffer
+        // only guarantees 8-byte alignment.
+        f(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const T) });
+        n += 1;
+    }
+    n
 }
 
 /// A program of the object, as its concrete type.

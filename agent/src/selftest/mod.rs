@@ -17,6 +17,7 @@ mod cgroups;
 mod exits;
 pub mod helper;
 mod selection;
+mod throttle;
 mod tracer;
 
 use std::{fmt, path::PathBuf, time::Instant};
@@ -162,6 +163,10 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "cgroup_mkdir_rmdir",
         run: cgroups::cgroup_mkdir_rmdir,
+    },
+    Scenario {
+        name: "throttle_matches_cpu_stat",
+        run: throttle::throttled_cgroup_matches_cpu_stat,
     },
 ];
 
