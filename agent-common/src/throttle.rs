@@ -24,11 +24,12 @@ pub struct ThrottleOffsets {
     pub task_cfs_rq: u32,
     /// `cfs_rq.throttle_count`: > 0 while this cfs_rq or an ancestor is throttled.
     pub cfs_rq_throttle_count: u32,
-    /// `cfs_rq.throttled_clock`: rq clock when this cfs_rq itself was
-    /// throttled, 0 when it is not (so non-zero with a positive count means
-    /// the throttle is at this level, zero means an ancestor's).
-    pub cfs_rq_throttled_clock: u32,
-    pub _pad: u32,
+    /// `cfs_rq.throttled` (an `int` before 6.18, a `bool :1` bitfield
+    /// since): this run queue itself ran out of quota. Read as a u32 at this
+    /// offset and masked with `cfs_rq_throttled_mask`. With a positive
+    /// `throttle_count` but not `throttled`, an ancestor's quota ran out.
+    pub cfs_rq_throttled: u32,
+    pub cfs_rq_throttled_mask: u32,
 }
 
 /// One open interval in a CPU's state.

@@ -42,8 +42,8 @@ use crate::{kmem, ringbuf, stats::bump};
 static THROTTLE_OFFSETS: ThrottleOffsets = ThrottleOffsets {
     task_cfs_rq: 0,
     cfs_rq_throttle_count: 0,
-    cfs_rq_throttled_clock: 0,
-    _pad: 0,
+    cfs_rq_throttled: 0,
+    cfs_rq_throttled_mask: 0,
 };
 
 #[map]
@@ -124,7 +124,8 @@ fn open(state: &mut ThrottleCpuState, off: &ThrottleOffsets, cfs_rq: u64) {
         bump(&THROTTLE_STATS, STAT_LOST);
         return;
     }
-    let own = kmem::read::<u64>(cfs_rq as *const u8, off.cfs_rq_throttled_clock).unwrap_or(1);
+    let own = kmem::read::<u32>(cfs_rq as *const u8, off.cfs_rq_throttled)
+        .map_or(1, |v| v & off.cfs_rq_throttled_mask);
     state.slots[free] = OpenThrottle {
         cfs_rq,
         start_ns: unsafe { bpf_ktime_get_boot_ns() },

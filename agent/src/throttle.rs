@@ -80,7 +80,8 @@ pub struct ContainerThrottle {
     pub pod: PodIdentity,
     /// Measured by the probe since podscope first saw the container.
     pub measured: Measured,
-    /// `cpu.stat` over the same window (None: unreadable, e.g. gone).
+    /// `cpu.stat` and the usage over the same window (None: unreadable,
+    /// e.g. gone); the limit is the one in force now.
     pub kernel: Option<CpuStat>,
     /// measured − kernel throttled periods: the self-check (0 is agreement).
     pub periods_difference: Option<i64>,
@@ -191,6 +192,9 @@ impl ThrottleBook {
                         periods: c.periods.saturating_sub(b.periods),
                         throttled_periods: c.throttled_periods.saturating_sub(b.throttled_periods),
                         throttled_ns: c.throttled_ns.saturating_sub(b.throttled_ns),
+                        usage_ns: c
+                            .usage_ns
+                            .map(|u| u.saturating_sub(b.usage_ns.unwrap_or(0))),
                         ..c
                     }),
                     _ => None,

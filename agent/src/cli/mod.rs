@@ -1,6 +1,7 @@
 //! The `podscope` command line: one module per subcommand.
 
 pub mod doctor;
+mod top;
 mod trace;
 
 use std::{io::IsTerminal, process::ExitCode, time::Duration};
@@ -32,6 +33,8 @@ pub enum Command {
     Trace(trace::TraceArgs),
     /// What this kernel and node support, and what that means for podscope.
     Doctor(doctor::DoctorArgs),
+    /// Containers sorted by CPU throttling, refreshed like top (no daemon needed).
+    Top(top::TopArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -85,6 +88,7 @@ pub fn main() -> ExitCode {
         Command::Agent(args) => crate::daemon::run(args),
         Command::Trace(args) => trace::run(args),
         Command::Doctor(args) => doctor::run(args),
+        Command::Top(args) => top::run(args),
     };
     match result {
         Ok(code) => code,

@@ -178,12 +178,9 @@ impl ThrottleMetrics {
                 }
                 if let Some(ns) = k.usage_ns {
                     let secs = ns as f64 / 1e9;
-                    // The first reading is the baseline: usage since podscope saw it.
-                    if done.usage == 0.0 {
-                        done.usage = secs;
-                        let _ = self.usage.get_or_create(&labels);
-                    } else if secs > done.usage {
-                        self.usage.get_or_create(&labels).inc_by(secs - done.usage);
+                    let u = self.usage.get_or_create(&labels);
+                    if secs > done.usage {
+                        u.inc_by(secs - done.usage);
                         done.usage = secs;
                     }
                 }

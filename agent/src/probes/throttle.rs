@@ -41,12 +41,13 @@ pub const PREFERENCE: [AttachType; 2] = [AttachType::TpBtf, AttachType::RawTp];
 /// Where the probe's kernel fields are. Fails on kernels built without
 /// group scheduling or CFS bandwidth control (no quota can throttle there).
 pub fn resolve_offsets(btf: &Btf) -> Result<ThrottleOffsets, BtfError> {
+    let throttled = btf.member("cfs_rq", "throttled")?;
     Ok(ThrottleOffsets {
         task_cfs_rq: btf.offset_of("task_struct", "se")?
             + btf.offset_of("sched_entity", "cfs_rq")?,
         cfs_rq_throttle_count: btf.offset_of("cfs_rq", "throttle_count")?,
-        cfs_rq_throttled_clock: btf.offset_of("cfs_rq", "throttled_clock")?,
-        _pad: 0,
+        cfs_rq_throttled: throttled.offset,
+        cfs_rq_throttled_mask: throttled.u32_mask(),
     })
 }
 
@@ -54,8 +55,8 @@ pub fn resolve_offsets(btf: &Btf) -> Result<ThrottleOffsets, BtfError> {
 static UNUSED: ThrottleOffsets = ThrottleOffsets {
     task_cfs_rq: 0,
     cfs_rq_throttle_count: 0,
-    cfs_rq_throttled_clock: 0,
-    _pad: 0,
+    cfs_rq_throttled: 0,
+    cfs_rq_throttled_mask: 0,
 };
 
 pub(super) fn configure<'a>(
@@ -194,9 +195,25 @@ mod tests {
     const EXPECTED_6_1: ThrottleOffsets = ThrottleOffsets {
         task_cfs_rq: 128 + 120,
         cfs_rq_throttle_count: 396,
-        cfs_rq_throttled_clock: 368,
-        _pad: 0,
+        cfs_rq_throttled: 392,
+        cfs_rq_throttled_mask: u32::MAX,
     };
+
+    #[test]
+    fn resolves_the_throttled_bitfield_on_the_running_kernel() {
+        let Ok(btf) = Btf::from_sys_fs() else {
+            eprintln!("skipped: no BTF on this machine");
+            return;
+        };
+        let o = resolve_offsets(&btf).unwrap();
+        let m = btf.member("cfs_rq", "throttled").unwrap();
+        // An int before 6.18, a one-bit bool since: either way a mask that fits it.
+        if m.bitfield_bits == 1 {
+            assert_eq!(o.cfs_rq_throttled_mask, 1 << m.bit);
+        } else {
+            assert_eq!(o.cfs_rq_throttled_mask, u32::MAX);
+        }
+    }
 
     #[test]
     fn decodes_a_raw_event() {

@@ -164,6 +164,11 @@ pub fn throttled_cgroup_matches_cpu_stat(ctx: &Context) -> Verdict {
         kernel.throttled_periods >= 10,
         "the spinner was hardly throttled, so nothing is tested: {detail}"
     );
+    ensure!(
+        measured.ancestor_throttles == 0,
+        "the cgroup's own quota throttled it, yet {} throttles were flagged as an ancestor's: {detail}",
+        measured.ancestor_throttles
+    );
     let diff = measured.periods as i64 - kernel.throttled_periods as i64;
     ensure!(diff.abs() <= 1, "periods differ by {diff}: {detail}");
     durations.sort_unstable();

@@ -5,6 +5,7 @@
 //! ```text
 //! podscope-helper alloc MIB [--hold SECS]   touch MIB MiB of memory, then hold it
 //! podscope-helper spin THREADS              busy-loop on THREADS threads
+//! podscope-helper burst THREADS MS EVERY_MS  every EVERY_MS, busy-loop MS on THREADS threads at once
 //! podscope-helper sigterm ignore|handle|default
 //!                                           set SIGTERM's disposition, then sleep
 //! podscope-helper crash segv                a real invalid memory access
@@ -18,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-const USAGE: &str = "usage: podscope-helper alloc MIB [--hold SECS] | spin THREADS | sigterm ignore|handle|default | crash segv | pause";
+const USAGE: &str = "usage: podscope-helper alloc MIB [--hold SECS] | spin THREADS | burst THREADS MS EVERY_MS | sigterm ignore|handle|default | crash segv | pause";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
         ["alloc", mib] => alloc(mib, "3600"),
         ["alloc", mib, "--hold", secs] => alloc(mib, secs),
         ["spin", threads] => spin(threads),
+        ["burst", threads, ms, every] => burst(threads, ms, every),
         ["sigterm", mode] => sigterm(mode),
         ["crash", "segv"] => crash_segv(),
         ["pause"] => pause(),
@@ -90,6 +92,37 @@ fn spin(threads: &str) -> Result<(), String> {
             let start = Instant::now();
             loop {
                 std::hint::black_box(start.elapsed());
+            }
+        });
+    }
+    sleep_forever()
+}
+
+/// Short bursts on several threads at once, idle in between: an average
+/// usage far below the limit that still overruns the quota inside one CFS
+/// period (the throttling users see while their dashboards show low CPU).
+fn burst(threads: &str, ms: &str, every: &str) -> Result<(), String> {
+    let n = number(threads, "THREADS")?;
+    let busy = Duration::from_millis(number(ms, "MS")?);
+    let every = Duration::from_millis(number(every, "EVERY_MS")?);
+    if busy >= every {
+        return Err(format!(
+            "MS ({busy:?}) must be shorter than EVERY_MS ({every:?})"
+        ));
+    }
+    say(&format!("bursting {busy:?} on {n} threads every {every:?}"));
+    let epoch = Instant::now();
+    for _ in 0..n {
+        thread::spawn(move || {
+            let mut next = epoch;
+            loop {
+                // Every thread starts its burst at the same instant.
+                let start = next;
+                while start.elapsed() < busy {
+                    std::hint::black_box(start.elapsed());
+                }
+                next += every;
+                thread::sleep(next.saturating_duration_since(Instant::now()));
             }
         });
     }
