@@ -13,22 +13,10 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{privileged, required, testnode};
+use support::{node, privileged, required, testnode};
 
 const NS: &str = "podscope-attr";
 const SOCKET: &str = "/run/podscope-node/containerd.sock";
-
-fn node(args: &[&str]) -> String {
-    let bin = testnode().expect("podscope-testnode");
-    let out = Command::new(&bin).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "podscope-testnode {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Applies a manifest and returns the pod's status (testnode's JSON).
 fn apply(name: &str, wait: &str, manifest: &str) -> Value {

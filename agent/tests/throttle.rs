@@ -16,7 +16,7 @@ mod support;
 use std::{io::Write, process::Command, time::Instant};
 
 use serde_json::Value;
-use support::{privileged, required, testnode};
+use support::{node, privileged, required, testnode};
 
 const NS: &str = "podscope-throttle";
 const POD: &str = "throttle-mix";
@@ -52,18 +52,6 @@ spec:
 
 fn say(msg: &str) {
     let _ = writeln!(std::io::stderr(), "throttle: {msg}");
-}
-
-fn node(args: &[&str]) -> String {
-    let bin = testnode().expect("podscope-testnode");
-    let out = Command::new(&bin).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "podscope-testnode {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn podscope(args: &[&str]) -> String {

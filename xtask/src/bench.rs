@@ -27,7 +27,8 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("exits") => exits(),
         Some("pods") => pods(),
         Some("agent") => agent(),
-        _ => bail!("usage: cargo xtask bench <exits | pods | agent>"),
+        Some("throttle") => throttle(),
+        _ => bail!("usage: cargo xtask bench <exits | pods | agent | throttle>"),
     }
 }
 
@@ -84,6 +85,8 @@ enum Tracer {
     Podscope,
     BpftraceCount,
     BpftracePrint,
+    /// `podscope trace throttle`: the sched_switch probe.
+    PodscopeThrottle,
 }
 
 impl Tracer {
@@ -93,6 +96,7 @@ impl Tracer {
             Tracer::Podscope => "podscope",
             Tracer::BpftraceCount => "bpftrace count()",
             Tracer::BpftracePrint => "bpftrace printf",
+            Tracer::PodscopeThrottle => "podscope throttle",
         }
     }
 }
@@ -122,6 +126,11 @@ fn start(tracer: Tracer, podscope: &Path) -> Result<Option<Running>> {
                 "--ring-buffer-size",
                 "4194304",
             ]);
+            c
+        }
+        Tracer::PodscopeThrottle => {
+            let mut c = Command::new(podscope);
+            c.args(["trace", "throttle", "-o", "json", "--log", "podscope=debug"]);
             c
         }
         Tracer::BpftraceCount => {
@@ -784,4 +793,183 @@ fn tracer_rss(podscope: &Path) -> Result<u64> {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     Ok(rss)
+}
+
+/// Hidden task: `xtask pingpong N`: two processes pinned to CPU 0 pass a
+/// byte back and forth through two pipes N times, 2 context switches per
+/// round trip and almost nothing else: the worst case for a sched_switch probe.
+pub fn pingpong(args: &[String]) -> Result<ExitCode> {
+    let n: u64 = args
+        .first()
+        .and_then(|s| s.parse().ok())
+        .context("pingpong needs a count")?;
+    // SAFETY: plain syscalls on fds and a cpu set of our own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        let (mut a, mut b) = ([0i32; 2], [0i32; 2]);
+        if libc::pipe(a.as_mut_ptr()) != 0 || libc::pipe(b.as_mut_ptr()) != 0 {
+            bail!("pipe: {}", std::io::Error::last_os_error());
+        }
+        let mut byte = 0u8;
+        let buf = &mut byte as *mut u8 as *mut libc::c_void;
+        let pid = libc::fork();
+        if pid == 0 {
+            for _ in 0..n {
+                if libc::read(a[0], buf, 1) != 1 || libc::write(b[1], buf, 1) != 1 {
+                    libc::_exit(1);
+                }
+            }
+            libc::_exit(0);
+        }
+        for _ in 0..n {
+            if libc::write(a[1], buf, 1) != 1 || libc::read(b[0], buf, 1) != 1 {
+                bail!("the ping-pong partner went away");
+            }
+        }
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn timed(cmd: &mut Command) -> Result<Duration> {
+    let t = Instant::now();
+    let st = cmd.stdout(Stdio::null()).status()?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(t.elapsed())
+}
+
+/// `throttle`: the sched_switch probe's cost on context-switch-heavy
+/// workloads, with vs without `podscope trace throttle`, and the cost of
+/// reading one container's cpu.stat (what cAdvisor-style polling costs).
+fn throttle() -> Result<ExitCode> {
+    setup::run()?;
+    let podscope = build_podscope()?;
+    let _stats = BpfStats::enable()?;
+    let me = std::env::current_exe()?;
+    const ROUND_TRIPS: u64 = 200_000;
+    let mut workloads: Vec<(String, u64, Box<dyn Fn() -> Result<Duration>>)> = vec![(
+        format!("pipe ping-pong: {ROUND_TRIPS} round trips, 2 processes pinned to CPU 0"),
+        2 * ROUND_TRIPS,
+        Box::new(move || timed(Command::new(&me).args(["pingpong", &ROUND_TRIPS.to_string()]))),
+    )];
+    let perf_works = Command::new("perf")
+        .args(["bench", "sched", "messaging", "-g", "1", "-l", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if perf_works {
+        workloads.push((
+            "perf bench sched messaging -g 10 -l 400 (400 processes over sockets)".into(),
+            0,
+            Box::new(|| {
+                timed(Command::new("perf").args([
+                    "bench",
+                    "sched",
+                    "messaging",
+                    "-g",
+                    "10",
+                    "-l",
+                    "400",
+                ]))
+            }),
+        ));
+    } else {
+        println!("perf bench is not available: the messaging workload is skipped");
+    }
+    let tracers = [Tracer::None, Tracer::PodscopeThrottle];
+    println!(
+        "throttle benchmark: {ROUNDS} rounds, conditions interleaved, median wall time of the workload"
+    );
+    for (label, switches, run) in &workloads {
+        let mut times: Vec<Vec<Duration>> = vec![vec![]; tracers.len()];
+        let mut prog = (0u64, 0u64);
+        let mut cpu = Duration::ZERO;
+        for _ in 0..ROUNDS {
+            for (i, &tracer) in tracers.iter().enumerate() {
+                let running = start(tracer, &podscope)?;
+                times[i].push(run()?);
+                if let Some(r) = running {
+                    let s = stop(r)?;
+                    prog.0 += s.prog_ns;
+                    prog.1 += s.prog_runs;
+                    cpu += s.cpu;
+                }
+            }
+        }
+        let base = median(&mut times[0]);
+        let spread = (times[0][ROUNDS - 1] - times[0][0]).as_secs_f64() / base.as_secs_f64();
+        let with = median(&mut times[1]);
+        let ns_per_switch = prog.0 as f64 / prog.1.max(1) as f64;
+        println!(
+            "\n{label} (baseline spread min..max: {:.1}%)",
+            spread * 100.0
+        );
+        println!(
+            "  without: {:.3}s   with podscope: {:.3}s   ratio {:.3}",
+            base.as_secs_f64(),
+            with.as_secs_f64(),
+            with.as_secs_f64() / base.as_secs_f64()
+        );
+        println!(
+            "  probe: {ns_per_switch:.0} ns per sched_switch ({} runs over {ROUNDS} rounds); podscope CPU {:.0} ms per run",
+            prog.1,
+            cpu.as_secs_f64() * 1000.0 / ROUNDS as f64
+        );
+        // Switches per run, as the probe counted them (the ping-pong's own
+        // count is 2 per round trip; idle switches of other CPUs add to it).
+        let counted = prog.1 as f64 / ROUNDS as f64;
+        let per_switch_ns = base.as_secs_f64() * 1e9 / counted.max(1.0);
+        println!(
+            "  {counted:.0} switches per run ({switches} by construction; 0: unknown): {per_switch_ns:.0} ns of workload per switch, of which the probe is {:.2}% = {:.2}% of the workload's time",
+            100.0 * ns_per_switch / per_switch_ns,
+            100.0 * prog.0 as f64 / ROUNDS as f64 / (base.as_secs_f64() * 1e9)
+        );
+    }
+
+    // Reading cpu.stat: what podscope's per-container refresh (and any
+    // cpu.stat poller) costs, for comparison with the probe.
+    let layout = cgroup_cpu_dirs();
+    if let Some((cpu, cpuacct)) = layout {
+        let files = [
+            cpu.join("cpu.stat"),
+            cpu.join("cpu.cfs_quota_us"),
+            cpu.join("cpu.cfs_period_us"),
+            cpuacct.join("cpuacct.usage"),
+        ];
+        let n = 20_000;
+        let t = Instant::now();
+        for _ in 0..n {
+            std::fs::read_to_string(&files[0])?;
+        }
+        let stat_only = t.elapsed() / n;
+        let t = Instant::now();
+        for _ in 0..n {
+            for f in &files {
+                std::fs::read_to_string(f)?;
+            }
+        }
+        let all = t.elapsed() / n;
+        println!(
+            "\nreading cpu.stat of one cgroup ({}): {:.1} µs; with quota, period and cpuacct.usage (podscope's refresh per container): {:.1} µs",
+            cpu.display(),
+            stat_only.as_secs_f64() * 1e6,
+            all.as_secs_f64() * 1e6
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The v1 cpu and cpuacct roots (hybrid/v1), or the v2 root twice.
+fn cgroup_cpu_dirs() -> Option<(PathBuf, PathBuf)> {
+    let cpu = PathBuf::from("/sys/fs/cgroup/cpu");
+    let cpuacct = PathBuf::from("/sys/fs/cgroup/cpuacct");
+    if cpu.join("cpu.stat").exists() && cpuacct.join("cpuacct.usage").exists() {
+        return Some((cpu, cpuacct));
+    }
+    None
 }

@@ -45,6 +45,8 @@ const APT_PACKAGES: &[&str] = &[
     // `python3 -m venv` for the tools below (Debian splits venv out of python3).
     "python3-venv",
     "qemu-system-x86",
+    // `perf bench sched messaging`: a context-switch-heavy workload for `bench throttle`.
+    "linux-perf",
 ];
 
 /// Python tools deploy/'s tests run, pinned so a new release cannot change

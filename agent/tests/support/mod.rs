@@ -44,3 +44,20 @@ pub fn testnode() -> Option<std::path::PathBuf> {
         });
     bin.exists().then_some(bin)
 }
+
+/// Runs `podscope-testnode ARGS` and returns its stdout; panics with its
+/// output when it fails.
+pub fn node(args: &[&str]) -> String {
+    let bin = testnode().expect("podscope-testnode");
+    let out = std::process::Command::new(&bin)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "podscope-testnode {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
