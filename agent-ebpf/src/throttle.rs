@@ -84,15 +84,20 @@ fn on_switch(preempt: u64, prev: *const u8, prev_state: u64) {
     // SAFETY: this CPU's own entry; nothing else runs this program on this
     // CPU while it runs (tracepoint programs do not nest on one CPU).
     let state = unsafe { &mut *state };
+    // Only a task switched out while runnable (preempted, or throttled on
+    // its way back to user mode, which leaves its state TASK_RUNNING) can
+    // have been stalled by its quota; a task that blocks was not. This is
+    // most switches: with nothing open on this CPU they end here.
+    let blocked = preempt as u8 == 0 && prev_state as u32 != 0;
+    if blocked && state.open == 0 {
+        return;
+    }
     // SAFETY: a volatile read keeps the load-time value from being folded.
     let off = unsafe { core::ptr::read_volatile(&THROTTLE_OFFSETS) };
     if state.open != 0 {
         close_unthrottled(state, &off);
     }
-    // Only a task switched out while runnable (preempted, or throttled on
-    // its way back to user mode, which leaves its state TASK_RUNNING) can
-    // have been stalled by its quota; a task that blocks was not.
-    if preempt as u8 == 0 && prev_state as u32 != 0 {
+    if blocked {
         return;
     }
     let Ok(cfs_rq) = kmem::read_ptr(prev, off.task_cfs_rq) else {

@@ -87,6 +87,9 @@ enum Tracer {
     BpftracePrint,
     /// `podscope trace throttle`: the sched_switch probe.
     PodscopeThrottle,
+    /// A do-nothing bpftrace program on sched_switch: the floor of what the
+    /// kernel's per-program accounting reports for any program there.
+    BpftraceEmptySwitch,
 }
 
 impl Tracer {
@@ -97,6 +100,7 @@ impl Tracer {
             Tracer::BpftraceCount => "bpftrace count()",
             Tracer::BpftracePrint => "bpftrace printf",
             Tracer::PodscopeThrottle => "podscope throttle",
+            Tracer::BpftraceEmptySwitch => "bpftrace empty",
         }
     }
 }
@@ -131,6 +135,11 @@ fn start(tracer: Tracer, podscope: &Path) -> Result<Option<Running>> {
         Tracer::PodscopeThrottle => {
             let mut c = Command::new(podscope);
             c.args(["trace", "throttle", "-o", "json", "--log", "podscope=debug"]);
+            c
+        }
+        Tracer::BpftraceEmptySwitch => {
+            let mut c = Command::new("bpftrace");
+            c.args(["-e", "tracepoint:sched:sched_switch { }"]);
             c
         }
         Tracer::BpftraceCount => {
@@ -848,12 +857,12 @@ fn timed(cmd: &mut Command) -> Result<Duration> {
 fn throttle() -> Result<ExitCode> {
     setup::run()?;
     let podscope = build_podscope()?;
-    let _stats = BpfStats::enable()?;
+    let mounted_tracefs = ensure_tracefs()?;
     let me = std::env::current_exe()?;
     const ROUND_TRIPS: u64 = 200_000;
-    let mut workloads: Vec<(String, u64, Box<dyn Fn() -> Result<Duration>>)> = vec![(
+    type Workload = Box<dyn Fn() -> Result<Duration>>;
+    let mut workloads: Vec<(String, Workload)> = vec![(
         format!("pipe ping-pong: {ROUND_TRIPS} round trips, 2 processes pinned to CPU 0"),
-        2 * ROUND_TRIPS,
         Box::new(move || timed(Command::new(&me).args(["pingpong", &ROUND_TRIPS.to_string()]))),
     )];
     let perf_works = Command::new("perf")
@@ -865,7 +874,6 @@ fn throttle() -> Result<ExitCode> {
     if perf_works {
         workloads.push((
             "perf bench sched messaging -g 10 -l 400 (400 processes over sockets)".into(),
-            0,
             Box::new(|| {
                 timed(Command::new("perf").args([
                     "bench",
@@ -881,54 +889,68 @@ fn throttle() -> Result<ExitCode> {
     } else {
         println!("perf bench is not available: the messaging workload is skipped");
     }
-    let tracers = [Tracer::None, Tracer::PodscopeThrottle];
     println!(
-        "throttle benchmark: {ROUNDS} rounds, conditions interleaved, median wall time of the workload"
+        "throttle benchmark: {ROUNDS} rounds with vs without `podscope trace throttle`, interleaved, \
+         kernel.bpf_stats_enabled off (its own clock reads cost more than the probe); then one run \
+         of each with it on, for the probe's cost per switch"
     );
-    for (label, switches, run) in &workloads {
+    let tracers = [Tracer::None, Tracer::PodscopeThrottle];
+    for (label, run) in &workloads {
         let mut times: Vec<Vec<Duration>> = vec![vec![]; tracers.len()];
-        let mut prog = (0u64, 0u64);
         let mut cpu = Duration::ZERO;
         for _ in 0..ROUNDS {
             for (i, &tracer) in tracers.iter().enumerate() {
                 let running = start(tracer, &podscope)?;
                 times[i].push(run()?);
                 if let Some(r) = running {
-                    let s = stop(r)?;
-                    prog.0 += s.prog_ns;
-                    prog.1 += s.prog_runs;
-                    cpu += s.cpu;
+                    cpu += stop(r)?.cpu;
                 }
             }
         }
         let base = median(&mut times[0]);
         let spread = (times[0][ROUNDS - 1] - times[0][0]).as_secs_f64() / base.as_secs_f64();
         let with = median(&mut times[1]);
-        let ns_per_switch = prog.0 as f64 / prog.1.max(1) as f64;
         println!(
             "\n{label} (baseline spread min..max: {:.1}%)",
             spread * 100.0
         );
         println!(
-            "  without: {:.3}s   with podscope: {:.3}s   ratio {:.3}",
+            "  without: {:.3}s   with podscope: {:.3}s   ratio {:.3}   podscope CPU {:.0} ms per run",
             base.as_secs_f64(),
             with.as_secs_f64(),
-            with.as_secs_f64() / base.as_secs_f64()
-        );
-        println!(
-            "  probe: {ns_per_switch:.0} ns per sched_switch ({} runs over {ROUNDS} rounds); podscope CPU {:.0} ms per run",
-            prog.1,
+            with.as_secs_f64() / base.as_secs_f64(),
             cpu.as_secs_f64() * 1000.0 / ROUNDS as f64
         );
-        // Switches per run, as the probe counted them (the ping-pong's own
-        // count is 2 per round trip; idle switches of other CPUs add to it).
-        let counted = prog.1 as f64 / ROUNDS as f64;
-        let per_switch_ns = base.as_secs_f64() * 1e9 / counted.max(1.0);
+        // The kernel's per-program clock: podscope's probe, and an empty
+        // program on the same tracepoint for the accounting's own floor.
+        let stats = BpfStats::enable()?;
+        let mut per_run = vec![];
+        for tracer in [Tracer::PodscopeThrottle, Tracer::BpftraceEmptySwitch] {
+            let r = start(tracer, &podscope)?.context("tracer did not start")?;
+            let took = run()?;
+            let s = stop(r)?;
+            per_run.push((
+                s.prog_ns as f64 / s.prog_runs.max(1) as f64,
+                s.prog_runs,
+                took,
+            ));
+        }
+        drop(stats);
+        let (ns, switches, took) = per_run[0];
+        let floor = per_run[1].0;
+        let per_switch = took.as_secs_f64() * 1e9 / switches.max(1) as f64;
         println!(
-            "  {counted:.0} switches per run ({switches} by construction; 0: unknown): {per_switch_ns:.0} ns of workload per switch, of which the probe is {:.2}% = {:.2}% of the workload's time",
-            100.0 * ns_per_switch / per_switch_ns,
-            100.0 * prog.0 as f64 / ROUNDS as f64 / (base.as_secs_f64() * 1e9)
+            "  probe: {ns:.0} ns per sched_switch as bpf_stats counts it (an empty program there: {floor:.0} ns), \
+             {switches} switches in {:.3}s = {per_switch:.0} ns of workload per switch: \
+             the probe's own work ({:.0} ns) is {:.2}% of it, {:.2}% counting the accounting floor too",
+            took.as_secs_f64(),
+            (ns - floor).max(0.0),
+            100.0 * (ns - floor).max(0.0) / per_switch,
+            100.0 * ns / per_switch
         );
+    }
+    if mounted_tracefs {
+        unmount_tracefs();
     }
 
     // Reading cpu.stat: what podscope's per-container refresh (and any
