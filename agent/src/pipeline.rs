@@ -110,7 +110,7 @@ impl Pipeline {
         drop(btf);
         release_freed_memory();
         let resolver = Resolver::new(&opts.resolver).await;
-        Ok(Pipeline {
+        let mut pipeline = Pipeline {
             exits,
             cgroups,
             throttle,
@@ -119,7 +119,12 @@ impl Pipeline {
             attachments,
             unavailable,
             _ebpf: ebpf,
-        })
+        };
+        if pipeline.throttle.is_some() {
+            // The cpu.stat baseline of every container, as the probe starts counting.
+            pipeline.refresh_cpu_stats().await;
+        }
+        Ok(pipeline)
     }
 
     pub fn attachments(&self) -> &[Attachment] {

@@ -123,6 +123,9 @@ pub struct ThrottleBook {
     /// Time spent reading cpu.stat files, for the benchmark.
     pub read_time: Duration,
     pub reads: u64,
+    /// The first refresh is done: containers seen after it are new, and
+    /// their cpu.stat counts from 0 (their creation), like the probe.
+    primed: bool,
 }
 
 impl ThrottleBook {
@@ -133,6 +136,7 @@ impl ThrottleBook {
             read_errors: 0,
             read_time: Duration::ZERO,
             reads: 0,
+            primed: false,
         }
     }
 
@@ -167,12 +171,17 @@ impl ThrottleBook {
             self.reads += 1;
             match read {
                 Ok(s) => {
-                    e.baseline.get_or_insert(s);
+                    // Containers there at start count from the first
+                    // reading; those created since, from their creation.
+                    let primed = self.primed;
+                    e.baseline
+                        .get_or_insert_with(|| if primed { CpuStat::default() } else { s });
                     e.current = Some(s);
                 }
                 Err(_) => self.read_errors += 1,
             }
         }
+        self.primed = true;
     }
 
     /// Drops containers that are gone.
@@ -281,17 +290,23 @@ mod tests {
             pod_uid: Some("x".into()),
             ..Default::default()
         };
-        let list = vec![(1u64, Arc::<str>::from("/kubepods/podx/c1"), pod)];
+        let list = vec![(1u64, Arc::<str>::from("/kubepods/podx/c1"), pod.clone())];
         book.refresh(&list);
         write(13);
         book.refresh(&list);
+        // A container created after the first refresh counts from 0.
+        let later = vec![(2u64, Arc::<str>::from("/kubepods/podx/c1"), pod)];
+        book.refresh(&later);
+        let snap = book.snapshot();
+        let c2 = snap.iter().find(|c| c.cgroup_id == 2).unwrap();
+        assert_eq!(c2.kernel.unwrap().throttled_periods, 13);
         for s in [0, 100, 200] {
             book.observe(&throttle(s, 80));
         }
         let snap = book.snapshot();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(snap.len(), 1);
-        assert_eq!(snap[0].kernel.unwrap().throttled_periods, 3);
-        assert_eq!(snap[0].periods_difference, Some(0));
+        let c1 = snap.iter().find(|c| c.cgroup_id == 1).unwrap();
+        assert_eq!(c1.kernel.unwrap().throttled_periods, 3);
+        assert_eq!(c1.periods_difference, Some(0));
     }
 }

