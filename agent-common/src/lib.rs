@@ -11,6 +11,7 @@ pub mod net;
 pub mod oom;
 pub mod signals;
 pub mod stats;
+pub mod throttle;
 
 /// Length of `task_struct.comm`, including the NUL.
 pub const TASK_COMM_LEN: usize = 16;

@@ -13,6 +13,7 @@ mod oom;
 mod ringbuf;
 mod signals;
 mod stats;
+mod throttle;
 
 #[cfg(not(test))]
 #[panic_handler]

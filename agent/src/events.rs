@@ -8,7 +8,7 @@ use serde::{Serialize, Serializer};
 
 use crate::{
     forensics::{BackgroundDeath, record::TerminationRecord},
-    probes::{exits::Exit, oom::OomKill, signals::Signal},
+    probes::{exits::Exit, oom::OomKill, signals::Signal, throttle::Throttle},
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -27,6 +27,8 @@ pub enum Event {
     Connection(crate::kubeproxy::Connection),
     /// A packet the kernel dropped, with its reason (`trace net`).
     Drop(crate::kubeproxy::PacketDrop),
+    /// A completed CFS throttle of a container on one CPU (`trace throttle`).
+    Throttle(Throttle),
 }
 
 impl Event {
@@ -40,6 +42,7 @@ impl Event {
             Event::BackgroundDeath(d) => &d.pod,
             Event::Connection(c) => &c.pod,
             Event::Drop(d) => &d.pod,
+            Event::Throttle(t) => &t.pod,
         }
     }
 
@@ -51,6 +54,7 @@ impl Event {
             Event::Oom(_) => "oom",
             Event::Termination(_) | Event::BackgroundDeath(_) => "terminations",
             Event::Connection(_) | Event::Drop(_) => "net",
+            Event::Throttle(_) => crate::probes::throttle::FAMILY,
         }
     }
 

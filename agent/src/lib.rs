@@ -21,3 +21,4 @@ pub mod pipeline;
 pub mod probes;
 pub mod selftest;
 pub mod signals;
+pub mod throttle;

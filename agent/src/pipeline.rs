@@ -29,7 +29,9 @@ use crate::{
         net::NetProbe,
         oom::{OomKill, OomProbe},
         signals::{Signal, SignalProbe},
+        throttle::ThrottleProbe,
     },
+    throttle::ThrottleBook,
 };
 
 #[derive(Clone, Debug, Default)]
@@ -42,6 +44,10 @@ pub struct PipelineOptions {
     pub net: bool,
     /// The network namespace where kube-proxy's rules live (None: this process's).
     pub netns: Option<std::path::PathBuf>,
+    /// Attach the CPU throttling probe (sched_switch, the hottest
+    /// tracepoint: only for the consumers that want it) and read the
+    /// containers' cpu.stat on every tick.
+    pub throttle: bool,
 }
 
 /// Counters of one family, as exported.
@@ -60,6 +66,8 @@ pub struct Pipeline {
     net: Option<NetProbe>,
     rules: RuleSource,
     seen: Seen,
+    throttle: Option<ThrottleProbe>,
+    throttle_book: ThrottleBook,
     resolver: Resolver,
     attachments: Vec<Attachment>,
     /// Refused family attachments: (family, reason).
@@ -154,6 +162,21 @@ impl Pipeline {
         if net.is_some() {
             rules.refresh(true);
         }
+        let throttle = if opts.throttle {
+            match ThrottleProbe::attach(&mut ebpf, btf.as_ref(), &offsets.throttle, None) {
+                Ok(p) => {
+                    attachments.push(p.attachment.clone());
+                    Some(p)
+                }
+                Err(e) => {
+                    tracing::warn!("{e}: CPU throttling is read from cpu.stat only");
+                    unavailable.push((probes::throttle::FAMILY, e.to_string()));
+                    None
+                }
+            }
+        } else {
+            None
+        };
         for a in &attachments {
             for (kind, why) in &a.refused {
                 tracing::info!(
@@ -172,7 +195,7 @@ impl Pipeline {
         if let Some(root) = layout.v2_root() {
             forensics.adopt_running(&resolver, root);
         }
-        Ok(Pipeline {
+        let mut pipeline = Pipeline {
             exits,
             cgroups,
             signals,
@@ -181,11 +204,18 @@ impl Pipeline {
             net,
             rules,
             seen: Seen::new(16_384, Duration::from_secs(120)),
+            throttle,
+            throttle_book: ThrottleBook::new(layout),
             resolver,
             attachments,
             unavailable,
             _ebpf: ebpf,
-        })
+        };
+        if pipeline.throttle.is_some() {
+            // The cpu.stat baseline of every container, as the probe starts counting.
+            pipeline.refresh_cpu_stats().await;
+        }
+        Ok(pipeline)
     }
 
     pub fn attachments(&self) -> &[Attachment] {
@@ -199,6 +229,7 @@ impl Pipeline {
         fds.extend(self.signals.as_ref().map(SignalProbe::ring_fd));
         fds.extend(self.oom.as_ref().map(OomProbe::ring_fd));
         fds.extend(self.net.iter().flat_map(NetProbe::ring_fds));
+        fds.extend(self.throttle.as_ref().map(ThrottleProbe::ring_fd));
         fds
     }
 
@@ -246,6 +277,15 @@ impl Pipeline {
             exit.pod = self.resolver.identify(exit.cgroup_id).await;
             self.forensics.on_exit(&self.resolver, &exit);
             events.push(Event::Exit(exit));
+        }
+        if let Some(probe) = self.throttle.as_mut() {
+            let mut throttles = vec![];
+            probe.drain(|t| throttles.push(t));
+            for mut t in throttles {
+                t.pod = self.resolver.identify(t.cgroup_id).await;
+                self.throttle_book.observe(&t);
+                events.push(Event::Throttle(t));
+            }
         }
         for c in &changes {
             if c.op == CgroupOp::Removed {
@@ -320,6 +360,25 @@ impl Pipeline {
             self.rules.refresh(false);
             self.seen.gc();
         }
+        if self.throttle.is_some() {
+            self.refresh_cpu_stats().await;
+        }
+    }
+
+    /// Reads every live container's cpu.stat into the throttle book.
+    pub async fn refresh_cpu_stats(&mut self) {
+        let mut containers = vec![];
+        for (id, path) in self.resolver.live_container_cgroups() {
+            let pod = self.resolver.identify(id).await;
+            containers.push((id, path, pod));
+        }
+        self.throttle_book.refresh(&containers);
+        self.throttle_book.forget_gone();
+    }
+
+    /// Per-container throttling, measured and from cpu.stat.
+    pub fn throttle_book(&self) -> &ThrottleBook {
+        &self.throttle_book
     }
 
     pub fn source_stats(&self) -> Vec<SourceStats> {
@@ -351,6 +410,12 @@ impl Pipeline {
                     .into_iter()
                     .map(|(source, stats)| SourceStats { source, stats }),
             );
+        }
+        if let Some(t) = &self.throttle {
+            out.push(SourceStats {
+                source: probes::throttle::FAMILY,
+                stats: t.stats(),
+            });
         }
         out
     }

@@ -124,3 +124,8 @@ fn every_scenario_has_a_cargo_test() {
         );
     }
 }
+
+#[test]
+fn a_throttled_cgroup_is_measured_as_cpu_stat_counts_it() {
+    scenario("throttle_matches_cpu_stat");
+}

@@ -31,7 +31,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("agent") => agent(),
         Some("terminations") => terminations(),
         Some("net") => net::run(),
-        _ => bail!("usage: cargo xtask bench <exits | pods | agent | terminations | net>"),
+        Some("throttle") => throttle(),
+        _ => {
+            bail!("usage: cargo xtask bench <exits | pods | agent | terminations | net | throttle>")
+        }
     }
 }
 
@@ -119,6 +122,11 @@ enum Tracer {
     Podscope,
     BpftraceCount,
     BpftracePrint,
+    /// `podscope trace throttle`: the sched_switch probe.
+    PodscopeThrottle,
+    /// A do-nothing bpftrace program on sched_switch: the floor of what the
+    /// kernel's per-program accounting reports for any program there.
+    BpftraceEmptySwitch,
 }
 
 impl Tracer {
@@ -128,6 +136,8 @@ impl Tracer {
             Tracer::Podscope => "podscope",
             Tracer::BpftraceCount => "bpftrace count()",
             Tracer::BpftracePrint => "bpftrace printf",
+            Tracer::PodscopeThrottle => "podscope throttle",
+            Tracer::BpftraceEmptySwitch => "bpftrace empty",
         }
     }
 }
@@ -180,6 +190,16 @@ fn start_on(tracer: Tracer, podscope: &Path, traced: &Traced) -> Result<Option<R
                 "--ring-buffer-size",
                 "4194304",
             ]);
+            c
+        }
+        Tracer::PodscopeThrottle => {
+            let mut c = Command::new(podscope);
+            c.args(["trace", "throttle", "-o", "json", "--log", "podscope=debug"]);
+            c
+        }
+        Tracer::BpftraceEmptySwitch => {
+            let mut c = Command::new("bpftrace");
+            c.args(["-e", "tracepoint:sched:sched_switch { }"]);
             c
         }
         Tracer::BpftraceCount => {
@@ -950,4 +970,196 @@ fn tracer_rss(podscope: &Path) -> Result<u64> {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     Ok(rss)
+}
+
+/// Hidden task: `xtask pingpong N`: two processes pinned to CPU 0 pass a
+/// byte back and forth through two pipes N times, 2 context switches per
+/// round trip and almost nothing else: the worst case for a sched_switch probe.
+pub fn pingpong(args: &[String]) -> Result<ExitCode> {
+    let n: u64 = args
+        .first()
+        .and_then(|s| s.parse().ok())
+        .context("pingpong needs a count")?;
+    // SAFETY: plain syscalls on fds and a cpu set of our own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        let (mut a, mut b) = ([0i32; 2], [0i32; 2]);
+        if libc::pipe(a.as_mut_ptr()) != 0 || libc::pipe(b.as_mut_ptr()) != 0 {
+            bail!("pipe: {}", std::io::Error::last_os_error());
+        }
+        let mut byte = 0u8;
+        let buf = &mut byte as *mut u8 as *mut libc::c_void;
+        let pid = libc::fork();
+        if pid == 0 {
+            for _ in 0..n {
+                if libc::read(a[0], buf, 1) != 1 || libc::write(b[1], buf, 1) != 1 {
+                    libc::_exit(1);
+                }
+            }
+            libc::_exit(0);
+        }
+        for _ in 0..n {
+            if libc::write(a[1], buf, 1) != 1 || libc::read(b[0], buf, 1) != 1 {
+                bail!("the ping-pong partner went away");
+            }
+        }
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn timed(cmd: &mut Command) -> Result<Duration> {
+    let t = Instant::now();
+    let st = cmd.stdout(Stdio::null()).status()?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(t.elapsed())
+}
+
+/// `throttle`: the sched_switch probe's cost on context-switch-heavy
+/// workloads, with vs without `podscope trace throttle`, and the cost of
+/// reading one container's cpu.stat (what cAdvisor-style polling costs).
+fn throttle() -> Result<ExitCode> {
+    setup::run()?;
+    let podscope = build_podscope()?;
+    let mounted_tracefs = ensure_tracefs()?;
+    let me = std::env::current_exe()?;
+    const ROUND_TRIPS: u64 = 200_000;
+    type Workload = Box<dyn Fn() -> Result<Duration>>;
+    let mut workloads: Vec<(String, Workload)> = vec![(
+        format!("pipe ping-pong: {ROUND_TRIPS} round trips, 2 processes pinned to CPU 0"),
+        Box::new(move || timed(Command::new(&me).args(["pingpong", &ROUND_TRIPS.to_string()]))),
+    )];
+    let perf_works = Command::new("perf")
+        .args(["bench", "sched", "messaging", "-g", "1", "-l", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if perf_works {
+        workloads.push((
+            "perf bench sched messaging -g 10 -l 400 (400 processes over sockets)".into(),
+            Box::new(|| {
+                timed(Command::new("perf").args([
+                    "bench",
+                    "sched",
+                    "messaging",
+                    "-g",
+                    "10",
+                    "-l",
+                    "400",
+                ]))
+            }),
+        ));
+    } else {
+        println!("perf bench is not available: the messaging workload is skipped");
+    }
+    println!(
+        "throttle benchmark: {ROUNDS} rounds with vs without `podscope trace throttle`, interleaved, \
+         kernel.bpf_stats_enabled off (its own clock reads cost more than the probe); then one run \
+         of each with it on, for the probe's cost per switch"
+    );
+    let tracers = [Tracer::None, Tracer::PodscopeThrottle];
+    for (label, run) in &workloads {
+        let mut times: Vec<Vec<Duration>> = vec![vec![]; tracers.len()];
+        let mut cpu = Duration::ZERO;
+        for _ in 0..ROUNDS {
+            for (i, &tracer) in tracers.iter().enumerate() {
+                let running = start(tracer, &podscope)?;
+                times[i].push(run()?);
+                if let Some(r) = running {
+                    cpu += stop(r)?.cpu;
+                }
+            }
+        }
+        let base = median(&mut times[0]);
+        let spread = (times[0][ROUNDS - 1] - times[0][0]).as_secs_f64() / base.as_secs_f64();
+        let with = median(&mut times[1]);
+        println!(
+            "\n{label} (baseline spread min..max: {:.1}%)",
+            spread * 100.0
+        );
+        println!(
+            "  without: {:.3}s   with podscope: {:.3}s   ratio {:.3}   podscope CPU {:.0} ms per run",
+            base.as_secs_f64(),
+            with.as_secs_f64(),
+            with.as_secs_f64() / base.as_secs_f64(),
+            cpu.as_secs_f64() * 1000.0 / ROUNDS as f64
+        );
+        // The kernel's per-program clock: podscope's probe, and an empty
+        // program on the same tracepoint for the accounting's own floor.
+        let stats = BpfStats::enable()?;
+        let mut per_run = vec![];
+        for tracer in [Tracer::PodscopeThrottle, Tracer::BpftraceEmptySwitch] {
+            let r = start(tracer, &podscope)?.context("tracer did not start")?;
+            let took = run()?;
+            let s = stop(r)?;
+            per_run.push((
+                s.prog_ns as f64 / s.prog_runs.max(1) as f64,
+                s.prog_runs,
+                took,
+            ));
+        }
+        drop(stats);
+        let (ns, switches, took) = per_run[0];
+        let floor = per_run[1].0;
+        let per_switch = took.as_secs_f64() * 1e9 / switches.max(1) as f64;
+        println!(
+            "  probe: {ns:.0} ns per sched_switch as bpf_stats counts it (an empty program there: {floor:.0} ns), \
+             {switches} switches in {:.3}s = {per_switch:.0} ns of workload per switch: \
+             the probe's own work ({:.0} ns) is {:.2}% of it, {:.2}% counting the accounting floor too",
+            took.as_secs_f64(),
+            (ns - floor).max(0.0),
+            100.0 * (ns - floor).max(0.0) / per_switch,
+            100.0 * ns / per_switch
+        );
+    }
+    if mounted_tracefs {
+        unmount_tracefs();
+    }
+
+    // Reading cpu.stat: what podscope's per-container refresh (and any
+    // cpu.stat poller) costs, for comparison with the probe.
+    let layout = cgroup_cpu_dirs();
+    if let Some((cpu, cpuacct)) = layout {
+        let files = [
+            cpu.join("cpu.stat"),
+            cpu.join("cpu.cfs_quota_us"),
+            cpu.join("cpu.cfs_period_us"),
+            cpuacct.join("cpuacct.usage"),
+        ];
+        let n = 20_000;
+        let t = Instant::now();
+        for _ in 0..n {
+            std::fs::read_to_string(&files[0])?;
+        }
+        let stat_only = t.elapsed() / n;
+        let t = Instant::now();
+        for _ in 0..n {
+            for f in &files {
+                std::fs::read_to_string(f)?;
+            }
+        }
+        let all = t.elapsed() / n;
+        println!(
+            "\nreading cpu.stat of one cgroup ({}): {:.1} µs; with quota, period and cpuacct.usage (podscope's refresh per container): {:.1} µs",
+            cpu.display(),
+            stat_only.as_secs_f64() * 1e6,
+            all.as_secs_f64() * 1e6
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The v1 cpu and cpuacct roots (hybrid/v1), or the v2 root twice.
+fn cgroup_cpu_dirs() -> Option<(PathBuf, PathBuf)> {
+    let cpu = PathBuf::from("/sys/fs/cgroup/cpu");
+    let cpuacct = PathBuf::from("/sys/fs/cgroup/cpuacct");
+    if cpu.join("cpu.stat").exists() && cpuacct.join("cpuacct.usage").exists() {
+        return Some((cpu, cpuacct));
+    }
+    None
 }

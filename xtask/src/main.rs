@@ -47,6 +47,7 @@ fn real_main() -> Result<ExitCode> {
         "vm-test" => vm::run(rest),
         // The benchmarks' workload, run as a separate small process.
         "storm" => bench::storm(rest),
+        "pingpong" => bench::pingpong(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)

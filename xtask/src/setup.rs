@@ -47,6 +47,8 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     // `cargo xtask bench net`: throughput between two pods through a ClusterIP.
     "iperf3",
+    // `perf bench sched messaging`: a context-switch-heavy workload for `bench throttle`.
+    "linux-perf",
 ];
 
 /// Python tools deploy/'s tests run, pinned so a new release cannot change

@@ -1,6 +1,7 @@
 //! The `podscope` command line: one module per subcommand.
 
 pub mod doctor;
+mod top;
 mod trace;
 mod why;
 
@@ -35,6 +36,8 @@ pub enum Command {
     Why(why::WhyArgs),
     /// What this kernel and node support, and what that means for podscope.
     Doctor(doctor::DoctorArgs),
+    /// Containers sorted by CPU throttling, refreshed like top (no daemon needed).
+    Top(top::TopArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -89,6 +92,7 @@ pub fn main() -> ExitCode {
         Command::Trace(args) => trace::run(args),
         Command::Why(args) => why::run(args),
         Command::Doctor(args) => doctor::run(args),
+        Command::Top(args) => top::run(args),
     };
     match result {
         Ok(code) => code,

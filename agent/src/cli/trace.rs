@@ -72,16 +72,20 @@ pub enum Family {
     /// New connections through kube-proxy's rules (pod → ClusterIP → endpoint,
     /// rejected, dropped) and packet drops with the kernel's reason.
     Net,
+    /// CPU throttling: each time a container's CPU quota ran out on a CPU, and for how long.
+    Throttle,
 }
 
 impl Family {
-    fn name(self) -> &'static str {
+    /// The name `Event::family` gives the family's events.
+    pub fn name(self) -> &'static str {
         match self {
             Family::Exits => "exits",
             Family::Signals => "signals",
             Family::Oom => "oom",
             Family::Terminations => "terminations",
             Family::Net => "net",
+            Family::Throttle => crate::probes::throttle::FAMILY,
         }
     }
 }
@@ -125,6 +129,7 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
         },
         net: args.family == Family::Net,
         netns: args.netns.clone(),
+        throttle: args.family == Family::Throttle,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -241,6 +246,20 @@ impl Session {
             return Ok(ExitCode::SUCCESS);
         }
         let rs = self.pipeline.resolver_stats();
+        if self.family == Family::Throttle {
+            let stats = self
+                .pipeline
+                .source_stats()
+                .into_iter()
+                .find(|s| s.source == self.family.name())
+                .map(|s| s.stats)
+                .unwrap_or_default();
+            eprintln!(
+                "podscope: {} throttles shown; kernel: {} throttled switch-outs, {} lost, {} run queues removed while throttled; attribution: {} CRI errors",
+                self.shown, stats.hits, stats.lost, stats.read_errors, rs.cri_errors,
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         let kernel: Vec<String> = self
             .pipeline
             .source_stats()
@@ -332,6 +351,10 @@ fn table_header(family: Family) -> String {
         Family::Terminations => format!(
             "{:<12} {:<40} {:<16} {:<22} {:>4}  {}",
             "TIME", "NAMESPACE/POD", "CONTAINER", "REASON", "CODE", "EXPLANATION"
+        ),
+        Family::Throttle => format!(
+            "{:<12} {:>3} {:>10} {:<8}  {:<40} {}",
+            "TIME", "CPU", "THROTTLED", "QUOTA", "NAMESPACE/POD", "CONTAINER"
         ),
         Family::Net => format!(
             "{:<12} {:<5} {:<32} {:<22} {:<30} {:<32} {}",
@@ -486,11 +509,23 @@ fn table_row(event: &Event) -> String {
                 .map(|s| format!(" from {} ({})", s.comm, s.kind.as_str()))
                 .unwrap_or_default()
         ),
+        Event::Throttle(t) => {
+            let ts = humantime::format_rfc3339_millis(t.ts).to_string();
+            format!(
+                "{:<12} {:>3} {:>10} {:<8}  {:<40} {}",
+                ts.get(11..23).unwrap_or(&ts),
+                t.cpu,
+                human_duration(t.duration()),
+                if t.ancestor { "ancestor" } else { "own" },
+                pod_column(&t.pod),
+                container_column(&t.pod)
+            )
+        }
     }
 }
 
 /// "namespace/pod", the pod uid when CRI did not name it, or "(host)".
-fn pod_column(id: &PodIdentity) -> String {
+pub(super) fn pod_column(id: &PodIdentity) -> String {
     match (&id.namespace, &id.pod, &id.pod_uid) {
         (Some(ns), Some(pod), _) => format!("{ns}/{pod}"),
         (_, _, Some(uid)) => format!("pod {uid}"),
@@ -498,7 +533,7 @@ fn pod_column(id: &PodIdentity) -> String {
     }
 }
 
-fn container_column(id: &PodIdentity) -> String {
+pub(super) fn container_column(id: &PodIdentity) -> String {
     match (&id.container, &id.container_id) {
         (Some(name), _) => name.clone(),
         (None, Some(cid)) => cid.chars().take(13).collect(),
@@ -506,7 +541,7 @@ fn container_column(id: &PodIdentity) -> String {
     }
 }
 
-fn human_duration(d: Duration) -> String {
+pub(super) fn human_duration(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;
     match ms {
         m if m < 1.0 => format!("{:.0}µs", m * 1000.0),

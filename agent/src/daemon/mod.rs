@@ -70,6 +70,7 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
         },
         net: true,
         netns: cfg.netns.clone(),
+        throttle: true,
     };
     let mut pipeline = Pipeline::start(&opts).await?;
     let metrics = Metrics::new(&MetricsOptions {

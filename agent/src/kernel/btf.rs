@@ -113,6 +113,22 @@ pub struct Member {
     pub size: u32,
     /// Bitfield width, 0 for an ordinary member.
     pub bitfield_bits: u32,
+    /// A bitfield's first bit within the byte at `offset` (0 for an ordinary member).
+    pub bit: u32,
+}
+
+impl Member {
+    /// Where to read the member as a little-endian u32 and which bits of
+    /// that u32 are its own: the whole of an ordinary member of up to 4
+    /// bytes, or a bitfield's bits (e.g. 6.18's `cfs_rq.throttled:1`, an
+    /// `int` on older kernels).
+    pub fn u32_mask(&self) -> u32 {
+        match (self.bitfield_bits, self.size) {
+            (0, s) if s >= 4 => u32::MAX,
+            (0, s) => (1u32 << (8 * s)) - 1,
+            (b, _) => (((1u64 << b) - 1) as u32) << self.bit,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -408,6 +424,7 @@ impl Btf {
                     offset: bit_off / 8,
                     size: self.size_of(m_type),
                     bitfield_bits: bits,
+                    bit: if bits == 0 { 0 } else { bit_off % 8 },
                 });
             }
         }
@@ -550,7 +567,8 @@ mod tests {
             Member {
                 offset: 16,
                 size: 4,
-                bitfield_bits: 0
+                bitfield_bits: 0,
+                bit: 0,
             }
         );
         assert_eq!(btf.offset_of("task", "a").unwrap(), 8);
@@ -636,7 +654,8 @@ mod tests {
             Member {
                 offset: 3072,
                 size: 8,
-                bitfield_bits: 0
+                bitfield_bits: 0,
+                bit: 0,
             }
         );
         // skb drop reasons: NO_SOCKET is 2 on 6.1 (3 on later kernels).

@@ -6,6 +6,7 @@ pub mod bpf_sys;
 pub mod btf;
 pub mod cgroups;
 pub mod clock;
+pub mod cpu_stat;
 pub mod privilege;
 pub mod tracefs;
 

@@ -16,9 +16,8 @@ use super::cgroup_path::{self, CgroupRef};
 #[derive(Debug)]
 struct Entry {
     pod: Arc<CgroupRef>,
-    /// Relative to the v2 root, e.g. `/kubepods/burstable/pod…/…`: where
-    /// the container's files are (memory.*, cpu.stat) in every hierarchy.
-    path: Box<str>,
+    /// Relative to the v2 root: where the cgroup's own files (cpu.stat) are.
+    path: Arc<str>,
     removed: Option<Instant>,
 }
 
@@ -139,6 +138,14 @@ impl CgroupMap {
             .map(|(id, e)| (*id, &*e.path, &e.pod))
     }
 
+    /// Containers' cgroups that exist now: (id, path relative to the v2 root).
+    pub fn live_containers(&self) -> impl Iterator<Item = (u64, &Arc<str>)> {
+        self.by_id
+            .iter()
+            .filter(|(_, e)| e.removed.is_none() && e.pod.container_id.is_some())
+            .map(|(id, e)| (*id, &e.path))
+    }
+
     /// Drops removed cgroups older than the retention.
     pub fn gc(&mut self, now: Instant) {
         let before = self.by_id.len();
@@ -166,7 +173,16 @@ mod tests {
             m.insert(8, "/system.slice/ssh.service").is_none(),
             "host cgroups are not kept"
         );
+        let live: Vec<_> = m
+            .live_containers()
+            .map(|(id, p)| (id, p.to_string()))
+            .collect();
+        assert_eq!(
+            live,
+            vec![(7, format!("/kubepods/pod{UID}/abcdef0123456789"))]
+        );
         m.remove(7);
+        assert_eq!(m.live_containers().count(), 0);
         m.gc(Instant::now());
         assert!(m.get(7).is_some(), "still within the retention");
         m.gc(Instant::now() + Duration::from_secs(61));

@@ -184,6 +184,14 @@ impl Resolver {
         (self.cgroups.len(), self.containers.len())
     }
 
+    /// Containers' cgroups that exist now: (v2 id, path relative to the v2 root).
+    pub fn live_container_cgroups(&self) -> Vec<(u64, Arc<str>)> {
+        self.cgroups
+            .live_containers()
+            .map(|(id, p)| (id, p.clone()))
+            .collect()
+    }
+
     pub fn cgroup_created(&mut self, id: u64, path: &str) {
         if let Some(pod) = self.cgroups.insert(id, path)
             && pod

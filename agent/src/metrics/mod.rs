@@ -9,6 +9,7 @@
 pub mod exits;
 pub mod net;
 pub mod terminations;
+pub mod throttle;
 
 use std::{
     collections::HashMap,
@@ -128,6 +129,7 @@ pub struct Metrics {
     unexplained: Counter,
     unexplained_seen: u64,
     net: net::NetMetrics,
+    throttle: throttle::ThrottleMetrics,
     /// Kernel counters already exported, to add only the difference.
     lost_seen: HashMap<&'static str, u64>,
     cri_errors_seen: u64,
@@ -221,6 +223,7 @@ impl Metrics {
         let exits = exits::ExitMetrics::register(&mut registry, opts);
         let terminations = terminations::TerminationMetrics::register(&mut registry, opts);
         let net = net::NetMetrics::register(&mut registry, opts);
+        let throttle = throttle::ThrottleMetrics::register(&mut registry, opts);
         Metrics {
             registry,
             events,
@@ -239,6 +242,7 @@ impl Metrics {
             unexplained,
             unexplained_seen: 0,
             net,
+            throttle,
             lost_seen: HashMap::new(),
             cri_errors_seen: 0,
         }
@@ -292,6 +296,10 @@ impl Metrics {
                 self.net.observe_drop(d, now, &self.series_refused);
                 crate::probes::net::FAMILY_DROPS
             }
+            Event::Throttle(t) => {
+                self.throttle.observe(t, now, &self.series_refused);
+                crate::probes::throttle::FAMILY
+            }
         };
         self.events
             .get_or_create(&SourceLabels {
@@ -329,6 +337,11 @@ impl Metrics {
         }
         self.tracked_containers
             .set(pipeline.resolver().live_containers() as i64);
+        self.throttle.update(
+            pipeline.throttle_book(),
+            Instant::now(),
+            &self.series_refused,
+        );
     }
 
     pub fn update_journal(&mut self, j: &crate::forensics::store::JournalStats) {
@@ -353,6 +366,7 @@ impl Metrics {
         self.exits.gc(now, gone);
         self.terminations.gc(now, gone);
         self.net.gc(now, gone);
+        self.throttle.gc(now, gone);
     }
 
     /// The OpenMetrics text exposition.
@@ -364,7 +378,10 @@ impl Metrics {
     }
 
     pub fn series(&self) -> usize {
-        self.exits.series() + self.terminations.series() + self.net.series()
+        self.exits.series()
+            + self.terminations.series()
+            + self.net.series()
+            + self.throttle.series()
     }
 }
 

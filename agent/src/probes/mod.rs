@@ -12,6 +12,7 @@ pub mod exits;
 pub mod net;
 pub mod oom;
 pub mod signals;
+pub mod throttle;
 
 use std::fmt;
 
@@ -100,6 +101,9 @@ pub struct KernelOffsets {
     pub net: Option<agent_common::net::NetOffsets>,
     /// `enum skb_drop_reason`'s names by value.
     pub drop_reasons: std::collections::HashMap<u32, String>,
+    /// Optional: a kernel without CFS bandwidth control has none, and only
+    /// the throttle family is then unavailable.
+    pub throttle: Result<agent_common::throttle::ThrottleOffsets, String>,
 }
 
 impl KernelOffsets {
@@ -113,6 +117,7 @@ impl KernelOffsets {
                 .inspect_err(|e| tracing::debug!("packet probes unavailable: {e}"))
                 .ok(),
             drop_reasons: net::drop_reason_names(btf),
+            throttle: throttle::resolve_offsets(btf).map_err(|e| e.to_string()),
         })
     }
 
@@ -173,6 +178,7 @@ pub fn load_object(offsets: &KernelOffsets, opts: &LoadOptions) -> Result<Ebpf, 
     if let Some(net) = &offsets.net {
         net::configure(&mut loader, net, opts);
     }
+    throttle::configure(&mut loader, &offsets.throttle);
     loader
         .load(EBPF_OBJECT)
         .map_err(|e| ProbeError::Load(error_chain(&e)))
@@ -265,19 +271,8 @@ impl FamilyMaps {
 
     /// Every raw event waiting, in order; returns how many. `T` must be the
     /// type the kernel side writes (shorter records are skipped).
-    pub(crate) fn drain<T: aya::Pod>(&mut self, mut f: impl FnMut(T)) -> usize {
-        let mut n = 0;
-        while let Some(item) = self.events.next() {
-            if item.len() < size_of::<T>() {
-                continue;
-            }
-            // SAFETY: T is Pod (valid for any bytes) and the item is long
-            // enough; read_unaligned because the ring buffer only guarantees
-            // 8-byte alignment.
-            f(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const T) });
-            n += 1;
-        }
-        n
+    pub(crate) fn drain<T: aya::Pod>(&mut self, f: impl FnMut(T)) -> usize {
+        drain_ring(&mut self.events, f)
     }
 
     pub(crate) fn stats(&self) -> FamilyStats {
@@ -289,6 +284,55 @@ impl FamilyMaps {
         use std::os::fd::AsRawFd;
         self.events.as_raw_fd()
     }
+}
+
+/// A family's attached hook, ring buffer and stats: [`attach_first`] over
+/// `kinds`, then [`take_family_maps`].
+pub(crate) struct AttachedFamily {
+    pub events: aya::maps::RingBuf<aya::maps::MapData>,
+    pub stats: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    pub attachment: Attachment,
+}
+
+pub(crate) fn attach_family(
+    ebpf: &mut Ebpf,
+    (family, hook): (&'static str, &'static str),
+    (events_map, stats_map): (&'static str, &'static str),
+    kinds: impl IntoIterator<Item = AttachType>,
+    mut try_attach: impl FnMut(&mut Ebpf, AttachType) -> Result<(), String>,
+) -> Result<AttachedFamily, ProbeError> {
+    let (attach_type, refused) = attach_first(family, kinds, |kind| try_attach(ebpf, kind))?;
+    let (events, stats) = take_family_maps(ebpf, family, events_map, stats_map)?;
+    Ok(AttachedFamily {
+        events,
+        stats,
+        attachment: Attachment {
+            family,
+            hook,
+            attach_type,
+            refused,
+        },
+    })
+}
+
+/// Reads every record waiting in a ring buffer as a `T` (the kernel side
+/// writes exactly one `T` per record; shorter records are skipped).
+pub(crate) fn drain_ring<T: aya::Pod>(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    mut f: impl FnMut(T),
+) -> usize {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<T>() {
+            continue;
+        }
+        // SAFETY: T is Pod (valid for any bytes) and the record holds at
+        // least size_of::<T>() of them; unaligned because the ring buffer
+        // only guarantees 8-byte alignment.
+        f(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const T) });
+        n += 1;
+    }
+    n
 }
 
 /// A program of the object, as its concrete type.

@@ -9,6 +9,10 @@ use std::{process::ExitCode, time::Duration};
 pub const THREADS_THEN_EXIT: &str = "threads-then-exit";
 pub const THREADS_THEN_EXIT_STATUS: u8 = 7;
 
+/// Spins on one thread until killed (at most a minute): a CPU-bound
+/// workload for the throttling scenarios.
+pub const SPIN: &str = "spin";
+
 /// Runs a helper mode; never returns for a known mode.
 pub fn run(mode: &str) -> ExitCode {
     match mode {
@@ -20,6 +24,14 @@ pub fn run(mode: &str) -> ExitCode {
             // SAFETY: _exit ends the whole process at once, threads included,
             // which is the point (no unwinding or joining).
             unsafe { libc::_exit(i32::from(THREADS_THEN_EXIT_STATUS)) }
+        }
+        SPIN => {
+            let end = std::time::Instant::now() + Duration::from_secs(60);
+            let mut x = 0u64;
+            while std::time::Instant::now() < end {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            ExitCode::SUCCESS
         }
         other => {
             eprintln!("podscope-kernel-tests: unknown helper mode `{other}`");

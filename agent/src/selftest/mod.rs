@@ -19,6 +19,7 @@ pub mod helper;
 mod net;
 mod selection;
 mod terminations;
+mod throttle;
 mod tracer;
 
 use std::{fmt, path::PathBuf, time::Instant};
@@ -184,6 +185,10 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "net_paths",
         run: net::net_paths,
+    },
+    Scenario {
+        name: "throttle_matches_cpu_stat",
+        run: throttle::throttled_cgroup_matches_cpu_stat,
     },
 ];
 

@@ -5,6 +5,7 @@
 //! ```text
 //! podscope-helper alloc MIB [--hold SECS]   touch MIB MiB of memory, then hold it
 //! podscope-helper spin THREADS              busy-loop on THREADS threads
+//! podscope-helper burst THREADS MS EVERY_MS  every EVERY_MS, MS of CPU on THREADS threads at once
 //! podscope-helper sigterm ignore|handle|default
 //!                                           set SIGTERM's disposition, then sleep
 //! podscope-helper crash segv                a real invalid memory access
@@ -21,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-const USAGE: &str = "usage: podscope-helper alloc MIB [--hold SECS] | spin THREADS | sigterm ignore|handle|default | crash segv | pause | serve PORT | connect ADDR:PORT N [--timeout SECS]";
+const USAGE: &str = "usage: podscope-helper alloc MIB [--hold SECS] | spin THREADS | burst THREADS MS EVERY_MS | sigterm ignore|handle|default | crash segv | pause | serve PORT | connect ADDR:PORT N [--timeout SECS]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         ["alloc", mib] => alloc(mib, "3600"),
         ["alloc", mib, "--hold", secs] => alloc(mib, secs),
         ["spin", threads] => spin(threads),
+        ["burst", threads, ms, every] => burst(threads, ms, every),
         ["sigterm", mode] => sigterm(mode),
         ["crash", "segv"] => crash_segv(),
         ["pause"] => pause(),
@@ -100,6 +102,52 @@ fn spin(threads: &str) -> Result<(), String> {
         });
     }
     sleep_forever()
+}
+
+/// Short bursts on several threads at once, idle in between: an average
+/// usage far below the limit that still overruns the quota inside one CFS
+/// period (the throttling users see while their dashboards show low CPU).
+/// Each burst is MS of CPU time per thread (not of wall time), so that a
+/// busy machine stretches a burst instead of shrinking it.
+fn burst(threads: &str, ms: &str, every: &str) -> Result<(), String> {
+    let n = number(threads, "THREADS")?;
+    let busy = Duration::from_millis(number(ms, "MS")?);
+    let every = Duration::from_millis(number(every, "EVERY_MS")?);
+    if busy >= every {
+        return Err(format!(
+            "MS ({busy:?}) must be shorter than EVERY_MS ({every:?})"
+        ));
+    }
+    say(&format!(
+        "bursting {busy:?} of CPU on {n} threads every {every:?}"
+    ));
+    let epoch = Instant::now();
+    for _ in 0..n {
+        thread::spawn(move || {
+            let mut next = epoch;
+            loop {
+                // Every thread starts its burst at the same instant.
+                let start = thread_cpu_time();
+                while thread_cpu_time().saturating_sub(start) < busy {
+                    std::hint::black_box(start);
+                }
+                next += every;
+                thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+        });
+    }
+    sleep_forever()
+}
+
+/// CPU time this thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; the clock exists on every Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 extern "C" fn on_sigterm(_: libc::c_int) {

@@ -1,0 +1,312 @@
+//! Per-container CPU throttling: what the sched_switch probe measured
+//! (throttles, their durations, grouped into periods) beside what the
+//! kernel's own `cpu.stat` counts, for `podscope top`, the metrics and the
+//! self-check between the two.
+//!
+//! Both sides are counted from the moment podscope first sees a container
+//! (the `cpu.stat` counters as a difference from that first reading), so
+//! they cover the same window. The probe attributes a throttle to the
+//! container whose task stalled, whichever level's quota ran out; `cpu.stat`
+//! of the container counts only its own quota's throttles, so a pod-level
+//! quota shows up as a difference (and in the events' `ancestor` flag).
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use crate::{
+    kernel::{
+        cgroups::CgroupLayout,
+        cpu_stat::{CpuFiles, CpuStat},
+    },
+    metadata::PodIdentity,
+    probes::throttle::Throttle,
+};
+
+/// Upper bounds (seconds) of the throttle-duration histogram: fine below
+/// 10 ms (a burst that overran its quota at the end of a period) and around
+/// 50–100 ms (a container starved for most of a 100 ms period).
+pub const DURATION_BUCKETS: [f64; 11] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// What the probe measured for one container.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Measured {
+    /// Periods with at least one throttle: throttles on several CPUs that
+    /// overlap in time are one period, as `nr_throttled` counts them.
+    pub periods: u64,
+    /// Throttles (one per CPU run queue).
+    pub throttles: u64,
+    /// Summed over CPUs, like `cpu.stat`'s throttled time.
+    pub throttled_ns: u64,
+    /// Throttles whose quota was an ancestor's (e.g. the pod's).
+    pub ancestor_throttles: u64,
+    /// Counts per [`DURATION_BUCKETS`] bound (not cumulative), the last one above all.
+    pub buckets: [u64; DURATION_BUCKETS.len() + 1],
+    /// Boot-clock end of the current period's throttles.
+    #[serde(skip)]
+    period_end_ns: u64,
+}
+
+impl Measured {
+    pub fn add(&mut self, t: &Throttle) {
+        let end = t.start_boot_ns + t.duration_ns;
+        if t.start_boot_ns >= self.period_end_ns {
+            self.periods += 1;
+        }
+        self.period_end_ns = self.period_end_ns.max(end);
+        self.throttles += 1;
+        self.throttled_ns += t.duration_ns;
+        self.ancestor_throttles += u64::from(t.ancestor);
+        let secs = t.duration_ns as f64 / 1e9;
+        let i = DURATION_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.buckets[i] += 1;
+    }
+}
+
+/// One container's line.
+#[derive(Clone, Debug, Serialize)]
+pub struct ContainerThrottle {
+    pub cgroup_id: u64,
+    #[serde(flatten)]
+    pub pod: PodIdentity,
+    /// Measured by the probe since podscope first saw the container.
+    pub measured: Measured,
+    /// `cpu.stat` and the usage over the same window (None: unreadable,
+    /// e.g. gone); the limit is the one in force now.
+    pub kernel: Option<CpuStat>,
+    /// measured − kernel throttled periods: the self-check (0 is agreement).
+    pub periods_difference: Option<i64>,
+    /// How long podscope has watched it.
+    pub window_seconds: f64,
+}
+
+struct Entry {
+    pod: PodIdentity,
+    files: Option<CpuFiles>,
+    measured: Measured,
+    baseline: Option<CpuStat>,
+    current: Option<CpuStat>,
+    since: Instant,
+    alive: bool,
+}
+
+impl Entry {
+    fn new() -> Entry {
+        Entry {
+            pod: PodIdentity::default(),
+            files: None,
+            measured: Measured::default(),
+            baseline: None,
+            current: None,
+            since: Instant::now(),
+            alive: true,
+        }
+    }
+}
+
+/// Every container's throttling, bounded by the containers that exist (and
+/// those gone, until `forget_gone`).
+pub struct ThrottleBook {
+    layout: CgroupLayout,
+    entries: HashMap<u64, Entry>,
+    /// cpu.stat reads that failed (a container removed between listing and reading).
+    pub read_errors: u64,
+    /// Time spent reading cpu.stat files, for the benchmark.
+    pub read_time: Duration,
+    pub reads: u64,
+    /// The first refresh is done: containers seen after it are new, and
+    /// their cpu.stat counts from 0 (their creation), like the probe.
+    primed: bool,
+}
+
+impl ThrottleBook {
+    pub fn new(layout: CgroupLayout) -> ThrottleBook {
+        ThrottleBook {
+            layout,
+            entries: HashMap::new(),
+            read_errors: 0,
+            read_time: Duration::ZERO,
+            reads: 0,
+            primed: false,
+        }
+    }
+
+    /// A throttle the probe measured, attributed.
+    pub fn observe(&mut self, t: &Throttle) {
+        let e = self.entries.entry(t.cgroup_id).or_insert_with(Entry::new);
+        if e.pod.is_host() && !t.pod.is_host() {
+            e.pod = t.pod.clone();
+        }
+        e.measured.add(t);
+    }
+
+    /// Re-reads `cpu.stat` for the containers that exist now: (v2 id, path,
+    /// identity). Containers no longer listed keep their last figures until
+    /// [`forget_gone`](Self::forget_gone).
+    pub fn refresh(&mut self, containers: &[(u64, Arc<str>, PodIdentity)]) {
+        for e in self.entries.values_mut() {
+            e.alive = false;
+        }
+        for (id, path, pod) in containers {
+            let files = CpuFiles::locate(&self.layout, path);
+            let e = self.entries.entry(*id).or_insert_with(Entry::new);
+            e.alive = true;
+            e.pod = pod.clone();
+            if e.files.is_none() {
+                e.files = files;
+            }
+            let Some(files) = &e.files else { continue };
+            let t0 = Instant::now();
+            let read = files.read();
+            self.read_time += t0.elapsed();
+            self.reads += 1;
+            match read {
+                Ok(s) => {
+                    // Containers there at start count from the first
+                    // reading; those created since, from their creation.
+                    let primed = self.primed;
+                    e.baseline
+                        .get_or_insert_with(|| if primed { CpuStat::default() } else { s });
+                    e.current = Some(s);
+                }
+                Err(_) => self.read_errors += 1,
+            }
+        }
+        self.primed = true;
+    }
+
+    /// Drops containers that are gone.
+    pub fn forget_gone(&mut self) {
+        self.entries.retain(|_, e| e.alive);
+    }
+
+    /// Every container, most throttled first (throttled time, then periods).
+    pub fn snapshot(&self) -> Vec<ContainerThrottle> {
+        let mut out: Vec<ContainerThrottle> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.pod.is_host())
+            .map(|(id, e)| {
+                let kernel = match (e.baseline, e.current) {
+                    (Some(b), Some(c)) => Some(CpuStat {
+                        periods: c.periods.saturating_sub(b.periods),
+                        throttled_periods: c.throttled_periods.saturating_sub(b.throttled_periods),
+                        throttled_ns: c.throttled_ns.saturating_sub(b.throttled_ns),
+                        usage_ns: c
+                            .usage_ns
+                            .map(|u| u.saturating_sub(b.usage_ns.unwrap_or(0))),
+                        ..c
+                    }),
+                    _ => None,
+                };
+                ContainerThrottle {
+                    cgroup_id: *id,
+                    pod: e.pod.clone(),
+                    measured: e.measured.clone(),
+                    periods_difference: kernel
+                        .map(|k| e.measured.periods as i64 - k.throttled_periods as i64),
+                    kernel,
+                    window_seconds: e.since.elapsed().as_secs_f64(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.measured
+                .throttled_ns
+                .cmp(&a.measured.throttled_ns)
+                .then(b.measured.periods.cmp(&a.measured.periods))
+                .then_with(|| a.pod.pod.cmp(&b.pod.pod))
+                .then_with(|| a.pod.container.cmp(&b.pod.container))
+        });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn throttle(start_ms: u64, dur_ms: u64) -> Throttle {
+        Throttle {
+            ts: std::time::SystemTime::UNIX_EPOCH,
+            duration_ns: dur_ms * 1_000_000,
+            cpu: 0,
+            ancestor: false,
+            cgroup_id: 1,
+            start_boot_ns: start_ms * 1_000_000,
+            pod: PodIdentity::default(),
+        }
+    }
+
+    #[test]
+    fn overlapping_throttles_on_several_cpus_are_one_period() {
+        let mut m = Measured::default();
+        // Period 1: CPU 0 at 20 ms, CPU 1 at 25 ms, both until 100 ms.
+        m.add(&throttle(20, 80));
+        m.add(&throttle(25, 75));
+        // Period 2: one CPU.
+        m.add(&throttle(120, 80));
+        assert_eq!((m.periods, m.throttles), (2, 3));
+        assert_eq!(m.throttled_ns, 235_000_000);
+    }
+
+    #[test]
+    fn the_histogram_separates_short_from_long() {
+        let mut m = Measured::default();
+        m.add(&throttle(0, 3));
+        m.add(&throttle(100, 80));
+        m.add(&throttle(1000, 2000));
+        let short = DURATION_BUCKETS.iter().position(|b| *b == 0.005).unwrap();
+        let long = DURATION_BUCKETS.iter().position(|b| *b == 0.1).unwrap();
+        assert_eq!(m.buckets[short], 1);
+        assert_eq!(m.buckets[long], 1);
+        assert_eq!(m.buckets[DURATION_BUCKETS.len()], 1);
+    }
+
+    #[test]
+    fn cpu_stat_is_counted_from_the_first_reading() {
+        let dir = std::env::temp_dir().join(format!("podscope-book-{}", std::process::id()));
+        let cg = dir.join("kubepods/podx/c1");
+        std::fs::create_dir_all(&cg).unwrap();
+        let write = |n: u64| {
+            std::fs::write(
+                cg.join("cpu.stat"),
+                format!("usage_usec 5\nnr_periods {n}\nnr_throttled {n}\nthrottled_usec 0\n"),
+            )
+            .unwrap()
+        };
+        write(10);
+        let mut book = ThrottleBook::new(CgroupLayout::V2 { root: dir.clone() });
+        let pod = PodIdentity {
+            pod_uid: Some("x".into()),
+            ..Default::default()
+        };
+        let list = vec![(1u64, Arc::<str>::from("/kubepods/podx/c1"), pod.clone())];
+        book.refresh(&list);
+        write(13);
+        book.refresh(&list);
+        // A container created after the first refresh counts from 0.
+        let later = vec![(2u64, Arc::<str>::from("/kubepods/podx/c1"), pod)];
+        book.refresh(&later);
+        let snap = book.snapshot();
+        let c2 = snap.iter().find(|c| c.cgroup_id == 2).unwrap();
+        assert_eq!(c2.kernel.unwrap().throttled_periods, 13);
+        for s in [0, 100, 200] {
+            book.observe(&throttle(s, 80));
+        }
+        let snap = book.snapshot();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let c1 = snap.iter().find(|c| c.cgroup_id == 1).unwrap();
+        assert_eq!(c1.kernel.unwrap().throttled_periods, 3);
+        assert_eq!(c1.periods_difference, Some(0));
+    }
+}

@@ -1,0 +1,342 @@
+//! CPU throttling on real pods (the test node: containerd over CRI, hybrid
+//! cgroups, CFS quotas from `resources.limits.cpu` as kubelet sets them),
+//! through the podscope binary as a user runs it: `podscope trace throttle`
+//! and `podscope top -o json`. Needs root and the test node.
+//!
+//! One pod, four containers, at the same time:
+//! - `spinner`: one spinning thread under a 200m limit: throttled about every
+//!   period for ~80 ms, as many periods as its cpu.stat counts (±1);
+//! - `bursty`: bursts of 150 ms of CPU on two threads at once every second
+//!   under a 1200m limit: average usage ~0.3 cores, a quarter of the limit,
+//!   yet while both threads run they want more than the 120 ms quota of a
+//!   period and are throttled for its rest: short throttles (≤ 40 ms +
+//!   latency, against the spinner's ~80). It needs more than 1.2 of the 2
+//!   CPUs during a burst; on a machine too busy for that the quota cannot
+//!   run out, and the failure says how busy it was.
+//! - `unlimited` (no limit) and `under` (far under its limit): never throttled.
+
+mod support;
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use support::{free_port, get, node, privileged, required, testnode};
+
+const NS: &str = "podscope-throttle";
+const POD: &str = "throttle-mix";
+const SOCKET: &str = "/run/podscope-node/containerd.sock";
+
+const MANIFEST: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: throttle-mix
+  namespace: podscope-throttle
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: spinner
+    command: ["podscope-helper", "spin", "1"]
+    resources:
+      limits:
+        cpu: 200m
+  - name: bursty
+    command: ["podscope-helper", "burst", "2", "150", "1000"]
+    resources:
+      limits:
+        cpu: 1200m
+  - name: unlimited
+    command: ["podscope-helper", "burst", "1", "50", "500"]
+  - name: under
+    command: ["podscope-helper", "burst", "1", "20", "500"]
+    resources:
+      limits:
+        cpu: "1"
+"#;
+
+fn say(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "throttle: {msg}");
+}
+
+fn podscope(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_podscope"))
+        .args(args)
+        .args(["--cri-socket", SOCKET])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "podscope {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn throttling_in_real_pods_matches_cpu_stat() {
+    if !privileged("throttling_in_real_pods_matches_cpu_stat") {
+        return;
+    }
+    if testnode().is_none() {
+        assert!(
+            !required(),
+            "podscope-testnode is not built: `cargo build --release -p testnode`"
+        );
+        support::say_skipped(
+            "throttling_in_real_pods_matches_cpu_stat",
+            "podscope-testnode is not built",
+        );
+        return;
+    }
+    node(&["up"]);
+    let result = std::panic::catch_unwind(scenarios);
+    let _ = Command::new(testnode().unwrap())
+        .args(["delete", &format!("{NS}/{POD}")])
+        .output();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn container<'a>(snapshot: &'a Value, name: &str) -> &'a Value {
+    snapshot["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["container"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {snapshot}"))
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+/// Throttles with durations above `secs`, from the snapshot's histogram.
+fn longer_than(snapshot: &Value, c: &Value, secs: f64) -> u64 {
+    let bounds = snapshot["duration_buckets"].as_array().unwrap();
+    let first = bounds
+        .iter()
+        .position(|b| b.as_f64().unwrap() > secs)
+        .unwrap_or(bounds.len());
+    c["measured"]["buckets"].as_array().unwrap()[first..]
+        .iter()
+        .map(u)
+        .sum()
+}
+
+fn scenarios() {
+    let dir = std::env::temp_dir().join(format!("podscope-throttle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pod.yaml");
+    std::fs::write(&file, MANIFEST).unwrap();
+    // Not `--wait running`: under this CPU load the test node's kubelet
+    // daemon was seen to stop refreshing its container list after starting
+    // the four containers, leaving the pod Pending although all four run
+    // (a testnode issue, reported). The containers start within a second;
+    // podscope's own view (CRI) is what the checks below use.
+    node(&["apply", "-f", file.to_str().unwrap()]);
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    say("trace throttle: live events name the spinner, ~80 ms each");
+    let t0 = Instant::now();
+    let out = podscope(&[
+        "trace",
+        "throttle",
+        "-o",
+        "json",
+        "--duration",
+        "3s",
+        "-n",
+        NS,
+    ]);
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let spinner: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "throttle" && e["pod"] == POD && e["container"] == "spinner")
+        .collect();
+    assert!(
+        spinner.len() >= 10,
+        "{} spinner throttles in {:?}: {out}",
+        spinner.len(),
+        t0.elapsed()
+    );
+    let mut ms: Vec<f64> = spinner
+        .iter()
+        .map(|e| e["duration_ns"].as_f64().unwrap() / 1e6)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let median = ms[ms.len() / 2];
+    assert!(
+        (50.0..=100.0).contains(&median),
+        "median spinner throttle {median:.1} ms, want ~80: {ms:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e["container"] != "unlimited" && e["container"] != "under"),
+        "a container without or under its limit was reported throttled: {out}"
+    );
+
+    say("top -o json: the spinner first, counts as cpu.stat's, short bursts apart");
+    let out = podscope(&["top", "-o", "json", "--interval", "10s", "-n", NS]);
+    let snap: Value = serde_json::from_str(out.trim()).expect("one JSON snapshot");
+    say(&format!("{snap}"));
+    let first = &snap["containers"][0];
+    assert_eq!(
+        first["container"], "spinner",
+        "most throttled first: {snap}"
+    );
+
+    let s = container(&snap, "spinner");
+    let (measured, kernel) = (
+        u(&s["measured"]["periods"]),
+        u(&s["kernel"]["throttled_periods"]),
+    );
+    // ~100 on an idle machine; fewer when other work leaves it less than
+    // its 20 ms per period.
+    assert!(
+        kernel >= 20,
+        "spinner throttled in only {kernel} periods of ~100 (load average {}): {s}",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default()
+    );
+    assert!(
+        measured.abs_diff(kernel) <= 1,
+        "spinner: measured {measured} periods, cpu.stat {kernel}: {s}"
+    );
+    assert_eq!(
+        u(&s["measured"]["ancestor_throttles"]),
+        0,
+        "its own quota throttled it (there is no pod-level quota here): {s}"
+    );
+    assert!((s["kernel"]["limit_cores"].as_f64().unwrap() - 0.2).abs() < 1e-9);
+    let throttles = u(&s["measured"]["throttles"]);
+    assert!(
+        longer_than(&snap, s, 0.05) * 10 >= throttles * 8,
+        "most spinner throttles last 50-100 ms: {s}"
+    );
+
+    let b = container(&snap, "bursty");
+    let (measured, kernel) = (
+        u(&b["measured"]["periods"]),
+        u(&b["kernel"]["throttled_periods"]),
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    assert!(
+        kernel >= 1,
+        "the bursty container was never throttled (load average {load}): {b}"
+    );
+    assert!(
+        measured.abs_diff(kernel) <= 1,
+        "bursty: measured {measured} periods, cpu.stat {kernel}: {b}"
+    );
+    let window = snap["window_seconds"].as_f64().unwrap();
+    let usage_cores = b["kernel"]["usage_ns"].as_f64().unwrap() / 1e9 / window;
+    assert!(
+        usage_cores < 0.5 * 1.2,
+        "bursty average usage {usage_cores:.2} cores is not well below its 1.2 limit"
+    );
+    assert_eq!(
+        longer_than(&snap, b, 0.05),
+        0,
+        "bursty throttles are short (the quota runs out late in a period): {b}"
+    );
+
+    for name in ["unlimited", "under"] {
+        let c = container(&snap, name);
+        assert_eq!(u(&c["measured"]["throttles"]), 0, "{name}: {c}");
+        assert_eq!(u(&c["kernel"]["throttled_periods"]), 0, "{name}: {c}");
+    }
+    assert!(container(&snap, "unlimited")["kernel"]["limit_cores"].is_null());
+
+    say("the agent's metrics: both sources, the histogram, the limit, the usage");
+    let port = free_port();
+    let state =
+        std::env::temp_dir().join(format!("podscope-throttle-agent-{}", std::process::id()));
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_podscope"))
+        .args([
+            "agent",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--cri-socket",
+            SOCKET,
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = (|| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while get(port, "/readyz").map(|r| r.0) != Some(200) {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // A few periods and a cpu.stat refresh or two.
+        std::thread::sleep(Duration::from_secs(4));
+        get(port, "/metrics").map(|r| r.1)
+    })();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = std::fs::remove_dir_all(&state);
+    let metrics = metrics.expect("the agent did not become ready or serve /metrics");
+    let spinner = format!("namespace=\"{NS}\",pod=\"{POD}\",container=\"spinner\"");
+    // A sample of `name` whose labels include all of `labels` (in any order).
+    let value = |name: &str, labels: &str| -> f64 {
+        let want: Vec<&str> = labels.split(',').collect();
+        metrics
+            .lines()
+            .find_map(|l| {
+                let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+                let (have, v) = rest.split_once("} ")?;
+                let have: Vec<&str> = have.split(',').collect();
+                want.iter()
+                    .all(|w| have.contains(w))
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no {name}{{{labels}}} in:\n{metrics}"))
+    };
+    for source in ["ebpf", "cpu_stat"] {
+        let l = format!("{spinner},source=\"{source}\"");
+        assert!(
+            value("podscope_cpu_throttled_periods_total", &l) >= 10.0,
+            "{source}"
+        );
+        assert!(
+            value("podscope_cpu_throttled_seconds_total", &l) > 0.5,
+            "{source}"
+        );
+    }
+    assert!(value("podscope_cpu_throttle_check_difference_periods", &spinner).abs() <= 1.0);
+    assert_eq!(value("podscope_cpu_limit_cores", &spinner), 0.2);
+    assert!(value("podscope_cpu_usage_seconds_total", &spinner) > 0.2);
+    let long = value(
+        "podscope_cpu_throttle_duration_seconds_bucket",
+        &format!("{spinner},le=\"0.1\""),
+    ) - value(
+        "podscope_cpu_throttle_duration_seconds_bucket",
+        &format!("{spinner},le=\"0.05\""),
+    );
+    assert!(
+        long >= 10.0,
+        "spinner throttles of 50-100 ms in the histogram: {long}"
+    );
+    let unlimited = format!("namespace=\"{NS}\",pod=\"{POD}\",container=\"unlimited\"");
+    assert_eq!(
+        value(
+            "podscope_cpu_throttled_periods_total",
+            &format!("{unlimited},source=\"ebpf\"")
+        ),
+        0.0
+    );
+}
