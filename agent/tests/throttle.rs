@@ -317,7 +317,16 @@ fn scenarios() {
             "{source}"
         );
     }
-    assert!(value("podscope_cpu_throttle_check_difference_periods", &spinner).abs() <= 1.0);
+    let diff = value("podscope_cpu_throttle_check_difference_periods", &spinner);
+    assert!(
+        diff.abs() <= 1.0,
+        "measured minus cpu.stat periods: {diff}\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("spinner") && l.contains("throttled_periods"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(value("podscope_cpu_limit_cores", &spinner), 0.2);
     assert!(value("podscope_cpu_usage_seconds_total", &spinner) > 0.2);
     let long = value(

@@ -337,8 +337,8 @@ fn exits_check(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Check {
     }
 }
 
-/// The signal and OOM probes, attached for real and detached: what
-/// termination records can say on this kernel.
+/// The signal, OOM and throttle probes, attached for real and detached:
+/// what termination records and throttling figures can say on this kernel.
 fn forensics_checks(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Vec<Check> {
     let Ok(Ok(offsets)) = btf.as_ref().map(KernelOffsets::resolve) else {
         return vec![];
@@ -411,7 +411,26 @@ fn forensics_checks(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Vec<Chec
             "OOM kills show as SIGKILLs from the kernel, without scope or usage",
         ),
     };
-    vec![signals, oom]
+    let throttle = match probes::throttle::ThrottleProbe::attach(
+        &mut ebpf,
+        aya_btf.as_ref(),
+        &offsets.throttle,
+        None,
+    ) {
+        Ok(p) => check(
+            "throttle",
+            Status::Ok,
+            format!("{} {}", p.attachment.attach_type, p.attachment.hook),
+            "every CFS throttle of every container is measured, beside cpu.stat",
+        ),
+        Err(e) => check(
+            "throttle",
+            Status::Fallback,
+            e.to_string(),
+            "CPU throttling comes from cpu.stat only: counts, no per-throttle durations",
+        ),
+    };
+    vec![signals, oom, throttle]
 }
 
 /// What each hook type's availability means for podscope.
