@@ -356,6 +356,7 @@ impl Pipeline {
     /// Periodic upkeep (about once a second).
     pub async fn tick(&mut self) {
         self.resolver.tick().await;
+        self.forensics.retry_adoption();
         if self.net.is_some() {
             self.rules.refresh(false);
             self.seen.gc();

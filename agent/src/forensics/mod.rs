@@ -129,6 +129,8 @@ pub struct Forensics {
     unmatched_ooms: VecDeque<(Instant, OomKill)>,
     pending: Vec<Pending>,
     findings: Vec<Finding>,
+    /// Containers found at start-up whose main process is not known yet.
+    unadopted: Vec<(u64, std::path::PathBuf, u32)>,
     scope: ScopeReader,
     cap: usize,
     pub stats: ForensicsStats,
@@ -142,22 +144,42 @@ impl Forensics {
             unmatched_ooms: VecDeque::new(),
             pending: vec![],
             findings: vec![],
+            unadopted: vec![],
             scope: ScopeReader::new(layout),
             cap,
             stats: ForensicsStats::default(),
         }
     }
 
-    /// Containers that existed before podscope: their main process from /proc.
+    /// Containers that existed before podscope: their main process from
+    /// /proc. A container still being created (only the runtime's bootstrap
+    /// in it) is looked at again on the next ticks, for a few seconds.
     pub fn adopt_running(&mut self, resolver: &Resolver, v2_root: &Path) {
-        let found: Vec<(u64, Option<u32>)> = resolver
+        let found: Vec<(u64, std::path::PathBuf)> = resolver
             .live_cgroups()
             .filter(|(_, _, r)| r.container_id.is_some())
-            .map(|(id, path, _)| (id, guess_main(&v2_root.join(path.trim_start_matches('/')))))
+            .map(|(id, path, _)| (id, v2_root.join(path.trim_start_matches('/'))))
             .collect();
-        for (id, main) in found {
-            if let Some(main) = main {
-                self.state(id).main.get_or_insert(main);
+        for (id, dir) in found {
+            match guess_main(&dir) {
+                Some(main) => {
+                    self.state(id).main.get_or_insert(main);
+                }
+                None => self.unadopted.push((id, dir, 0)),
+            }
+        }
+    }
+
+    /// Retries the containers [`Forensics::adopt_running`] could not settle (about once a second).
+    pub fn retry_adoption(&mut self) {
+        let pending = std::mem::take(&mut self.unadopted);
+        for (id, dir, tries) in pending {
+            match guess_main(&dir) {
+                Some(main) => {
+                    self.state(id).main.get_or_insert(main);
+                }
+                None if tries < 10 && dir.exists() => self.unadopted.push((id, dir, tries + 1)),
+                None => {}
             }
         }
     }
