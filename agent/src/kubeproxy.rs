@@ -228,8 +228,28 @@ pub struct RuleSource {
     last_text: String,
     last_read: Option<Instant>,
     pub map: ServiceMap,
+    /// Failed reads of the rules (exported as podscope_service_rules_errors_total).
     pub errors: u64,
     reported: bool,
+    /// The `*-save` command that last showed kube-proxy's chains.
+    backend: &'static str,
+}
+
+/// The commands that print the rules: the system's default backend first,
+/// then each backend by name (Debian's iptables package has all three).
+pub const SAVE_COMMANDS: [&str; 3] = ["iptables-save", "iptables-nft-save", "iptables-legacy-save"];
+
+/// Why the rules could not be read: one sentence each, for the log and doctor.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error(
+        "iptables-save is not installed (not found on PATH), so kube-proxy's rules cannot be read: connections are shown without their Service, drops are still reported"
+    )]
+    NotInstalled,
+    #[error(
+        "cannot read kube-proxy's rules ({0}): connections are shown without their Service, drops are still reported"
+    )]
+    Failed(String),
 }
 
 /// How often the rules are re-read.
@@ -244,68 +264,119 @@ impl RuleSource {
             map: ServiceMap::default(),
             errors: 0,
             reported: false,
+            backend: SAVE_COMMANDS[0],
         }
     }
 
-    fn save(&self) -> Result<String, String> {
-        let mut cmd = Command::new("iptables-save");
-        if let Some(ns) = &self.netns {
-            let file = std::fs::File::open(ns)
-                .map_err(|e| format!("cannot open the network namespace {}: {e}", ns.display()))?;
-            use std::os::{fd::AsRawFd, unix::process::CommandExt};
-            let fd = file.as_raw_fd();
-            // SAFETY: setns in the forked child before exec; the fd stays open
-            // in the parent until the command returns.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+    /// Runs one `*-save` command in the rules' namespace.
+    fn save_with(&self, program: &str) -> Result<String, SaveError> {
+        let mut cmd = Command::new(program);
+        // Kept open until the command returned: the child joins it by fd.
+        let _ns_file = match &self.netns {
+            Some(ns) => {
+                let file = std::fs::File::open(ns).map_err(|e| {
+                    SaveError::Failed(format!(
+                        "cannot open the network namespace {}: {e}",
+                        ns.display()
+                    ))
+                })?;
+                use std::os::{fd::AsRawFd, unix::process::CommandExt};
+                let fd = file.as_raw_fd();
+                // SAFETY: setns in the forked child before exec; the fd stays
+                // open in the parent until the command returns.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                Some(file)
             }
-            let out = cmd.output().map_err(|e| format!("iptables-save: {e}"))?;
-            drop(file);
-            return text_of(out);
+            None => None,
+        };
+        let out = cmd.output().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                SaveError::NotInstalled
+            } else {
+                SaveError::Failed(format!("{program}: {e}"))
+            }
+        })?;
+        text_of(program, out).map_err(SaveError::Failed)
+    }
+
+    /// kube-proxy's rules, from whichever iptables backend holds them: the
+    /// node's kube-proxy may use nf_tables or legacy iptables (its
+    /// iptables-wrapper picks per node), and each `*-save` shows only its
+    /// own backend's tables. The backend that last showed kube-proxy's
+    /// chains is asked first, so a steady node costs one command per refresh.
+    fn save(&mut self) -> Result<String, SaveError> {
+        let mut order: Vec<&'static str> = SAVE_COMMANDS.to_vec();
+        order.sort_by_key(|p| *p != self.backend);
+        let mut first: Option<Result<String, SaveError>> = None;
+        for program in order {
+            let r = self.save_with(program);
+            if let Ok(text) = &r
+                && text.contains(":KUBE-SERVICES")
+            {
+                self.backend = program;
+                return r;
+            }
+            // The plain `iptables-save` decides what is reported when no
+            // backend has kube-proxy's chains.
+            if first.is_none() || program == SAVE_COMMANDS[0] {
+                first = Some(r);
+            }
         }
-        text_of(cmd.output().map_err(|e| format!("iptables-save: {e}"))?)
+        first.unwrap_or(Err(SaveError::NotInstalled))
     }
 
     /// Re-reads the rules when [`REFRESH`] has passed (or `force`); true when
-    /// the map changed.
+    /// the map changed. A failure is logged once (until a read succeeds
+    /// again) and counted in `errors`.
     pub fn refresh(&mut self, force: bool) -> bool {
         if !force && self.last_read.is_some_and(|t| t.elapsed() < REFRESH) {
             return false;
         }
         self.last_read = Some(Instant::now());
-        match self.save() {
-            Ok(text) => {
+        match self.read() {
+            Ok(changed) => {
                 self.reported = false;
-                if text == self.last_text {
-                    return false;
-                }
-                self.map = ServiceMap::parse(&text);
-                self.last_text = text;
-                true
+                changed
             }
             Err(e) => {
                 self.errors += 1;
                 if !self.reported {
-                    tracing::warn!(
-                        "cannot read kube-proxy's rules ({e}): connections are shown without their Service"
-                    );
+                    tracing::warn!("{e}");
                     self.reported = true;
                 }
                 false
             }
         }
     }
+
+    /// Reads the rules now; Ok(true) when the map changed.
+    pub fn read(&mut self) -> Result<bool, SaveError> {
+        let text = self.save()?;
+        if text == self.last_text {
+            return Ok(false);
+        }
+        self.map = ServiceMap::parse(&text);
+        self.last_text = text;
+        Ok(true)
+    }
+
+    /// The `*-save` command the rules were last read with.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
 }
 
-fn text_of(out: std::process::Output) -> Result<String, String> {
+fn text_of(program: &str, out: std::process::Output) -> Result<String, String> {
     if !out.status.success() {
         return Err(format!(
-            "iptables-save: {}",
+            "{program}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }

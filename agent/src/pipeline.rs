@@ -355,6 +355,11 @@ impl Pipeline {
         out
     }
 
+    /// Failed reads of kube-proxy's rules.
+    pub fn rule_errors(&self) -> u64 {
+        self.rules.errors
+    }
+
     pub fn resolver_stats(&self) -> ResolverStats {
         self.resolver.stats()
     }

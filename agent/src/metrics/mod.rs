@@ -315,6 +315,7 @@ impl Metrics {
         }
         self.tracked_containers
             .set(pipeline.resolver().live_containers() as i64);
+        self.net.update_rules(pipeline.rule_errors());
     }
 
     pub fn update_journal(&mut self, j: &crate::forensics::store::JournalStats) {
