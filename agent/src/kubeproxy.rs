@@ -825,6 +825,7 @@ mod tests {
             translated: "10.180.0.3:80".parse().unwrap(),
             dnat: true,
             hook: 0,
+            cgroup_id: 0,
         };
         let c = connection(&raw, &map, &|_| None);
         assert_eq!(c.service, svc("ns5", "svc5", "p80"));

@@ -23,7 +23,7 @@ const NETNS: &str = "/run/netns/podscope-node";
 const WEB_IP: &str = "198.19.77.10";
 const NONE_IP: &str = "198.19.77.11";
 const GUARDED_IP: &str = "198.19.77.12";
-const PODS: [&str; 4] = ["web-a", "web-b", "guarded", "client"];
+const PODS: [&str; 5] = ["web-a", "web-b", "guarded", "client", "hostclient"];
 const SERVICES: [&str; 5] = ["web", "none", "guarded", "web-np", "none-np"];
 /// The node's own address on the pods' bridge (their gateway): where a pod
 /// reaches a NodePort of its own node.
@@ -78,10 +78,14 @@ fn service(name: &str, ip: &str, app: &str) -> String {
 
 /// `podscope-helper connect` from the client pod: its summary line.
 fn connect(addr: &str, n: u32) -> String {
+    connect_from("client", addr, n)
+}
+
+fn connect_from(pod: &str, addr: &str, n: u32) -> String {
     let out = Command::new(testnode().unwrap())
         .args([
             "exec",
-            &format!("{NS}/client"),
+            &format!("{NS}/{pod}"),
             "main",
             "--",
             "podscope-helper",
@@ -223,6 +227,13 @@ fn scenarios() {
         ),
         true,
     );
+    apply(
+        "hostclient",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: hostclient, namespace: {NS}}}\nspec:\n  hostNetwork: true\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    command: [sleep, \"3600\"]\n"
+        ),
+        true,
+    );
     apply("svc-web", &service("web", WEB_IP, "web"), false);
     apply("svc-none", &service("none", NONE_IP, "nothing"), false);
     apply(
@@ -304,6 +315,11 @@ fn scenarios() {
     say("a NodePort Service without endpoints: rejected on the node's address");
     let out = connect(&format!("{NODE_IP}:{NONE_NODE_PORT}"), 1);
     assert!(out.contains("refused 1"), "{out}");
+    say(
+        "a hostNetwork pod (the node's address) connecting to a ClusterIP: named by its socket's cgroup",
+    );
+    let out = connect_from("hostclient", &format!("{WEB_IP}:80"), 4);
+    assert!(out.starts_with("connected 4 "), "{out}");
     say("traffic that touches no Service");
     let out = connect(&format!("{a_ip}:8080"), 3);
     assert!(out.starts_with("connected 3 "), "{out}");
@@ -315,7 +331,7 @@ fn scenarios() {
         match lines.recv_timeout(Duration::from_millis(500)) {
             Ok(v) if v["kind"] == "connection" && v["namespace"] == NS => conns.push(v),
             Ok(_) => {}
-            Err(_) if conns.len() >= 43 => break,
+            Err(_) if conns.len() >= 47 => break,
             Err(_) => {}
         }
     }
@@ -326,7 +342,21 @@ fn scenarios() {
             .filter(|c| c["dst"].as_str().is_some_and(|d| d.starts_with(ip)))
             .collect()
     };
-    let web = to(WEB_IP);
+    let (host, web): (Vec<&Value>, Vec<&Value>) = to(WEB_IP)
+        .into_iter()
+        .partition(|c| c["pod"] == "hostclient");
+    assert_eq!(host.len(), 4, "{host:?}");
+    for c in &host {
+        assert!(
+            c["src"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(&format!("{NODE_IP}:"))),
+            "from the node's address: {c}"
+        );
+        assert_eq!(c["container"], "main", "{c}");
+        assert_eq!(c["service"]["name"], "web", "{c}");
+        assert_eq!(c["outcome"], "forwarded", "{c}");
+    }
     assert_eq!(web.len(), 30, "one line per connection: {web:?}");
     for c in &web {
         assert_eq!(c["pod"], "client", "{c}");
@@ -431,7 +461,22 @@ fn scenarios() {
             &[("service", "web"), ("endpoint", &format!("{ip}:8080"))],
         )
     };
-    assert_eq!(ep(&a_ip) + ep(&b_ip), 30.0, "{body}");
+    // The client's 30 and the hostNetwork pod's 4.
+    assert_eq!(ep(&a_ip) + ep(&b_ip), 34.0, "{body}");
+    assert_eq!(
+        metric(
+            &body,
+            "podscope_service_connections_total",
+            &[
+                ("namespace", NS),
+                ("pod", "hostclient"),
+                ("service", "web"),
+                ("outcome", "forwarded"),
+            ],
+        ),
+        4.0,
+        "{body}"
+    );
     let np_ep = |ip: &str| {
         metric(
             &body,
@@ -454,7 +499,7 @@ fn scenarios() {
         "{body}"
     );
     // The direct connections to web-a are in no Service series: the
-    // endpoint split above adds up to the 30 Service connections alone.
+    // endpoint split above adds up to the 34 Service connections alone.
     let _ = std::fs::remove_dir_all(&scratch);
 
     say("the older kernels' path: conntrack events instead of netfilter links");
