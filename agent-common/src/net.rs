@@ -43,6 +43,15 @@ pub struct NetOffsets {
     pub reason_consumed: u32,
     /// `SKB_DROP_REASON_QUEUE_PURGE`: a socket's queue freed as it closes, not a packet lost.
     pub reason_queue_purge: u32,
+    /// `sk_buff.sk`; 0 when the socket's cgroup cannot be read (no
+    /// `sock_cgroup_data.cgroup` in this kernel's BTF).
+    pub skb_sk: u32,
+    /// `sock.sk_cgrp_data` + `sock_cgroup_data.cgroup`: the socket's v2 cgroup.
+    pub sk_cgroup: u32,
+    /// `cgroup.kn`.
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id`: the cgroup id.
+    pub kn_id: u32,
 }
 
 /// A new connection (its first packet, conntrack entry not yet confirmed)
@@ -58,6 +67,10 @@ pub struct ConnEvent {
     pub hook: u8,
     pub pf: u8,
     pub _pad: [u8; 6],
+    /// The v2 cgroup id of the local socket that sent the packet (the
+    /// node's own traffic: hostNetwork pods); 0 for forwarded packets,
+    /// which carry no local socket.
+    pub cgroup_id: u64,
 }
 
 /// A packet freed with a drop reason.

@@ -38,6 +38,10 @@ static NET_OFFSETS: NetOffsets = NetOffsets {
     reason_not_specified: 2,
     reason_consumed: u32::MAX,
     reason_queue_purge: u32::MAX,
+    skb_sk: 0,
+    sk_cgroup: 0,
+    cgroup_kn: 0,
+    kn_id: 0,
 };
 
 #[map]
@@ -100,10 +104,36 @@ pub fn net_nf(ctx: *const u64) -> i32 {
         hook: kmem::read::<u8>(state, off.state_hook).unwrap_or(0xff),
         pf: kmem::read::<u8>(state, off.state_pf).unwrap_or(0),
         _pad: [0; 6],
+        cgroup_id: socket_cgroup_id(skb, &off),
     });
     entry.submit(ringbuf::wakeup_flags(&NET_CONN_EVENTS));
     bump(&NET_CONN_STATS, STAT_EMITTED);
     NF_ACCEPT
+}
+
+/// The v2 cgroup id of the packet's local socket (skb->sk->sk_cgrp_data
+/// .cgroup->kn->id), or 0: forwarded packets have no socket of this
+/// namespace, and a kernel without the fields leaves `skb_sk` at 0.
+#[inline(always)]
+fn socket_cgroup_id(skb: *const u8, off: &NetOffsets) -> u64 {
+    if off.skb_sk == 0 {
+        return 0;
+    }
+    let Ok(sk) = kmem::read_ptr(skb, off.skb_sk) else {
+        return 0;
+    };
+    if sk.is_null() {
+        return 0;
+    }
+    let Ok(cgrp) = kmem::read_ptr(sk, off.sk_cgroup) else {
+        return 0;
+    };
+    if cgrp.is_null() {
+        return 0;
+    }
+    kmem::read_ptr(cgrp, off.cgroup_kn)
+        .and_then(|kn| kmem::read::<u64>(kn, off.kn_id))
+        .unwrap_or(0)
 }
 
 #[btf_tracepoint(function = "kfree_skb")]

@@ -10,7 +10,7 @@
 //! have none. It is re-read on a timer and rebuilt only when the text changed.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
@@ -20,6 +20,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    kernel::bpf_sys,
     metadata::PodIdentity,
     probes::net::{RawConn, RawDrop, Tuple, proto_name},
 };
@@ -42,10 +43,18 @@ pub struct ServiceEntry {
     pub no_endpoints: bool,
 }
 
-/// ClusterIP:port/protocol → Service.
+/// ClusterIP:port/protocol → Service, and NodePort/protocol → Service.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceMap {
+    /// ClusterIPs, external IPs and load-balancer IPs.
     pub by_addr: HashMap<(IpAddr, u16, String), ServiceEntry>,
+    /// NodePorts: kube-proxy matches them on every local address of the
+    /// node (`-m addrtype --dst-type LOCAL`), so they are keyed by port.
+    pub node_ports: HashMap<(u16, String), ServiceEntry>,
+    /// The addresses of the rules' network namespace, where a NodePort
+    /// answers; filled by [`RuleSource`] (kube-proxy's default
+    /// `--nodeport-addresses`: all of them).
+    pub local_addrs: HashSet<IpAddr>,
 }
 
 /// Splits an iptables-save rule into words, keeping "quoted strings" whole.
@@ -86,6 +95,8 @@ struct Rule {
     comment: Option<String>,
     jump: Option<String>,
     to_destination: Option<SocketAddr>,
+    /// `-m addrtype --dst-type LOCAL`: any address of the node (NodePorts).
+    dst_local: bool,
 }
 
 fn parse_rule(line: &str) -> Option<Rule> {
@@ -107,6 +118,7 @@ fn parse_rule(line: &str) -> Option<Rule> {
             "--comment" => r.comment = next.cloned(),
             "-j" => r.jump = next.cloned(),
             "--to-destination" => r.to_destination = next.and_then(|d| d.parse().ok()),
+            "--dst-type" => r.dst_local = next.is_some_and(|t| t == "LOCAL"),
             _ => {
                 i += 1;
                 continue;
@@ -131,12 +143,29 @@ fn service_ref(name: &str, port: u16) -> Option<ServiceRef> {
     })
 }
 
+/// The per-Service chains a Service address or NodePort leads into:
+/// KUBE-SVC (cluster policy), KUBE-SVL (local policy), KUBE-EXT (external
+/// traffic: masquerade, then SVC or SVL), KUBE-FW (load-balancer source
+/// ranges, then EXT).
+fn is_service_chain(c: &str) -> bool {
+    ["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-"]
+        .iter()
+        .any(|p| c.starts_with(p))
+}
+
+/// What the rules of one Service address say, before chains are followed.
+struct Entry {
+    key: (Option<IpAddr>, u16, String),
+    service: Option<ServiceRef>,
+    chain: String,
+}
+
 impl ServiceMap {
     /// From `iptables-save` output (both tables in one text, or either).
     pub fn parse(text: &str) -> ServiceMap {
         let mut table = "";
-        let mut svc_rules = vec![];
-        let mut chain_seps: HashMap<String, Vec<String>> = HashMap::new();
+        let mut entries = vec![];
+        let mut jumps: HashMap<String, Vec<String>> = HashMap::new();
         let mut sep_dnat: HashMap<String, SocketAddr> = HashMap::new();
         let mut map = ServiceMap::default();
         for line in text.lines() {
@@ -154,72 +183,139 @@ impl ServiceMap {
                 continue;
             };
             let jump = rule.jump.clone().unwrap_or_default();
+            let proto = || rule.proto.clone().unwrap_or_else(|| "tcp".into());
+            let comment = rule.comment.as_deref().unwrap_or("");
             match (table, rule.chain.as_str()) {
-                ("nat", "KUBE-SERVICES") if jump.starts_with("KUBE-SVC-") => svc_rules.push(rule),
-                ("nat", c) if c.starts_with("KUBE-SVC-") && jump.starts_with("KUBE-SEP-") => {
-                    chain_seps.entry(c.to_string()).or_default().push(jump);
+                // ClusterIPs (`ns/svc:port cluster IP`), external IPs and
+                // load-balancer IPs, each with its destination.
+                ("nat", "KUBE-SERVICES") if is_service_chain(&jump) => {
+                    let (Some(ip), Some(port)) = (rule.dst, rule.dport) else {
+                        continue;
+                    };
+                    let name = [" cluster IP", " external IP", " loadbalancer IP"]
+                        .iter()
+                        .find_map(|s| comment.strip_suffix(s))
+                        .unwrap_or("");
+                    entries.push(Entry {
+                        key: (Some(ip), port, proto()),
+                        service: service_ref(name, port),
+                        chain: jump,
+                    });
+                }
+                // NodePorts: the comment is the bare `ns/svc:port`; the jump
+                // is KUBE-EXT (1.24+) or KUBE-SVC (older kube-proxy).
+                ("nat", "KUBE-NODEPORTS") if is_service_chain(&jump) => {
+                    let Some(port) = rule.dport else { continue };
+                    // Only the rule for every local address: 1.26+ adds one
+                    // for 127.0.0.0/8 (route_localnet) that says the same.
+                    if rule.dst.is_some() {
+                        continue;
+                    }
+                    entries.push(Entry {
+                        key: (None, port, proto()),
+                        service: service_ref(comment, port),
+                        chain: jump,
+                    });
+                }
+                ("nat", c) if is_service_chain(c) && !jump.is_empty() => {
+                    jumps.entry(c.to_string()).or_default().push(jump);
                 }
                 ("nat", c) if c.starts_with("KUBE-SEP-") && jump == "DNAT" => {
                     if let Some(to) = rule.to_destination {
                         sep_dnat.insert(c.to_string(), to);
                     }
                 }
-                ("filter", "KUBE-SERVICES" | "KUBE-EXTERNAL-SERVICES")
+                ("filter", "KUBE-SERVICES" | "KUBE-EXTERNAL-SERVICES" | "KUBE-NODEPORTS")
                     if jump == "REJECT" || jump == "DROP" =>
                 {
-                    let comment = rule.comment.as_deref().unwrap_or("");
                     let name = comment
                         .strip_suffix(" has no endpoints")
                         .or_else(|| comment.strip_suffix(" has no local endpoints"));
-                    if let (Some(name), Some(ip), Some(port)) = (name, rule.dst, rule.dport) {
-                        let proto = rule.proto.clone().unwrap_or_else(|| "tcp".into());
-                        let e = map.by_addr.entry((ip, port, proto)).or_default();
-                        e.service = service_ref(name, port);
-                        e.no_endpoints = true;
-                    }
+                    let (Some(name), Some(port)) = (name, rule.dport) else {
+                        continue;
+                    };
+                    let e = match rule.dst {
+                        Some(ip) => map.by_addr.entry((ip, port, proto())).or_default(),
+                        None if rule.dst_local => {
+                            map.node_ports.entry((port, proto())).or_default()
+                        }
+                        None => continue,
+                    };
+                    e.service = service_ref(name, port);
+                    e.no_endpoints = true;
                 }
                 _ => {}
             }
         }
-        for rule in svc_rules {
-            let (Some(ip), Some(port)) = (rule.dst, rule.dport) else {
-                continue;
+        for entry in entries {
+            let endpoints = endpoints_of(&entry.chain, &jumps, &sep_dnat);
+            let (ip, port, proto) = entry.key;
+            let e = match ip {
+                Some(ip) => map.by_addr.entry((ip, port, proto)).or_default(),
+                None => map.node_ports.entry((port, proto)).or_default(),
             };
-            let name = rule
-                .comment
-                .as_deref()
-                .and_then(|c| c.strip_suffix(" cluster IP"))
-                .unwrap_or("");
-            let proto = rule.proto.clone().unwrap_or_else(|| "tcp".into());
-            let endpoints = rule
-                .jump
-                .as_ref()
-                .and_then(|c| chain_seps.get(c))
-                .map(|seps| {
-                    seps.iter()
-                        .filter_map(|s| sep_dnat.get(s).copied())
-                        .collect()
-                })
-                .unwrap_or_default();
-            let e = map.by_addr.entry((ip, port, proto)).or_default();
-            e.service = service_ref(name, port);
+            e.service = entry.service;
             e.endpoints = endpoints;
         }
         map
     }
 
+    /// The Service `dst` belongs to: a Service address, else a NodePort on
+    /// one of the node's addresses.
     pub fn lookup(&self, proto: u8, dst: SocketAddr) -> Option<&ServiceEntry> {
+        let proto = proto_name(proto).to_string();
         self.by_addr
-            .get(&(dst.ip(), dst.port(), proto_name(proto).to_string()))
+            .get(&(dst.ip(), dst.port(), proto.clone()))
+            .or_else(|| {
+                self.local_addrs
+                    .contains(&dst.ip())
+                    .then(|| self.node_ports.get(&(dst.port(), proto)))
+                    .flatten()
+            })
     }
 
+    /// Service addresses and NodePorts.
     pub fn len(&self) -> usize {
-        self.by_addr.len()
+        self.by_addr.len() + self.node_ports.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_addr.is_empty()
+        self.len() == 0
     }
+}
+
+/// The DNAT targets reached from a Service chain, in rule order, following
+/// KUBE-FW → KUBE-EXT → KUBE-SVC/KUBE-SVL → KUBE-SEP (each chain once).
+fn endpoints_of(
+    chain: &str,
+    jumps: &HashMap<String, Vec<String>>,
+    sep_dnat: &HashMap<String, SocketAddr>,
+) -> Vec<SocketAddr> {
+    let mut out = vec![];
+    let mut visited = HashSet::new();
+    let mut stack = vec![chain.to_string()];
+    // Depth-first in rule order: push targets reversed.
+    while let Some(c) = stack.pop() {
+        if !visited.insert(c.clone()) {
+            continue;
+        }
+        if let Some(to) = sep_dnat.get(&c) {
+            if !out.contains(to) {
+                out.push(*to);
+            }
+            continue;
+        }
+        if let Some(targets) = jumps.get(&c) {
+            stack.extend(
+                targets
+                    .iter()
+                    .rev()
+                    .filter(|t| t.starts_with("KUBE-SEP-") || is_service_chain(t))
+                    .cloned(),
+            );
+        }
+    }
+    out
 }
 
 /// Reads kube-proxy's rules in a network namespace (this process's when None).
@@ -228,8 +324,28 @@ pub struct RuleSource {
     last_text: String,
     last_read: Option<Instant>,
     pub map: ServiceMap,
+    /// Failed reads of the rules (exported as podscope_service_rules_errors_total).
     pub errors: u64,
     reported: bool,
+    /// The `*-save` command that last showed kube-proxy's chains.
+    backend: &'static str,
+}
+
+/// The commands that print the rules: the system's default backend first,
+/// then each backend by name (Debian's iptables package has all three).
+pub const SAVE_COMMANDS: [&str; 3] = ["iptables-save", "iptables-nft-save", "iptables-legacy-save"];
+
+/// Why the rules could not be read: one sentence each, for the log and doctor.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error(
+        "iptables-save is not installed (not found on PATH), so kube-proxy's rules cannot be read: connections are shown without their Service, drops are still reported"
+    )]
+    NotInstalled,
+    #[error(
+        "cannot read kube-proxy's rules ({0}): connections are shown without their Service, drops are still reported"
+    )]
+    Failed(String),
 }
 
 /// How often the rules are re-read.
@@ -244,68 +360,168 @@ impl RuleSource {
             map: ServiceMap::default(),
             errors: 0,
             reported: false,
+            backend: SAVE_COMMANDS[0],
         }
     }
 
-    fn save(&self) -> Result<String, String> {
-        let mut cmd = Command::new("iptables-save");
-        if let Some(ns) = &self.netns {
-            let file = std::fs::File::open(ns)
-                .map_err(|e| format!("cannot open the network namespace {}: {e}", ns.display()))?;
-            use std::os::{fd::AsRawFd, unix::process::CommandExt};
-            let fd = file.as_raw_fd();
-            // SAFETY: setns in the forked child before exec; the fd stays open
-            // in the parent until the command returns.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+    /// Runs one `*-save` command in the rules' namespace.
+    fn save_with(&self, program: &str) -> Result<String, SaveError> {
+        let mut cmd = Command::new(program);
+        // Kept open until the command returned: the child joins it by fd.
+        let _ns_file = match &self.netns {
+            Some(ns) => {
+                let file = std::fs::File::open(ns).map_err(|e| {
+                    SaveError::Failed(format!(
+                        "cannot open the network namespace {}: {e}",
+                        ns.display()
+                    ))
+                })?;
+                use std::os::{fd::AsRawFd, unix::process::CommandExt};
+                let fd = file.as_raw_fd();
+                // SAFETY: setns in the forked child before exec; the fd stays
+                // open in the parent until the command returns.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                Some(file)
             }
-            let out = cmd.output().map_err(|e| format!("iptables-save: {e}"))?;
-            drop(file);
-            return text_of(out);
+            None => None,
+        };
+        let out = cmd.output().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                SaveError::NotInstalled
+            } else {
+                SaveError::Failed(format!("{program}: {e}"))
+            }
+        })?;
+        text_of(program, out).map_err(SaveError::Failed)
+    }
+
+    /// kube-proxy's rules, from whichever iptables backend holds them: the
+    /// node's kube-proxy may use nf_tables or legacy iptables (its
+    /// iptables-wrapper picks per node), and each `*-save` shows only its
+    /// own backend's tables. The backend that last showed kube-proxy's
+    /// chains is asked first, so a steady node costs one command per refresh.
+    fn save(&mut self) -> Result<String, SaveError> {
+        let mut order: Vec<&'static str> = SAVE_COMMANDS.to_vec();
+        order.sort_by_key(|p| *p != self.backend);
+        let mut first: Option<Result<String, SaveError>> = None;
+        for program in order {
+            let r = self.save_with(program);
+            if let Ok(text) = &r
+                && text.contains(":KUBE-SERVICES")
+            {
+                self.backend = program;
+                return r;
+            }
+            // The plain `iptables-save` decides what is reported when no
+            // backend has kube-proxy's chains.
+            if first.is_none() || program == SAVE_COMMANDS[0] {
+                first = Some(r);
+            }
         }
-        text_of(cmd.output().map_err(|e| format!("iptables-save: {e}"))?)
+        first.unwrap_or(Err(SaveError::NotInstalled))
     }
 
     /// Re-reads the rules when [`REFRESH`] has passed (or `force`); true when
-    /// the map changed.
+    /// the map changed. A failure is logged once (until a read succeeds
+    /// again) and counted in `errors`.
     pub fn refresh(&mut self, force: bool) -> bool {
         if !force && self.last_read.is_some_and(|t| t.elapsed() < REFRESH) {
             return false;
         }
         self.last_read = Some(Instant::now());
-        match self.save() {
-            Ok(text) => {
+        match self.read() {
+            Ok(changed) => {
                 self.reported = false;
-                if text == self.last_text {
-                    return false;
-                }
-                self.map = ServiceMap::parse(&text);
-                self.last_text = text;
-                true
+                changed
             }
             Err(e) => {
                 self.errors += 1;
                 if !self.reported {
-                    tracing::warn!(
-                        "cannot read kube-proxy's rules ({e}): connections are shown without their Service"
-                    );
+                    tracing::warn!("{e}");
                     self.reported = true;
                 }
                 false
             }
         }
     }
+
+    /// Reads the rules (and the namespace's addresses, where NodePorts
+    /// answer) now; Ok(true) when the map changed.
+    pub fn read(&mut self) -> Result<bool, SaveError> {
+        let text = self.save()?;
+        let addrs = bpf_sys::in_netns(self.netns.as_deref(), local_addrs)
+            .ok()
+            .flatten();
+        let mut changed = false;
+        if text != self.last_text {
+            let local = std::mem::take(&mut self.map.local_addrs);
+            self.map = ServiceMap::parse(&text);
+            self.map.local_addrs = local;
+            self.last_text = text;
+            changed = true;
+        }
+        // Unreadable addresses keep the last ones known.
+        if let Some(addrs) = addrs
+            && addrs != self.map.local_addrs
+        {
+            self.map.local_addrs = addrs;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// The `*-save` command the rules were last read with.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
 }
 
-fn text_of(out: std::process::Output) -> Result<String, String> {
+/// This thread's network namespace's interface addresses (getifaddrs(3)).
+fn local_addrs() -> Option<HashSet<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return None;
+    }
+    let mut out = HashSet::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned; the
+        // sockaddr is read by its family's size.
+        unsafe {
+            let sa = (*cur).ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let a = &*(sa as *const libc::sockaddr_in);
+                        out.insert(IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let a = &*(sa as *const libc::sockaddr_in6);
+                        out.insert(IpAddr::from(a.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Some(out)
+}
+
+fn text_of(program: &str, out: std::process::Output) -> Result<String, String> {
     if !out.status.success() {
         return Err(format!(
-            "iptables-save: {}",
+            "{program}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
@@ -540,6 +756,81 @@ mod tests {
         assert!(none.no_endpoints);
         assert_eq!(none.service.as_ref().unwrap().port, "80");
         assert!(map.lookup(17, "198.19.0.10:80".parse().unwrap()).is_none());
+    }
+
+    /// kube-proxy's own expected output for its overall rules test.
+    const UPSTREAM: &str = include_str!("../tests/fixtures/kube-proxy-upstream-nodeports.txt");
+
+    fn svc(ns: &str, name: &str, port: &str) -> Option<ServiceRef> {
+        Some(ServiceRef {
+            namespace: ns.into(),
+            name: name.into(),
+            port: port.into(),
+        })
+    }
+
+    #[test]
+    fn parses_kube_proxys_nodeports_external_and_load_balancer_ips() {
+        let mut map = ServiceMap::parse(UPSTREAM);
+        let node: IpAddr = "192.168.0.2".parse().unwrap();
+        let ep = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // Not an address of this node: a NodePort does not answer there.
+        assert!(map.lookup(6, SocketAddr::new(node, 3003)).is_none());
+        map.local_addrs.insert(node);
+        // KUBE-NODEPORTS -> KUBE-EXT -> KUBE-SVC -> KUBE-SEP.
+        let np = map
+            .lookup(6, SocketAddr::new(node, 3003))
+            .expect("NodePort");
+        assert_eq!(np.service, svc("ns3", "svc3", "p80"));
+        assert_eq!(np.endpoints, [ep("10.180.0.3:80")]);
+        assert!(!np.no_endpoints);
+        assert!(map.lookup(17, SocketAddr::new(node, 3003)).is_none());
+        assert!(map.lookup(6, SocketAddr::new(node, 3999)).is_none());
+        // externalTrafficPolicy Local without a local endpoint: pods still
+        // reach the endpoint, the rest is dropped for every local address.
+        let local = map.lookup(6, SocketAddr::new(node, 3001)).unwrap();
+        assert_eq!(local.service, svc("ns2", "svc2", "p80"));
+        assert_eq!(local.endpoints, [ep("10.180.0.2:80")]);
+        assert!(local.no_endpoints);
+        // External IP and load-balancer IP (through KUBE-FW) by address.
+        let ext = map.lookup(6, ep("192.168.99.33:80")).unwrap();
+        assert_eq!(ext.service, svc("ns4", "svc4", "p80"));
+        assert_eq!(ext.endpoints, [ep("10.180.0.4:80"), ep("10.180.0.5:80")]);
+        let lb = map.lookup(6, ep("5.6.7.8:80")).unwrap();
+        assert_eq!(lb.service, svc("ns5", "svc5", "p80"));
+        assert_eq!(lb.endpoints, [ep("10.180.0.3:80")]);
+        // ClusterIPs and the Service without endpoints, as before.
+        let c = map.lookup(6, ep("172.30.0.41:80")).unwrap();
+        assert_eq!(c.service, svc("ns1", "svc1", "p80"));
+        assert_eq!(c.endpoints, [ep("10.180.0.1:80")]);
+        let none = map.lookup(6, ep("172.30.0.46:80")).unwrap();
+        assert!(none.no_endpoints && none.endpoints.is_empty());
+        // The health check node port is not a Service port.
+        assert!(map.lookup(6, SocketAddr::new(node, 30000)).is_none());
+        assert_eq!(map.node_ports.len(), 3);
+    }
+
+    #[test]
+    fn a_connection_to_a_nodeport_is_attributed_to_its_service() {
+        let mut map = ServiceMap::parse(UPSTREAM);
+        let node: IpAddr = "192.168.0.2".parse().unwrap();
+        map.local_addrs.insert(node);
+        let raw = RawConn {
+            ts: SystemTime::UNIX_EPOCH,
+            orig: Tuple {
+                proto: 6,
+                src: "10.180.0.9:40000".parse().unwrap(),
+                dst: SocketAddr::new(node, 3002),
+            },
+            translated: "10.180.0.3:80".parse().unwrap(),
+            dnat: true,
+            hook: 0,
+            cgroup_id: 0,
+        };
+        let c = connection(&raw, &map, &|_| None);
+        assert_eq!(c.service, svc("ns5", "svc5", "p80"));
+        assert_eq!(c.endpoint, Some("10.180.0.3:80".parse().unwrap()));
+        assert_eq!(c.outcome, Outcome::Forwarded);
     }
 
     #[test]

@@ -293,7 +293,7 @@ impl Pipeline {
                 self.forensics.on_removed(c.id);
             }
         }
-        self.net_batch(&mut events);
+        self.net_batch(&mut events).await;
         for f in self.forensics.take_findings(Instant::now()) {
             events.push(finding_event(f));
         }
@@ -324,7 +324,7 @@ impl Pipeline {
     }
 
     /// New connections and drops, attributed to pods, Services and endpoints.
-    fn net_batch(&mut self, events: &mut Vec<Event>) {
+    async fn net_batch(&mut self, events: &mut Vec<Event>) {
         let Some(net) = self.net.as_mut() else { return };
         let (mut conns, mut drops) = (vec![], vec![]);
         net.drain_conns(|c| conns.push(c));
@@ -335,12 +335,15 @@ impl Pipeline {
         self.rules.refresh(false);
         let resolver = &self.resolver;
         let pod_of = |ip| resolver.pod_by_ip(ip);
+        let mut by_socket = vec![];
         for c in &conns {
-            events.push(Event::Connection(kubeproxy::connection(
-                c,
-                &self.rules.map,
-                &pod_of,
-            )));
+            let conn = kubeproxy::connection(c, &self.rules.map, &pod_of);
+            // No pod has the source address (the node's own: a hostNetwork
+            // pod): the sending socket's cgroup names the container, below.
+            if conn.pod.pod.is_none() && c.cgroup_id != 0 {
+                by_socket.push((events.len(), c.cgroup_id));
+            }
+            events.push(Event::Connection(conn));
         }
         for d in &drops {
             let (drop, conn) = kubeproxy::drop_events(d, &self.rules.map, &pod_of);
@@ -349,6 +352,12 @@ impl Pipeline {
                 && self.seen.first(t)
             {
                 events.push(Event::Connection(conn));
+            }
+        }
+        for (i, cgroup_id) in by_socket {
+            let pod = self.resolver.identify(cgroup_id).await;
+            if let Some(Event::Connection(conn)) = events.get_mut(i) {
+                conn.pod = pod;
             }
         }
     }
@@ -419,6 +428,11 @@ impl Pipeline {
             });
         }
         out
+    }
+
+    /// Failed reads of kube-proxy's rules.
+    pub fn rule_errors(&self) -> u64 {
+        self.rules.errors
     }
 
     pub fn resolver_stats(&self) -> ResolverStats {

@@ -199,3 +199,38 @@ fn why_without_an_agent_says_where_it_looked() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("NAMESPACE/POD"));
     }
 }
+
+/// Without iptables-save (a distroless image, a minimal host) doctor says so
+/// in one sentence, and still exits by the essential checks only: the net
+/// family keeps reporting drops without kube-proxy's rules.
+#[test]
+fn doctor_says_when_iptables_save_is_missing() {
+    let empty = std::env::temp_dir().join(format!("podscope-no-iptables-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = podscope()
+        .args(["doctor", "-o", "json"])
+        .env("PATH", &empty)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&empty);
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("doctor -o json is one JSON object");
+    let check = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "kube_proxy_rules")
+        .expect("a kube_proxy_rules check")
+        .clone();
+    assert_eq!(check["status"], "missing", "{check}");
+    assert_eq!(
+        check["detail"], "iptables-save not found on PATH",
+        "{check}"
+    );
+    let meaning = check["meaning"].as_str().unwrap();
+    assert!(
+        meaning.contains("iptables-save is not installed")
+            && meaning.contains("drops are still reported"),
+        "{meaning}"
+    );
+}

@@ -1,5 +1,5 @@
 //! Packet paths through kube-proxy's rules, on the test node: real pods on
-//! its bridge, ClusterIP Services the node writes in kube-proxy's own
+//! its bridge, ClusterIP and NodePort Services the node writes in kube-proxy's own
 //! iptables layout, `podscope trace net` and the agent's metrics watching
 //! the node's network namespace. Needs root. Every packet stays inside the
 //! node's namespace (pods 198.18.0.0/16, Services 198.19.0.0/16).
@@ -23,8 +23,13 @@ const NETNS: &str = "/run/netns/podscope-node";
 const WEB_IP: &str = "198.19.77.10";
 const NONE_IP: &str = "198.19.77.11";
 const GUARDED_IP: &str = "198.19.77.12";
-const PODS: [&str; 4] = ["web-a", "web-b", "guarded", "client"];
-const SERVICES: [&str; 3] = ["web", "none", "guarded"];
+const PODS: [&str; 5] = ["web-a", "web-b", "guarded", "client", "hostclient"];
+const SERVICES: [&str; 5] = ["web", "none", "guarded", "web-np", "none-np"];
+/// The node's own address on the pods' bridge (their gateway): where a pod
+/// reaches a NodePort of its own node.
+const NODE_IP: &str = "198.18.0.1";
+const WEB_NODE_PORT: u16 = 30080;
+const NONE_NODE_PORT: u16 = 30081;
 
 fn node(args: &[&str]) -> String {
     let bin = testnode().expect("podscope-testnode");
@@ -58,6 +63,13 @@ fn server(name: &str, app: &str) -> String {
     )
 }
 
+/// A NodePort Service (cluster IP allocated by the node).
+fn node_port_service(name: &str, node_port: u16, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  type: NodePort\n  selector: {{app: {app}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: {node_port}}}\n"
+    )
+}
+
 fn service(name: &str, ip: &str, app: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  clusterIP: {ip}\n  selector: {{app: {app}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n"
@@ -66,10 +78,14 @@ fn service(name: &str, ip: &str, app: &str) -> String {
 
 /// `podscope-helper connect` from the client pod: its summary line.
 fn connect(addr: &str, n: u32) -> String {
+    connect_from("client", addr, n)
+}
+
+fn connect_from(pod: &str, addr: &str, n: u32) -> String {
     let out = Command::new(testnode().unwrap())
         .args([
             "exec",
-            &format!("{NS}/client"),
+            &format!("{NS}/{pod}"),
             "main",
             "--",
             "podscope-helper",
@@ -211,11 +227,29 @@ fn scenarios() {
         ),
         true,
     );
+    apply(
+        "hostclient",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: hostclient, namespace: {NS}}}\nspec:\n  hostNetwork: true\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    command: [sleep, \"3600\"]\n"
+        ),
+        true,
+    );
     apply("svc-web", &service("web", WEB_IP, "web"), false);
     apply("svc-none", &service("none", NONE_IP, "nothing"), false);
     apply(
         "svc-guarded",
         &service("guarded", GUARDED_IP, "guarded"),
+        false,
+    );
+    let np = apply(
+        "svc-web-np",
+        &node_port_service("web-np", WEB_NODE_PORT, "web"),
+        false,
+    );
+    assert_eq!(np["nodePorts"][0], WEB_NODE_PORT, "{np}");
+    apply(
+        "svc-none-np",
+        &node_port_service("none-np", NONE_NODE_PORT, "nothing"),
         false,
     );
     let ip = |s: &Value| s["pod_ip"].as_str().unwrap().to_string();
@@ -229,9 +263,17 @@ fn scenarios() {
         format!("--comment \"{NS}/none:http has no endpoints\""),
         format!("-j DNAT --to-destination {a_ip}:8080"),
         "-j KUBE-MARK-MASQ".to_string(),
+        format!("--comment \"{NS}/none-np:http has no endpoints\" -m addrtype --dst-type LOCAL"),
     ] {
         assert!(saved.contains(&want), "missing {want} in\n{saved}");
     }
+    // iptables-save quotes comments or not depending on its backend.
+    assert!(
+        saved.lines().any(|l| l.starts_with("-A KUBE-NODEPORTS")
+            && l.contains(&format!("{NS}/web-np:http"))
+            && l.contains(&format!("--dport {WEB_NODE_PORT} -j KUBE-EXT-"))),
+        "no NodePort rule in\n{saved}"
+    );
 
     let scratch = std::env::temp_dir().join(format!("podscope-net-agent-{}", std::process::id()));
     let port = free_port();
@@ -267,6 +309,17 @@ fn scenarios() {
     let out = connect(&format!("{GUARDED_IP}:80"), 1);
     assert!(out.contains("timeout 1"), "{out}");
     drop(rule);
+    say("a pod connecting to its node's address at a NodePort: the NodePort's Service");
+    let out = connect(&format!("{NODE_IP}:{WEB_NODE_PORT}"), 6);
+    assert!(out.starts_with("connected 6 "), "{out}");
+    say("a NodePort Service without endpoints: rejected on the node's address");
+    let out = connect(&format!("{NODE_IP}:{NONE_NODE_PORT}"), 1);
+    assert!(out.contains("refused 1"), "{out}");
+    say(
+        "a hostNetwork pod (the node's address) connecting to a ClusterIP: named by its socket's cgroup",
+    );
+    let out = connect_from("hostclient", &format!("{WEB_IP}:80"), 4);
+    assert!(out.starts_with("connected 4 "), "{out}");
     say("traffic that touches no Service");
     let out = connect(&format!("{a_ip}:8080"), 3);
     assert!(out.starts_with("connected 3 "), "{out}");
@@ -278,7 +331,7 @@ fn scenarios() {
         match lines.recv_timeout(Duration::from_millis(500)) {
             Ok(v) if v["kind"] == "connection" && v["namespace"] == NS => conns.push(v),
             Ok(_) => {}
-            Err(_) if conns.len() >= 36 => break,
+            Err(_) if conns.len() >= 47 => break,
             Err(_) => {}
         }
     }
@@ -289,7 +342,21 @@ fn scenarios() {
             .filter(|c| c["dst"].as_str().is_some_and(|d| d.starts_with(ip)))
             .collect()
     };
-    let web = to(WEB_IP);
+    let (host, web): (Vec<&Value>, Vec<&Value>) = to(WEB_IP)
+        .into_iter()
+        .partition(|c| c["pod"] == "hostclient");
+    assert_eq!(host.len(), 4, "{host:?}");
+    for c in &host {
+        assert!(
+            c["src"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(&format!("{NODE_IP}:"))),
+            "from the node's address: {c}"
+        );
+        assert_eq!(c["container"], "main", "{c}");
+        assert_eq!(c["service"]["name"], "web", "{c}");
+        assert_eq!(c["outcome"], "forwarded", "{c}");
+    }
     assert_eq!(web.len(), 30, "one line per connection: {web:?}");
     for c in &web {
         assert_eq!(c["pod"], "client", "{c}");
@@ -326,6 +393,22 @@ fn scenarios() {
     assert_eq!(guarded[0]["outcome"], "dropped");
     assert_eq!(guarded[0]["reason"], "NETFILTER_DROP");
     assert_eq!(guarded[0]["endpoint"], format!("{g_ip}:8080").as_str());
+    let node_port = to(&format!("{NODE_IP}:{WEB_NODE_PORT}"));
+    assert_eq!(node_port.len(), 6, "{node_port:?}");
+    for c in &node_port {
+        assert_eq!(c["pod"], "client", "{c}");
+        assert_eq!(c["outcome"], "forwarded", "{c}");
+        assert_eq!(c["service"]["name"], "web-np", "{c}");
+        assert_eq!(c["service"]["port"], "http", "{c}");
+        assert!(
+            c["endpoint_pod"]["pod"] == "web-a" || c["endpoint_pod"]["pod"] == "web-b",
+            "{c}"
+        );
+    }
+    let node_port_none = to(&format!("{NODE_IP}:{NONE_NODE_PORT}"));
+    assert_eq!(node_port_none.len(), 1, "{node_port_none:?}");
+    assert_eq!(node_port_none[0]["service"]["name"], "none-np");
+    assert_eq!(node_port_none[0]["outcome"], "rejected_no_endpoints");
     let direct = to(&a_ip);
     assert_eq!(direct.len(), 3, "{direct:?}");
     assert!(direct.iter().all(|c| c["service"].is_null()), "{direct:?}");
@@ -369,6 +452,8 @@ fn scenarios() {
     assert_eq!(svc("web", "forwarded"), 30.0, "{body}");
     assert_eq!(svc("none", "rejected_no_endpoints"), 2.0, "{body}");
     assert_eq!(svc("guarded", "dropped"), 1.0, "{body}");
+    assert_eq!(svc("web-np", "forwarded"), 6.0, "{body}");
+    assert_eq!(svc("none-np", "rejected_no_endpoints"), 1.0, "{body}");
     let ep = |ip: &str| {
         metric(
             &body,
@@ -376,7 +461,30 @@ fn scenarios() {
             &[("service", "web"), ("endpoint", &format!("{ip}:8080"))],
         )
     };
-    assert_eq!(ep(&a_ip) + ep(&b_ip), 30.0, "{body}");
+    // The client's 30 and the hostNetwork pod's 4.
+    assert_eq!(ep(&a_ip) + ep(&b_ip), 34.0, "{body}");
+    assert_eq!(
+        metric(
+            &body,
+            "podscope_service_connections_total",
+            &[
+                ("namespace", NS),
+                ("pod", "hostclient"),
+                ("service", "web"),
+                ("outcome", "forwarded"),
+            ],
+        ),
+        4.0,
+        "{body}"
+    );
+    let np_ep = |ip: &str| {
+        metric(
+            &body,
+            "podscope_service_endpoint_connections_total",
+            &[("service", "web-np"), ("endpoint", &format!("{ip}:8080"))],
+        )
+    };
+    assert_eq!(np_ep(&a_ip) + np_ep(&b_ip), 6.0, "{body}");
     assert!(ep(&a_ip) > 0.0 && ep(&b_ip) > 0.0, "{body}");
     assert!(
         metric(
@@ -391,7 +499,7 @@ fn scenarios() {
         "{body}"
     );
     // The direct connections to web-a are in no Service series: the
-    // endpoint split above adds up to the 30 Service connections alone.
+    // endpoint split above adds up to the 34 Service connections alone.
     let _ = std::fs::remove_dir_all(&scratch);
 
     say("the older kernels' path: conntrack events instead of netfilter links");

@@ -45,7 +45,10 @@ const PORT: i64 = 9811;
 const PORT_NAME: &str = "metrics";
 const STATE_DIR: &str = "/var/lib/podscope";
 const CRI_SOCKET: &str = "/run/containerd/containerd.sock";
-const CAPABILITIES: &[&str] = &["BPF", "PERFMON"];
+/// BPF loads programs and maps, PERFMON attaches tracing programs,
+/// NET_ADMIN reads kube-proxy's rules (iptables-save) and loads the BPF
+/// netfilter programs.
+const CAPABILITIES: &[&str] = &["BPF", "PERFMON", "NET_ADMIN"];
 /// Host paths the agent reads, mounted at the same path, read-only.
 const READ_ONLY_HOST_PATHS: &[&str] = &[
     "/sys/kernel/btf",
@@ -344,7 +347,7 @@ fn patches_do_what_the_readme_says() {
 
     let old = patched_daemonset("kernel-pre-5.8.yaml");
     let caps = &old["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"];
-    assert_eq!(caps["add"], serde_json::json!(["SYS_ADMIN"]));
+    assert_eq!(caps["add"], serde_json::json!(["SYS_ADMIN", "NET_ADMIN"]));
     assert_eq!(caps["drop"], serde_json::json!(["ALL"]));
 }
 
@@ -456,7 +459,12 @@ fn daemonset_matches_the_agent_contract() {
 
     // Scheduling.
     assert_eq!(pod["hostPID"], Yaml::from(true));
-    assert_ne!(pod["hostNetwork"], Yaml::from(true));
+    // The node's network namespace, where kube-proxy's rules and the
+    // node's traffic are; with it, cluster DNS must be asked for explicitly
+    // (the default policy would use the node's resolv.conf), and the
+    // metrics port is a port of the node: hostPort equal to containerPort.
+    assert_eq!(pod["hostNetwork"], Yaml::from(true));
+    assert_eq!(s(pod, "dnsPolicy"), "ClusterFirstWithHostNet");
     assert_eq!(s(pod, "priorityClassName"), "system-node-critical");
     assert_eq!(pod["terminationGracePeriodSeconds"], Yaml::from(10));
     let tolerates_all = seq(pod, "tolerations")
@@ -473,7 +481,7 @@ fn daemonset_matches_the_agent_contract() {
     );
     assert_eq!(pod["automountServiceAccountToken"], Yaml::from(false));
 
-    // Privileges: root, only CAP_BPF and CAP_PERFMON, nothing else.
+    // Privileges: root, only CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN.
     let sc = &c["securityContext"];
     assert_eq!(sc["runAsUser"], Yaml::from(0));
     assert_eq!(sc["allowPrivilegeEscalation"], Yaml::from(false));
@@ -493,6 +501,11 @@ fn daemonset_matches_the_agent_contract() {
     assert_eq!(ports.len(), 1);
     assert_eq!(s(&ports[0], "name"), PORT_NAME);
     assert_eq!(ports[0]["containerPort"], Yaml::from(PORT));
+    assert_eq!(
+        ports[0]["hostPort"],
+        Yaml::from(PORT),
+        "hostNetwork: the metrics port is the node's"
+    );
     for (probe, path) in [
         ("livenessProbe", "/healthz"),
         ("readinessProbe", "/readyz"),
@@ -1148,10 +1161,9 @@ fn dockerfile_builds_the_agent_with_the_projects_setup() {
         froms[0]
     );
     let last = froms.last().unwrap();
-    assert!(
-        last.contains("debian:bookworm-slim") || last.contains("distroless/cc"),
-        "{last}"
-    );
+    // Debian's glibc (the builder's) and its iptables package: the agent
+    // runs iptables-save to read kube-proxy's rules.
+    assert!(last.contains("debian:bookworm-slim"), "{last}");
     assert!(joined.contains("PODSCOPE_SETUP_MINIMAL=1"));
     assert!(joined.contains("cargo xtask setup"));
     assert!(joined.contains("cargo build --release") && joined.contains("-p podscope"));
@@ -1163,6 +1175,10 @@ fn dockerfile_builds_the_agent_with_the_projects_setup() {
         "the state directory exists in the image"
     );
     assert!(last_stage.contains(&format!("EXPOSE {PORT}")));
+    assert!(
+        last_stage.contains("apt-get install -y --no-install-recommends iptables"),
+        "the runtime image has iptables-save"
+    );
 
     let ignore = fs::read_to_string(deploy_dir().join("../.dockerignore"))
         .expect("a .dockerignore at the repository root");

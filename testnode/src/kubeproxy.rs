@@ -46,6 +46,8 @@ pub struct ServicePortRules {
     pub protocol: String,
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
+    /// A NodePort Service's port on every node address.
+    pub node_port: Option<u16>,
     pub endpoints: Vec<String>,
 }
 
@@ -80,6 +82,11 @@ pub fn service_chain(port_name: &str, protocol: &str) -> String {
         "KUBE-SVC-{}",
         hash16(&format!("{port_name}{}", protocol.to_lowercase()))
     )
+}
+
+/// `KUBE-EXT-` + the KUBE-SVC- chain's hash: external traffic (NodePorts).
+pub fn external_chain(port_name: &str, protocol: &str) -> String {
+    service_chain(port_name, protocol).replacen("KUBE-SVC-", "KUBE-EXT-", 1)
 }
 
 /// `KUBE-SEP-` + hash(servicePortName + protocol + endpoint).
@@ -127,6 +134,7 @@ pub fn plan(services: &[Service], pods: &[ReadyPod]) -> Vec<ServicePortRules> {
                 protocol: port.protocol().to_string(),
                 cluster_ip,
                 port: port.port,
+                node_port: port.node_port.filter(|_| svc.is_node_port()),
                 endpoints,
             });
         }
@@ -195,6 +203,24 @@ pub fn render(ports: &[ServicePortRules], stale: &BTreeSet<String>) -> String {
             chains.push(sep);
         }
         rules.push_str(&sep_rules);
+        // NodePorts (externalTrafficPolicy Cluster): KUBE-NODEPORTS sends
+        // them to KUBE-EXT, which marks them for masquerade and continues
+        // into the Service chain.
+        if let Some(np) = sp.node_port {
+            let ext = external_chain(&sp.port_name, &sp.protocol);
+            let _ = writeln!(
+                rules,
+                "-A KUBE-NODEPORTS -m comment --comment {} -m {proto} -p {proto} --dport {np} -j {ext}",
+                sp.port_name
+            );
+            let _ = writeln!(
+                rules,
+                "-A {ext} -m comment --comment \"masquerade traffic for {} external destinations\" {masq}",
+                sp.port_name
+            );
+            let _ = writeln!(rules, "-A {ext} -j {svc_chain}");
+            chains.push(ext);
+        }
         chains.push(svc_chain);
     }
     let mut out = String::from("*nat\n");
@@ -245,6 +271,13 @@ pub fn render(ports: &[ServicePortRules], stale: &BTreeSet<String>) -> String {
             "-A KUBE-SERVICES -m comment --comment \"{} has no endpoints\" -m {proto} -p {proto} -d {}/32 --dport {} -j REJECT",
             sp.port_name, sp.cluster_ip, sp.port
         );
+        if let Some(np) = sp.node_port {
+            let _ = writeln!(
+                out,
+                "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{} has no endpoints\" -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j REJECT",
+                sp.port_name
+            );
+        }
     }
     let _ = writeln!(
         out,
@@ -401,14 +434,18 @@ pub fn ready_pods() -> Vec<ReadyPod> {
     out
 }
 
-/// KUBE-SVC-/KUBE-SEP- chains that exist in the node's nat table.
+/// KUBE-SVC-/KUBE-SEP-/KUBE-EXT- chains that exist in the node's nat table.
 fn existing_chains() -> Result<BTreeSet<String>> {
     let text = run(in_node("iptables-save").args(["-t", "nat"]))?;
     Ok(text
         .lines()
         .filter_map(|l| l.strip_prefix(':'))
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|c| c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-"))
+        .filter(|c| {
+            ["KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-"]
+                .iter()
+                .any(|p| c.starts_with(p))
+        })
         .map(str::to_string)
         .collect())
 }
@@ -571,6 +608,21 @@ mod tests {
             format!("-A {svc_chain} -m comment --comment \"shop/web:http -> 198.18.0.5:8080\" -m statistic --mode random --probability 0.5000000000 -j {sep}"),
             format!("-A {sep} -m comment --comment shop/web:http -m tcp -p tcp -j DNAT --to-destination 198.18.0.5:8080"),
             "-A KUBE-SERVICES -m comment --comment \"shop/none has no endpoints\" -m tcp -p tcp -d 198.19.0.11/32 --dport 80 -j REJECT".to_string(),
+        ] {
+            assert!(text.contains(&want), "missing {want} in\n{text}");
+        }
+        // A NodePort: KUBE-NODEPORTS -> KUBE-EXT -> KUBE-SVC; without
+        // endpoints, rejected on every local address.
+        let mut np = ports.clone();
+        np[0].node_port = Some(30080);
+        np[1].node_port = Some(30081);
+        let text = render(&np, &BTreeSet::new());
+        let ext = external_chain("shop/web:http", "TCP");
+        assert_eq!(&ext[9..], &svc_chain[9..]);
+        for want in [
+            format!("-A KUBE-NODEPORTS -m comment --comment shop/web:http -m tcp -p tcp --dport 30080 -j {ext}"),
+            format!("-A {ext} -j {svc_chain}"),
+            "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"shop/none has no endpoints\" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 30081 -j REJECT".to_string(),
         ] {
             assert!(text.contains(&want), "missing {want} in\n{text}");
         }

@@ -421,15 +421,20 @@ fn apply_service(text: &str, origin: &str, output: Output) -> Result<ExitCode> {
         .cluster_ip
         .map(|ip| ip.to_string())
         .unwrap_or_default();
+    let node_ports: Vec<u16> = svc.spec.ports.iter().filter_map(|p| p.node_port).collect();
     match output {
         Output::Json => println!(
             "{}",
-            serde_json::json!({"kind": "Service", "namespace": svc.namespace(), "name": svc.name(), "clusterIP": ip})
+            serde_json::json!({"kind": "Service", "namespace": svc.namespace(), "name": svc.name(), "clusterIP": ip, "nodePorts": node_ports})
         ),
         Output::Table => println!(
-            "service/{}/{} {verb} (cluster IP {ip})",
+            "service/{}/{} {verb} (cluster IP {ip}{})",
             svc.namespace(),
-            svc.name()
+            svc.name(),
+            node_ports
+                .iter()
+                .map(|p| format!(", node port {p}"))
+                .collect::<String>()
         ),
     }
     Ok(ExitCode::SUCCESS)

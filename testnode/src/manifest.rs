@@ -79,6 +79,10 @@ pub struct PodSpec {
     pub termination_grace_period_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_process_namespace: Option<bool>,
+    /// The node's network namespace (containerd's: `podscope-node`) instead
+    /// of the pod's own: no pod IP, traffic from the node's addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_network: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -232,6 +236,9 @@ impl Pod {
     }
     pub fn share_process_namespace(&self) -> bool {
         self.spec.share_process_namespace.unwrap_or(false)
+    }
+    pub fn host_network(&self) -> bool {
+        self.spec.host_network.unwrap_or(false)
     }
     pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
         serde_yaml::to_string(self)

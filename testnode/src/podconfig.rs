@@ -66,7 +66,12 @@ impl PodPlan {
 
     fn namespaces(&self) -> api::NamespaceOption {
         api::NamespaceOption {
-            network: api::NamespaceMode::Pod as i32,
+            network: if self.pod.host_network() {
+                // containerd's own namespace, which is the node's.
+                api::NamespaceMode::Node as i32
+            } else {
+                api::NamespaceMode::Pod as i32
+            },
             pid: self.pid_mode(),
             ipc: api::NamespaceMode::Pod as i32,
             ..Default::default()
@@ -107,7 +112,13 @@ impl PodPlan {
                 namespace: self.pod.namespace().into(),
                 attempt: 0,
             }),
-            hostname: self.pod.name().into(),
+            // A hostNetwork pod keeps the node's UTS namespace and name
+            // (runc refuses a hostname without a private UTS namespace).
+            hostname: if self.pod.host_network() {
+                String::new()
+            } else {
+                self.pod.name().into()
+            },
             log_directory: self.log_directory(),
             labels,
             annotations,

@@ -51,7 +51,14 @@ pub struct ServicePort {
     /// A number only: the test node's pods declare no named container ports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<u16>,
+    /// `type: NodePort` only: honoured when given, allocated in
+    /// [`NODE_PORTS`] otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
 }
+
+/// kube-apiserver's default `--service-node-port-range`.
+pub const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
 
 impl ServicePort {
     /// `TCP`, `UDP` or `SCTP` (Kubernetes' default is TCP).
@@ -101,10 +108,24 @@ impl Service {
         dns_label(self.namespace(), "metadata.namespace")?;
         if let Some(t) = &self.spec.type_
             && t != "ClusterIP"
+            && t != "NodePort"
         {
             return Err(format!(
-                "spec.type `{t}` is not supported: the test node serves ClusterIP Services only"
+                "spec.type `{t}` is not supported: the test node serves ClusterIP and NodePort Services only"
             ));
+        }
+        for (i, p) in self.spec.ports.iter().enumerate() {
+            match p.node_port {
+                Some(_) if !self.is_node_port() => {
+                    return Err(format!("spec.ports[{i}].nodePort needs spec.type NodePort"));
+                }
+                Some(n) if !NODE_PORTS.contains(&n) => {
+                    return Err(format!(
+                        "spec.ports[{i}].nodePort {n} is outside the node port range 30000-32767"
+                    ));
+                }
+                _ => {}
+            }
         }
         if let Some(ip) = self.spec.cluster_ip
             && !in_service_subnet(ip)
@@ -146,6 +167,9 @@ impl Service {
 
     pub fn namespace(&self) -> &str {
         self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+    pub fn is_node_port(&self) -> bool {
+        self.spec.type_.as_deref() == Some("NodePort")
     }
     pub fn name(&self) -> &str {
         &self.metadata.name
@@ -206,6 +230,11 @@ pub fn store(mut svc: Service) -> Result<(&'static str, Service)> {
         if cmp.spec.cluster_ip.is_none() {
             cmp.spec.cluster_ip = old.spec.cluster_ip;
         }
+        for (p, o) in cmp.spec.ports.iter_mut().zip(&old.spec.ports) {
+            if p.node_port.is_none() {
+                p.node_port = o.node_port;
+            }
+        }
         if cmp != old {
             return Err(Error::Msg(format!(
                 "service {}/{} exists with a different spec; delete it first (`podscope-testnode delete service/{}/{}`)",
@@ -227,6 +256,9 @@ pub fn store(mut svc: Service) -> Result<(&'static str, Service)> {
         Some(_) => {}
         None => svc.spec.cluster_ip = Some(allocate(svc.namespace(), svc.name(), &taken)?),
     }
+    if svc.is_node_port() {
+        allocate_node_ports(&mut svc, &others)?;
+    }
     let tmp = target.with_extension("yaml.tmp");
     let text = svc
         .to_yaml()
@@ -244,6 +276,41 @@ pub fn remove(namespace: &str, name: &str) -> Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e).ctx(|| format!("cannot remove {}", f.display())),
     }
+}
+
+/// Gives every port of a NodePort Service its node port: the manifest's
+/// when it names one (refused when another Service has it), else a stable
+/// one from [`NODE_PORTS`] (the same name and port get the same again).
+fn allocate_node_ports(svc: &mut Service, others: &[Service]) -> Result<()> {
+    let mut taken: Vec<(u16, String)> = others
+        .iter()
+        .flat_map(|s| &s.spec.ports)
+        .filter_map(|p| Some((p.node_port?, p.protocol().to_string())))
+        .collect();
+    for p in svc.spec.ports.iter().filter(|p| p.node_port.is_some()) {
+        let key = (p.node_port.unwrap_or_default(), p.protocol().to_string());
+        if taken.contains(&key) {
+            return Err(Error::Msg(format!(
+                "nodePort {}/{} is already allocated to another Service",
+                key.0, key.1
+            )));
+        }
+        taken.push(key);
+    }
+    let (ns, name) = (svc.namespace().to_string(), svc.name().to_string());
+    let size = u32::from(NODE_PORTS.end() - NODE_PORTS.start()) + 1;
+    for p in svc.spec.ports.iter_mut().filter(|p| p.node_port.is_none()) {
+        let digest = Sha256::digest(format!("{ns}/{name}:{}", p.port).as_bytes());
+        let start = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % size;
+        let proto = p.protocol().to_string();
+        let free = (0..size)
+            .map(|i| NODE_PORTS.start() + ((start + i) % size) as u16)
+            .find(|n| !taken.contains(&(*n, proto.clone())))
+            .ok_or_else(|| Error::Msg("the node port range 30000-32767 is full".into()))?;
+        taken.push((free, proto));
+        p.node_port = Some(free);
+    }
+    Ok(())
 }
 
 /// A stable address for a Service (the same name gets the same address
@@ -297,12 +364,27 @@ spec:
             .to_string();
         assert!(err.contains("198.19.0.0/16"), "{err}");
         let err = Service::parse(
-            &SVC.replace("  selector", "  type: NodePort\n  selector"),
+            &SVC.replace("  selector", "  type: LoadBalancer\n  selector"),
             "s",
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("NodePort"), "{err}");
+        assert!(err.contains("LoadBalancer"), "{err}");
+        let err = Service::parse(
+            &SVC.replace("targetPort: 8080", "targetPort: 8080, nodePort: 30080"),
+            "s",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("needs spec.type NodePort"), "{err}");
+        let np = SVC.replace("  selector", "  type: NodePort\n  selector");
+        let err = Service::parse(
+            &np.replace("targetPort: 8080", "targetPort: 8080, nodePort: 80"),
+            "s",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("30000-32767"), "{err}");
         let err = Service::parse(
             &SVC.replace("  selector", "  sessionAffinity: None\n  selector"),
             "s",
@@ -310,6 +392,31 @@ spec:
         .unwrap_err()
         .to_string();
         assert!(err.contains("sessionAffinity"), "{err}");
+    }
+
+    #[test]
+    fn node_ports_are_honoured_or_allocated_in_the_range() {
+        let np = SVC.replace("  selector", "  type: NodePort\n  selector");
+        let mut a = Service::parse(&np, "s").unwrap();
+        allocate_node_ports(&mut a, &[]).unwrap();
+        let given = a.spec.ports[0].node_port.unwrap();
+        assert!(NODE_PORTS.contains(&given));
+        let mut again = Service::parse(&np, "s").unwrap();
+        allocate_node_ports(&mut again, &[]).unwrap();
+        assert_eq!(again.spec.ports[0].node_port, Some(given), "stable");
+        let mut other = Service::parse(&np.replace("name: web", "name: web2"), "s").unwrap();
+        other.spec.ports[0].node_port = Some(given);
+        let err = allocate_node_ports(&mut other, &[a.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already allocated"), "{err}");
+        let mut same = Service::parse(&np, "s").unwrap();
+        allocate_node_ports(&mut same, &[a]).unwrap();
+        assert_ne!(
+            same.spec.ports[0].node_port,
+            Some(given),
+            "steps past a taken port"
+        );
     }
 
     #[test]

@@ -201,6 +201,7 @@ pub fn diagnose() -> Report {
     }
 
     checks.push(cri_check());
+    checks.push(kube_proxy_rules_check());
 
     checks.push({
         let layout = CgroupLayout::current();
@@ -273,6 +274,43 @@ fn cri_check() -> Check {
             Status::Missing,
             e,
             "names are missing until the runtime answers; pod uids and container ids still come from cgroup paths",
+        ),
+    }
+}
+
+/// Whether kube-proxy's rules can be read here, as the agent reads them
+/// (in this process's network namespace: the node's, for a hostNetwork pod).
+fn kube_proxy_rules_check() -> Check {
+    use crate::kubeproxy::{RuleSource, SaveError};
+    let mut rules = RuleSource::new(None);
+    match rules.read() {
+        Ok(_) if rules.map.is_empty() => check(
+            "kube_proxy_rules",
+            Status::Missing,
+            format!("{} works but shows no kube-proxy Services", rules.backend()),
+            "no Service attribution: kube-proxy is not in iptables mode here (ipvs, nftables or a kube-proxy replacement), or this is not the node's network namespace (run the agent with hostNetwork)",
+        ),
+        Ok(_) => check(
+            "kube_proxy_rules",
+            Status::Ok,
+            format!(
+                "{} shows {} Service ports",
+                rules.backend(),
+                rules.map.len()
+            ),
+            "connections are attributed to Services and endpoints; rejects of Services without endpoints are named",
+        ),
+        Err(e @ SaveError::NotInstalled) => check(
+            "kube_proxy_rules",
+            Status::Missing,
+            "iptables-save not found on PATH",
+            format!("{e} (install Debian's iptables package; the agent's image has it)"),
+        ),
+        Err(e) => check(
+            "kube_proxy_rules",
+            Status::Missing,
+            e.to_string(),
+            "no Service attribution until the rules can be read (the agent needs CAP_NET_ADMIN for iptables-save); drops are still reported",
         ),
     }
 }

@@ -342,6 +342,7 @@ impl Metrics {
             Instant::now(),
             &self.series_refused,
         );
+        self.net.update_rules(pipeline.rule_errors());
     }
 
     pub fn update_journal(&mut self, j: &crate::forensics::store::JournalStats) {

@@ -7,6 +7,9 @@
 //! - `podscope_packet_drops_total{namespace,pod,reason}` (the kernel's drop
 //!   reason names; drops attributed to a pod by the packet's source address).
 //!
+//! - `podscope_service_rules_errors_total`: failed reads of kube-proxy's
+//!   rules (iptables-save missing, CAP_NET_ADMIN missing, or failing).
+//!
 //! Traffic that touches no Service is not counted as Service traffic.
 
 use std::time::Instant;
@@ -51,6 +54,8 @@ pub struct NetMetrics {
     conn_book: SeriesBook<ServiceConnLabels>,
     endpoint_book: SeriesBook<EndpointLabels>,
     drop_book: SeriesBook<DropLabels>,
+    rules_errors: Counter,
+    rules_errors_seen: u64,
 }
 
 impl NetMetrics {
@@ -73,13 +78,29 @@ impl NetMetrics {
             "Packets the kernel dropped, by sending pod and the kernel's drop reason (enum skb_drop_reason)",
             drops.clone(),
         );
+        let rules_errors = Counter::default();
+        registry.register(
+            "service_rules_errors",
+            "Failed reads of kube-proxy's rules (iptables-save not installed, no CAP_NET_ADMIN, or failing): connections then carry no Service",
+            rules_errors.clone(),
+        );
         NetMetrics {
+            rules_errors,
+            rules_errors_seen: 0,
             conns,
             endpoints,
             drops,
             conn_book: SeriesBook::new(opts.max_series, opts.series_retention),
             endpoint_book: SeriesBook::new(opts.max_series, opts.series_retention),
             drop_book: SeriesBook::new(opts.max_series, opts.series_retention),
+        }
+    }
+
+    /// The rule reader's failure count so far.
+    pub fn update_rules(&mut self, errors: u64) {
+        if errors > self.rules_errors_seen {
+            self.rules_errors.inc_by(errors - self.rules_errors_seen);
+            self.rules_errors_seen = errors;
         }
     }
 

@@ -210,6 +210,8 @@ pub fn parse_messages(mut b: &[u8]) -> Vec<RawConn> {
                 translated: reply.src,
                 dnat: u64::from(status) & IPS_DST_NAT != 0,
                 hook: u8::MAX,
+                // Netlink events carry no socket.
+                cgroup_id: 0,
             });
         }
     }

@@ -113,7 +113,23 @@ pub fn resolve_offsets(btf: &Btf) -> Result<NetOffsets, BtfError> {
             .map(|v| v as u32)
             .unwrap_or(default)
     };
+    // The socket's cgroup is optional (CONFIG_CGROUP_NET_CLASSID-era kernels
+    // had a packed `val` instead): without it only the cgroup attribution of
+    // the node's own connections is lost.
+    let sock_cgroup = || -> Result<(u32, u32, u32, u32), BtfError> {
+        Ok((
+            skb("sk")?,
+            btf.offset_of("sock", "sk_cgrp_data")? + btf.offset_of("sock_cgroup_data", "cgroup")?,
+            btf.offset_of("cgroup", "kn")?,
+            btf.offset_of("kernfs_node", "id")?,
+        ))
+    };
+    let (skb_sk, sk_cgroup, cgroup_kn, kn_id) = sock_cgroup().unwrap_or((0, 0, 0, 0));
     Ok(NetOffsets {
+        skb_sk,
+        sk_cgroup,
+        cgroup_kn,
+        kn_id,
         skb_nfct: skb("_nfct")?,
         skb_head: skb("head")?,
         skb_network_header: skb("network_header")?,
@@ -245,6 +261,8 @@ pub struct RawConn {
     pub translated: SocketAddr,
     pub dnat: bool,
     pub hook: u8,
+    /// The sending local socket's v2 cgroup id (0: none, e.g. forwarded).
+    pub cgroup_id: u64,
 }
 
 /// A packet the kernel dropped with a reason.
@@ -409,6 +427,7 @@ impl NetProbe {
                 translated: reply.src,
                 dnat: raw.ct_status & IPS_DST_NAT != 0,
                 hook: raw.hook,
+                cgroup_id: raw.cgroup_id,
             });
         }
     }
