@@ -772,7 +772,7 @@ mod tests {
     #[test]
     fn parses_kube_proxys_nodeports_external_and_load_balancer_ips() {
         let mut map = ServiceMap::parse(UPSTREAM);
-        let node: IpAddr = "192.168.0.2".parse().unwrap();
+        let node: IpAddr = "198.18.0.2".parse().unwrap();
         let ep = |s: &str| s.parse::<SocketAddr>().unwrap();
         // Not an address of this node: a NodePort does not answer there.
         assert!(map.lookup(6, SocketAddr::new(node, 3003)).is_none());
@@ -782,7 +782,7 @@ mod tests {
             .lookup(6, SocketAddr::new(node, 3003))
             .expect("NodePort");
         assert_eq!(np.service, svc("ns3", "svc3", "p80"));
-        assert_eq!(np.endpoints, [ep("10.180.0.3:80")]);
+        assert_eq!(np.endpoints, [ep("198.18.180.3:80")]);
         assert!(!np.no_endpoints);
         assert!(map.lookup(17, SocketAddr::new(node, 3003)).is_none());
         assert!(map.lookup(6, SocketAddr::new(node, 3999)).is_none());
@@ -790,20 +790,23 @@ mod tests {
         // reach the endpoint, the rest is dropped for every local address.
         let local = map.lookup(6, SocketAddr::new(node, 3001)).unwrap();
         assert_eq!(local.service, svc("ns2", "svc2", "p80"));
-        assert_eq!(local.endpoints, [ep("10.180.0.2:80")]);
+        assert_eq!(local.endpoints, [ep("198.18.180.2:80")]);
         assert!(local.no_endpoints);
         // External IP and load-balancer IP (through KUBE-FW) by address.
-        let ext = map.lookup(6, ep("192.168.99.33:80")).unwrap();
+        let ext = map.lookup(6, ep("198.19.99.33:80")).unwrap();
         assert_eq!(ext.service, svc("ns4", "svc4", "p80"));
-        assert_eq!(ext.endpoints, [ep("10.180.0.4:80"), ep("10.180.0.5:80")]);
+        assert_eq!(
+            ext.endpoints,
+            [ep("198.18.180.4:80"), ep("198.18.180.5:80")]
+        );
         let lb = map.lookup(6, ep("5.6.7.8:80")).unwrap();
         assert_eq!(lb.service, svc("ns5", "svc5", "p80"));
-        assert_eq!(lb.endpoints, [ep("10.180.0.3:80")]);
+        assert_eq!(lb.endpoints, [ep("198.18.180.3:80")]);
         // ClusterIPs and the Service without endpoints, as before.
-        let c = map.lookup(6, ep("172.30.0.41:80")).unwrap();
+        let c = map.lookup(6, ep("198.19.0.41:80")).unwrap();
         assert_eq!(c.service, svc("ns1", "svc1", "p80"));
-        assert_eq!(c.endpoints, [ep("10.180.0.1:80")]);
-        let none = map.lookup(6, ep("172.30.0.46:80")).unwrap();
+        assert_eq!(c.endpoints, [ep("198.18.180.1:80")]);
+        let none = map.lookup(6, ep("198.19.0.46:80")).unwrap();
         assert!(none.no_endpoints && none.endpoints.is_empty());
         // The health check node port is not a Service port.
         assert!(map.lookup(6, SocketAddr::new(node, 30000)).is_none());
@@ -813,23 +816,23 @@ mod tests {
     #[test]
     fn a_connection_to_a_nodeport_is_attributed_to_its_service() {
         let mut map = ServiceMap::parse(UPSTREAM);
-        let node: IpAddr = "192.168.0.2".parse().unwrap();
+        let node: IpAddr = "198.18.0.2".parse().unwrap();
         map.local_addrs.insert(node);
         let raw = RawConn {
             ts: SystemTime::UNIX_EPOCH,
             orig: Tuple {
                 proto: 6,
-                src: "10.180.0.9:40000".parse().unwrap(),
+                src: "198.18.180.9:40000".parse().unwrap(),
                 dst: SocketAddr::new(node, 3002),
             },
-            translated: "10.180.0.3:80".parse().unwrap(),
+            translated: "198.18.180.3:80".parse().unwrap(),
             dnat: true,
             hook: 0,
             cgroup_id: 0,
         };
         let c = connection(&raw, &map, &|_| None);
         assert_eq!(c.service, svc("ns5", "svc5", "p80"));
-        assert_eq!(c.endpoint, Some("10.180.0.3:80".parse().unwrap()));
+        assert_eq!(c.endpoint, Some("198.18.180.3:80".parse().unwrap()));
         assert_eq!(c.outcome, Outcome::Forwarded);
     }
 

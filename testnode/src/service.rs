@@ -359,7 +359,7 @@ spec:
 
     #[test]
     fn refuses_what_it_cannot_serve() {
-        let err = Service::parse(&SVC.replace("198.19.0.10", "10.0.0.1"), "s")
+        let err = Service::parse(&SVC.replace("198.19.0.10", "203.0.113.10"), "s")
             .unwrap_err()
             .to_string();
         assert!(err.contains("198.19.0.0/16"), "{err}");
