@@ -366,6 +366,7 @@ impl Pipeline {
     pub async fn tick(&mut self) {
         self.resolver.tick().await;
         self.forensics.retry_adoption();
+        self.forensics.gc(Instant::now());
         if self.net.is_some() {
             self.rules.refresh(false);
             self.seen.gc();

@@ -383,22 +383,31 @@ fn workload(kind: &str, n: u32, workers: u32) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
+/// podscope against no tracer and bpftrace's cheapest and like-for-like forms.
+const TRACERS: [Tracer; 4] = [
+    Tracer::None,
+    Tracer::Podscope,
+    Tracer::BpftraceCount,
+    Tracer::BpftracePrint,
+];
+
+/// Set-up, a release podscope, tracefs for bpftrace (whether this mounted
+/// it), and the kernel's per-program statistics on while the guard lives.
+fn prepare_tracer_bench() -> Result<(PathBuf, bool, BpfStats)> {
+    setup::run()?;
+    let podscope = build_podscope()?;
+    let mounted_tracefs = ensure_tracefs()?;
+    Ok((podscope, mounted_tracefs, BpfStats::enable()?))
+}
+
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
 
 fn exits() -> Result<ExitCode> {
-    setup::run()?;
-    let podscope = build_podscope()?;
-    let mounted_tracefs = ensure_tracefs()?;
-    let _stats = BpfStats::enable()?;
-    let tracers = [
-        Tracer::None,
-        Tracer::Podscope,
-        Tracer::BpftraceCount,
-        Tracer::BpftracePrint,
-    ];
+    let (podscope, mounted_tracefs, _stats) = prepare_tracer_bench()?;
+    let tracers = TRACERS;
     let storms = [
         (
             "process",
@@ -515,16 +524,8 @@ fn exits() -> Result<ExitCode> {
 /// default) and one it filters in the kernel (SIGURG); then the journal's
 /// write cost per record (`benches/journal.rs`).
 fn terminations() -> Result<ExitCode> {
-    setup::run()?;
-    let podscope = build_podscope()?;
-    let mounted_tracefs = ensure_tracefs()?;
-    let _stats = BpfStats::enable()?;
-    let tracers = [
-        Tracer::None,
-        Tracer::Podscope,
-        Tracer::BpftraceCount,
-        Tracer::BpftracePrint,
-    ];
+    let (podscope, mounted_tracefs, _stats) = prepare_tracer_bench()?;
+    let tracers = TRACERS;
     let n = 200_000u32;
     println!(
         "terminations benchmark: {ROUNDS} rounds, conditions interleaved, median wall time of the workload"

@@ -373,12 +373,16 @@ impl Forensics {
                 self.findings.push(Finding::Oom(Box::new(oom)));
             }
         }
-        // Forget containers a while after their cgroup went.
+        std::mem::take(&mut self.findings)
+    }
+
+    /// Forgets containers a minute after their cgroup went (from the
+    /// periodic tick, not every drain: the table can hold thousands).
+    pub fn gc(&mut self, now: Instant) {
         self.containers.retain(|_, s| {
             s.removed
                 .is_none_or(|t| now.duration_since(t) < Duration::from_secs(60))
         });
-        std::mem::take(&mut self.findings)
     }
 
     /// Whether anything waits to be finished (the caller drains again soon).

@@ -13,7 +13,8 @@ use aya::{
 };
 
 use super::{
-    AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_first, error_chain, program,
+    AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_family, error_chain,
+    program,
 };
 use crate::kernel::{
     btf::{Btf, BtfError},
@@ -91,18 +92,14 @@ impl CgroupProbe {
         offsets: &CgroupOffsets,
     ) -> Result<CgroupProbe, ProbeError> {
         let kinds = [AttachType::TpBtf, AttachType::Tracepoint];
-        let (attach_type, refused) =
-            attach_first(FAMILY, kinds, |kind| attach_pair(ebpf, btf, offsets, kind))?;
-        let maps = FamilyMaps::take(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
-        Ok(CgroupProbe {
-            maps,
-            attachment: Attachment {
-                family: FAMILY,
-                hook: HOOK,
-                attach_type,
-                refused,
-            },
-        })
+        let (maps, attachment) = attach_family(
+            ebpf,
+            (FAMILY, HOOK),
+            (EVENTS_MAP, STATS_MAP),
+            kinds,
+            |ebpf, kind| attach_pair(ebpf, btf, offsets, kind),
+        )?;
+        Ok(CgroupProbe { maps, attachment })
     }
 
     pub fn drain(&mut self, mut f: impl FnMut(CgroupChange)) -> usize {

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::{
     AttachType, Attachment, FamilyMaps, FamilyStats, KernelOffsets, LoadOptions, ProbeError,
-    attach_first, error_chain, program,
+    attach_family, error_chain, program,
 };
 use crate::{
     kernel::{
@@ -168,18 +168,17 @@ impl ExitProbe {
         let kinds = PREFERENCE
             .into_iter()
             .filter(|k| only.is_none_or(|o| o == *k));
-        let (attach_type, refused) =
-            attach_first(FAMILY, kinds, |kind| attach_one(ebpf, btf, kind))?;
-        let maps = FamilyMaps::take(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
+        let (maps, attachment) = attach_family(
+            ebpf,
+            (FAMILY, HOOK),
+            (EVENTS_MAP, STATS_MAP),
+            kinds,
+            |ebpf, kind| attach_one(ebpf, btf, kind),
+        )?;
         Ok(ExitProbe {
             maps,
             clock: BootClock::new(),
-            attachment: Attachment {
-                family: FAMILY,
-                hook: HOOK,
-                attach_type,
-                refused,
-            },
+            attachment,
         })
     }
 

@@ -271,8 +271,19 @@ impl FamilyMaps {
 
     /// Every raw event waiting, in order; returns how many. `T` must be the
     /// type the kernel side writes (shorter records are skipped).
-    pub(crate) fn drain<T: aya::Pod>(&mut self, f: impl FnMut(T)) -> usize {
-        drain_ring(&mut self.events, f)
+    pub(crate) fn drain<T: aya::Pod>(&mut self, mut f: impl FnMut(T)) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.events.next() {
+            if item.len() < size_of::<T>() {
+                continue;
+            }
+            // SAFETY: T is Pod (valid for any bytes) and the record holds at
+            // least size_of::<T>() of them; unaligned because the ring buffer
+            // only guarantees 8-byte alignment.
+            f(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const T) });
+            n += 1;
+        }
+        n
     }
 
     pub(crate) fn stats(&self) -> FamilyStats {
@@ -286,53 +297,26 @@ impl FamilyMaps {
     }
 }
 
-/// A family's attached hook, ring buffer and stats: [`attach_first`] over
-/// `kinds`, then [`take_family_maps`].
-pub(crate) struct AttachedFamily {
-    pub events: aya::maps::RingBuf<aya::maps::MapData>,
-    pub stats: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
-    pub attachment: Attachment,
-}
-
+/// Attaches a family by trying `kinds` in order ([`attach_first`]), then
+/// takes its ring buffer and stats: what every family's `attach` does.
 pub(crate) fn attach_family(
     ebpf: &mut Ebpf,
     (family, hook): (&'static str, &'static str),
     (events_map, stats_map): (&'static str, &'static str),
     kinds: impl IntoIterator<Item = AttachType>,
     mut try_attach: impl FnMut(&mut Ebpf, AttachType) -> Result<(), String>,
-) -> Result<AttachedFamily, ProbeError> {
+) -> Result<(FamilyMaps, Attachment), ProbeError> {
     let (attach_type, refused) = attach_first(family, kinds, |kind| try_attach(ebpf, kind))?;
-    let (events, stats) = take_family_maps(ebpf, family, events_map, stats_map)?;
-    Ok(AttachedFamily {
-        events,
-        stats,
-        attachment: Attachment {
+    let maps = FamilyMaps::take(ebpf, family, events_map, stats_map)?;
+    Ok((
+        maps,
+        Attachment {
             family,
             hook,
             attach_type,
             refused,
         },
-    })
-}
-
-/// Reads every record waiting in a ring buffer as a `T` (the kernel side
-/// writes exactly one `T` per record; shorter records are skipped).
-pub(crate) fn drain_ring<T: aya::Pod>(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    mut f: impl FnMut(T),
-) -> usize {
-    let mut n = 0;
-    while let Some(item) = ring.next() {
-        if item.len() < size_of::<T>() {
-            continue;
-        }
-        // SAFETY: T is Pod (valid for any bytes) and the record holds at
-        // least size_of::<T>() of them; unaligned because the ring buffer
-        // only guarantees 8-byte alignment.
-        f(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const T) });
-        n += 1;
-    }
-    n
+    ))
 }
 
 /// A program of the object, as its concrete type.

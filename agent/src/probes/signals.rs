@@ -14,7 +14,8 @@ use aya::{
 use serde::Serialize;
 
 use super::{
-    AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_first, error_chain, program,
+    AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_family, error_chain,
+    program,
 };
 use crate::{
     kernel::{
@@ -216,18 +217,17 @@ pub struct SignalProbe {
 
 impl SignalProbe {
     pub fn attach(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<SignalProbe, ProbeError> {
-        let (attach_type, refused) =
-            attach_first(FAMILY, PREFERENCE, |kind| attach_one(ebpf, btf, kind))?;
-        let maps = FamilyMaps::take(ebpf, FAMILY, EVENTS_MAP, STATS_MAP)?;
+        let (maps, attachment) = attach_family(
+            ebpf,
+            (FAMILY, HOOK),
+            (EVENTS_MAP, STATS_MAP),
+            PREFERENCE,
+            |ebpf, kind| attach_one(ebpf, btf, kind),
+        )?;
         Ok(SignalProbe {
             maps,
             clock: BootClock::new(),
-            attachment: Attachment {
-                family: FAMILY,
-                hook: HOOK,
-                attach_type,
-                refused,
-            },
+            attachment,
         })
     }
 

@@ -3,20 +3,19 @@
 //! its duration (see agent-ebpf's throttle.rs for how it is measured).
 
 use std::{
-    os::fd::{AsRawFd, RawFd},
+    os::fd::RawFd,
     time::{Duration, SystemTime},
 };
 
 use agent_common::throttle::{THROTTLE_FLAG_ANCESTOR, ThrottleEvent, ThrottleOffsets};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, RawTracePoint},
 };
 use serde::Serialize;
 
 use super::{
-    AttachType, Attachment, FamilyStats, ProbeError, attach_family, drain_ring, error_chain,
+    AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_family, error_chain,
     program,
 };
 use crate::{
@@ -106,8 +105,7 @@ impl Throttle {
 }
 
 pub struct ThrottleProbe {
-    events: RingBuf<MapData>,
-    stats: PerCpuArray<MapData, u64>,
+    maps: FamilyMaps,
     clock: BootClock,
     pub attachment: Attachment,
 }
@@ -129,7 +127,7 @@ impl ThrottleProbe {
         let kinds = PREFERENCE
             .into_iter()
             .filter(|k| only.is_none_or(|o| o == *k));
-        let f = attach_family(
+        let (maps, attachment) = attach_family(
             ebpf,
             (FAMILY, HOOK),
             (EVENTS_MAP, STATS_MAP),
@@ -137,27 +135,27 @@ impl ThrottleProbe {
             |ebpf, kind| attach_one(ebpf, btf, kind),
         )?;
         Ok(ThrottleProbe {
-            events: f.events,
-            stats: f.stats,
+            maps,
             clock: BootClock::new(),
-            attachment: f.attachment,
+            attachment,
         })
     }
 
     pub fn drain(&mut self, mut f: impl FnMut(Throttle)) -> usize {
-        let clock = self.clock;
-        drain_ring::<ThrottleEvent>(&mut self.events, |raw| f(Throttle::decode(&raw, &clock)))
+        let clock = &self.clock;
+        self.maps
+            .drain(|raw: ThrottleEvent| f(Throttle::decode(&raw, clock)))
     }
 
     /// `hits`: throttled switch-outs; `filtered`: more tasks of a run queue
     /// already throttled; `lost`: ring full or too many open on one CPU;
     /// `read_errors`: run queues freed while throttled (container removed).
     pub fn stats(&self) -> FamilyStats {
-        FamilyStats::from_slots(super::read_stats(&self.stats))
+        self.maps.stats()
     }
 
     pub fn ring_fd(&self) -> RawFd {
-        self.events.as_raw_fd()
+        self.maps.ring_fd()
     }
 }
 
