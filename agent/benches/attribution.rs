@@ -52,7 +52,11 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let t = Instant::now();
-        let mut r = Resolver::new(&ResolverOptions { cri_socket: socket, ..Default::default() }).await;
+        let opts = ResolverOptions { cri_socket: socket, ..Default::default() };
+        let mut r = Resolver::new(&opts);
+        if let Some(names) = podscope::deps::cri::list_once(&opts).await {
+            r.set_names(names);
+        }
         let startup = t.elapsed();
         let (pods, host) = cgroup_ids(&root);
         // One host event for every three pod events: roughly a node's mix.
@@ -62,12 +66,12 @@ fn main() {
         ids.push(std::fs::metadata(&root).map(|m| m.ino()).unwrap_or(1));
         let mut named = 0usize;
         for id in &ids {
-            named += r.identify(*id).await.container.is_some() as usize;
+            named += r.identify(*id).container.is_some() as usize;
         }
         let n = 1_000_000usize;
         let t = Instant::now();
         for i in 0..n {
-            black_box(r.identify(ids[i % ids.len()]).await);
+            black_box(r.identify(ids[i % ids.len()]));
         }
         let per = t.elapsed().as_nanos() as f64 / n as f64;
         let (cgroups, containers) = r.tracked();

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use serde::{Serialize, Serializer};
 
 use crate::{
+    families::{Kernel, View},
     forensics::{BackgroundDeath, record::TerminationRecord},
     probes::{exits::Exit, oom::OomKill, signals::Signal, throttle::Throttle},
 };
@@ -46,15 +47,30 @@ impl Event {
         }
     }
 
-    /// The family name `trace` selects by.
-    pub fn family(&self) -> &'static str {
+    /// The view (`trace <view>`) the event belongs to.
+    pub fn view(&self) -> View {
         match self {
-            Event::Exit(_) => "exits",
-            Event::Signal(_) => "signals",
-            Event::Oom(_) => "oom",
-            Event::Termination(_) | Event::BackgroundDeath(_) => "terminations",
-            Event::Connection(_) | Event::Drop(_) => "net",
-            Event::Throttle(_) => crate::probes::throttle::FAMILY,
+            Event::Exit(_) => View::Exits,
+            Event::Signal(_) => View::Signals,
+            Event::Oom(_) => View::Oom,
+            Event::Termination(_) | Event::BackgroundDeath(_) => View::Terminations,
+            Event::Connection(_) | Event::Drop(_) => View::Net,
+            Event::Throttle(_) => View::Throttle,
+        }
+    }
+
+    /// The `source` label of `podscope_events_total`: the kernel family that
+    /// produced it, or the analysis that concluded it.
+    pub fn source(&self) -> &'static str {
+        match self {
+            Event::Exit(_) => Kernel::Exits.name(),
+            Event::Signal(_) => Kernel::Signals.name(),
+            Event::Oom(_) => Kernel::Oom.name(),
+            Event::Termination(_) => "terminations",
+            Event::BackgroundDeath(_) => "background_deaths",
+            Event::Connection(_) => Kernel::Netfilter.name(),
+            Event::Drop(_) => Kernel::Drops.name(),
+            Event::Throttle(_) => Kernel::Throttle.name(),
         }
     }
 
@@ -88,6 +104,14 @@ impl Filter {
         eq(&self.namespace, &id.namespace)
             && eq(&self.pod, &id.pod)
             && eq(&self.container, &id.container)
+    }
+}
+
+/// [`rfc3339`] of an optional time (skip it when absent).
+pub fn rfc3339_opt<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
     }
 }
 

@@ -12,15 +12,12 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant, SystemTime},
 };
 
 use serde::Serialize;
 
 use crate::{
-    kernel::bpf_sys,
     metadata::PodIdentity,
     probes::net::{RawConn, RawDrop, Tuple, proto_name},
 };
@@ -52,7 +49,7 @@ pub struct ServiceMap {
     /// node (`-m addrtype --dst-type LOCAL`), so they are keyed by port.
     pub node_ports: HashMap<(u16, String), ServiceEntry>,
     /// The addresses of the rules' network namespace, where a NodePort
-    /// answers; filled by [`RuleSource`] (kube-proxy's default
+    /// answers; filled by the rules reader, `deps::rules` (kube-proxy's default
     /// `--nodeport-addresses`: all of them).
     pub local_addrs: HashSet<IpAddr>,
 }
@@ -160,95 +157,107 @@ struct Entry {
     chain: String,
 }
 
-impl ServiceMap {
-    /// From `iptables-save` output (both tables in one text, or either).
-    pub fn parse(text: &str) -> ServiceMap {
-        let mut table = "";
-        let mut entries = vec![];
-        let mut jumps: HashMap<String, Vec<String>> = HashMap::new();
-        let mut sep_dnat: HashMap<String, SocketAddr> = HashMap::new();
-        let mut map = ServiceMap::default();
-        for line in text.lines() {
-            if let Some(t) = line.strip_prefix('*') {
-                table = if t == "nat" {
-                    "nat"
-                } else if t == "filter" {
-                    "filter"
-                } else {
-                    ""
-                };
-                continue;
-            }
-            let Some(rule) = parse_rule(line) else {
-                continue;
+/// Builds a [`ServiceMap`] from `iptables-save` output one line at a time,
+/// as the rules reader streams it (no copy of the text is kept).
+#[derive(Default)]
+pub struct ServiceMapBuilder {
+    table: &'static str,
+    entries: Vec<Entry>,
+    jumps: HashMap<String, Vec<String>>,
+    sep_dnat: HashMap<String, SocketAddr>,
+    map: ServiceMap,
+    /// Whether kube-proxy's chains were seen at all.
+    pub has_kube_chains: bool,
+}
+
+impl ServiceMapBuilder {
+    pub fn line(&mut self, line: &str) {
+        if let Some(t) = line.strip_prefix('*') {
+            self.table = if t == "nat" {
+                "nat"
+            } else if t == "filter" {
+                "filter"
+            } else {
+                ""
             };
-            let jump = rule.jump.clone().unwrap_or_default();
-            let proto = || rule.proto.clone().unwrap_or_else(|| "tcp".into());
-            let comment = rule.comment.as_deref().unwrap_or("");
-            match (table, rule.chain.as_str()) {
-                // ClusterIPs (`ns/svc:port cluster IP`), external IPs and
-                // load-balancer IPs, each with its destination.
-                ("nat", "KUBE-SERVICES") if is_service_chain(&jump) => {
-                    let (Some(ip), Some(port)) = (rule.dst, rule.dport) else {
-                        continue;
-                    };
-                    let name = [" cluster IP", " external IP", " loadbalancer IP"]
-                        .iter()
-                        .find_map(|s| comment.strip_suffix(s))
-                        .unwrap_or("");
-                    entries.push(Entry {
-                        key: (Some(ip), port, proto()),
-                        service: service_ref(name, port),
-                        chain: jump,
-                    });
-                }
-                // NodePorts: the comment is the bare `ns/svc:port`; the jump
-                // is KUBE-EXT (1.24+) or KUBE-SVC (older kube-proxy).
-                ("nat", "KUBE-NODEPORTS") if is_service_chain(&jump) => {
-                    let Some(port) = rule.dport else { continue };
-                    // Only the rule for every local address: 1.26+ adds one
-                    // for 127.0.0.0/8 (route_localnet) that says the same.
-                    if rule.dst.is_some() {
-                        continue;
-                    }
-                    entries.push(Entry {
-                        key: (None, port, proto()),
-                        service: service_ref(comment, port),
-                        chain: jump,
-                    });
-                }
-                ("nat", c) if is_service_chain(c) && !jump.is_empty() => {
-                    jumps.entry(c.to_string()).or_default().push(jump);
-                }
-                ("nat", c) if c.starts_with("KUBE-SEP-") && jump == "DNAT" => {
-                    if let Some(to) = rule.to_destination {
-                        sep_dnat.insert(c.to_string(), to);
-                    }
-                }
-                ("filter", "KUBE-SERVICES" | "KUBE-EXTERNAL-SERVICES" | "KUBE-NODEPORTS")
-                    if jump == "REJECT" || jump == "DROP" =>
-                {
-                    let name = comment
-                        .strip_suffix(" has no endpoints")
-                        .or_else(|| comment.strip_suffix(" has no local endpoints"));
-                    let (Some(name), Some(port)) = (name, rule.dport) else {
-                        continue;
-                    };
-                    let e = match rule.dst {
-                        Some(ip) => map.by_addr.entry((ip, port, proto())).or_default(),
-                        None if rule.dst_local => {
-                            map.node_ports.entry((port, proto())).or_default()
-                        }
-                        None => continue,
-                    };
-                    e.service = service_ref(name, port);
-                    e.no_endpoints = true;
-                }
-                _ => {}
-            }
+            return;
         }
-        for entry in entries {
-            let endpoints = endpoints_of(&entry.chain, &jumps, &sep_dnat);
+        if line.starts_with(":KUBE-SERVICES") {
+            self.has_kube_chains = true;
+        }
+        let Some(rule) = parse_rule(line) else {
+            return;
+        };
+        let jump = rule.jump.clone().unwrap_or_default();
+        let proto = || rule.proto.clone().unwrap_or_else(|| "tcp".into());
+        let comment = rule.comment.as_deref().unwrap_or("");
+        match (self.table, rule.chain.as_str()) {
+            // ClusterIPs (`ns/svc:port cluster IP`), external IPs and
+            // load-balancer IPs, each with its destination.
+            ("nat", "KUBE-SERVICES") if is_service_chain(&jump) => {
+                let (Some(ip), Some(port)) = (rule.dst, rule.dport) else {
+                    return;
+                };
+                let name = [" cluster IP", " external IP", " loadbalancer IP"]
+                    .iter()
+                    .find_map(|s| comment.strip_suffix(s))
+                    .unwrap_or("");
+                self.entries.push(Entry {
+                    key: (Some(ip), port, proto()),
+                    service: service_ref(name, port),
+                    chain: jump,
+                });
+            }
+            // NodePorts: the comment is the bare `ns/svc:port`; the jump
+            // is KUBE-EXT (1.24+) or KUBE-SVC (older kube-proxy).
+            ("nat", "KUBE-NODEPORTS") if is_service_chain(&jump) => {
+                let Some(port) = rule.dport else { return };
+                // Only the rule for every local address: 1.26+ adds one
+                // for 127.0.0.0/8 (route_localnet) that says the same.
+                if rule.dst.is_some() {
+                    return;
+                }
+                self.entries.push(Entry {
+                    key: (None, port, proto()),
+                    service: service_ref(comment, port),
+                    chain: jump,
+                });
+            }
+            ("nat", c) if is_service_chain(c) && !jump.is_empty() => {
+                self.jumps.entry(c.to_string()).or_default().push(jump);
+            }
+            ("nat", c) if c.starts_with("KUBE-SEP-") && jump == "DNAT" => {
+                if let Some(to) = rule.to_destination {
+                    self.sep_dnat.insert(c.to_string(), to);
+                }
+            }
+            ("filter", "KUBE-SERVICES" | "KUBE-EXTERNAL-SERVICES" | "KUBE-NODEPORTS")
+                if jump == "REJECT" || jump == "DROP" =>
+            {
+                let name = comment
+                    .strip_suffix(" has no endpoints")
+                    .or_else(|| comment.strip_suffix(" has no local endpoints"));
+                let (Some(name), Some(port)) = (name, rule.dport) else {
+                    return;
+                };
+                let e = match rule.dst {
+                    Some(ip) => self.map.by_addr.entry((ip, port, proto())).or_default(),
+                    None if rule.dst_local => {
+                        self.map.node_ports.entry((port, proto())).or_default()
+                    }
+                    None => return,
+                };
+                e.service = service_ref(name, port);
+                e.no_endpoints = true;
+            }
+            _ => {}
+        }
+    }
+
+    pub fn finish(self) -> ServiceMap {
+        let mut map = self.map;
+        for entry in self.entries {
+            let endpoints = endpoints_of(&entry.chain, &self.jumps, &self.sep_dnat);
             let (ip, port, proto) = entry.key;
             let e = match ip {
                 Some(ip) => map.by_addr.entry((ip, port, proto)).or_default(),
@@ -258,6 +267,17 @@ impl ServiceMap {
             e.endpoints = endpoints;
         }
         map
+    }
+}
+
+impl ServiceMap {
+    /// From `iptables-save` output (both tables in one text, or either).
+    pub fn parse(text: &str) -> ServiceMap {
+        let mut b = ServiceMapBuilder::default();
+        for line in text.lines() {
+            b.line(line);
+        }
+        b.finish()
     }
 
     /// The Service `dst` belongs to: a Service address, else a NodePort on
@@ -318,173 +338,8 @@ fn endpoints_of(
     out
 }
 
-/// Reads kube-proxy's rules in a network namespace (this process's when None).
-pub struct RuleSource {
-    netns: Option<PathBuf>,
-    last_text: String,
-    last_read: Option<Instant>,
-    pub map: ServiceMap,
-    /// Failed reads of the rules (exported as podscope_service_rules_errors_total).
-    pub errors: u64,
-    reported: bool,
-    /// The `*-save` command that last showed kube-proxy's chains.
-    backend: &'static str,
-}
-
-/// The commands that print the rules: the system's default backend first,
-/// then each backend by name (Debian's iptables package has all three).
-pub const SAVE_COMMANDS: [&str; 3] = ["iptables-save", "iptables-nft-save", "iptables-legacy-save"];
-
-/// Why the rules could not be read: one sentence each, for the log and doctor.
-#[derive(Debug, thiserror::Error)]
-pub enum SaveError {
-    #[error(
-        "iptables-save is not installed (not found on PATH), so kube-proxy's rules cannot be read: connections are shown without their Service, drops are still reported"
-    )]
-    NotInstalled,
-    #[error(
-        "cannot read kube-proxy's rules ({0}): connections are shown without their Service, drops are still reported"
-    )]
-    Failed(String),
-}
-
-/// How often the rules are re-read.
-pub const REFRESH: Duration = Duration::from_secs(2);
-
-impl RuleSource {
-    pub fn new(netns: Option<&Path>) -> RuleSource {
-        RuleSource {
-            netns: netns.map(Path::to_path_buf),
-            last_text: String::new(),
-            last_read: None,
-            map: ServiceMap::default(),
-            errors: 0,
-            reported: false,
-            backend: SAVE_COMMANDS[0],
-        }
-    }
-
-    /// Runs one `*-save` command in the rules' namespace.
-    fn save_with(&self, program: &str) -> Result<String, SaveError> {
-        let mut cmd = Command::new(program);
-        // Kept open until the command returned: the child joins it by fd.
-        let _ns_file = match &self.netns {
-            Some(ns) => {
-                let file = std::fs::File::open(ns).map_err(|e| {
-                    SaveError::Failed(format!(
-                        "cannot open the network namespace {}: {e}",
-                        ns.display()
-                    ))
-                })?;
-                use std::os::{fd::AsRawFd, unix::process::CommandExt};
-                let fd = file.as_raw_fd();
-                // SAFETY: setns in the forked child before exec; the fd stays
-                // open in the parent until the command returns.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        Ok(())
-                    });
-                }
-                Some(file)
-            }
-            None => None,
-        };
-        let out = cmd.output().map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                SaveError::NotInstalled
-            } else {
-                SaveError::Failed(format!("{program}: {e}"))
-            }
-        })?;
-        text_of(program, out).map_err(SaveError::Failed)
-    }
-
-    /// kube-proxy's rules, from whichever iptables backend holds them: the
-    /// node's kube-proxy may use nf_tables or legacy iptables (its
-    /// iptables-wrapper picks per node), and each `*-save` shows only its
-    /// own backend's tables. The backend that last showed kube-proxy's
-    /// chains is asked first, so a steady node costs one command per refresh.
-    fn save(&mut self) -> Result<String, SaveError> {
-        let mut order: Vec<&'static str> = SAVE_COMMANDS.to_vec();
-        order.sort_by_key(|p| *p != self.backend);
-        let mut first: Option<Result<String, SaveError>> = None;
-        for program in order {
-            let r = self.save_with(program);
-            if let Ok(text) = &r
-                && text.contains(":KUBE-SERVICES")
-            {
-                self.backend = program;
-                return r;
-            }
-            // The plain `iptables-save` decides what is reported when no
-            // backend has kube-proxy's chains.
-            if first.is_none() || program == SAVE_COMMANDS[0] {
-                first = Some(r);
-            }
-        }
-        first.unwrap_or(Err(SaveError::NotInstalled))
-    }
-
-    /// Re-reads the rules when [`REFRESH`] has passed (or `force`); true when
-    /// the map changed. A failure is logged once (until a read succeeds
-    /// again) and counted in `errors`.
-    pub fn refresh(&mut self, force: bool) -> bool {
-        if !force && self.last_read.is_some_and(|t| t.elapsed() < REFRESH) {
-            return false;
-        }
-        self.last_read = Some(Instant::now());
-        match self.read() {
-            Ok(changed) => {
-                self.reported = false;
-                changed
-            }
-            Err(e) => {
-                self.errors += 1;
-                if !self.reported {
-                    tracing::warn!("{e}");
-                    self.reported = true;
-                }
-                false
-            }
-        }
-    }
-
-    /// Reads the rules (and the namespace's addresses, where NodePorts
-    /// answer) now; Ok(true) when the map changed.
-    pub fn read(&mut self) -> Result<bool, SaveError> {
-        let text = self.save()?;
-        let addrs = bpf_sys::in_netns(self.netns.as_deref(), local_addrs)
-            .ok()
-            .flatten();
-        let mut changed = false;
-        if text != self.last_text {
-            let local = std::mem::take(&mut self.map.local_addrs);
-            self.map = ServiceMap::parse(&text);
-            self.map.local_addrs = local;
-            self.last_text = text;
-            changed = true;
-        }
-        // Unreadable addresses keep the last ones known.
-        if let Some(addrs) = addrs
-            && addrs != self.map.local_addrs
-        {
-            self.map.local_addrs = addrs;
-            changed = true;
-        }
-        Ok(changed)
-    }
-
-    /// The `*-save` command the rules were last read with.
-    pub fn backend(&self) -> &'static str {
-        self.backend
-    }
-}
-
 /// This thread's network namespace's interface addresses (getifaddrs(3)).
-fn local_addrs() -> Option<HashSet<IpAddr>> {
+pub fn local_addrs() -> Option<HashSet<IpAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list freed below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -516,22 +371,6 @@ fn local_addrs() -> Option<HashSet<IpAddr>> {
     // SAFETY: the list from getifaddrs, freed once.
     unsafe { libc::freeifaddrs(head) };
     Some(out)
-}
-
-fn text_of(program: &str, out: std::process::Output) -> Result<String, String> {
-    if !out.status.success() {
-        return Err(format!(
-            "{program}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    // Counters and timestamps change without the rules changing.
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| l.split(" [").next().unwrap_or(l))
-        .collect::<Vec<_>>()
-        .join("\n"))
 }
 
 /// What happened to a new connection.
@@ -597,9 +436,11 @@ pub struct PacketDrop {
 }
 
 /// Connections whose outcome was reported, so a SYN retransmitted into a
-/// DROP counts once. Bounded: the oldest are forgotten first.
+/// DROP counts once. Bounded: the oldest are forgotten first, in O(1)
+/// (insertion order is kept beside the map, so no scan under load).
 pub struct Seen {
     at: HashMap<Tuple, Instant>,
+    order: std::collections::VecDeque<(Instant, Tuple)>,
     cap: usize,
     ttl: Duration,
 }
@@ -608,6 +449,7 @@ impl Seen {
     pub fn new(cap: usize, ttl: Duration) -> Seen {
         Seen {
             at: HashMap::new(),
+            order: std::collections::VecDeque::new(),
             cap,
             ttl,
         }
@@ -623,22 +465,43 @@ impl Seen {
         {
             return false;
         }
-        if self.at.len() >= self.cap {
-            self.gc();
-            if self.at.len() >= self.cap {
-                // Still full of live entries: forget the oldest.
-                if let Some(oldest) = self.at.iter().min_by_key(|(_, s)| **s).map(|(k, _)| *k) {
-                    self.at.remove(&oldest);
-                }
-            }
-        }
         self.at.insert(t, now);
+        self.order.push_back((now, t));
+        while self.at.len() > self.cap {
+            self.pop_oldest();
+        }
         true
     }
 
+    /// Forgets the oldest entry (skipping order records of re-inserted tuples).
+    fn pop_oldest(&mut self) {
+        while let Some((at, t)) = self.order.pop_front() {
+            if self.at.get(&t) == Some(&at) {
+                self.at.remove(&t);
+                return;
+            }
+        }
+    }
+
     pub fn gc(&mut self) {
-        let ttl = self.ttl;
-        self.at.retain(|_, s| s.elapsed() < ttl);
+        let now = Instant::now();
+        while let Some(&(at, t)) = self.order.front() {
+            if now.duration_since(at) < self.ttl {
+                break;
+            }
+            self.order.pop_front();
+            if self.at.get(&t) == Some(&at) {
+                self.at.remove(&t);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
     }
 }
 

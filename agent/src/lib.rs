@@ -1,8 +1,11 @@
 //! podscope: an eBPF node agent that explains why pods die, stall or lose
 //! packets. This library is everything but `main`:
 //!
+//! - [`families`]: the one list of kernel families and user views;
 //! - [`kernel`]: BTF, clocks, privileges, cgroup layout, raw bpf(2);
 //! - [`probes`]: the eBPF object, one module per event family (attach, decode);
+//! - [`driver`]: the drain thread every command shares (rings → attributed events);
+//! - [`deps`]: the slow dependencies (CRI, kube-proxy's rules, cgroupfs), each on its own task;
 //! - [`metadata`]: attribution of events to pods and containers (cgroups, CRI);
 //! - [`events`]: the typed events consumers see;
 //! - [`kubeproxy`]: kube-proxy's rules as a Service map; packet paths attributed to pods and Services;
@@ -11,13 +14,15 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod deps;
+pub mod driver;
 pub mod events;
+pub mod families;
 pub mod forensics;
 pub mod kernel;
 pub mod kubeproxy;
 pub mod metadata;
 pub mod metrics;
-pub mod pipeline;
 pub mod probes;
 pub mod selftest;
 pub mod signals;

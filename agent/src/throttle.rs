@@ -91,7 +91,6 @@ pub struct ContainerThrottle {
 
 struct Entry {
     pod: PodIdentity,
-    files: Option<CpuFiles>,
     measured: Measured,
     baseline: Option<CpuStat>,
     current: Option<CpuStat>,
@@ -103,13 +102,47 @@ impl Entry {
     fn new() -> Entry {
         Entry {
             pod: PodIdentity::default(),
-            files: None,
             measured: Measured::default(),
             baseline: None,
             current: None,
             since: Instant::now(),
             alive: true,
         }
+    }
+}
+
+/// One container's `cpu.stat` reading.
+pub struct CpuReading {
+    pub cgroup_id: u64,
+    pub pod: PodIdentity,
+    /// None: no cpu controller files for it; Err: the read failed (e.g. gone).
+    pub stat: Option<Result<CpuStat, ()>>,
+}
+
+/// One round of readings, and how long it took.
+pub struct CpuReadings {
+    pub containers: Vec<CpuReading>,
+    pub took: Duration,
+}
+
+/// Reads every listed container's `cpu.stat` and `cpu.max` (cgroupfs I/O:
+/// never on the drain thread).
+pub fn read_cpu_stats(
+    layout: &CgroupLayout,
+    containers: &[(u64, Arc<str>, PodIdentity)],
+) -> CpuReadings {
+    let t0 = Instant::now();
+    let containers = containers
+        .iter()
+        .map(|(id, path, pod)| CpuReading {
+            cgroup_id: *id,
+            pod: pod.clone(),
+            stat: CpuFiles::locate(layout, path).map(|f| f.read().map_err(|_| ())),
+        })
+        .collect();
+    CpuReadings {
+        containers,
+        took: t0.elapsed(),
     }
 }
 
@@ -123,12 +156,18 @@ pub struct ThrottleBook {
     /// Time spent reading cpu.stat files, for the benchmark.
     pub read_time: Duration,
     pub reads: u64,
+    /// Throttle events the book's feeder missed (it fell behind the drain).
+    pub missed: u64,
     /// The first refresh is done: containers seen after it are new, and
     /// their cpu.stat counts from 0 (their creation), like the probe.
     primed: bool,
 }
 
 impl ThrottleBook {
+    pub fn layout(&self) -> &CgroupLayout {
+        &self.layout
+    }
+
     pub fn new(layout: CgroupLayout) -> ThrottleBook {
         ThrottleBook {
             layout,
@@ -136,6 +175,7 @@ impl ThrottleBook {
             read_errors: 0,
             read_time: Duration::ZERO,
             reads: 0,
+            missed: 0,
             primed: false,
         }
     }
@@ -151,23 +191,24 @@ impl ThrottleBook {
 
     /// Re-reads `cpu.stat` for the containers that exist now: (v2 id, path,
     /// identity). Containers no longer listed keep their last figures until
-    /// [`forget_gone`](Self::forget_gone).
+    /// [`forget_gone`](Self::forget_gone). Reads cgroupfs: the agent does
+    /// this off the drain thread ([`read_cpu_stats`] then [`Self::apply`]).
     pub fn refresh(&mut self, containers: &[(u64, Arc<str>, PodIdentity)]) {
+        let readings = read_cpu_stats(&self.layout, containers);
+        self.apply(readings);
+    }
+
+    /// Takes one round of [`read_cpu_stats`].
+    pub fn apply(&mut self, readings: CpuReadings) {
         for e in self.entries.values_mut() {
             e.alive = false;
         }
-        for (id, path, pod) in containers {
-            let files = CpuFiles::locate(&self.layout, path);
-            let e = self.entries.entry(*id).or_insert_with(Entry::new);
+        self.read_time += readings.took;
+        for r in readings.containers {
+            let e = self.entries.entry(r.cgroup_id).or_insert_with(Entry::new);
             e.alive = true;
-            e.pod = pod.clone();
-            if e.files.is_none() {
-                e.files = files;
-            }
-            let Some(files) = &e.files else { continue };
-            let t0 = Instant::now();
-            let read = files.read();
-            self.read_time += t0.elapsed();
+            e.pod = r.pod;
+            let Some(read) = r.stat else { continue };
             self.reads += 1;
             match read {
                 Ok(s) => {
@@ -178,7 +219,7 @@ impl ThrottleBook {
                         .get_or_insert_with(|| if primed { CpuStat::default() } else { s });
                     e.current = Some(s);
                 }
-                Err(_) => self.read_errors += 1,
+                Err(()) => self.read_errors += 1,
             }
         }
         self.primed = true;
@@ -229,6 +270,34 @@ impl ThrottleBook {
         });
         out
     }
+}
+
+/// Feeds a shared book with the throttles the driver publishes; returns
+/// the task. Misses (a book consumer that fell behind) are counted in the book.
+pub fn spawn_observer(
+    mut events: tokio::sync::broadcast::Receiver<Arc<crate::driver::Published>>,
+    book: Arc<std::sync::Mutex<ThrottleBook>>,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(p) => {
+                    if let crate::events::Event::Throttle(t) = &p.event
+                        && let Ok(mut b) = book.lock()
+                    {
+                        b.observe(t);
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    if let Ok(mut b) = book.lock() {
+                        b.missed += n;
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    })
 }
 
 #[cfg(test)]

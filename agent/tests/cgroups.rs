@@ -189,8 +189,7 @@ fn an_exit_is_attributed_after_its_cgroup_is_gone() {
         let mut resolver = Resolver::new(&ResolverOptions {
             use_cri: false,
             ..Default::default()
-        })
-        .await;
+        });
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             p.cgroups.drain(|c| match c.op {
@@ -202,7 +201,7 @@ fn an_exit_is_attributed_after_its_cgroup_is_gone() {
             p.exits.drain(|e| exits.push(e));
             for mut e in exits {
                 if e.comm == "sh" && e.exit_code == Some(3) {
-                    e.pod = resolver.identify(e.cgroup_id).await;
+                    e.pod = resolver.identify(e.cgroup_id);
                     if e.pod.pod_uid.is_some() {
                         return Some(e);
                     }

@@ -21,6 +21,9 @@ pub struct DoctorArgs {
     /// Output format: a table, or one JSON object.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// The local agent's address, asked for its dependencies' state.
+    #[arg(long, default_value = "127.0.0.1:9811")]
+    pub agent: std::net::SocketAddr,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -76,7 +79,8 @@ fn check(
 }
 
 pub fn run(args: DoctorArgs) -> Result<ExitCode> {
-    let report = diagnose();
+    let mut report = diagnose();
+    report.checks.push(agent_check(args.agent));
     let mut out = std::io::stdout().lock();
     match args.output {
         Output::Json => writeln!(out, "{}", serde_json::to_string(&report)?)?,
@@ -258,8 +262,13 @@ fn cri_check() -> Check {
         .map_err(|e| e.to_string())
         .and_then(|rt| {
             rt.block_on(async {
-                let mut cri = Cri::connect(&socket).await?;
-                cri.containers().await.map(|c| c.len())
+                // A frozen runtime must not hang doctor.
+                tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                    let mut cri = Cri::connect(&socket).await?;
+                    cri.containers().await.map(|c| c.len())
+                })
+                .await
+                .map_err(|_| format!("{} did not answer within 5 s", socket.display()))?
             })
         });
     match answer {
@@ -279,25 +288,26 @@ fn cri_check() -> Check {
 }
 
 /// Whether kube-proxy's rules can be read here, as the agent reads them
-/// (in this process's network namespace: the node's, for a hostNetwork pod).
+/// (in this process's network namespace: the node's, for a hostNetwork
+/// pod), with the agent's deadline.
 fn kube_proxy_rules_check() -> Check {
-    use crate::kubeproxy::{RuleSource, SaveError};
-    let mut rules = RuleSource::new(None);
-    match rules.read() {
-        Ok(_) if rules.map.is_empty() => check(
+    use crate::deps::rules::{RulesOptions, SAVE_COMMANDS, SaveError, read};
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| SaveError::Failed(e.to_string()))
+        .and_then(|rt| rt.block_on(read(SAVE_COMMANDS[0], &RulesOptions::default())));
+    match answer {
+        Ok(r) if r.map.is_empty() => check(
             "kube_proxy_rules",
             Status::Missing,
-            format!("{} works but shows no kube-proxy Services", rules.backend()),
+            format!("{} works but shows no kube-proxy Services", r.program),
             "no Service attribution: kube-proxy is not in iptables mode here (ipvs, nftables or a kube-proxy replacement), or this is not the node's network namespace (run the agent with hostNetwork)",
         ),
-        Ok(_) => check(
+        Ok(r) => check(
             "kube_proxy_rules",
             Status::Ok,
-            format!(
-                "{} shows {} Service ports",
-                rules.backend(),
-                rules.map.len()
-            ),
+            format!("{} shows {} Service ports", r.program, r.map.len()),
             "connections are attributed to Services and endpoints; rejects of Services without endpoints are named",
         ),
         Err(e @ SaveError::NotInstalled) => check(
@@ -312,6 +322,72 @@ fn kube_proxy_rules_check() -> Check {
             e.to_string(),
             "no Service attribution until the rules can be read (the agent needs CAP_NET_ADMIN for iptables-save); drops are still reported",
         ),
+    }
+}
+
+/// What the agent running on this node (if any) says of its dependencies.
+fn agent_check(addr: std::net::SocketAddr) -> Check {
+    let body = match crate::cli::why::get(addr, "/readyz?format=json") {
+        Ok(b) => b,
+        Err(_) => {
+            return check(
+                "agent",
+                Status::Untested,
+                format!("no podscope agent answers at {addr}"),
+                "start `podscope agent` (or pass --agent ADDR) to see which of its dependencies are degraded",
+            );
+        }
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let deps = v["dependencies"].as_array().cloned().unwrap_or_default();
+    let degraded: Vec<String> = deps
+        .iter()
+        .filter(|d| d["state"] == "degraded")
+        .map(|d| {
+            format!(
+                "{} since {} ({})",
+                d["dependency"].as_str().unwrap_or("?"),
+                d["since"].as_str().unwrap_or("?"),
+                d["reason"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    let states: Vec<String> = deps
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {}",
+                d["dependency"].as_str().unwrap_or("?"),
+                d["state"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    if degraded.is_empty() {
+        check(
+            "agent",
+            Status::Ok,
+            format!(
+                "agent at {addr}: ready={}; {}",
+                v["ready"],
+                states.join(", ")
+            ),
+            "every dependency of the agent answers; its probes drain whatever they do",
+        )
+    } else {
+        let lost: Vec<String> = deps
+            .iter()
+            .filter(|d| d["state"] == "degraded")
+            .map(|d| d["feature"].as_str().unwrap_or("?").to_string())
+            .collect();
+        check(
+            "agent",
+            Status::Missing,
+            format!("agent at {addr}: degraded: {}", degraded.join("; ")),
+            format!(
+                "the probes keep draining; until it recovers the agent lacks {}",
+                lost.join("; ")
+            ),
+        )
     }
 }
 

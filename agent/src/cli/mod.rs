@@ -3,7 +3,7 @@
 pub mod doctor;
 mod top;
 mod trace;
-mod why;
+pub mod why;
 
 use std::{io::IsTerminal, process::ExitCode, time::Duration};
 

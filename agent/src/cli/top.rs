@@ -9,6 +9,7 @@ use std::{
     io::{self, IsTerminal, Write},
     path::PathBuf,
     process::ExitCode,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -22,10 +23,11 @@ use super::{
     trace::{container_column, human_duration, pod_column},
 };
 use crate::{
+    deps::{self, Health},
+    driver::{Driver, DriverOptions},
     events::Filter,
     kernel::privilege::Privileges,
     metadata::ResolverOptions,
-    pipeline::{DRAIN_INTERVAL, Pipeline, PipelineOptions},
     throttle::{ContainerThrottle, DURATION_BUCKETS},
 };
 
@@ -75,7 +77,7 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
             args.interval
         ));
     }
-    let opts = PipelineOptions {
+    let opts = DriverOptions {
         resolver: ResolverOptions {
             cri_socket: args.cri_socket.clone(),
             use_cri: !args.no_cri,
@@ -88,10 +90,12 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async move {
-        // Pipeline::start reads every container's cpu.stat baseline: both
+    let code = rt.block_on(async move {
+        let driver = Driver::start(&opts)?;
+        let health = Arc::new(Health::new());
+        // The book gets every container's cpu.stat baseline at once: both
         // sides count from here.
-        let mut pipeline = Pipeline::start(&opts).await?;
+        let deps = deps::spawn_all(&driver, &opts, &health, Default::default(), true);
         let filter = Filter {
             namespace: args.namespace.clone(),
             pod: args.pod.clone(),
@@ -99,28 +103,21 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         };
         let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-        let mut drain = tokio::time::interval(DRAIN_INTERVAL);
         let start = Instant::now();
-        let mut next = start + args.interval;
+        let mut refresh = tokio::time::interval_at(
+            tokio::time::Instant::now() + args.interval,
+            args.interval,
+        );
         let mut shown = 0u64;
         let mut usage_before: HashMap<u64, (u64, Instant)> = HashMap::new();
         let clear = io::stdout().is_terminal();
-        loop {
+        let result: Result<()> = loop {
             tokio::select! {
-                _ = drain.tick() => {
-                    // Events feed the book; `top` shows no event itself.
-                    pipeline.next_batch().await;
-                    if Instant::now() < next {
-                        continue;
-                    }
-                    next += args.interval;
-                    pipeline.tick().await;
-                    let containers: Vec<_> = pipeline
-                        .throttle_book()
-                        .snapshot()
-                        .into_iter()
-                        .filter(|c| filter.matches(&c.pod))
-                        .collect();
+                _ = refresh.tick() => {
+                    let containers: Vec<_> = match deps.book.lock() {
+                        Ok(b) => b.snapshot().into_iter().filter(|c| filter.matches(&c.pod)).collect(),
+                        Err(_) => vec![],
+                    };
                     let mut out = io::stdout().lock();
                     let written = match args.output {
                         Output::Json => {
@@ -145,22 +142,26 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
                         .map(|()| false),
                     };
                     match written {
-                        Ok(true) => break,
+                        Ok(true) => break Ok(()),
                         Ok(false) => {}
-                        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => break,
-                        Err(e) => return Err(e.into()),
+                        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => break Ok(()),
+                        Err(e) => break Err(e.into()),
                     }
                     shown += 1;
                     if args.count.is_some_and(|c| shown >= c) {
-                        break;
+                        break Ok(());
                     }
                 }
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break Ok(()),
+                _ = sigterm.recv() => break Ok(()),
             }
-        }
-        Ok(ExitCode::SUCCESS)
-    })
+        };
+        deps.abort();
+        tokio::task::spawn_blocking(move || driver.stop(Duration::from_secs(1))).await.ok();
+        result.map(|()| ExitCode::SUCCESS)
+    });
+    rt.shutdown_timeout(Duration::from_millis(100));
+    code
 }
 
 /// The duration-histogram columns: short (< 10 ms), medium, long (≥ 50 ms).

@@ -5,19 +5,25 @@ use std::{
     io::{self, Write},
     path::PathBuf,
     process::ExitCode,
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, ValueEnum};
-use tokio::signal::unix::SignalKind;
+use tokio::{
+    signal::unix::SignalKind,
+    sync::broadcast::{self, error::RecvError},
+};
 
 use super::{Output, parse_duration};
 use crate::{
+    deps::{self, Health, rules::RulesOptions},
+    driver::{Driver, DriverOptions, DriverStatus, Published},
     events::{Event, Filter},
+    families::Kernel,
     kernel::privilege::Privileges,
     metadata::{PodIdentity, ResolverOptions},
-    pipeline::{DRAIN_INTERVAL, Pipeline, PipelineOptions, Rings},
     probes::{AttachType, LoadOptions},
 };
 
@@ -59,36 +65,7 @@ pub struct TraceArgs {
     pub netns: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Family {
-    /// Process and thread exits: exit code, signal, core dump.
-    Exits,
-    /// Signals that can end a process: sender, target, what the kernel did with it.
-    Signals,
-    /// OOM kills: victim, scope (container, pod, node), usage against the limit.
-    Oom,
-    /// Container terminations explained, and deaths of other processes in containers.
-    Terminations,
-    /// New connections through kube-proxy's rules (pod → ClusterIP → endpoint,
-    /// rejected, dropped) and packet drops with the kernel's reason.
-    Net,
-    /// CPU throttling: each time a container's CPU quota ran out on a CPU, and for how long.
-    Throttle,
-}
-
-impl Family {
-    /// The name `Event::family` gives the family's events.
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Exits => "exits",
-            Family::Signals => "signals",
-            Family::Oom => "oom",
-            Family::Terminations => "terminations",
-            Family::Net => "net",
-            Family::Throttle => crate::probes::throttle::FAMILY,
-        }
-    }
-}
+pub use crate::families::View as Family;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum AttachChoice {
@@ -114,7 +91,7 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
     Privileges::current()
         .require_tracing()
         .map_err(|m| anyhow!(m))?;
-    let opts = PipelineOptions {
+    let opts = DriverOptions {
         load: LoadOptions::with_ring_buffer(args.ring_buffer_size),
         exits_attach: match args.attach {
             AttachChoice::Auto => None,
@@ -127,9 +104,10 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
             use_cri: !args.no_cri,
             ..Default::default()
         },
-        net: args.family == Family::Net,
+        net: args.family.optional_families().contains(&Kernel::Netfilter),
         netns: args.netns.clone(),
-        throttle: args.family == Family::Throttle,
+        throttle: args.family.optional_families().contains(&Kernel::Throttle),
+        ..Default::default()
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -140,41 +118,50 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
         pod: args.pod,
         container: args.container,
     };
-    rt.block_on(async move {
-        let pipeline = Pipeline::start(&opts).await?;
+    let code = rt.block_on(async move {
+        let driver = Driver::start(&opts)?;
         tracing::debug!("attached");
-        Session {
-            pipeline,
+        let health = Arc::new(Health::new());
+        let rules = RulesOptions {
+            netns: opts.netns.clone(),
+            ..Default::default()
+        };
+        let deps = deps::spawn_all(&driver, &opts, &health, rules, false);
+        let session = Session {
+            events: driver.subscribe(),
             filter,
             family: args.family,
             output: args.output,
             shown: 0,
-        }
-        .stream(args.duration)
-        .await
-    })
+            missed: 0,
+        };
+        let r = session.stream(driver, args.duration).await;
+        deps.abort();
+        r
+    });
+    rt.shutdown_timeout(Duration::from_millis(100));
+    code
 }
 
-/// A running trace: the pipeline, the filter, and where the lines go.
+/// A running trace: the driver's events, the filter, and where the lines go.
 struct Session {
-    pipeline: Pipeline,
+    events: broadcast::Receiver<Arc<Published>>,
     filter: Filter,
     family: Family,
     output: Output,
     shown: u64,
+    /// Events the terminal (or pipe) was too slow to take: the drain went
+    /// on and they were not shown.
+    missed: u64,
 }
 
 impl Session {
-    async fn stream(mut self, duration: Option<Duration>) -> Result<ExitCode> {
-        // Dropped before the pipeline, which owns the fds.
-        let rings = Rings::register(&self.pipeline)
-            .map_err(|e| anyhow!("cannot poll the ring buffers: {e}"))?;
+    async fn stream(mut self, driver: Driver, duration: Option<Duration>) -> Result<ExitCode> {
         let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
         let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
         let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
         tokio::pin!(deadline);
-        let mut tick = tokio::time::interval(DRAIN_INTERVAL);
-        let mut ticks = 0u64;
+        let mut status = driver.status();
         let mut lost_reported = 0u64;
         let mut out = io::BufWriter::new(io::stdout().lock());
         if self.output == Output::Table {
@@ -183,21 +170,26 @@ impl Session {
         }
         let result: io::Result<()> = loop {
             tokio::select! {
-                _ = rings.readable() => {
-                    if let Err(e) = self.write_batch(&mut out).await {
-                        break Err(e);
+                ev = self.events.recv() => match ev {
+                    Ok(p) => {
+                        if let Err(e) = self.write_event(&p, &mut out) {
+                            break Err(e);
+                        }
+                        // Flush when nothing else waits: lines appear at once.
+                        if self.events.is_empty()
+                            && let Err(e) = out.flush()
+                        {
+                            break Err(e);
+                        }
                     }
-                }
-                _ = tick.tick() => {
-                    if let Err(e) = self.write_batch(&mut out).await {
-                        break Err(e);
+                    Err(RecvError::Lagged(n)) => {
+                        self.missed += n;
+                        tracing::warn!("{n} events not shown: the output was too slow to take them");
                     }
-                    ticks += 1;
-                    if !ticks.is_multiple_of(10) {
-                        continue;
-                    }
-                    self.pipeline.tick().await;
-                    let lost: u64 = self.pipeline.source_stats().iter().map(|s| s.stats.lost).sum();
+                    Err(RecvError::Closed) => break Ok(()),
+                },
+                _ = status.changed() => {
+                    let lost: u64 = status.borrow_and_update().sources.iter().map(|s| s.stats.lost).sum();
                     if lost > lost_reported {
                         tracing::warn!(
                             "{} events lost: a ring buffer was full (a larger --ring-buffer-size helps)",
@@ -211,23 +203,48 @@ impl Session {
                 _ = &mut deadline => break Ok(()),
             }
         };
-        let result = match result {
-            Ok(()) => self.write_final_batch(&mut out).await,
-            e => e,
-        };
+        // What the kernel still holds, and every record forensics was
+        // settling: published by the drain thread's last round.
+        let status = driver.status();
+        let unavailable = driver.unavailable.clone();
+        let stopped = tokio::task::spawn_blocking(move || driver.stop(Duration::from_secs(1)))
+            .await
+            .unwrap_or(false);
+        let result = result.and_then(|()| {
+            if !stopped {
+                return Ok(());
+            }
+            loop {
+                match self.events.try_recv() {
+                    Ok(p) => self.write_event(&p, &mut out)?,
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => self.missed += n,
+                    Err(_) => break,
+                }
+            }
+            out.flush()
+        });
         match result {
             Ok(()) => {}
             // The reader went away (e.g. `| head`): not an error.
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
             Err(e) => return Err(e.into()),
         }
-        drop(rings);
+        let st = status.borrow().clone();
+        self.summary(&st, &unavailable);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// What the kernel saw and lost, on stderr.
+    fn summary(&self, st: &DriverStatus, unavailable: &[(&'static str, String)]) {
+        if self.missed > 0 {
+            eprintln!(
+                "podscope: {} events were not shown: the output was too slow to take them",
+                self.missed
+            );
+        }
         if self.family == Family::Net {
-            for s in self.pipeline.source_stats() {
-                if matches!(
-                    s.source,
-                    crate::probes::net::FAMILY_CONNS | crate::probes::net::FAMILY_DROPS
-                ) {
+            for s in &st.sources {
+                if matches!(s.source, "netfilter" | "drops") {
                     eprintln!(
                         "podscope: {}: kernel: {} seen, {} reported, {} lost (ring buffer full), {} read errors, {} not reported on purpose (established traffic, unspecific drop reasons)",
                         s.source,
@@ -239,30 +256,28 @@ impl Session {
                     );
                 }
             }
-            for (family, why) in &self.pipeline.unavailable {
+            for (family, why) in unavailable {
                 eprintln!("podscope: {family} unavailable: {why}");
             }
             eprintln!("podscope: {} lines shown", self.shown);
-            return Ok(ExitCode::SUCCESS);
+            return;
         }
-        let rs = self.pipeline.resolver_stats();
+        let rs = st.resolver;
         if self.family == Family::Throttle {
-            let stats = self
-                .pipeline
-                .source_stats()
-                .into_iter()
-                .find(|s| s.source == self.family.name())
+            let stats = st
+                .sources
+                .iter()
+                .find(|s| s.source == Kernel::Throttle.name())
                 .map(|s| s.stats)
                 .unwrap_or_default();
             eprintln!(
                 "podscope: {} throttles shown; kernel: {} throttled switch-outs, {} lost, {} run queues removed while throttled; attribution: {} CRI errors",
                 self.shown, stats.hits, stats.lost, stats.read_errors, rs.cri_errors,
             );
-            return Ok(ExitCode::SUCCESS);
+            return;
         }
-        let kernel: Vec<String> = self
-            .pipeline
-            .source_stats()
+        let kernel: Vec<String> = st
+            .sources
             .iter()
             .map(|s| {
                 format!(
@@ -283,38 +298,22 @@ impl Session {
             rs.cri_errors,
             rs.unnamed_container_events,
         );
-        Ok(ExitCode::SUCCESS)
     }
 
-    async fn write_batch(&mut self, out: &mut io::BufWriter<io::StdoutLock<'_>>) -> io::Result<()> {
-        let batch = self.pipeline.next_batch().await;
-        self.write_events(batch, out)
-    }
-
-    async fn write_final_batch(
+    fn write_event(
         &mut self,
+        p: &Published,
         out: &mut io::BufWriter<io::StdoutLock<'_>>,
     ) -> io::Result<()> {
-        let batch = self.pipeline.final_batch().await;
-        self.write_events(batch, out)
-    }
-
-    fn write_events(
-        &mut self,
-        batch: Vec<Event>,
-        out: &mut io::BufWriter<io::StdoutLock<'_>>,
-    ) -> io::Result<()> {
-        for event in batch {
-            if event.family() != self.family.name() || !self.filter.matches(event.pod()) {
-                continue;
-            }
-            self.shown += 1;
-            match self.output {
-                Output::Json => event.write_json_line(&mut *out)?,
-                Output::Table => writeln!(out, "{}", table_row(&event))?,
-            }
+        let event = &p.event;
+        if event.view() != self.family || !self.filter.matches(event.pod()) {
+            return Ok(());
         }
-        out.flush()
+        self.shown += 1;
+        match self.output {
+            Output::Json => out.write_all(p.json_line()),
+            Output::Table => writeln!(out, "{}", table_row(event)),
+        }
     }
 }
 

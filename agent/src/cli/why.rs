@@ -243,7 +243,7 @@ fn encode(s: &str) -> String {
 
 /// A plain HTTP/1.0 GET: the agent is local and the answer small, so no
 /// HTTP client library is needed.
-fn get(addr: SocketAddr, path: &str) -> Result<String> {
+pub(crate) fn get(addr: SocketAddr, path: &str) -> Result<String> {
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| {
         anyhow!(
             "cannot reach the podscope agent at {addr} ({e}): is `podscope agent` running on this node? (--agent ADDR)"

@@ -51,6 +51,10 @@ pub struct AgentArgs {
     /// /run/netns/podscope-node [default: the agent's own, right for a hostNetwork DaemonSet].
     #[arg(long, env = "PODSCOPE_NETNS")]
     pub netns: Option<PathBuf>,
+    /// How long one read of kube-proxy's rules (`iptables-save`) may take
+    /// before it is killed [default: 10s].
+    #[arg(long, env = "PODSCOPE_RULES_TIMEOUT", value_parser = parse_duration)]
+    pub rules_timeout: Option<Duration>,
 }
 
 /// The config file's keys: the flags' names.
@@ -67,6 +71,7 @@ struct FileConfig {
     node_name: Option<String>,
     journal_max_bytes: Option<u64>,
     netns: Option<PathBuf>,
+    rules_timeout: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +86,7 @@ pub struct AgentConfig {
     pub node_name: String,
     pub journal_max_bytes: u64,
     pub netns: Option<PathBuf>,
+    pub rules_timeout: Duration,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -141,7 +147,22 @@ impl AgentConfig {
                 detail: format!("{journal_max_bytes} is too small: at least 65536"),
             });
         }
+        let rules_timeout = match (args.rules_timeout, file.rules_timeout) {
+            (Some(d), _) => d,
+            (None, Some(s)) => parse_duration(&s).map_err(|detail| ConfigError::Invalid {
+                key: "rules-timeout",
+                detail,
+            })?,
+            (None, None) => Duration::from_secs(10),
+        };
+        if rules_timeout < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid {
+                key: "rules-timeout",
+                detail: format!("{rules_timeout:?} is too short: use 100ms or more"),
+            });
+        }
         Ok(AgentConfig {
+            rules_timeout,
             journal_max_bytes,
             listen,
             cri_socket: args.cri_socket.clone().or(file.cri_socket),

@@ -1,6 +1,10 @@
 //! The agent's HTTP surface: `/metrics`, `/healthz`, `/readyz`, and
 //! `/api/v1/events` (NDJSON, the schema of `trace -o json`, filtered by the
-//! same `namespace`, `pod`, `container` query parameters).
+//! same `namespace`, `pod`, `container` query parameters) and
+//! `/api/v1/terminations` (paged with `limit` and `since`, streamed).
+//!
+//! Every handler answers from memory: a lock is held only to copy out what
+//! is needed, never across I/O, and never by the drain thread.
 
 use std::{
     convert::Infallible,
@@ -22,7 +26,9 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::broadcast;
 
 use crate::{
-    events::{Event, Filter},
+    deps::Health,
+    driver::DriverLink,
+    events::Filter,
     forensics::store::TerminationStore,
     metrics::{Metrics, to_prometheus_text},
 };
@@ -31,11 +37,17 @@ pub struct AppState {
     pub metrics: Mutex<Metrics>,
     /// Probes attached and names synced from CRI.
     pub ready: AtomicBool,
-    pub events: broadcast::Sender<Arc<Event>>,
+    pub driver: DriverLink,
     /// Events a slow stream reader missed.
     pub stream_dropped: Counter,
     pub terminations: Mutex<TerminationStore>,
+    pub health: Arc<Health>,
+    /// Open `/api/v1/events` streams at most: beyond, 503.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most `/api/v1/events` readers at once.
+pub const MAX_STREAMS: usize = 64;
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -81,16 +93,60 @@ async fn metrics(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response
     }
 }
 
-async fn readyz(State(s): State<Arc<AppState>>) -> Response {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: probes attaching or CRI not yet answered\n",
+/// 200 once the probes are attached and CRI has been asked; the body says
+/// which dependency is degraded, since when and what that costs. A degraded
+/// dependency does not make the agent unready: unready, a DaemonSet's pod
+/// leaves its Service and Prometheus could no longer scrape the very
+/// metrics that show the degradation.
+async fn readyz(
+    State(s): State<Arc<AppState>>,
+    q: Result<Query<ReadyQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let ready = s.ready.load(Ordering::Relaxed);
+    if q.is_ok_and(|Query(q)| q.format.as_deref() == Some("json")) {
+        // For doctor and scripts: always 200, the state in the body.
+        let body = serde_json::json!({
+            "ready": ready,
+            "dependencies": s.health.report(),
+        });
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
         )
-            .into_response()
+            .into_response();
     }
+    let mut body = String::from(if ready {
+        "ready\n"
+    } else {
+        "not ready: probes attaching or CRI not yet answered\n"
+    });
+    for d in s.health.report() {
+        let mark = match d.state {
+            "degraded" => '-',
+            _ => '+',
+        };
+        body.push_str(&format!("[{mark}]{} {}", d.dependency.name(), d.state));
+        if let (Some(reason), Some(since)) = (&d.reason, d.since) {
+            body.push_str(&format!(
+                " since {}: {reason}; without it, {}",
+                humantime::format_rfc3339_seconds(since),
+                d.feature
+            ));
+        }
+        body.push('\n');
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body).into_response()
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ReadyQuery {
+    /// `json`: the readiness and every dependency's state as JSON.
+    pub format: Option<String>,
 }
 
 type FilterQuery = Result<Query<Filter>, axum::extract::rejection::QueryRejection>;
@@ -104,44 +160,126 @@ fn filter_of(q: FilterQuery) -> Result<Filter, (StatusCode, String)> {
     })
 }
 
+/// `/api/v1/terminations`' query: the filter, and the page.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminationQuery {
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container: Option<String>,
+    /// Most records of each list (the newest), at most [`MAX_PAGE`].
+    pub limit: Option<usize>,
+    /// Only what ended after this time (RFC 3339).
+    pub since: Option<String>,
+}
+
+/// The largest page of `/api/v1/terminations`.
+pub const MAX_PAGE: usize = 1000;
+
 /// Termination records (and background deaths) of the pods the filter
-/// selects, oldest first; survives agent restarts (the journal).
-async fn terminations(State(s): State<Arc<AppState>>, q: FilterQuery) -> Response {
-    let filter = match filter_of(q) {
-        Ok(f) => f,
-        Err(r) => return r.into_response(),
+/// selects, oldest first; survives agent restarts (the journal). Records
+/// are copied out under the lock and serialized one by one into the body.
+async fn terminations(
+    State(s): State<Arc<AppState>>,
+    q: Result<Query<TerminationQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("{e}; the parameters are namespace, pod, container, limit, since\n"),
+            )
+                .into_response();
+        }
     };
-    let body = match s.terminations.lock() {
-        Ok(store) => serde_json::to_string(&store.query(&filter)).unwrap_or_default(),
+    let since = match q.since.as_deref().map(humantime::parse_rfc3339_weak) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("since: {e} (an RFC 3339 time such as 2026-11-30T12:00:00Z)\n"),
+            )
+                .into_response();
+        }
+    };
+    let limit = q.limit.unwrap_or(MAX_PAGE).min(MAX_PAGE);
+    let filter = Filter {
+        namespace: q.namespace,
+        pod: q.pod,
+        container: q.container,
+    };
+    let (records, deaths) = match s.terminations.lock() {
+        Ok(store) => store.page(&filter, since, limit),
         Err(_) => {
             return (StatusCode::INTERNAL_SERVER_ERROR, "records unavailable\n").into_response();
         }
     };
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(page_stream(records, deaths)),
+    )
+        .into_response()
 }
 
+/// `{"terminations": [...], "background_deaths": [...]}`, one chunk per item.
+fn page_stream<R: serde::Serialize + Send + 'static, D: serde::Serialize + Send + 'static>(
+    records: Vec<R>,
+    deaths: Vec<D>,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
+    fn items<T: serde::Serialize>(v: Vec<T>) -> impl Iterator<Item = Bytes> {
+        v.into_iter().enumerate().map(|(i, x)| {
+            let mut b = if i == 0 { vec![] } else { vec![b','] };
+            // Records are plain data: serialization cannot fail.
+            let _ = serde_json::to_writer(&mut b, &x);
+            Bytes::from(b)
+        })
+    }
+    let chunks = std::iter::once(Bytes::from_static(b"{\"terminations\":["))
+        .chain(items(records))
+        .chain(std::iter::once(Bytes::from_static(
+            b"],\"background_deaths\":[",
+        )))
+        .chain(items(deaths))
+        .chain(std::iter::once(Bytes::from_static(b"]}")));
+    futures_util::stream::iter(chunks.map(Ok))
+}
+
+/// Newest events as they come; a reader that falls behind loses the oldest
+/// (counted in `podscope_stream_events_dropped_total`), never slows the
+/// drain or the other readers; each event is serialized once for all.
 async fn events(State(s): State<Arc<AppState>>, q: FilterQuery) -> Response {
     let filter = match filter_of(q) {
         Ok(f) => f,
         Err(r) => return r.into_response(),
     };
-    let rx = s.events.subscribe();
-    let stream = futures_util::stream::unfold((rx, filter, s), |(mut rx, filter, s)| async move {
-        loop {
-            match rx.recv().await {
-                Ok(ev) if filter.matches(ev.pod()) => {
-                    let mut line = ev.to_json();
-                    line.push('\n');
-                    return Some((Ok::<_, Infallible>(Bytes::from(line)), (rx, filter, s)));
+    let Ok(slot) = s.streams.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("too many open event streams (at most {MAX_STREAMS})\n"),
+        )
+            .into_response();
+    };
+    let rx = s.driver.subscribe();
+    let stream = futures_util::stream::unfold(
+        (rx, filter, s, slot),
+        |(mut rx, filter, s, slot)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) if filter.matches(ev.event.pod()) => {
+                        let line = ev.json_line().clone();
+                        return Some((Ok::<_, Infallible>(line), (rx, filter, s, slot)));
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        s.stream_dropped.inc_by(n);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    s.stream_dropped.inc_by(n);
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
             }
-        }
-    });
+        },
+    );
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(stream),

@@ -1,33 +1,42 @@
-//! `podscope agent`: the DaemonSet's daemon. Runs the [`Pipeline`], counts
-//! every event into the metrics, streams it to HTTP readers, and serves
-//! Prometheus.
+//! `podscope agent`: the DaemonSet's daemon. Starts the [`Driver`] (the
+//! drain thread), the dependency tasks that feed it (CRI, kube-proxy's
+//! rules, cgroupfs), the consumers that read its events (metrics,
+//! termination records and their journal, HTTP streams), and serves
+//! Prometheus. Nothing here can stall the drain: see [`crate::deps`].
 
 pub mod config;
 pub mod http;
+pub mod server;
 
 use std::{
     process::ExitCode,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow};
-use tokio::{signal::unix::SignalKind, sync::broadcast};
+use tokio::{signal::unix::SignalKind, sync::broadcast::error::RecvError};
 
 use self::{
     config::{AgentArgs, AgentConfig},
     http::AppState,
 };
 use crate::{
+    deps::{self, Dependency, Health},
+    driver::{Driver, DriverLink, DriverOptions},
+    events::Event,
     forensics::{
         journal::Journal,
         store::{JournalStats, JournalWriter, TerminationStore},
     },
     kernel::privilege::Privileges,
     metadata::ResolverOptions,
-    metrics::{Metrics, MetricsOptions},
-    pipeline::{DRAIN_INTERVAL, Pipeline, PipelineOptions, Rings},
+    metrics::{ConsumerLabels, Metrics, MetricsOptions, SeriesBudget},
     probes::LoadOptions,
+    throttle::ThrottleBook,
 };
 
 pub fn run(args: AgentArgs) -> Result<ExitCode> {
@@ -47,11 +56,17 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             cfg.state_dir.display()
         )
     })?;
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two workers: HTTP, consumers and dependency tasks share them; the
+    // drain runs on a thread of its own.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve(cfg))
+    let code = rt.block_on(serve(cfg));
+    // A dependency stuck in a blocking read must not hold the exit.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    code
 }
 
 async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
@@ -59,9 +74,8 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
-    let opts = PipelineOptions {
+    let opts = DriverOptions {
         load: LoadOptions::with_ring_buffer(cfg.ring_buffer_size),
-        exits_attach: None,
         resolver: ResolverOptions {
             cri_socket: cfg.cri_socket.clone(),
             use_cri: cfg.use_cri,
@@ -71,93 +85,265 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
         net: true,
         netns: cfg.netns.clone(),
         throttle: true,
+        ..Default::default()
     };
-    let mut pipeline = Pipeline::start(&opts).await?;
+    let driver = Driver::start(&opts)?;
+    let link = driver.link();
+    let health = Arc::new(Health::new());
     let metrics = Metrics::new(&MetricsOptions {
-        max_series: cfg.max_series,
+        budget: SeriesBudget::new(cfg.max_series),
         series_retention: cfg.series_retention,
         node_name: cfg.node_name.clone(),
     });
-    metrics.set_probes(pipeline.attachments(), &pipeline.unavailable);
-    let stream_dropped = metrics.stream_dropped.clone();
-    let (store, journal) = open_journal(&cfg);
-    let (tx, _) = broadcast::channel(16_384);
+    metrics.set_probes(&driver.attachments, &driver.unavailable);
+    let deps = deps::spawn_all(
+        &driver,
+        &opts,
+        &health,
+        deps::rules::RulesOptions {
+            netns: cfg.netns.clone(),
+            timeout: cfg.rules_timeout,
+            ..Default::default()
+        },
+        true,
+    );
+    let (store, journal) = open_journal(&cfg, &health);
     let state = Arc::new(AppState {
+        stream_dropped: metrics.stream_dropped.clone(),
         metrics: Mutex::new(metrics),
         ready: Default::default(),
-        events: tx.clone(),
-        stream_dropped,
+        driver: link.clone(),
         terminations: Mutex::new(store),
+        health: health.clone(),
+        streams: Arc::new(tokio::sync::Semaphore::new(http::MAX_STREAMS)),
     });
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        axum::serve(listener, http::router(state.clone()))
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .into_future(),
+    let records = spawn_records(
+        &link,
+        state.clone(),
+        journal.as_ref().map(JournalWriter::handle),
     );
+    let counting = spawn_metrics(
+        &link,
+        state.clone(),
+        deps.book.clone(),
+        deps.rule_errors.clone(),
+        journal.as_ref().map(|j| j.stats.clone()),
+    );
+    let refused = state
+        .metrics
+        .lock()
+        .map(|m| m.http_refused.clone())
+        .unwrap_or_default();
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::serve(
+        listener,
+        http::router(state.clone()),
+        server::Limits::default(),
+        refused,
+        async {
+            let _ = http_stopped.await;
+        },
+    ));
     tracing::info!(listen = %cfg.listen, "attached; serving /metrics, /healthz, /readyz, /api/v1/events, /api/v1/terminations");
 
-    // Dropped before the pipeline, which owns the fds.
-    let rings =
-        Rings::register(&pipeline).map_err(|e| anyhow!("cannot poll the ring buffers: {e}"))?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
-    let mut ticks = 0u64;
+    let mut status = link.status.clone();
     loop {
         tokio::select! {
-            _ = rings.readable() => {
-                deliver(&mut pipeline, &state, &tx, journal.as_ref()).await;
-            }
-            _ = tick.tick() => {
-                deliver(&mut pipeline, &state, &tx, journal.as_ref()).await;
-                ticks += 1;
-                if !ticks.is_multiple_of(10) {
-                    continue;
+            changed = status.changed() => {
+                if changed.is_err() {
+                    break;
                 }
-                pipeline.tick().await;
-                let sources = pipeline.source_stats();
-                if let Ok(mut m) = state.metrics.lock() {
-                    m.update(&sources, &pipeline);
-                    if let Some(j) = &journal {
-                        m.update_journal(&j.stats);
-                    }
-                    if ticks.is_multiple_of(300) {
-                        m.gc(&pipeline, Instant::now());
-                    }
-                }
-                state.ready.store(pipeline.metadata_synced(), Ordering::Relaxed);
+                let synced = status.borrow_and_update().metadata_synced;
+                state.ready.store(synced, Ordering::Relaxed);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
     }
-    // SIGTERM: stop answering ready, flush what the kernel holds, detach.
+    // SIGTERM: stop answering ready, publish what the kernel and forensics
+    // hold, let the consumers take it, make the journal durable, go. Each
+    // step has its deadline: together well within 2 s.
     state.ready.store(false, Ordering::Relaxed);
-    let last = pipeline.final_batch().await;
-    consume(last, &state, &tx, journal.as_ref());
-    // The journal thread writes what it was sent, then ends with the channel.
-    drop(journal);
-    let _ = stop_http.send(());
-    drop(tx);
-    // Open event streams would hold a graceful shutdown forever: give them a moment, no more.
-    if tokio::time::timeout(Duration::from_secs(2), server)
+    let stopped = tokio::task::spawn_blocking(move || driver.stop(Duration::from_millis(800)))
         .await
-        .is_err()
-    {
-        tracing::info!("closing open event streams");
+        .unwrap_or(false);
+    if !stopped {
+        tracing::warn!("the drain thread did not stop in time; exiting anyway");
     }
-    drop(rings);
-    drop(pipeline);
+    records.wait_caught_up(Duration::from_millis(300)).await;
+    records.task.abort();
+    for t in deps.tasks {
+        t.abort();
+    }
+    counting.abort();
+    if let Some(j) = journal
+        && !tokio::task::spawn_blocking(move || j.close(Duration::from_millis(500)))
+            .await
+            .unwrap_or(false)
+    {
+        tracing::warn!(
+            "the journal did not finish writing in time; the last records may be missing on disk"
+        );
+    }
+    let _ = stop_http.send(());
+    let _ = tokio::time::timeout(Duration::from_millis(200), server).await;
     tracing::info!("probes detached; bye");
     Ok(ExitCode::SUCCESS)
 }
 
+/// The metrics consumer: every event into the registry, the driver's and
+/// the dependencies' counters once a second.
+fn spawn_metrics(
+    link: &DriverLink,
+    state: Arc<AppState>,
+    book: Arc<Mutex<ThrottleBook>>,
+    rule_errors: Arc<AtomicU64>,
+    journal: Option<Arc<JournalStats>>,
+) -> tokio::task::JoinHandle<()> {
+    let mut rx = link.subscribe();
+    let status = link.status.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks = 0u64;
+        let mut journal_seen = (0u64, 0u64);
+        let lagged = state
+            .metrics
+            .lock()
+            .map(|m| {
+                m.consumer_lagged
+                    .get_or_create(&ConsumerLabels {
+                        consumer: "metrics".into(),
+                    })
+                    .clone()
+            })
+            .unwrap_or_default();
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Ok(p) => {
+                        if let Ok(mut m) = state.metrics.lock() {
+                            m.observe(&p.event, Instant::now());
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        lagged.inc_by(n);
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = tick.tick() => {
+                    ticks += 1;
+                    let st = status.borrow().clone();
+                    if let Some(j) = &journal {
+                        let now = (j.written.load(Ordering::Relaxed), j.errors.load(Ordering::Relaxed));
+                        if now.1 > journal_seen.1 {
+                            state.health.degraded(Dependency::Journal, "records could not be written to the state directory");
+                        } else if now.0 > journal_seen.0 {
+                            state.health.ok(Dependency::Journal);
+                        }
+                        journal_seen = now;
+                    }
+                    let report = state.health.report();
+                    let book = book.lock().ok();
+                    if let Ok(mut m) = state.metrics.lock() {
+                        m.update(&st, book.as_deref(), rule_errors.load(Ordering::Relaxed));
+                        m.update_health(&report);
+                        if let Some(j) = &journal {
+                            m.update_journal(j);
+                        }
+                        if ticks.is_multiple_of(30) {
+                            m.gc(&st, Instant::now());
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The records consumer: terminations into the store and the journal,
+/// background deaths into the store.
+struct Records {
+    processed: Arc<AtomicU64>,
+    link: DriverLink,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Records {
+    /// Waits (at most `deadline`) until the consumer has taken everything
+    /// the driver published.
+    async fn wait_caught_up(&self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        while Instant::now() < until {
+            let published = self.link.status.borrow().published;
+            if self.processed.load(Ordering::Relaxed) >= published {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn spawn_records(
+    link: &DriverLink,
+    state: Arc<AppState>,
+    journal: Option<crate::forensics::store::JournalHandle>,
+) -> Records {
+    let mut rx = link.subscribe();
+    let processed = Arc::new(AtomicU64::new(0));
+    let p = processed.clone();
+    let lagged = state
+        .metrics
+        .lock()
+        .map(|m| {
+            m.consumer_lagged
+                .get_or_create(&ConsumerLabels {
+                    consumer: "records".into(),
+                })
+                .clone()
+        })
+        .unwrap_or_default();
+    let task = tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    match &ev.event {
+                        Event::Termination(t) => {
+                            if let Some(j) = &journal {
+                                j.write((**t).clone());
+                            }
+                            if let Ok(mut s) = state.terminations.lock() {
+                                s.add((**t).clone());
+                            }
+                        }
+                        Event::BackgroundDeath(d) => {
+                            if let Ok(mut s) = state.terminations.lock() {
+                                s.add_death(d.clone());
+                            }
+                        }
+                        _ => {}
+                    }
+                    p.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(RecvError::Lagged(n)) => {
+                    lagged.inc_by(n);
+                    p.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    Records {
+        processed,
+        link: link.clone(),
+        task,
+    }
+}
+
 /// The journal in the state directory and the records it holds. A journal
 /// that cannot be opened is logged and the agent runs on without it.
-fn open_journal(cfg: &AgentConfig) -> (TerminationStore, Option<JournalWriter>) {
+fn open_journal(cfg: &AgentConfig, health: &Health) -> (TerminationStore, Option<JournalWriter>) {
     let mut store = TerminationStore::new(RECORDS_KEPT);
     match Journal::open(&cfg.state_dir, cfg.journal_max_bytes) {
         Ok((journal, records, recovery)) => {
@@ -176,15 +362,16 @@ fn open_journal(cfg: &AgentConfig) -> (TerminationStore, Option<JournalWriter>) 
             match JournalWriter::spawn(journal, stats) {
                 Ok(w) => (store, Some(w)),
                 Err(e) => {
-                    tracing::warn!(
-                        "cannot start the journal thread ({e}): termination records are kept in memory only"
+                    health.degraded(
+                        Dependency::Journal,
+                        format!("cannot start the journal thread ({e})"),
                     );
                     (store, None)
                 }
             }
         }
         Err(e) => {
-            tracing::warn!("{e}: termination records are kept in memory only");
+            health.degraded(Dependency::Journal, e.to_string());
             (store, None)
         }
     }
@@ -192,54 +379,3 @@ fn open_journal(cfg: &AgentConfig) -> (TerminationStore, Option<JournalWriter>) 
 
 /// Termination records kept in memory for the API (the journal keeps more on disk).
 const RECORDS_KEPT: usize = 10_000;
-
-/// One batch: attributed, counted, streamed.
-async fn deliver(
-    pipeline: &mut Pipeline,
-    state: &AppState,
-    tx: &broadcast::Sender<Arc<crate::events::Event>>,
-    journal: Option<&JournalWriter>,
-) {
-    let batch = pipeline.next_batch().await;
-    consume(batch, state, tx, journal);
-}
-
-fn consume(
-    batch: Vec<crate::events::Event>,
-    state: &AppState,
-    tx: &broadcast::Sender<Arc<crate::events::Event>>,
-    journal: Option<&JournalWriter>,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let now = Instant::now();
-    if let Ok(mut m) = state.metrics.lock() {
-        for e in &batch {
-            m.observe(e, now);
-        }
-    }
-    for e in &batch {
-        match e {
-            crate::events::Event::Termination(t) => {
-                if let Some(j) = journal {
-                    j.write((**t).clone());
-                }
-                if let Ok(mut s) = state.terminations.lock() {
-                    s.add((**t).clone());
-                }
-            }
-            crate::events::Event::BackgroundDeath(d) => {
-                if let Ok(mut s) = state.terminations.lock() {
-                    s.add_death(d.clone());
-                }
-            }
-            _ => {}
-        }
-    }
-    if tx.receiver_count() > 0 {
-        for e in batch {
-            let _ = tx.send(Arc::new(e));
-        }
-    }
-}

@@ -170,16 +170,37 @@ impl Forensics {
         }
     }
 
-    /// Retries the containers [`Forensics::adopt_running`] could not settle (about once a second).
-    pub fn retry_adoption(&mut self) {
-        let pending = std::mem::take(&mut self.unadopted);
-        for (id, dir, tries) in pending {
-            match guess_main(&dir) {
-                Some(main) => {
-                    self.state(id).main.get_or_insert(main);
+    /// The containers [`Forensics::adopt_running`] could not settle yet:
+    /// (cgroup id, its v2 directory). Their main process is looked for
+    /// off the drain thread (it reads cgroupfs and /proc) and reported
+    /// with [`Forensics::adoption_tried`].
+    pub fn unadopted(&self) -> Vec<(u64, std::path::PathBuf)> {
+        self.unadopted
+            .iter()
+            .map(|(id, dir, _)| (*id, dir.clone()))
+            .collect()
+    }
+
+    /// What a look at an unadopted container found (None: nothing yet; it
+    /// is looked at again, up to ten times, while its directory exists).
+    pub fn adoption_tried(&mut self, cgroup_id: u64, main: Option<u32>, dir_exists: bool) {
+        let Some(i) = self
+            .unadopted
+            .iter()
+            .position(|(id, _, _)| *id == cgroup_id)
+        else {
+            return;
+        };
+        match main {
+            Some(main) => {
+                self.unadopted.swap_remove(i);
+                self.state(cgroup_id).main.get_or_insert(main);
+            }
+            None => {
+                self.unadopted[i].2 += 1;
+                if self.unadopted[i].2 >= 10 || !dir_exists {
+                    self.unadopted.swap_remove(i);
                 }
-                None if tries < 10 && dir.exists() => self.unadopted.push((id, dir, tries + 1)),
-                None => {}
             }
         }
     }
@@ -579,7 +600,7 @@ fn sender_of(sig: &Signal, kind: SenderKind) -> Sender {
 
 /// The main process of a running container: the namespace's init when the
 /// container has its own pid namespace, else its oldest process.
-fn guess_main(cgroup_dir: &Path) -> Option<u32> {
+pub fn guess_main(cgroup_dir: &Path) -> Option<u32> {
     let procs = std::fs::read_to_string(cgroup_dir.join("cgroup.procs")).ok()?;
     let pids: Vec<u32> = procs
         .lines()
@@ -643,13 +664,10 @@ mod tests {
     /// SIGKILL and the exit read before the OOM that explains them.
     #[test]
     fn an_oom_read_after_its_kill_and_exit_still_explains_the_death() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let mut resolver = rt.block_on(Resolver::new(&ResolverOptions {
+        let mut resolver = Resolver::new(&ResolverOptions {
             use_cri: false,
             ..Default::default()
-        }));
+        });
         let path = format!("/kubepods/burstable/pod{UID}/{CID}");
         resolver.cgroup_created(100, &path);
         let clock = BootClock::new();

@@ -63,6 +63,37 @@ impl TerminationStore {
         }
     }
 
+    /// One page for `/api/v1/terminations`: the newest `limit` of each
+    /// list that match and ended after `since`, oldest first, copied out
+    /// (the caller serializes them after releasing the store).
+    pub fn page(
+        &self,
+        f: &Filter,
+        since: Option<std::time::SystemTime>,
+        limit: usize,
+    ) -> (Vec<TerminationRecord>, Vec<BackgroundDeath>) {
+        let after = |t: std::time::SystemTime| since.is_none_or(|s| t > s);
+        let mut records: Vec<TerminationRecord> = self
+            .records
+            .iter()
+            .rev()
+            .filter(|r| f.matches(&r.pod) && after(r.finished_at))
+            .take(limit)
+            .cloned()
+            .collect();
+        records.reverse();
+        let mut deaths: Vec<BackgroundDeath> = self
+            .deaths
+            .iter()
+            .rev()
+            .filter(|d| f.matches(&d.pod) && after(d.ts))
+            .take(limit)
+            .cloned()
+            .collect();
+        deaths.reverse();
+        (records, deaths)
+    }
+
     pub fn len(&self) -> usize {
         self.records.len()
     }
@@ -81,15 +112,37 @@ pub struct JournalStats {
     pub recovered_dropped_bytes: AtomicU64,
 }
 
+/// Queues records for the journal's thread.
+pub struct JournalHandle {
+    tx: mpsc::SyncSender<TerminationRecord>,
+    stats: Arc<JournalStats>,
+}
+
+impl JournalHandle {
+    /// Queues a record; never blocks (a full queue counts as a write error:
+    /// the record stays in memory and is served).
+    pub fn write(&self, r: TerminationRecord) {
+        if self.tx.try_send(r).is_err() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Records waiting for the journal's thread at most; beyond, a record is
+/// kept in memory only (counted as a write error).
+const JOURNAL_QUEUE: usize = 4096;
+
 /// Sends records to the journal's thread.
 pub struct JournalWriter {
-    tx: mpsc::Sender<TerminationRecord>,
+    tx: mpsc::SyncSender<TerminationRecord>,
+    done: mpsc::Receiver<()>,
     pub stats: Arc<JournalStats>,
 }
 
 impl JournalWriter {
     pub fn spawn(mut journal: Journal, stats: Arc<JournalStats>) -> std::io::Result<JournalWriter> {
-        let (tx, rx) = mpsc::channel::<TerminationRecord>();
+        let (tx, rx) = mpsc::sync_channel::<TerminationRecord>(JOURNAL_QUEUE);
+        let (done_tx, done) = mpsc::channel();
         let s = stats.clone();
         std::thread::Builder::new()
             .name("journal".into())
@@ -106,13 +159,23 @@ impl JournalWriter {
                         }
                     }
                 }
+                let _ = done_tx.send(());
             })?;
-        Ok(JournalWriter { tx, stats })
+        Ok(JournalWriter { tx, done, stats })
     }
 
-    pub fn write(&self, r: TerminationRecord) {
-        if self.tx.send(r).is_err() {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+    /// A handle that queues records, for the task that consumes them.
+    pub fn handle(&self) -> JournalHandle {
+        JournalHandle {
+            tx: self.tx.clone(),
+            stats: self.stats.clone(),
         }
+    }
+
+    /// Lets the thread write what is queued and waits at most `deadline`;
+    /// true when every queued record was written (or failed) in time.
+    pub fn close(self, deadline: std::time::Duration) -> bool {
+        drop(self.tx);
+        self.done.recv_timeout(deadline).is_ok()
     }
 }

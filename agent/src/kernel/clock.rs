@@ -3,7 +3,10 @@
 //! eBPF programs stamp events with `bpf_ktime_get_boot_ns()` (CLOCK_BOOTTIME,
 //! which keeps counting through suspend); users want RFC 3339.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
@@ -20,24 +23,33 @@ pub fn boot_ns() -> u64 {
     clock_ns(libc::CLOCK_BOOTTIME)
 }
 
-/// Converts boot-time stamps to wall-clock time. The offset is taken once:
-/// a later jump of the wall clock (NTP step) shifts new events, not old ones.
-#[derive(Clone, Copy, Debug)]
-pub struct BootClock {
-    /// Wall-clock ns since the epoch at boot.
-    boot_epoch_ns: u64,
+/// Wall-clock ns since the epoch at boot, shared by every [`BootClock`]:
+/// [`resync`] re-reads it (the drain thread does, every second), so an NTP
+/// step of the wall clock shifts timestamps from the next second on, not
+/// until the agent restarts.
+static BOOT_EPOCH_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Re-reads the wall clock's offset from the boot clock.
+pub fn resync() {
+    let (real, boot) = (clock_ns(libc::CLOCK_REALTIME), boot_ns());
+    BOOT_EPOCH_NS.store(real.saturating_sub(boot), Ordering::Relaxed);
 }
+
+/// Converts boot-time stamps to wall-clock time with the offset last read
+/// by [`resync`].
+#[derive(Clone, Copy, Debug)]
+pub struct BootClock(());
 
 impl BootClock {
     pub fn new() -> BootClock {
-        let (real, boot) = (clock_ns(libc::CLOCK_REALTIME), boot_ns());
-        BootClock {
-            boot_epoch_ns: real.saturating_sub(boot),
+        if BOOT_EPOCH_NS.load(Ordering::Relaxed) == 0 {
+            resync();
         }
+        BootClock(())
     }
 
     pub fn to_system_time(&self, boot_ns: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_nanos(self.boot_epoch_ns + boot_ns)
+        UNIX_EPOCH + Duration::from_nanos(BOOT_EPOCH_NS.load(Ordering::Relaxed) + boot_ns)
     }
 }
 

@@ -4,7 +4,7 @@
 //! events arrive after the directory is gone.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     os::unix::fs::MetadataExt,
     path::Path,
     sync::Arc,
@@ -19,6 +19,7 @@ struct Entry {
     /// Relative to the v2 root: where the cgroup's own files (cpu.stat) are.
     path: Arc<str>,
     removed: Option<Instant>,
+    inserted: Instant,
 }
 
 /// Counters that make every degradation visible.
@@ -28,13 +29,21 @@ pub struct CgroupMapStats {
     pub malformed_paths: u64,
     /// Entries refused because the map was full.
     pub refused_full: u64,
-    /// Entries evicted after their retention.
+    /// Entries evicted after their retention (or earlier, to make room).
     pub evicted: u64,
+    /// Live entries whose directory a periodic scan no longer found: their
+    /// removal event was lost (a full ring), now corrected.
+    pub reconciled_removed: u64,
+    /// Directories a periodic scan found that no creation event had told.
+    pub reconciled_added: u64,
 }
 
 #[derive(Debug)]
 pub struct CgroupMap {
     by_id: HashMap<u64, Entry>,
+    /// Removed entries, oldest removal first: expiry and eviction at the cap
+    /// pop from the front instead of scanning the map.
+    removed: VecDeque<(Instant, u64)>,
     cap: usize,
     retention: Duration,
     pub stats: CgroupMapStats,
@@ -44,6 +53,7 @@ impl CgroupMap {
     pub fn new(cap: usize, retention: Duration) -> CgroupMap {
         CgroupMap {
             by_id: HashMap::new(),
+            removed: VecDeque::new(),
             cap,
             retention,
             stats: CgroupMapStats::default(),
@@ -61,6 +71,42 @@ impl CgroupMap {
     /// Records every pod cgroup below `v2_root` (the inode of a v2 cgroup
     /// directory is its cgroup id).
     pub fn scan(&mut self, v2_root: &Path) {
+        for (id, path) in scan(v2_root) {
+            self.insert(id, &path);
+        }
+    }
+
+    /// Corrects the map against a fresh [`scan`] that started at
+    /// `scanned_at`: cgroups that exist but were never announced are added,
+    /// and live entries older than the scan whose directory is gone are
+    /// marked removed (a lost rmdir event must not keep an entry forever).
+    pub fn reconcile(&mut self, found: &[(u64, String)], scanned_at: Instant) {
+        let present: std::collections::HashSet<u64> = found.iter().map(|(id, _)| *id).collect();
+        for (id, path) in found {
+            if !self.by_id.contains_key(id) && self.insert(*id, path).is_some() {
+                self.stats.reconciled_added += 1;
+            }
+        }
+        let gone: Vec<u64> = self
+            .by_id
+            .iter()
+            .filter(|(id, e)| {
+                e.removed.is_none() && e.inserted < scanned_at && !present.contains(id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.remove(id);
+            self.stats.reconciled_removed += 1;
+        }
+    }
+}
+
+/// Every cgroup directory below `v2_root`: (inode = cgroup id, path relative
+/// to the root with a leading `/`). Reads cgroupfs: not for the data path.
+pub fn scan(v2_root: &Path) -> Vec<(u64, String)> {
+    let mut out = vec![];
+    {
         let mut stack = vec![(v2_root.to_path_buf(), 0u32)];
         while let Some((dir, depth)) = stack.pop() {
             let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -73,7 +119,7 @@ impl CgroupMap {
                 }
                 let path = e.path();
                 if let Ok(rel) = path.strip_prefix(v2_root) {
-                    self.insert(meta.ino(), &format!("/{}", rel.display()));
+                    out.push((meta.ino(), format!("/{}", rel.display())));
                 }
                 // Pod cgroups sit a few levels down; containers may nest their own.
                 if depth < 8 {
@@ -82,7 +128,10 @@ impl CgroupMap {
             }
         }
     }
+    out
+}
 
+impl CgroupMap {
     /// A cgroup was created (or found). Returns what its path says, if it is a pod's.
     pub fn insert(&mut self, id: u64, path: &str) -> Option<Arc<CgroupRef>> {
         let pod = match cgroup_path::parse(path) {
@@ -97,8 +146,8 @@ impl CgroupMap {
             }
         };
         if self.by_id.len() >= self.cap && !self.by_id.contains_key(&id) {
-            self.gc(Instant::now());
-            if self.by_id.len() >= self.cap {
+            // Make room from the longest-removed entry; live ones are never evicted.
+            if !self.evict_oldest_removed() {
                 self.stats.refused_full += 1;
                 return None;
             }
@@ -109,6 +158,7 @@ impl CgroupMap {
                 pod: pod.clone(),
                 path: path.into(),
                 removed: None,
+                inserted: Instant::now(),
             },
         );
         Some(pod)
@@ -116,9 +166,26 @@ impl CgroupMap {
 
     /// A cgroup was removed: keep it for the retention window.
     pub fn remove(&mut self, id: u64) {
-        if let Some(e) = self.by_id.get_mut(&id) {
-            e.removed.get_or_insert_with(Instant::now);
+        if let Some(e) = self.by_id.get_mut(&id)
+            && e.removed.is_none()
+        {
+            let now = Instant::now();
+            e.removed = Some(now);
+            self.removed.push_back((now, id));
         }
+    }
+
+    /// Pops removal records until one still names a removed entry (ids can
+    /// be re-inserted after removal: such stale records are skipped).
+    fn evict_oldest_removed(&mut self) -> bool {
+        while let Some((at, id)) = self.removed.pop_front() {
+            if self.by_id.get(&id).is_some_and(|e| e.removed == Some(at)) {
+                self.by_id.remove(&id);
+                self.stats.evicted += 1;
+                return true;
+            }
+        }
+        false
     }
 
     pub fn get(&self, id: u64) -> Option<&Arc<CgroupRef>> {
@@ -148,11 +215,12 @@ impl CgroupMap {
 
     /// Drops removed cgroups older than the retention.
     pub fn gc(&mut self, now: Instant) {
-        let before = self.by_id.len();
-        let retention = self.retention;
-        self.by_id
-            .retain(|_, e| e.removed.is_none_or(|t| now.duration_since(t) < retention));
-        self.stats.evicted += (before - self.by_id.len()) as u64;
+        while let Some(&(at, _)) = self.removed.front() {
+            if now.saturating_duration_since(at) < self.retention {
+                break;
+            }
+            self.evict_oldest_removed();
+        }
     }
 }
 
@@ -198,6 +266,46 @@ mod tests {
         }
         assert_eq!(m.len(), 2);
         assert_eq!(m.stats.refused_full, 1);
+    }
+
+    #[test]
+    fn at_the_cap_the_longest_removed_entry_makes_room() {
+        let mut m = CgroupMap::new(2, Duration::from_secs(600));
+        m.insert(1, &format!("/kubepods/pod{UID}/abcdef0123456701"));
+        m.insert(2, &format!("/kubepods/pod{UID}/abcdef0123456702"));
+        m.remove(1);
+        assert!(
+            m.insert(3, &format!("/kubepods/pod{UID}/abcdef0123456703"))
+                .is_some()
+        );
+        assert!(m.get(1).is_none(), "the removed entry made room");
+        assert!(m.get(2).is_some() && m.get(3).is_some());
+        assert_eq!(m.stats.evicted, 1);
+    }
+
+    #[test]
+    fn reconcile_corrects_lost_events() {
+        let mut m = CgroupMap::new(10, Duration::from_secs(600));
+        m.insert(1, &format!("/kubepods/pod{UID}/abcdef0123456701"));
+        m.insert(2, &format!("/kubepods/pod{UID}/abcdef0123456702"));
+        let scanned_at = Instant::now();
+        // 1's rmdir was lost; 3 was created without an event.
+        let found = vec![
+            (2, format!("/kubepods/pod{UID}/abcdef0123456702")),
+            (3, format!("/kubepods/pod{UID}/abcdef0123456703")),
+        ];
+        m.reconcile(&found, scanned_at);
+        let mut live: Vec<u64> = m.live().map(|(id, _, _)| id).collect();
+        live.sort();
+        assert_eq!(live, vec![2, 3]);
+        assert_eq!(
+            (m.stats.reconciled_removed, m.stats.reconciled_added),
+            (1, 1)
+        );
+        // An entry created after the scan started is not judged by it.
+        m.insert(4, &format!("/kubepods/pod{UID}/abcdef0123456704"));
+        m.reconcile(&found, scanned_at);
+        assert!(m.live().any(|(id, _, _)| id == 4));
     }
 
     #[test]

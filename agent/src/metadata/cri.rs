@@ -48,6 +48,9 @@ pub struct SandboxMeta {
     pub pod_uid: String,
 }
 
+/// The largest CRI answer accepted (ListContainers on a full node).
+pub const MAX_MESSAGE: usize = 64 << 20;
+
 pub struct Cri {
     socket: PathBuf,
     client: RuntimeServiceClient<Channel>,
@@ -57,7 +60,10 @@ impl Cri {
     pub async fn connect(socket: &Path) -> Result<Cri, String> {
         let client = cri::connect(socket, Duration::from_secs(2))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            // tonic's default of 4 MiB is exceeded by a node with hundreds
+            // of pods with large annotations: a listing must not fail then.
+            .max_decoding_message_size(MAX_MESSAGE);
         Ok(Cri {
             socket: socket.to_path_buf(),
             client,
@@ -120,6 +126,27 @@ impl Cri {
 }
 
 impl Cri {
+    /// The runtime's container event stream (GetContainerEvents, CRI v1
+    /// since Kubernetes 1.26); Err(true) when the runtime does not have it.
+    pub async fn events(
+        &mut self,
+    ) -> Result<impl futures_util::Stream<Item = v1::ContainerEventResponse> + use<>, bool> {
+        match self
+            .client
+            .get_container_events(v1::GetEventsRequest {})
+            .await
+        {
+            Ok(resp) => {
+                use futures_util::StreamExt;
+                Ok(resp
+                    .into_inner()
+                    .take_while(|r| std::future::ready(r.is_ok()))
+                    .filter_map(|r| std::future::ready(r.ok())))
+            }
+            Err(s) => Err(s.code() == tonic::Code::Unimplemented),
+        }
+    }
+
     /// A sandbox's pod IPs (PodSandboxStatus: the primary and any additional).
     pub async fn sandbox_ips(&mut self, id: &str) -> Result<Vec<std::net::IpAddr>, String> {
         let resp = self

@@ -56,7 +56,7 @@ impl ExitMetrics {
         );
         ExitMetrics {
             exits,
-            book: SeriesBook::new(opts.max_series, opts.series_retention),
+            book: SeriesBook::new(&opts.budget, opts.series_retention),
         }
     }
 

@@ -2,9 +2,14 @@
 //! them). The agent-wide series live here; each family's per-workload series
 //! live in a module of their own ([`exits`]) and register themselves.
 //!
-//! Cardinality is bounded: per-workload series go through a [`SeriesBook`]
-//! that caps how many exist (counting refusals) and drops the series of pods
-//! that are gone once the retention has passed.
+//! Cardinality is bounded: per-workload series go through a [`SeriesBook`];
+//! every book of every family draws on one [`SeriesBudget`] (`--max-series`
+//! is the cap of them all together), refusals are counted, and the series
+//! of pods that are gone are dropped once the retention has passed.
+//!
+//! The metrics read nothing of the driver's internals: events arrive from
+//! its broadcast ([`Metrics::observe`]), counters from the status it
+//! publishes ([`Metrics::update`]).
 
 pub mod exits;
 pub mod net;
@@ -14,6 +19,10 @@ pub mod throttle;
 use std::{
     collections::HashMap,
     hash::Hash,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -24,10 +33,42 @@ use prometheus_client::{
 };
 
 use crate::{
-    events::Event,
-    pipeline::{Pipeline, SourceStats},
-    probes::Attachment,
+    deps::DependencyReport, driver::DriverStatus, events::Event, probes::Attachment,
+    throttle::ThrottleBook,
 };
+
+/// The cap on per-workload series shared by every [`SeriesBook`].
+#[derive(Clone, Debug)]
+pub struct SeriesBudget {
+    used: Arc<AtomicUsize>,
+    cap: usize,
+}
+
+impl SeriesBudget {
+    pub fn new(cap: usize) -> SeriesBudget {
+        SeriesBudget {
+            used: Arc::new(AtomicUsize::new(0)),
+            cap,
+        }
+    }
+
+    /// Takes one series from the budget; false when it is spent.
+    fn take(&self) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u < self.cap).then_some(u + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
@@ -47,18 +88,18 @@ pub struct BuildLabels {
     pub node: String,
 }
 
-/// Per-workload series with a cap and a retention.
+/// Per-workload series with a retention, drawing on a shared budget.
 pub struct SeriesBook<L> {
     last_update: HashMap<L, Instant>,
-    cap: usize,
+    budget: SeriesBudget,
     retention: Duration,
 }
 
 impl<L: Clone + Hash + Eq> SeriesBook<L> {
-    pub fn new(cap: usize, retention: Duration) -> Self {
+    pub fn new(budget: &SeriesBudget, retention: Duration) -> Self {
         SeriesBook {
             last_update: HashMap::new(),
-            cap,
+            budget: budget.clone(),
             retention,
         }
     }
@@ -69,7 +110,7 @@ impl<L: Clone + Hash + Eq> SeriesBook<L> {
             *t = now;
             return true;
         }
-        if self.last_update.len() >= self.cap {
+        if !self.budget.take() {
             refused.inc();
             return false;
         }
@@ -90,6 +131,7 @@ impl<L: Clone + Hash + Eq> SeriesBook<L> {
         for l in &expired {
             self.last_update.remove(l);
         }
+        self.budget.give_back(expired.len());
         expired
     }
 
@@ -104,7 +146,8 @@ impl<L: Clone + Hash + Eq> SeriesBook<L> {
 
 #[derive(Clone, Debug)]
 pub struct MetricsOptions {
-    pub max_series: usize,
+    /// `--max-series`, shared by every family.
+    pub budget: SeriesBudget,
     pub series_retention: Duration,
     /// The node's name, on `podscope_build_info`.
     pub node_name: String,
@@ -133,6 +176,26 @@ pub struct Metrics {
     /// Kernel counters already exported, to add only the difference.
     lost_seen: HashMap<&'static str, u64>,
     cri_errors_seen: u64,
+    degraded: Family<DependencyLabels, Gauge>,
+    degradations: Family<DependencyLabels, Counter>,
+    episodes_seen: HashMap<&'static str, u64>,
+    names_waited_out: Counter,
+    names_waited_seen: u64,
+    drain_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Connections the HTTP listener closed at once (at its connection cap).
+    pub http_refused: Counter,
+    /// Events a consumer inside the agent (metrics, records) missed.
+    pub consumer_lagged: Family<ConsumerLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    pub dependency: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    pub consumer: String,
 }
 
 impl Metrics {
@@ -165,7 +228,7 @@ impl Metrics {
         let series_refused = Counter::default();
         registry.register(
             "series_refused",
-            "Per-workload series not created because --max-series was reached",
+            "Per-workload series not created because --max-series (shared by every family) was reached",
             series_refused.clone(),
         );
         let cri_errors = Counter::default();
@@ -220,6 +283,42 @@ impl Metrics {
             "Bytes of a torn write (agent killed while writing) cut off the journal at start-up",
             journal_dropped.clone(),
         );
+        let degraded = Family::<DependencyLabels, Gauge>::default();
+        registry.register(
+            "dependency_degraded",
+            "1 while an outside dependency (cri, kube_proxy_rules, cgroupfs, journal) is slow or gone and its feature degraded; the probes keep draining",
+            degraded.clone(),
+        );
+        let degradations = Family::<DependencyLabels, Counter>::default();
+        registry.register(
+            "dependency_degradations",
+            "Times an outside dependency became slow or unavailable",
+            degradations.clone(),
+        );
+        let names_waited_out = Counter::default();
+        registry.register(
+            "events_unnamed_after_wait",
+            "Events of containers that CRI had not named within the wait, published with pod uid and container id only",
+            names_waited_out.clone(),
+        );
+        let drain_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "drain_lag_seconds",
+            "Longest time an event waited between its drain and its publication over the last second (waiting for names)",
+            drain_lag.clone(),
+        );
+        let http_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections closed at once because the listener had its maximum open",
+            http_refused.clone(),
+        );
+        let consumer_lagged = Family::<ConsumerLabels, Counter>::default();
+        registry.register(
+            "consumer_events_missed",
+            "Events a consumer inside the agent (metrics, records) missed because it fell behind the drain",
+            consumer_lagged.clone(),
+        );
         let exits = exits::ExitMetrics::register(&mut registry, opts);
         let terminations = terminations::TerminationMetrics::register(&mut registry, opts);
         let net = net::NetMetrics::register(&mut registry, opts);
@@ -245,6 +344,14 @@ impl Metrics {
             throttle,
             lost_seen: HashMap::new(),
             cri_errors_seen: 0,
+            degraded,
+            degradations,
+            episodes_seen: HashMap::new(),
+            names_waited_out,
+            names_waited_seen: 0,
+            drain_lag,
+            http_refused,
+            consumer_lagged,
         }
     }
 
@@ -269,48 +376,33 @@ impl Metrics {
 
     /// One delivered event.
     pub fn observe(&mut self, event: &Event, now: Instant) {
-        let source = match event {
-            Event::Exit(e) => {
-                self.exits.observe(e, now, &self.series_refused);
-                crate::probes::exits::FAMILY
-            }
-            Event::Signal(_) => crate::probes::signals::FAMILY,
-            Event::Oom(o) => {
-                self.terminations.oom(o, now, &self.series_refused);
-                crate::probes::oom::FAMILY
-            }
-            Event::Termination(t) => {
-                self.terminations.termination(t, now, &self.series_refused);
-                "terminations"
-            }
-            Event::BackgroundDeath(d) => {
-                self.terminations
-                    .background_death(d, now, &self.series_refused);
-                "background_deaths"
-            }
-            Event::Connection(c) => {
-                self.net.observe_connection(c, now, &self.series_refused);
-                crate::probes::net::FAMILY_CONNS
-            }
-            Event::Drop(d) => {
-                self.net.observe_drop(d, now, &self.series_refused);
-                crate::probes::net::FAMILY_DROPS
-            }
-            Event::Throttle(t) => {
-                self.throttle.observe(t, now, &self.series_refused);
-                crate::probes::throttle::FAMILY
-            }
-        };
+        let refused = &self.series_refused;
+        match event {
+            Event::Exit(e) => self.exits.observe(e, now, refused),
+            Event::Signal(_) => {}
+            Event::Oom(o) => self.terminations.oom(o, now, refused),
+            Event::Termination(t) => self.terminations.termination(t, now, refused),
+            Event::BackgroundDeath(d) => self.terminations.background_death(d, now, refused),
+            Event::Connection(c) => self.net.observe_connection(c, now, refused),
+            Event::Drop(d) => self.net.observe_drop(d, now, refused),
+            Event::Throttle(t) => self.throttle.observe(t, now, refused),
+        }
         self.events
             .get_or_create(&SourceLabels {
-                source: source.to_string(),
+                source: event.source().to_string(),
             })
             .inc();
     }
 
-    /// Kernel and attribution counters, about once a second.
-    pub fn update(&mut self, sources: &[SourceStats], pipeline: &Pipeline) {
-        for s in sources {
+    /// Kernel and attribution counters from the driver's status, about
+    /// once a second.
+    pub fn update(
+        &mut self,
+        status: &DriverStatus,
+        throttle: Option<&ThrottleBook>,
+        rule_errors: u64,
+    ) {
+        for s in &status.sources {
             let seen = self.lost_seen.entry(s.source).or_default();
             if s.stats.lost > *seen {
                 self.lost
@@ -326,23 +418,45 @@ impl Metrics {
                 });
             }
         }
-        let unknown = pipeline.forensics_stats().unknown_main;
+        let unknown = status.forensics.unknown_main;
         self.unexplained
             .inc_by(unknown.saturating_sub(self.unexplained_seen));
         self.unexplained_seen = unknown;
-        let rs = pipeline.resolver_stats();
+        let rs = status.resolver;
         if rs.cri_errors > self.cri_errors_seen {
             self.cri_errors.inc_by(rs.cri_errors - self.cri_errors_seen);
             self.cri_errors_seen = rs.cri_errors;
         }
         self.tracked_containers
-            .set(pipeline.resolver().live_containers() as i64);
-        self.throttle.update(
-            pipeline.throttle_book(),
-            Instant::now(),
-            &self.series_refused,
+            .set(status.tracked_containers as i64);
+        self.names_waited_out.inc_by(
+            status
+                .names_waited_out
+                .saturating_sub(self.names_waited_seen),
         );
-        self.net.update_rules(pipeline.rule_errors());
+        self.names_waited_seen = status.names_waited_out;
+        self.drain_lag.set(status.drain_lag.as_secs_f64());
+        if let Some(book) = throttle {
+            self.throttle
+                .update(book, Instant::now(), &self.series_refused);
+        }
+        self.net.update_rules(rule_errors);
+    }
+
+    /// Which dependencies are degraded, and how often they were.
+    pub fn update_health(&mut self, report: &[DependencyReport]) {
+        for d in report {
+            let labels = DependencyLabels {
+                dependency: d.dependency.name().to_string(),
+            };
+            self.degraded
+                .get_or_create(&labels)
+                .set(i64::from(d.state == "degraded"));
+            let seen = self.episodes_seen.entry(d.dependency.name()).or_default();
+            let c = self.degradations.get_or_create(&labels);
+            c.inc_by(d.episodes.saturating_sub(*seen));
+            *seen = d.episodes;
+        }
     }
 
     pub fn update_journal(&mut self, j: &crate::forensics::store::JournalStats) {
@@ -361,9 +475,11 @@ impl Metrics {
         self.journal_seen = now;
     }
 
-    /// Drops the series of pods gone for longer than the retention.
-    pub fn gc(&mut self, pipeline: &Pipeline, now: Instant) {
-        let gone = |ns: &str, pod: &str| !pipeline.resolver().pod_alive(ns, pod);
+    /// Drops the series of pods gone for longer than the retention (a pod
+    /// is gone when the runtime no longer lists it).
+    pub fn gc(&mut self, status: &DriverStatus, now: Instant) {
+        let live = status.names.live_pods();
+        let gone = |ns: &str, pod: &str| !live.contains(&(ns.to_string(), pod.to_string()));
         self.exits.gc(now, gone);
         self.terminations.gc(now, gone);
         self.net.gc(now, gone);
@@ -434,7 +550,7 @@ mod tests {
     #[test]
     fn the_book_caps_and_expires_series() {
         let refused = Counter::default();
-        let mut b = SeriesBook::<u32>::new(2, Duration::from_secs(600));
+        let mut b = SeriesBook::<u32>::new(&SeriesBudget::new(2), Duration::from_secs(600));
         let t0 = Instant::now();
         assert!(b.admit(&1, t0, &refused));
         assert!(b.admit(&2, t0, &refused));
@@ -448,5 +564,24 @@ mod tests {
         assert_eq!(gone, vec![1]);
         assert_eq!(b.len(), 1);
         assert!(b.admit(&3, t0, &refused), "room again");
+    }
+
+    #[test]
+    fn every_book_draws_on_one_budget() {
+        let refused = Counter::default();
+        let budget = SeriesBudget::new(3);
+        let mut a = SeriesBook::<u32>::new(&budget, Duration::from_secs(600));
+        let mut b = SeriesBook::<&str>::new(&budget, Duration::from_secs(600));
+        let t0 = Instant::now();
+        assert!(a.admit(&1, t0, &refused) && a.admit(&2, t0, &refused));
+        assert!(b.admit(&"x", t0, &refused));
+        assert!(
+            !b.admit(&"y", t0, &refused),
+            "the cap is shared, not per book"
+        );
+        assert_eq!((budget.used(), refused.get()), (3, 1));
+        a.expire(t0 + Duration::from_secs(601), |_| true);
+        assert_eq!(budget.used(), 1);
+        assert!(b.admit(&"y", t0, &refused));
     }
 }

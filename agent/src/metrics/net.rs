@@ -90,9 +90,9 @@ impl NetMetrics {
             conns,
             endpoints,
             drops,
-            conn_book: SeriesBook::new(opts.max_series, opts.series_retention),
-            endpoint_book: SeriesBook::new(opts.max_series, opts.series_retention),
-            drop_book: SeriesBook::new(opts.max_series, opts.series_retention),
+            conn_book: SeriesBook::new(&opts.budget, opts.series_retention),
+            endpoint_book: SeriesBook::new(&opts.budget, opts.series_retention),
+            drop_book: SeriesBook::new(&opts.budget, opts.series_retention),
         }
     }
 

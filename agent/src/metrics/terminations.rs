@@ -95,9 +95,9 @@ impl TerminationMetrics {
             last,
             ooms,
             deaths,
-            reasons: SeriesBook::new(opts.max_series, opts.series_retention),
-            scopes: SeriesBook::new(opts.max_series, opts.series_retention),
-            causes: SeriesBook::new(opts.max_series, opts.series_retention),
+            reasons: SeriesBook::new(&opts.budget, opts.series_retention),
+            scopes: SeriesBook::new(&opts.budget, opts.series_retention),
+            causes: SeriesBook::new(&opts.budget, opts.series_retention),
         }
     }
 

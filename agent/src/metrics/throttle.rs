@@ -128,7 +128,7 @@ impl ThrottleMetrics {
             limit,
             usage,
             exported: HashMap::new(),
-            book: SeriesBook::new(opts.max_series, opts.series_retention),
+            book: SeriesBook::new(&opts.budget, opts.series_retention),
         }
     }
 

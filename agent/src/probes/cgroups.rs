@@ -21,7 +21,7 @@ use crate::kernel::{
     tracefs::{self, TracepointFormat},
 };
 
-pub const FAMILY: &str = "cgroups";
+pub const FAMILY: &str = crate::families::Kernel::Cgroups.name();
 const HOOK: &str = "cgroup:cgroup_mkdir, cgroup:cgroup_rmdir, sched:sched_process_exec";
 const EVENTS_MAP: &str = "CGROUP_EVENTS";
 const STATS_MAP: &str = "CGROUP_STATS";

@@ -30,7 +30,7 @@ use crate::{
     metadata::PodIdentity,
 };
 
-pub const FAMILY: &str = "exits";
+pub const FAMILY: &str = crate::families::Kernel::Exits.name();
 const HOOK: &str = "sched:sched_process_exit";
 const EVENTS_MAP: &str = "EXIT_EVENTS";
 const STATS_MAP: &str = "EXIT_STATS";

@@ -38,8 +38,8 @@ use crate::kernel::{
     clock::BootClock,
 };
 
-pub const FAMILY_CONNS: &str = "netfilter";
-pub const FAMILY_DROPS: &str = "drops";
+pub const FAMILY_CONNS: &str = crate::families::Kernel::Netfilter.name();
+pub const FAMILY_DROPS: &str = crate::families::Kernel::Drops.name();
 const NF_PROGRAM: &str = "net_nf";
 const OFFSETS_GLOBAL: &str = "NET_OFFSETS";
 const CONN_EVENTS: &str = "NET_CONN_EVENTS";

@@ -21,7 +21,7 @@ use crate::{
     metadata::PodIdentity,
 };
 
-pub const FAMILY: &str = "oom";
+pub const FAMILY: &str = crate::families::Kernel::Oom.name();
 const HOOK: &str = "oom:mark_victim";
 const EVENTS_MAP: &str = "OOM_EVENTS";
 const STATS_MAP: &str = "OOM_STATS";

@@ -25,7 +25,7 @@ use crate::{
     metadata::PodIdentity,
 };
 
-pub const FAMILY: &str = "signals";
+pub const FAMILY: &str = crate::families::Kernel::Signals.name();
 const HOOK: &str = "signal:signal_generate";
 const EVENTS_MAP: &str = "SIGNAL_EVENTS";
 const STATS_MAP: &str = "SIGNAL_STATS";

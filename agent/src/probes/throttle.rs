@@ -26,7 +26,7 @@ use crate::{
     metadata::PodIdentity,
 };
 
-pub const FAMILY: &str = "throttle";
+pub const FAMILY: &str = crate::families::Kernel::Throttle.name();
 const HOOK: &str = "sched:sched_switch";
 const EVENTS_MAP: &str = "THROTTLE_EVENTS";
 const STATS_MAP: &str = "THROTTLE_STATS";
