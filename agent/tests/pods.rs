@@ -302,13 +302,14 @@ fn scenarios() {
     );
     let stderr = degraded.stop();
     assert_eq!(
-        stderr.matches("CRI unavailable").count(),
+        stderr.matches("cri degraded").count(),
         1,
         "the degradation is logged once: {stderr}"
     );
-    assert!(
-        stderr.contains("CRI at") && stderr.contains("answers again"),
-        "{stderr}"
+    assert_eq!(
+        stderr.matches("cri recovered").count(),
+        1,
+        "and its end once: {stderr}"
     );
     let errors: u64 = stderr
         .split("attribution: ")

@@ -246,6 +246,22 @@ fn page_stream<R: serde::Serialize + Send + 'static, D: serde::Serialize + Send 
     futures_util::stream::iter(chunks.map(Ok))
 }
 
+/// One `/api/v1/events` reader. When it goes (the client left, or stopped
+/// reading and was disconnected), what it had not taken yet is counted as
+/// missed too.
+struct StreamReader {
+    rx: broadcast::Receiver<Arc<crate::driver::Published>>,
+    filter: Filter,
+    state: Arc<AppState>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for StreamReader {
+    fn drop(&mut self) {
+        self.state.stream_dropped.inc_by(self.rx.len() as u64);
+    }
+}
+
 /// Newest events as they come; a reader that falls behind loses the oldest
 /// (counted in `podscope_stream_events_dropped_total`), never slows the
 /// drain or the other readers; each event is serialized once for all.
@@ -261,25 +277,27 @@ async fn events(State(s): State<Arc<AppState>>, q: FilterQuery) -> Response {
         )
             .into_response();
     };
-    let rx = s.driver.subscribe();
-    let stream = futures_util::stream::unfold(
-        (rx, filter, s, slot),
-        |(mut rx, filter, s, slot)| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(ev) if filter.matches(ev.event.pod()) => {
-                        let line = ev.json_line().clone();
-                        return Some((Ok::<_, Infallible>(line), (rx, filter, s, slot)));
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        s.stream_dropped.inc_by(n);
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return None,
+    let reader = StreamReader {
+        rx: s.driver.subscribe(),
+        filter,
+        state: s,
+        _slot: slot,
+    };
+    let stream = futures_util::stream::unfold(reader, |mut r| async move {
+        loop {
+            match r.rx.recv().await {
+                Ok(ev) if r.filter.matches(ev.event.pod()) => {
+                    let line = ev.json_line().clone();
+                    return Some((Ok::<_, Infallible>(line), r));
                 }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    r.state.stream_dropped.inc_by(n);
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
             }
-        },
-    );
+        }
+    });
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(stream),

@@ -170,10 +170,7 @@ impl CriTask {
             Err(e) => {
                 self.errors += 1;
                 self.state = CriState::Down;
-                self.health.degraded(
-                    Dependency::Cri,
-                    format!("{e} (socket {})", self.socket.display()),
-                );
+                self.health.degraded(Dependency::Cri, e);
                 // A fresh connection next time: the runtime may have restarted.
                 self.cri = None;
                 false

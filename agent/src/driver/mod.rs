@@ -56,8 +56,9 @@ use crate::{
 /// submitted without a wakeup until a batch is waiting (agent-ebpf's ringbuf.rs).
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Events a consumer may fall behind by before it loses the oldest.
-pub const EVENT_QUEUE: usize = 65_536;
+/// Events a consumer may fall behind by before it loses the oldest (each
+/// held event costs a few hundred bytes while any reader still lags).
+pub const EVENT_QUEUE: usize = 16_384;
 
 /// Most events held back waiting for names; beyond it the oldest go out unnamed.
 const HOLD_CAP: usize = 200_000;
