@@ -596,6 +596,24 @@ fn a_full_state_directory_keeps_records_in_memory() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(record["exit_code"], 3, "{record}");
+    // Paged: `since` after the record leaves nothing; `limit` caps each list.
+    let later = agent
+        .get("/api/v1/terminations?namespace=podscope-faults&pod=full&since=2099-01-01T00:00:00Z");
+    let v: serde_json::Value = serde_json::from_str(&later).unwrap();
+    assert_eq!(
+        v["terminations"].as_array().map(Vec::len),
+        Some(0),
+        "{later}"
+    );
+    let one: serde_json::Value =
+        serde_json::from_str(&agent.get("/api/v1/terminations?limit=1")).unwrap();
+    assert_eq!(
+        one["terminations"].as_array().map(Vec::len),
+        Some(1),
+        "{one}"
+    );
+    let bad = get(agent.port, "/api/v1/terminations?since=yesterday").unwrap();
+    assert_eq!(bad.0, 400, "{bad:?}");
     agent.readyz_until("journal degraded", Duration::from_secs(10), |b| {
         b.contains("[-]journal degraded")
     });

@@ -22,6 +22,7 @@ use crate::{build_podscope, setup};
 
 const ROUNDS: usize = 7;
 
+mod faults;
 mod net;
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
@@ -32,8 +33,11 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("terminations") => terminations(),
         Some("net") => net::run(),
         Some("throttle") => throttle(),
+        Some("faults") => faults::run(),
         _ => {
-            bail!("usage: cargo xtask bench <exits | pods | agent | terminations | net | throttle>")
+            bail!(
+                "usage: cargo xtask bench <exits | pods | agent | terminations | net | throttle | faults>"
+            )
         }
     }
 }

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits|pods|agent|net | vm-test [--kernel NAME]...>";
+const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits|pods|agent|terminations|net|throttle|faults | vm-test [--kernel NAME]...>";
 
 fn main() -> ExitCode {
     match real_main() {
