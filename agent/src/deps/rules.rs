@@ -2,8 +2,10 @@
 //! namespace: on its own task, one read in flight at most, each under a
 //! deadline after which the child is killed and reaped, its output capped
 //! and parsed as it streams (no copy of the text is kept: only a hash, to
-//! see whether anything changed). While the tool is missing or shows no
-//! kube-proxy chains, reads back off exponentially (2 s up to 5 min).
+//! see whether anything changed). While the tool is missing, fails or shows
+//! no kube-proxy chains, reads back off exponentially (2 s up to 5 min); a
+//! read that hung is retried at the usual pace (its deadline already
+//! spaces the reads out).
 
 use std::{
     hash::{Hash, Hasher},
@@ -284,6 +286,14 @@ pub fn spawn(
                         "no kube-proxy chains (KUBE-SERVICES) in any iptables backend: kube-proxy is not in iptables mode here, or not running",
                     );
                     backoff.failed()
+                }
+                // A read that hung was already bounded by its deadline (and
+                // one read is in flight at most): try again at the usual
+                // pace, so that the Services come back soon after the tool does.
+                Err(e @ SaveError::Timeout { .. }) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    health.degraded(Dependency::KubeProxyRules, e.to_string());
+                    opts.interval
                 }
                 Err(e) => {
                     errors.fetch_add(1, Ordering::Relaxed);
