@@ -471,6 +471,25 @@ impl Btf {
     }
 }
 
+/// For unit tests of the running kernel: its BTF, or None after a visible
+/// `SKIPPED` line (libtest captures eprintln!, and `cargo xtask test` counts
+/// these lines as skips). When tests are required, a missing BTF fails.
+#[cfg(test)]
+pub(crate) fn running_kernel_for_test(test: &str) -> Option<Btf> {
+    use std::io::Write;
+    match Btf::from_sys_fs() {
+        Ok(btf) => Some(btf),
+        Err(e) => {
+            assert!(
+                std::env::var("PODSCOPE_REQUIRE_KERNEL_TESTS").as_deref() != Ok("1"),
+                "{test}: {e}, and PODSCOPE_REQUIRE_KERNEL_TESTS=1"
+            );
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no {VMLINUX_BTF}: {e}");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -670,8 +689,7 @@ mod tests {
 
     #[test]
     fn parses_the_running_kernel_when_it_has_btf() {
-        let Ok(btf) = Btf::from_sys_fs() else {
-            eprintln!("skipped: this machine has no {VMLINUX_BTF}");
+        let Some(btf) = running_kernel_for_test("parses_the_running_kernel_when_it_has_btf") else {
             return;
         };
         assert!(btf.offset_of("task_struct", "exit_code").unwrap() > 0);

@@ -307,8 +307,9 @@ mod tests {
 
     #[test]
     fn resolves_offsets_on_the_running_kernel() {
-        let Ok(btf) = Btf::from_sys_fs() else {
-            eprintln!("skipped: no BTF on this machine");
+        let Some(btf) =
+            crate::kernel::btf::running_kernel_for_test("resolves_offsets_on_the_running_kernel")
+        else {
             return;
         };
         let o = resolve_offsets(&btf).unwrap();
