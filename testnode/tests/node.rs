@@ -317,14 +317,30 @@ fn scenario_kubelet_like_pod() {
         cg,
         format!("{}/{}", s.cgroup_parent, c.container_id.as_deref().unwrap())
     );
-    // kubelet's resources reached the cgroup (v1 cpu and memory here; v2 where that is all there is).
-    let v1 = Path::new("/sys/fs/cgroup/cpu").join(cg.trim_start_matches('/'));
+    // kubelet's resources reached the cgroup: v1 cpu and memory where the
+    // controllers are in v1 (hybrid, as here), else v2's cpu.max and
+    // memory.max; one of the two must hold them.
+    let rel = cg.trim_start_matches('/');
+    let read = |p: &Path| std::fs::read_to_string(p).map(|s| s.trim().to_string());
+    let v1 = Path::new("/sys/fs/cgroup/cpu").join(rel);
+    let v2 = Path::new("/sys/fs/cgroup").join(rel);
     if v1.join("cpu.cfs_quota_us").exists() {
-        let quota = std::fs::read_to_string(v1.join("cpu.cfs_quota_us")).unwrap();
-        assert_eq!(quota.trim(), "50000");
-        let mem = Path::new("/sys/fs/cgroup/memory").join(cg.trim_start_matches('/'));
-        let limit = std::fs::read_to_string(mem.join("memory.limit_in_bytes")).unwrap();
-        assert_eq!(limit.trim(), (64u64 << 20).to_string());
+        assert_eq!(read(&v1.join("cpu.cfs_quota_us")).unwrap(), "50000");
+        let mem = Path::new("/sys/fs/cgroup/memory").join(rel);
+        let limit = read(&mem.join("memory.limit_in_bytes")).unwrap();
+        assert_eq!(limit, (64u64 << 20).to_string());
+    } else if v2.join("cpu.max").exists() {
+        assert_eq!(read(&v2.join("cpu.max")).unwrap(), "50000 100000");
+        assert_eq!(
+            read(&v2.join("memory.max")).unwrap(),
+            (64u64 << 20).to_string()
+        );
+    } else {
+        panic!(
+            "the container's limits are in neither {} (v1) nor {} (v2)",
+            v1.display(),
+            v2.display()
+        );
     }
     let pid = c.pid.expect("pid");
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
