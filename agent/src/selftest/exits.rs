@@ -44,9 +44,7 @@ fn exit_of(
 /// the exec is done), so that the event names the program, not the fork.
 fn signal(pid: u32, sig: i32) -> Result<(), Stop> {
     let deadline = std::time::Instant::now() + WAIT;
-    while std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim() == "sleep")
-        != Ok(true)
-    {
+    while !std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep") {
         if std::time::Instant::now() > deadline {
             fail!("pid {pid} did not exec `sleep` within {WAIT:?}");
         }
