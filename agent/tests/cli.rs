@@ -234,3 +234,41 @@ fn doctor_says_when_iptables_save_is_missing() {
         "{meaning}"
     );
 }
+
+/// The configuration's layers, as a user sets them: file < environment <
+/// flag. Each layer names an invalid address, so the one sentence the
+/// agent refuses to start with says which layer won (no root needed).
+#[test]
+fn the_environment_beats_the_file_and_a_flag_beats_both() {
+    let dir = std::env::temp_dir().join(format!("podscope-layers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("agent.toml");
+    std::fs::write(&file, "listen = \"bogus-file\"\n").unwrap();
+    let refused = |env: Option<&str>, flag: Option<&str>| {
+        let mut cmd = podscope();
+        cmd.arg("agent").env("PODSCOPE_CONFIG", &file);
+        cmd.env_remove("PODSCOPE_LISTEN");
+        if let Some(e) = env {
+            cmd.env("PODSCOPE_LISTEN", e);
+        }
+        if let Some(f) = flag {
+            cmd.args(["--listen", f]);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let layer = |err: String| {
+        ["bogus-file", "bogus-env", "bogus-flag"]
+            .into_iter()
+            .find(|w| err.contains(&format!("\"{w}\" is not an address:port")))
+            .unwrap_or_else(|| panic!("no layer named in {err:?}"))
+    };
+    assert_eq!(layer(refused(None, None)), "bogus-file");
+    assert_eq!(layer(refused(Some("bogus-env"), None)), "bogus-env");
+    assert_eq!(
+        layer(refused(Some("bogus-env"), Some("bogus-flag"))),
+        "bogus-flag"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
