@@ -212,11 +212,13 @@ fn scenarios() {
         .iter()
         .filter(|e| e["kind"] == "throttle" && e["pod"] == POD && e["container"] == "spinner")
         .collect();
+    // How many depends on the CPU the machine leaves it; that they match
+    // cpu.stat is checked below, over a window both sides measure.
     assert!(
-        spinner.len() >= 10,
-        "{} spinner throttles in {:?}: {out}",
-        spinner.len(),
-        t0.elapsed()
+        !spinner.is_empty(),
+        "no spinner throttle in {:?} (load average {}): {out}",
+        t0.elapsed(),
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default()
     );
     for e in &spinner {
         let secs = e["duration_ns"].as_f64().unwrap() / 1e9;
@@ -248,9 +250,9 @@ fn scenarios() {
         u(&s["kernel"]["throttled_periods"]),
     );
     // ~100 on an idle machine; fewer when other work leaves it less than
-    // its 20 ms per period.
+    // its 20 ms per period. Below 10 the ±1 below would prove little.
     assert!(
-        kernel >= 20,
+        kernel >= 10,
         "spinner throttled in only {kernel} periods of ~100 (load average {}): {s}",
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default()
     );
