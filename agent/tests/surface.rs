@@ -433,6 +433,71 @@ fn the_agent_surface_on_real_pods() {
     let r = agent.find("oom", "terminations", "app");
     assert_eq!(r["reason"], "OOMKilled", "{r:#}");
 
+    say("a throttle by a pod-level quota is flagged as an ancestor's");
+    cleanup.0.push("pod-quota".into());
+    let status = apply(
+        "pod-quota",
+        "running",
+        &pod(
+            "pod-quota",
+            "",
+            &[("spin", "command: [\"podscope-helper\", \"spin\", \"1\"]")],
+        ),
+    );
+    // kubelet puts the sum of the containers' limits on the pod's cgroup;
+    // here the pod's cgroup gets 0.2 cores and the container none of its own.
+    let parent = status["cgroup_parent"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches('/');
+    let (quota_file, quota, unlimited) = {
+        let v1 = Path::new("/sys/fs/cgroup/cpu")
+            .join(parent)
+            .join("cpu.cfs_quota_us");
+        if v1.exists() {
+            (v1, "20000", "-1")
+        } else {
+            (
+                Path::new("/sys/fs/cgroup").join(parent).join("cpu.max"),
+                "20000 100000",
+                "max 100000",
+            )
+        }
+    };
+    std::fs::write(&quota_file, quota).unwrap_or_else(|e| panic!("{}: {e}", quota_file.display()));
+    let out = Command::new(env!("CARGO_BIN_EXE_podscope"))
+        .args([
+            "trace",
+            "throttle",
+            "-o",
+            "json",
+            "--duration",
+            "3s",
+            "-n",
+            NS,
+        ])
+        .args(["--pod", "pod-quota", "--cri-socket", SOCKET])
+        .output()
+        .unwrap();
+    let _ = std::fs::write(&quota_file, unlimited);
+    assert!(out.status.success(), "{out:?}");
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        !events.is_empty(),
+        "no throttle under a 0.2-core pod quota (load average {})",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default()
+    );
+    for e in &events {
+        assert_eq!(e["container"], "spin", "{e}");
+        assert_eq!(
+            e["ancestor"], true,
+            "the container has no quota of its own: {e}"
+        );
+    }
+
     say("why, as a person reads it");
     let human = agent.why("oom", false);
     assert!(

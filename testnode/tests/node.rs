@@ -236,21 +236,76 @@ fn scenario_oom_killed() {
     ok(&["delete", "examples/oom", "--wait"]);
 }
 
+/// SIGTERM, outlived, then SIGKILL once the grace period ran out: the
+/// example's container, with a handler that renames the process
+/// (`got-sigterm`) instead of ignoring the signal, so that its arrival shows.
 fn scenario_ignores_sigterm() {
-    let f = examples().join("ignores-sigterm.yaml");
-    ok(&["apply", "-f", f.to_str().unwrap(), "--wait", "running"]);
+    let f = variant(
+        "ignores-sigterm.yaml",
+        &[("\"sigterm\", \"ignore\"]", "\"sigterm\", \"outlive\"]")],
+    );
+    let s = pod_json(&[
+        "apply",
+        "-f",
+        f.to_str().unwrap(),
+        "--wait",
+        "running",
+        "-o",
+        "json",
+    ]);
+    let _ = std::fs::remove_file(&f);
+    assert_eq!(s.termination_grace_period_seconds, 3);
+    let pid = s.container("stubborn").and_then(|c| c.pid).expect("pid");
+    let proc_file =
+        |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+    // The handler is installed (SigCgt has SIGTERM, bit 14) before the stop.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !proc_file("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .is_some_and(|m| m & (1 << 14) != 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the SIGTERM handler was never installed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let t = Instant::now();
-    let s = pod_json(&["delete", "examples/ignores-sigterm", "--wait", "-o", "json"]);
-    let took = t.elapsed();
+    let delete = Command::new(BIN)
+        .args(["delete", "examples/ignores-sigterm", "--wait", "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("delete");
+    // SIGTERM arrives and the process lives on past it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proc_file("comm").trim() != "got-sigterm" {
+        assert!(
+            Instant::now() < deadline,
+            "no SIGTERM reached the container"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let state = proc_file("stat");
     assert!(
-        took >= Duration::from_millis(2800) && took < Duration::from_secs(10),
-        "delete took {took:?}, expected about the 3 s grace period"
+        !state.is_empty() && !state.contains(") Z"),
+        "the container did not outlive SIGTERM: {state:?}"
+    );
+    let out = delete.wait_with_output().expect("delete");
+    assert!(out.status.success(), "{out:?}");
+    let s: PodStatus = serde_json::from_slice(&out.stdout).expect("status JSON");
+    // An outer limit only a hang would reach.
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "delete took {:?}",
+        t.elapsed()
     );
     assert_eq!(s.phase, Phase::Deleted);
     assert_eq!(
         s.containers[0].exit_code,
         Some(137),
-        "ended by SIGKILL: {s:#?}"
+        "ended by SIGKILL after outliving SIGTERM: {s:#?}"
     );
 }
 
