@@ -260,11 +260,11 @@ fn scenario_ignores_sigterm() {
         |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
     // The handler is installed (SigCgt has SIGTERM, bit 14) before the stop.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !proc_file("status")
+    while proc_file("status")
         .lines()
         .find_map(|l| l.strip_prefix("SigCgt:"))
         .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-        .is_some_and(|m| m & (1 << 14) != 0)
+        .is_none_or(|m| m & (1 << 14) == 0)
     {
         assert!(
             Instant::now() < deadline,
