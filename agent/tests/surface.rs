@@ -198,8 +198,7 @@ impl Trace {
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
-        let out = self.out.lock().unwrap().clone();
-        out
+        self.out.lock().unwrap().clone()
     }
 }
 
