@@ -889,11 +889,13 @@ fn readme_scrape_config_passes_promtool() {
     };
     let mut o = check(block);
     if !o.status.success() && text(&o).contains("kubernetes_sd_configs not found") {
-        // Debian builds Prometheus without Kubernetes service discovery:
-        // check everything else, with a static target in its place.
-        skipped(
-            "readme_scrape_config_passes_promtool (kubernetes_sd_configs only)",
-            "this promtool has no Kubernetes service discovery",
+        // Debian builds Prometheus without Kubernetes service discovery (no
+        // package has it): check everything else, with a static target in
+        // its place. Said as PARTIAL, which `cargo xtask test` lists apart
+        // from skips: the test ran, one tool's check of one section did not.
+        let _ = writeln!(
+            std::io::stderr(),
+            "PARTIAL readme_scrape_config_passes_promtool: kubernetes_sd_configs checked by the assertions above, not by promtool (this promtool has no Kubernetes service discovery)"
         );
         let job = &mut config["scrape_configs"][0];
         job.as_mapping_mut()

@@ -55,6 +55,10 @@ pub struct Tally {
     current: Option<(&'static str, Vec<String>)>,
     /// `layer / test: why` of every skip, for the report.
     pub skips: Vec<String>,
+    /// `PARTIAL <test>: <what>` lines: a test that ran, one part of it
+    /// checked another way (e.g. a tool built without a feature). Listed,
+    /// neither skipped nor failed.
+    pub partial: Vec<String>,
 }
 
 impl Tally {
@@ -94,6 +98,9 @@ impl Tally {
             {
                 tests.push(test.to_string());
             }
+        } else if let Some(rest) = t.strip_prefix("PARTIAL ") {
+            let layer = self.current.as_ref().map(|c| c.0).unwrap_or("unit");
+            self.partial.push(format!("{layer} / {rest}"));
         } else if let Some(rest) = t.strip_prefix("test result: ") {
             let (layer, skipped) = self
                 .current
@@ -142,6 +149,9 @@ impl Tally {
     /// The skips, the breakdown, and the one summary line last.
     pub fn print(&self, out: &mut dyn Write) -> std::io::Result<Counts> {
         writeln!(out)?;
+        for p in &self.partial {
+            writeln!(out, "partly checked: {p}")?;
+        }
         for s in &self.skips {
             let word = if self.required {
                 "FAILED (skipped, but tests are required)"
@@ -194,6 +204,7 @@ SKIPPED pod attribution: podscope-testnode is not built
 SKIPPED pod attribution: podscope-testnode is not built
 test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s
      Running tests/manifests.rs (target/release/deps/manifests-cdef)
+PARTIAL readme_scrape_config: one section checked by assertions, not by promtool
 test result: ok. 7 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 2.00s
    Doc-tests podscope
 test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s
@@ -257,5 +268,9 @@ test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; fini
         assert_eq!(last, "tests: 145 passed, 4 failed, 2 skipped");
         assert!(out.contains("FAILED (skipped, but tests are required): kernel / sigkill"));
         assert!(out.contains("  matrix 6.1-cloud"), "{out}");
+        assert!(
+            out.contains("partly checked: deploy / readme_scrape_config: one section"),
+            "{out}"
+        );
     }
 }
