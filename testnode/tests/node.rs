@@ -312,25 +312,38 @@ fn scenario_ignores_sigterm() {
 fn scenario_background_dies() {
     let f = examples().join("background-dies.yaml");
     ok(&["apply", "-f", f.to_str().unwrap(), "--wait", "running"]);
-    std::thread::sleep(Duration::from_secs(4));
+    // Both background events have happened once none of their processes
+    // (the sleeps before them, the victim, the crasher) is left.
+    let commands = || {
+        let ps = ok(&["exec", "examples/background-dies", "app", "--", "ps"]);
+        let commands: Vec<String> = ps
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>().join(" "))
+            .collect();
+        (ps, commands)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ps, commands) = commands();
+        if !commands.iter().any(|c| {
+            ["sleep 1000", "sleep 2", "sleep 3"].contains(&c.as_str())
+                || c.starts_with("podscope-helper crash")
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the background processes should be gone:\n{ps}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let s = status("examples/background-dies");
     let c = &s.containers[0];
     assert_eq!(
         (c.state.as_str(), c.restart_count),
         ("running", 0),
         "PID 1 keeps running: {s:#?}"
-    );
-    let ps = ok(&["exec", "examples/background-dies", "app", "--", "ps"]);
-    let commands: Vec<String> = ps
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>().join(" "))
-        .collect();
-    assert!(
-        !commands
-            .iter()
-            .any(|c| c == "sleep 1000" || c.starts_with("podscope-helper crash")),
-        "the background processes should be gone:\n{ps}"
     );
     ok(&["delete", "examples/background-dies", "--wait"]);
 }
