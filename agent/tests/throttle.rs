@@ -7,18 +7,18 @@
 //! - `spinner`: one spinning thread under a 200m limit: throttled about every
 //!   period, as many periods as its cpu.stat counts (±1), each throttle
 //!   ending at its period's refill;
-//! - `bursty`: bursts of 150 ms of CPU on two threads at once every second
-//!   under a 1200m limit: average usage ~0.3 cores, a quarter of the limit,
-//!   yet while both threads run they want more than the 120 ms quota of a
-//!   period and are throttled for its rest: throttled although its average
-//!   (its own cpu.stat usage) is under its limit. It needs more than 1.2 of
-//!   the 2 CPUs during a burst; on a machine too busy for that the quota
-//!   cannot run out, and the failure says how busy it was.
+//! - `bursty`: a burst of 100 ms of CPU every second under a 200m limit:
+//!   average usage ~0.1 cores, half of its limit, yet each burst wants more
+//!   than the 20 ms quota of a period and is throttled for the rest of it:
+//!   throttled although its average (its own cpu.stat usage) is under its
+//!   limit. One thread, so that it needs no more CPU than a busy machine
+//!   gives the spinner; when the machine leaves it too little even for
+//!   that, the failure says how busy it was.
+//! - `unlimited` (no limit) and `under` (far under its limit): never throttled.
 //!
 //! No duration is asserted but outer limits: a throttle ends at the next
 //! refill of its quota, so one longer than 0.25 s (two and a half 100 ms
 //! periods) would be a missed close.
-//! - `unlimited` (no limit) and `under` (far under its limit): never throttled.
 
 mod support;
 
@@ -50,10 +50,10 @@ spec:
       limits:
         cpu: 200m
   - name: bursty
-    command: ["podscope-helper", "burst", "2", "150", "1000"]
+    command: ["podscope-helper", "burst", "1", "100", "1000"]
     resources:
       limits:
-        cpu: 1200m
+        cpu: 200m
   - name: unlimited
     command: ["podscope-helper", "burst", "1", "50", "500"]
   - name: under
@@ -184,7 +184,7 @@ fn scenarios() {
         let running = helpers_running();
         [
             "spin 1",
-            "burst 2 150 1000",
+            "burst 1 100 1000",
             "burst 1 50 500",
             "burst 1 20 500",
         ]
