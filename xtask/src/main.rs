@@ -195,7 +195,7 @@ fn test() -> Result<ExitCode> {
     }
     // The pod tests bring the test node up; leave the machine as we found it.
     let node_was_up = std::path::Path::new(NODE_SOCKET).exists();
-    let result = run_tests(cmd, tally);
+    let result = run_tests(cmd, tally, &mut std::io::stdout().lock());
     let testnode = root().join("target/release/podscope-testnode");
     if !node_was_up && root_user && testnode.exists() {
         let _ = Command::new(&testnode)
@@ -209,8 +209,12 @@ fn test() -> Result<ExitCode> {
 /// Runs `cargo test`, passing its output through (stdout and stderr merged,
 /// so that each `SKIPPED` line falls within its test binary), then prints
 /// what each layer proved and one summary line.
-fn run_tests(mut cmd: Command, mut tally: summary::Tally) -> Result<ExitCode> {
-    use std::io::{BufRead, BufReader, Write};
+fn run_tests(
+    mut cmd: Command,
+    mut tally: summary::Tally,
+    out: &mut dyn std::io::Write,
+) -> Result<ExitCode> {
+    use std::io::{BufRead, BufReader};
     let (reader, writer) = std::io::pipe().context("cannot make a pipe")?;
     let mut child = cmd
         .stdout(writer.try_clone().context("cannot clone a pipe")?)
@@ -220,14 +224,13 @@ fn run_tests(mut cmd: Command, mut tally: summary::Tally) -> Result<ExitCode> {
     // `cmd` holds the parent's copies of the write end: without them the
     // read below ends when cargo and its test binaries do.
     drop(cmd);
-    let mut out = std::io::stdout().lock();
     for line in BufReader::new(reader).lines() {
         let line = line?;
         writeln!(out, "{line}")?;
         tally.line(&line);
     }
     let st = child.wait()?;
-    let all = tally.print(&mut out)?;
+    let all = tally.print(out)?;
     if all.failed > 0 {
         bail!("{} tests failed", all.failed);
     }
@@ -250,4 +253,37 @@ fn unsafe_geteuid() -> u32 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|u| u.parse().ok()))
         })
         .unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The merged pipe: a skip line on stderr lands within its binary, and
+    /// the read ends when the command does.
+    #[test]
+    fn run_tests_reads_stdout_and_stderr_in_order() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo '     Running tests/kernel.rs (target/release/deps/kernel-1)' >&2; \
+             echo 'SKIPPED sigkill: needs root' >&2; \
+             echo 'test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured'",
+        ]);
+        let mut out = vec![];
+        assert!(run_tests(cmd, summary::Tally::new(false), &mut out).is_ok());
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.ends_with("tests: 1 passed, 0 failed, 1 skipped\n"),
+            "{out}"
+        );
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo '     Running tests/kernel.rs (x)' >&2; echo 'SKIPPED sigkill: needs root' >&2; \
+             echo 'test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured'",
+        ]);
+        let err = run_tests(cmd, summary::Tally::new(true), &mut vec![]).unwrap_err();
+        assert_eq!(err.to_string(), "1 tests failed");
+    }
 }
