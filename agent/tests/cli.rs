@@ -234,3 +234,152 @@ fn doctor_says_when_iptables_save_is_missing() {
         "{meaning}"
     );
 }
+
+/// The configuration's layers, as a user sets them: file < environment <
+/// flag. Each layer names an invalid address, so the one sentence the
+/// agent refuses to start with says which layer won (no root needed).
+#[test]
+fn the_environment_beats_the_file_and_a_flag_beats_both() {
+    let dir = std::env::temp_dir().join(format!("podscope-layers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("agent.toml");
+    std::fs::write(&file, "listen = \"bogus-file\"\n").unwrap();
+    let refused = |env: Option<&str>, flag: Option<&str>| {
+        let mut cmd = podscope();
+        cmd.arg("agent").env("PODSCOPE_CONFIG", &file);
+        cmd.env_remove("PODSCOPE_LISTEN");
+        if let Some(e) = env {
+            cmd.env("PODSCOPE_LISTEN", e);
+        }
+        if let Some(f) = flag {
+            cmd.args(["--listen", f]);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let layer = |err: String| {
+        ["bogus-file", "bogus-env", "bogus-flag"]
+            .into_iter()
+            .find(|w| err.contains(&format!("\"{w}\" is not an address:port")))
+            .unwrap_or_else(|| panic!("no layer named in {err:?}"))
+    };
+    assert_eq!(layer(refused(None, None)), "bogus-file");
+    assert_eq!(layer(refused(Some("bogus-env"), None)), "bogus-env");
+    assert_eq!(
+        layer(refused(Some("bogus-env"), Some("bogus-flag"))),
+        "bogus-flag"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A network namespace of the test's own (no traffic: rules only), removed
+/// on drop with whatever tables it holds.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Netns {
+        let name = format!("{name}-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name}");
+        Netns(name)
+    }
+
+    fn exec(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// kube-proxy's iptables-wrapper picks nf_tables or legacy per node, and
+/// each `*-save` shows only its own backend: the rules are found whichever
+/// holds them (`iptables-save`, else `iptables-nft-save`, else
+/// `iptables-legacy-save`), as `doctor` reports in the rules' namespace.
+#[test]
+fn kube_proxys_rules_are_read_from_either_iptables_backend() {
+    if !privileged("kube_proxys_rules_are_read_from_either_iptables_backend") {
+        return;
+    }
+    let rules = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/kube-proxy-iptables-save.txt"
+    );
+    let bin_of = |name: &str| {
+        let out = Command::new("sh")
+            .args(["-c", &format!("command -v {name}")])
+            .output()
+            .unwrap();
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            !path.is_empty(),
+            "{name} is not installed (Debian's iptables package; `cargo xtask setup`)"
+        );
+        path
+    };
+    let rules_check = |ns: &Netns, path: Option<&std::path::Path>| {
+        let mut cmd = ns.exec(env!("CARGO_BIN_EXE_podscope"));
+        cmd.args(["doctor", "-o", "json"]);
+        if let Some(dir) = path {
+            let mut p = std::ffi::OsString::from(dir);
+            p.push(":");
+            p.push(std::env::var_os("PATH").unwrap_or_default());
+            cmd.env("PATH", p);
+        }
+        let out = cmd.output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("doctor -o json: {e}: {out:?}"));
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "kube_proxy_rules")
+            .expect("a kube_proxy_rules check")
+            .clone()
+    };
+    let restore = |ns: &Netns, program: &str| {
+        let st = ns
+            .exec(&bin_of(program))
+            .stdin(std::fs::File::open(rules).unwrap())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{program} < {rules}");
+    };
+
+    // Legacy tables, while the default iptables-save (nf_tables on Debian)
+    // shows none of kube-proxy's chains.
+    let ns = Netns::new("podscope-legacy");
+    restore(&ns, "iptables-legacy-restore");
+    let c = rules_check(&ns, None);
+    assert_eq!(c["status"], "ok", "{c}");
+    assert_eq!(
+        c["detail"], "iptables-legacy-save shows 2 Service ports",
+        "{c}"
+    );
+    drop(ns);
+
+    // nf_tables, on a node whose default `iptables-save` is the legacy one.
+    let ns = Netns::new("podscope-nft");
+    restore(&ns, "iptables-nft-restore");
+    let dir = std::env::temp_dir().join(format!("podscope-legacy-default-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("iptables-save");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(bin_of("iptables-legacy-save"), &link).unwrap();
+    let c = rules_check(&ns, Some(&dir));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(c["status"], "ok", "{c}");
+    assert_eq!(
+        c["detail"], "iptables-nft-save shows 2 Service ports",
+        "{c}"
+    );
+}

@@ -5,15 +5,20 @@
 //!
 //! One pod, four containers, at the same time:
 //! - `spinner`: one spinning thread under a 200m limit: throttled about every
-//!   period for ~80 ms, as many periods as its cpu.stat counts (±1);
-//! - `bursty`: bursts of 150 ms of CPU on two threads at once every second
-//!   under a 1200m limit: average usage ~0.3 cores, a quarter of the limit,
-//!   yet while both threads run they want more than the 120 ms quota of a
-//!   period and are throttled for its rest: short throttles (≤ 40 ms +
-//!   latency, against the spinner's ~80). It needs more than 1.2 of the 2
-//!   CPUs during a burst; on a machine too busy for that the quota cannot
-//!   run out, and the failure says how busy it was.
+//!   period, as many periods as its cpu.stat counts (±1), each throttle
+//!   ending at its period's refill;
+//! - `bursty`: a burst of 100 ms of CPU every second under a 200m limit:
+//!   average usage ~0.1 cores, half of its limit, yet each burst wants more
+//!   than the 20 ms quota of a period and is throttled for the rest of it:
+//!   throttled although its average (its own cpu.stat usage) is under its
+//!   limit. One thread, so that it needs no more CPU than a busy machine
+//!   gives the spinner; when the machine leaves it too little even for
+//!   that, the failure says how busy it was.
 //! - `unlimited` (no limit) and `under` (far under its limit): never throttled.
+//!
+//! No duration is asserted but outer limits: a throttle ends at the next
+//! refill of its quota, so one longer than 0.25 s (two and a half 100 ms
+//! periods) would be a missed close.
 
 mod support;
 
@@ -45,10 +50,10 @@ spec:
       limits:
         cpu: 200m
   - name: bursty
-    command: ["podscope-helper", "burst", "2", "150", "1000"]
+    command: ["podscope-helper", "burst", "1", "100", "1000"]
     resources:
       limits:
-        cpu: 1200m
+        cpu: 200m
   - name: unlimited
     command: ["podscope-helper", "burst", "1", "50", "500"]
   - name: under
@@ -102,6 +107,41 @@ fn throttling_in_real_pods_matches_cpu_stat() {
     }
 }
 
+/// The longest a throttle may last: it ends at the next refill of the
+/// quota (100 ms periods), plus scheduling latency; an outer limit.
+const LONGEST: f64 = 0.25;
+
+/// The argument lists of the running `podscope-helper` processes.
+fn helpers_running() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter_map(|raw| {
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            (args.first()?.rsplit('/').next()? == "podscope-helper").then(|| args[1..].join(" "))
+        })
+        .collect()
+}
+
+/// A sample of `name` whose labels include all of `labels` (in any order).
+fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    let want: Vec<&str> = labels.split(',').collect();
+    metrics.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+        let (have, v) = rest.split_once("} ")?;
+        let have: Vec<&str> = have.split(',').collect();
+        want.iter()
+            .all(|w| have.contains(w))
+            .then(|| v.trim().parse().ok())?
+    })
+}
+
 fn container<'a>(snapshot: &'a Value, name: &str) -> &'a Value {
     snapshot["containers"]
         .as_array()
@@ -139,10 +179,20 @@ fn scenarios() {
     // (a testnode issue, reported). The containers start within a second;
     // podscope's own view (CRI) is what the checks below use.
     node(&["apply", "-f", file.to_str().unwrap()]);
-    std::thread::sleep(std::time::Duration::from_secs(5));
     let _ = std::fs::remove_dir_all(&dir);
+    support::wait_until("the four containers' main processes run", 60, || {
+        let running = helpers_running();
+        [
+            "spin 1",
+            "burst 1 100 1000",
+            "burst 1 50 500",
+            "burst 1 20 500",
+        ]
+        .iter()
+        .all(|args| running.iter().any(|r| r == args))
+    });
 
-    say("trace throttle: live events name the spinner, ~80 ms each");
+    say("trace throttle: live events name the spinner, each within its period");
     let t0 = Instant::now();
     let out = podscope(&[
         "trace",
@@ -162,22 +212,21 @@ fn scenarios() {
         .iter()
         .filter(|e| e["kind"] == "throttle" && e["pod"] == POD && e["container"] == "spinner")
         .collect();
+    // How many depends on the CPU the machine leaves it; that they match
+    // cpu.stat is checked below, over a window both sides measure.
     assert!(
-        spinner.len() >= 10,
-        "{} spinner throttles in {:?}: {out}",
-        spinner.len(),
-        t0.elapsed()
+        !spinner.is_empty(),
+        "no spinner throttle in {:?} (load average {}): {out}",
+        t0.elapsed(),
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default()
     );
-    let mut ms: Vec<f64> = spinner
-        .iter()
-        .map(|e| e["duration_ns"].as_f64().unwrap() / 1e6)
-        .collect();
-    ms.sort_by(f64::total_cmp);
-    let median = ms[ms.len() / 2];
-    assert!(
-        (50.0..=100.0).contains(&median),
-        "median spinner throttle {median:.1} ms, want ~80: {ms:?}"
-    );
+    for e in &spinner {
+        let secs = e["duration_ns"].as_f64().unwrap() / 1e9;
+        assert!(
+            secs > 0.0 && secs <= LONGEST,
+            "a throttle outlasted its period: {e}"
+        );
+    }
     assert!(
         events
             .iter()
@@ -201,9 +250,9 @@ fn scenarios() {
         u(&s["kernel"]["throttled_periods"]),
     );
     // ~100 on an idle machine; fewer when other work leaves it less than
-    // its 20 ms per period.
+    // its 20 ms per period. Below 10 the ±1 below would prove little.
     assert!(
-        kernel >= 20,
+        kernel >= 10,
         "spinner throttled in only {kernel} periods of ~100 (load average {}): {s}",
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default()
     );
@@ -218,9 +267,15 @@ fn scenarios() {
     );
     assert!((s["kernel"]["limit_cores"].as_f64().unwrap() - 0.2).abs() < 1e-9);
     let throttles = u(&s["measured"]["throttles"]);
-    assert!(
-        longer_than(&snap, s, 0.05) * 10 >= throttles * 8,
-        "most spinner throttles last 50-100 ms: {s}"
+    assert_eq!(
+        longer_than(&snap, s, 0.0),
+        throttles,
+        "every throttle is in the histogram: {s}"
+    );
+    assert_eq!(
+        longer_than(&snap, s, LONGEST),
+        0,
+        "a spinner throttle outlasted its period: {s}"
     );
 
     let b = container(&snap, "bursty");
@@ -237,16 +292,19 @@ fn scenarios() {
         measured.abs_diff(kernel) <= 1,
         "bursty: measured {measured} periods, cpu.stat {kernel}: {b}"
     );
+    // Throttled, yet its average over the window, from its own cpu.stat,
+    // is under its limit: what an average-based dashboard would miss.
     let window = snap["window_seconds"].as_f64().unwrap();
     let usage_cores = b["kernel"]["usage_ns"].as_f64().unwrap() / 1e9 / window;
+    let limit = b["kernel"]["limit_cores"].as_f64().unwrap();
     assert!(
-        usage_cores < 0.5 * 1.2,
-        "bursty average usage {usage_cores:.2} cores is not well below its 1.2 limit"
+        usage_cores < limit,
+        "bursty average usage {usage_cores:.2} cores is not under its {limit} limit: {b}"
     );
     assert_eq!(
-        longer_than(&snap, b, 0.05),
+        longer_than(&snap, b, LONGEST),
         0,
-        "bursty throttles are short (the quota runs out late in a period): {b}"
+        "a bursty throttle outlasted its period: {b}"
     );
 
     for name in ["unlimited", "under"] {
@@ -274,47 +332,50 @@ fn scenarios() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let spinner = format!("namespace=\"{NS}\",pod=\"{POD}\",container=\"spinner\"");
     let metrics = (|| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while get(port, "/readyz").map(|r| r.0) != Some(200) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Ten throttled periods from both sources (the probe and a cpu.stat
+        // refresh), polled: a few seconds on an idle machine.
+        loop {
+            let m = get(port, "/metrics").map(|r| r.1).unwrap_or_default();
+            let enough = ["ebpf", "cpu_stat"].iter().all(|source| {
+                sample(
+                    &m,
+                    "podscope_cpu_throttled_periods_total",
+                    &format!("{spinner},source=\"{source}\""),
+                )
+                .is_some_and(|v| v >= 10.0)
+            });
+            if enough {
+                return Some(m);
+            }
             if Instant::now() > deadline {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        // A few periods and a cpu.stat refresh or two.
-        std::thread::sleep(Duration::from_secs(4));
-        get(port, "/metrics").map(|r| r.1)
     })();
     let _ = agent.kill();
     let _ = agent.wait();
     let _ = std::fs::remove_dir_all(&state);
-    let metrics = metrics.expect("the agent did not become ready or serve /metrics");
-    let spinner = format!("namespace=\"{NS}\",pod=\"{POD}\",container=\"spinner\"");
-    // A sample of `name` whose labels include all of `labels` (in any order).
+    let metrics = metrics
+        .expect("the agent did not serve ten throttled periods of the spinner from both sources");
     let value = |name: &str, labels: &str| -> f64 {
-        let want: Vec<&str> = labels.split(',').collect();
-        metrics
-            .lines()
-            .find_map(|l| {
-                let rest = l.strip_prefix(name)?.strip_prefix('{')?;
-                let (have, v) = rest.split_once("} ")?;
-                let have: Vec<&str> = have.split(',').collect();
-                want.iter()
-                    .all(|w| have.contains(w))
-                    .then(|| v.trim().parse().ok())?
-            })
+        sample(&metrics, name, labels)
             .unwrap_or_else(|| panic!("no {name}{{{labels}}} in:\n{metrics}"))
     };
     for source in ["ebpf", "cpu_stat"] {
         let l = format!("{spinner},source=\"{source}\"");
+        let periods = value("podscope_cpu_throttled_periods_total", &l);
+        let seconds = value("podscope_cpu_throttled_seconds_total", &l);
+        // Throttled for a part of each throttled period, never more than
+        // the period (100 ms, plus latency: LONGEST) on each CPU's run
+        // queue, summed over the CPUs, plus the one open at the scrape.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         assert!(
-            value("podscope_cpu_throttled_periods_total", &l) >= 10.0,
-            "{source}"
-        );
-        assert!(
-            value("podscope_cpu_throttled_seconds_total", &l) > 0.5,
-            "{source}"
+            seconds > 0.0 && seconds <= (periods + 1.0) * LONGEST * cpus,
+            "{source}: {seconds} s throttled in {periods} periods"
         );
     }
     let diff = value("podscope_cpu_throttle_check_difference_periods", &spinner);
@@ -329,17 +390,16 @@ fn scenarios() {
     );
     assert_eq!(value("podscope_cpu_limit_cores", &spinner), 0.2);
     assert!(value("podscope_cpu_usage_seconds_total", &spinner) > 0.2);
-    let long = value(
+    let all = value(
         "podscope_cpu_throttle_duration_seconds_bucket",
-        &format!("{spinner},le=\"0.1\""),
-    ) - value(
+        &format!("{spinner},le=\"+Inf\""),
+    );
+    let within = value(
         "podscope_cpu_throttle_duration_seconds_bucket",
-        &format!("{spinner},le=\"0.05\""),
+        &format!("{spinner},le=\"{LONGEST}\""),
     );
-    assert!(
-        long >= 10.0,
-        "spinner throttles of 50-100 ms in the histogram: {long}"
-    );
+    assert!(all >= 10.0, "spinner throttles in the histogram: {all}");
+    assert_eq!(within, all, "a spinner throttle outlasted its period");
     let unlimited = format!("namespace=\"{NS}\",pod=\"{POD}\",container=\"unlimited\"");
     assert_eq!(
         value(

@@ -629,4 +629,91 @@ mod tests {
         // The last endpoint takes what is left: no statistic match.
         assert!(text.contains("-> 198.18.0.6:8080\" -j KUBE-SEP-"), "{text}");
     }
+
+    /// kube-proxy's own expected output (its TestOverallIPTablesRules,
+    /// renumbered; source and licence in the file). The agent's parser is
+    /// tested on the same file, so each is checked against kube-proxy.
+    const UPSTREAM: &str =
+        include_str!("../../agent/tests/fixtures/kube-proxy-upstream-nodeports.txt");
+
+    /// What the writer cannot express is left out by name: kube-proxy's
+    /// optional matches (`nfacct` counters, `--random-fully`), the
+    /// localhost NodePort rules (route_localnet), external and
+    /// load-balancer IPs, session affinity and externalTrafficPolicy Local.
+    fn comparable(line: &str) -> Option<String> {
+        if !line.starts_with("-A ")
+            || line.contains("127.0.0.0/8")
+            || line.contains("external IP")
+            || line.contains("KUBE-EXT-4SW47YFZTEDKD3PK")
+            // ns2 (Local policy, load balancer) and ns5 (load balancer,
+            // affinity), with their chains' uncommented rules.
+            || ["ns2/svc2", "ns5/svc5", "GNZBNJ2PO5MGZ6GT", "NUKIZ6OKUXPJNT4C"]
+                .iter()
+                .any(|s| line.contains(s))
+        {
+            return None;
+        }
+        let mut l = line.replace("/32 ", " ");
+        for optional in [
+            " -m nfacct --nfacct-name ct_state_invalid_dropped_pkts",
+            " --random-fully",
+        ] {
+            l = l.replace(optional, "");
+        }
+        Some(l)
+    }
+
+    #[test]
+    fn writes_kube_proxys_own_layout() {
+        let ep = |ip: u8| format!("198.18.180.{ip}:80");
+        let port = |ns: &str, ip: u8, node_port, endpoints: Vec<String>| ServicePortRules {
+            port_name: format!("{ns}:p80"),
+            protocol: "TCP".into(),
+            cluster_ip: Ipv4Addr::new(198, 19, 0, ip),
+            port: 80,
+            node_port,
+            endpoints,
+        };
+        // kube-proxy's ns1 (ClusterIP), ns3 (NodePort), ns4 (two
+        // endpoints) and ns6 (no endpoints), in the renumbered addresses.
+        let ports = [
+            port("ns1/svc1", 41, None, vec![ep(1)]),
+            port("ns3/svc3", 43, Some(3003), vec![ep(3)]),
+            port("ns4/svc4", 44, None, vec![ep(4), ep(5)]),
+            port("ns6/svc6", 46, None, vec![]),
+        ];
+        let mut ours = render(&ports, &BTreeSet::new());
+        // KUBE-SEP names hash the endpoint as kube-proxy saw it (10.180.0.N):
+        // computed from the original address, they must be kube-proxy's.
+        for p in &ports {
+            for e in &p.endpoints {
+                let original = e.replace("198.18.180.", "10.180.0.");
+                ours = ours.replace(
+                    &endpoint_chain(&p.port_name, "TCP", e),
+                    &endpoint_chain(&p.port_name, "TCP", &original),
+                );
+            }
+        }
+        let mut want: Vec<String> = UPSTREAM.lines().filter_map(comparable).collect();
+        let mut have: Vec<String> = ours.lines().filter_map(comparable).collect();
+        want.sort();
+        have.sort();
+        let missing: Vec<_> = want.iter().filter(|l| !have.contains(l)).collect();
+        let extra: Vec<_> = have.iter().filter(|l| !want.contains(l)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "kube-proxy writes but the test node does not:\n{}\nthe test node writes but kube-proxy does not:\n{}",
+            missing
+                .iter()
+                .map(|l| l.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            extra
+                .iter()
+                .map(|l| l.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        assert!(want.len() >= 20, "compared too little: {want:#?}");
+    }
 }

@@ -236,46 +236,114 @@ fn scenario_oom_killed() {
     ok(&["delete", "examples/oom", "--wait"]);
 }
 
+/// SIGTERM, outlived, then SIGKILL once the grace period ran out: the
+/// example's container, with a handler that renames the process
+/// (`got-sigterm`) instead of ignoring the signal, so that its arrival shows.
 fn scenario_ignores_sigterm() {
-    let f = examples().join("ignores-sigterm.yaml");
-    ok(&["apply", "-f", f.to_str().unwrap(), "--wait", "running"]);
+    let f = variant(
+        "ignores-sigterm.yaml",
+        &[("\"sigterm\", \"ignore\"]", "\"sigterm\", \"outlive\"]")],
+    );
+    let s = pod_json(&[
+        "apply",
+        "-f",
+        f.to_str().unwrap(),
+        "--wait",
+        "running",
+        "-o",
+        "json",
+    ]);
+    let _ = std::fs::remove_file(&f);
+    assert_eq!(s.termination_grace_period_seconds, 3);
+    let pid = s.container("stubborn").and_then(|c| c.pid).expect("pid");
+    let proc_file =
+        |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+    // The handler is installed (SigCgt has SIGTERM, bit 14) before the stop.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proc_file("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .is_none_or(|m| m & (1 << 14) == 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the SIGTERM handler was never installed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let t = Instant::now();
-    let s = pod_json(&["delete", "examples/ignores-sigterm", "--wait", "-o", "json"]);
-    let took = t.elapsed();
+    let delete = Command::new(BIN)
+        .args(["delete", "examples/ignores-sigterm", "--wait", "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("delete");
+    // SIGTERM arrives and the process lives on past it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proc_file("comm").trim() != "got-sigterm" {
+        assert!(
+            Instant::now() < deadline,
+            "no SIGTERM reached the container"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let state = proc_file("stat");
     assert!(
-        took >= Duration::from_millis(2800) && took < Duration::from_secs(10),
-        "delete took {took:?}, expected about the 3 s grace period"
+        !state.is_empty() && !state.contains(") Z"),
+        "the container did not outlive SIGTERM: {state:?}"
+    );
+    let out = delete.wait_with_output().expect("delete");
+    assert!(out.status.success(), "{out:?}");
+    let s: PodStatus = serde_json::from_slice(&out.stdout).expect("status JSON");
+    // An outer limit only a hang would reach.
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "delete took {:?}",
+        t.elapsed()
     );
     assert_eq!(s.phase, Phase::Deleted);
     assert_eq!(
         s.containers[0].exit_code,
         Some(137),
-        "ended by SIGKILL: {s:#?}"
+        "ended by SIGKILL after outliving SIGTERM: {s:#?}"
     );
 }
 
 fn scenario_background_dies() {
     let f = examples().join("background-dies.yaml");
     ok(&["apply", "-f", f.to_str().unwrap(), "--wait", "running"]);
-    std::thread::sleep(Duration::from_secs(4));
+    // Both background events have happened once none of their processes
+    // (the sleeps before them, the victim, the crasher) is left.
+    let commands = || {
+        let ps = ok(&["exec", "examples/background-dies", "app", "--", "ps"]);
+        let commands: Vec<String> = ps
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>().join(" "))
+            .collect();
+        (ps, commands)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ps, commands) = commands();
+        if !commands.iter().any(|c| {
+            ["sleep 1000", "sleep 2", "sleep 3"].contains(&c.as_str())
+                || c.starts_with("podscope-helper crash")
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the background processes should be gone:\n{ps}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let s = status("examples/background-dies");
     let c = &s.containers[0];
     assert_eq!(
         (c.state.as_str(), c.restart_count),
         ("running", 0),
         "PID 1 keeps running: {s:#?}"
-    );
-    let ps = ok(&["exec", "examples/background-dies", "app", "--", "ps"]);
-    let commands: Vec<String> = ps
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>().join(" "))
-        .collect();
-    assert!(
-        !commands
-            .iter()
-            .any(|c| c == "sleep 1000" || c.starts_with("podscope-helper crash")),
-        "the background processes should be gone:\n{ps}"
     );
     ok(&["delete", "examples/background-dies", "--wait"]);
 }
@@ -317,14 +385,30 @@ fn scenario_kubelet_like_pod() {
         cg,
         format!("{}/{}", s.cgroup_parent, c.container_id.as_deref().unwrap())
     );
-    // kubelet's resources reached the cgroup (v1 cpu and memory here; v2 where that is all there is).
-    let v1 = Path::new("/sys/fs/cgroup/cpu").join(cg.trim_start_matches('/'));
+    // kubelet's resources reached the cgroup: v1 cpu and memory where the
+    // controllers are in v1 (hybrid, as here), else v2's cpu.max and
+    // memory.max; one of the two must hold them.
+    let rel = cg.trim_start_matches('/');
+    let read = |p: &Path| std::fs::read_to_string(p).map(|s| s.trim().to_string());
+    let v1 = Path::new("/sys/fs/cgroup/cpu").join(rel);
+    let v2 = Path::new("/sys/fs/cgroup").join(rel);
     if v1.join("cpu.cfs_quota_us").exists() {
-        let quota = std::fs::read_to_string(v1.join("cpu.cfs_quota_us")).unwrap();
-        assert_eq!(quota.trim(), "50000");
-        let mem = Path::new("/sys/fs/cgroup/memory").join(cg.trim_start_matches('/'));
-        let limit = std::fs::read_to_string(mem.join("memory.limit_in_bytes")).unwrap();
-        assert_eq!(limit.trim(), (64u64 << 20).to_string());
+        assert_eq!(read(&v1.join("cpu.cfs_quota_us")).unwrap(), "50000");
+        let mem = Path::new("/sys/fs/cgroup/memory").join(rel);
+        let limit = read(&mem.join("memory.limit_in_bytes")).unwrap();
+        assert_eq!(limit, (64u64 << 20).to_string());
+    } else if v2.join("cpu.max").exists() {
+        assert_eq!(read(&v2.join("cpu.max")).unwrap(), "50000 100000");
+        assert_eq!(
+            read(&v2.join("memory.max")).unwrap(),
+            (64u64 << 20).to_string()
+        );
+    } else {
+        panic!(
+            "the container's limits are in neither {} (v1) nor {} (v2)",
+            v1.display(),
+            v2.display()
+        );
     }
     let pid = c.pid.expect("pid");
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();

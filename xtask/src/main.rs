@@ -10,6 +10,7 @@
 mod bench;
 mod node;
 mod setup;
+mod summary;
 mod vm;
 
 use std::{
@@ -161,16 +162,29 @@ fn test() -> Result<ExitCode> {
     status(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("code is not formatted: run `cargo fmt --all`")?;
     status(cargo().args(["clippy", "--quiet", "--all-targets", "--", "-D", "warnings"]))?;
-    // The kernel matrix first, so that the summary line stays last; its
-    // counts are folded into that line.
-    let targets: Vec<vm::Target> = vm::TARGETS
+    let mut tally = summary::Tally::new(root_user);
+    // The kernel matrix first, so that the summary stays last; one kernel at
+    // a time, so that each gets its own line in the breakdown. The host
+    // kernel's column is left out: agent/tests/kernel.rs runs the same
+    // scenarios on it (`cargo xtask vm-test --kernel host` runs it alone).
+    for t in vm::TARGETS
         .iter()
-        .filter(|t| vm::DEFAULT_MATRIX.contains(&t.name))
-        .copied()
-        .collect();
-    let matrix = vm::matrix(&targets)?;
+        .filter(|t| vm::DEFAULT_MATRIX.contains(&t.name) && !matches!(t.source, vm::Source::Host))
+    {
+        match vm::matrix(&[*t]) {
+            Ok(totals) => tally.matrix(t.name, &totals),
+            Err(e) => {
+                eprintln!(
+                    "xtask: the kernel matrix could not run on {}: {e:#}",
+                    t.name
+                );
+                tally.broken(&format!("matrix {}", t.name));
+            }
+        }
+    }
     let mut cmd = cargo();
-    cmd.args(["test", "--release"]);
+    // Every test binary runs, even after one failed: the counts are whole.
+    cmd.args(["test", "--release", "--no-fail-fast"]);
     if root_user {
         // As root, a kernel test that cannot run is a failure, not a skip.
         cmd.env("PODSCOPE_REQUIRE_KERNEL_TESTS", "1");
@@ -181,7 +195,7 @@ fn test() -> Result<ExitCode> {
     }
     // The pod tests bring the test node up; leave the machine as we found it.
     let node_was_up = std::path::Path::new(NODE_SOCKET).exists();
-    let result = run_tests(&mut cmd, matrix);
+    let result = run_tests(cmd, tally, &mut std::io::stdout().lock());
     let testnode = root().join("target/release/podscope-testnode");
     if !node_was_up && root_user && testnode.exists() {
         let _ = Command::new(&testnode)
@@ -192,52 +206,41 @@ fn test() -> Result<ExitCode> {
     result
 }
 
-/// Runs `cargo test`, passing its output through, and ends with one line
-/// that sums every test binary's result and the kernel matrix's.
-fn run_tests(cmd: &mut Command, matrix: vm::Totals) -> Result<ExitCode> {
-    use std::io::{BufRead, BufReader, Write};
+/// Runs `cargo test`, passing its output through (stdout and stderr merged,
+/// so that each `SKIPPED` line falls within its test binary), then prints
+/// what each layer proved and one summary line.
+fn run_tests(
+    mut cmd: Command,
+    mut tally: summary::Tally,
+    out: &mut dyn std::io::Write,
+) -> Result<ExitCode> {
+    use std::io::{BufRead, BufReader};
+    let (reader, writer) = std::io::pipe().context("cannot make a pipe")?;
     let mut child = cmd
-        .stdout(std::process::Stdio::piped())
+        .stdout(writer.try_clone().context("cannot clone a pipe")?)
+        .stderr(writer)
         .spawn()
         .context("cannot run cargo test")?;
-    let mut totals = [matrix.passed, matrix.failed, matrix.skipped];
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut out = std::io::stdout().lock();
-    for line in BufReader::new(stdout).lines() {
+    // `cmd` holds the parent's copies of the write end: without them the
+    // read below ends when cargo and its test binaries do.
+    drop(cmd);
+    for line in BufReader::new(reader).lines() {
         let line = line?;
         writeln!(out, "{line}")?;
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for (i, word) in ["passed", "failed", "ignored"].iter().enumerate() {
-                totals[i] += count_before(rest, word);
-            }
-        }
+        tally.line(&line);
     }
     let st = child.wait()?;
-    writeln!(
-        out,
-        "\ntests: {} passed, {} failed, {} skipped",
-        totals[0], totals[1], totals[2]
-    )?;
+    let all = tally.print(out)?;
+    if all.failed > 0 {
+        bail!("{} tests failed", all.failed);
+    }
     if !st.success() {
         bail!("cargo test failed ({st})");
     }
-    if totals[1] > 0 {
-        bail!("{} tests failed", totals[1]);
-    }
-    if totals[0] == 0 {
+    if all.passed == 0 {
         bail!("no test ran");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// In "ok. 8 passed; 0 failed; ...", the number before `word`.
-fn count_before(s: &str, word: &str) -> u64 {
-    let words: Vec<&str> = s.split([' ', ';']).filter(|w| !w.is_empty()).collect();
-    words
-        .windows(2)
-        .find(|w| w[1] == word)
-        .and_then(|w| w[0].parse().ok())
-        .unwrap_or(0)
 }
 
 fn unsafe_geteuid() -> u32 {
@@ -250,4 +253,37 @@ fn unsafe_geteuid() -> u32 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|u| u.parse().ok()))
         })
         .unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The merged pipe: a skip line on stderr lands within its binary, and
+    /// the read ends when the command does.
+    #[test]
+    fn run_tests_reads_stdout_and_stderr_in_order() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo '     Running tests/kernel.rs (target/release/deps/kernel-1)' >&2; \
+             echo 'SKIPPED sigkill: needs root' >&2; \
+             echo 'test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured'",
+        ]);
+        let mut out = vec![];
+        assert!(run_tests(cmd, summary::Tally::new(false), &mut out).is_ok());
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.ends_with("tests: 1 passed, 0 failed, 1 skipped\n"),
+            "{out}"
+        );
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo '     Running tests/kernel.rs (x)' >&2; echo 'SKIPPED sigkill: needs root' >&2; \
+             echo 'test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured'",
+        ]);
+        let err = run_tests(cmd, summary::Tally::new(true), &mut vec![]).unwrap_err();
+        assert_eq!(err.to_string(), "1 tests failed");
+    }
 }

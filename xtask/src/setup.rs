@@ -4,8 +4,8 @@
 //! 1. nightly's rust-src (the eBPF build compiles `core` for the BPF target);
 //! 2. bpf-linker built against the nightly's own LLVM, keyed by the nightly;
 //! 3. the Debian packages the tests and benchmarks use;
-//! 4. a Python virtualenv with the pinned tools deploy/'s tests run
-//!    (kubernetes-validate, yamllint), under `toolchain::python_venv()`.
+//! 4. a Python virtualenv with the pinned tools the tests run
+//!    (kubernetes-validate, yamllint, prometheus-client), under `toolchain::python_venv()`.
 //!
 //! `PODSCOPE_SETUP_MINIMAL=1` does only 1 and 2, what building the binary
 //! needs: the container image's builder stage (deploy/Dockerfile) uses it.
@@ -51,10 +51,15 @@ const APT_PACKAGES: &[&str] = &[
     "linux-perf",
 ];
 
-/// Python tools deploy/'s tests run, pinned so a new release cannot change
-/// what passes: schema validation of the manifests and the YAML linter.
-pub const PYTHON_TOOLS: &[(&str, &str)] =
-    &[("kubernetes-validate", "1.37.0"), ("yamllint", "1.38.0")];
+/// Python tools the tests run, pinned so a new release cannot change what
+/// passes: schema validation of the manifests and the YAML linter (deploy/),
+/// and Prometheus' own OpenMetrics parser (`prometheus_client.openmetrics`,
+/// strict about the format) for the agent's OpenMetrics exposition.
+pub const PYTHON_TOOLS: &[(&str, &str)] = &[
+    ("kubernetes-validate", "1.37.0"),
+    ("yamllint", "1.38.0"),
+    ("prometheus-client", "0.26.0"),
+];
 
 pub fn run() -> Result<()> {
     let t = Instant::now();

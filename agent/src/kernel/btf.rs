@@ -471,6 +471,25 @@ impl Btf {
     }
 }
 
+/// For unit tests of the running kernel: its BTF, or None after a visible
+/// `SKIPPED` line (libtest captures eprintln!, and `cargo xtask test` counts
+/// these lines as skips). When tests are required, a missing BTF fails.
+#[cfg(test)]
+pub(crate) fn running_kernel_for_test(test: &str) -> Option<Btf> {
+    use std::io::Write;
+    match Btf::from_sys_fs() {
+        Ok(btf) => Some(btf),
+        Err(e) => {
+            assert!(
+                std::env::var("PODSCOPE_REQUIRE_KERNEL_TESTS").as_deref() != Ok("1"),
+                "{test}: {e}, and PODSCOPE_REQUIRE_KERNEL_TESTS=1"
+            );
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no {VMLINUX_BTF}: {e}");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -634,11 +653,67 @@ mod tests {
         assert!(err.contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
     }
 
+    /// `pahole -C` output committed beside the BTF blob (agent/fixtures/):
+    /// a top-level member's byte offset, from its `/* offset size */` comment.
+    fn pahole_offset(structure: &str, member: &str) -> Option<u32> {
+        const PAHOLE: &str = include_str!("../../fixtures/pahole-6.1.0-47-cloud-amd64.txt");
+        let body = PAHOLE.split(&format!("struct {structure} {{\n")).nth(1)?;
+        let body = &body[..body.find("\n}")?];
+        body.lines()
+            // Top-level members only: one tab of indentation.
+            .filter(|l| l.starts_with('\t') && !l.starts_with("\t\t"))
+            .find_map(|l| {
+                let (decl, comment) = l.split_once(';')?;
+                let name = decl.split_whitespace().last()?;
+                let name = name.trim_start_matches('*');
+                let name = name.split(['[', ':']).next()?;
+                (name == member).then_some(())?;
+                comment
+                    .trim()
+                    .strip_prefix("/*")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+    }
+
+    #[test]
+    fn the_recorded_6_1_offsets_match_pahole() {
+        let btf = super::super::fixtures::debian_6_1_btf();
+        for (structure, member) in [
+            ("task_struct", "exit_code"),
+            ("task_struct", "pid"),
+            ("task_struct", "tgid"),
+            ("task_struct", "real_parent"),
+            ("task_struct", "group_leader"),
+            ("task_struct", "start_boottime"),
+            ("task_struct", "comm"),
+            ("task_struct", "signal"),
+            ("task_struct", "se"),
+            ("signal_struct", "live"),
+            ("signal_struct", "flags"),
+            ("signal_struct", "group_exec_task"),
+            ("sched_entity", "cfs_rq"),
+            ("cfs_rq", "throttled"),
+            ("cfs_rq", "throttle_count"),
+        ] {
+            let want = pahole_offset(structure, member)
+                .unwrap_or_else(|| panic!("{structure}.{member} is not in the pahole output"));
+            assert_eq!(
+                btf.offset_of(structure, member).unwrap(),
+                want,
+                "{structure}.{member}"
+            );
+        }
+    }
+
     #[test]
     fn parses_the_recorded_debian_6_1_kernel() {
         let btf = super::super::fixtures::debian_6_1_btf();
         assert!(btf.len() > 50_000, "{} types", btf.len());
-        // Values read off this kernel's BTF with pahole (dwarves), independently of this parser.
+        // Values read off this kernel's BTF with pahole (dwarves), independently of
+        // this parser: agent/fixtures/pahole-6.1.0-47-cloud-amd64.txt.
         assert_eq!(btf.offset_of("task_struct", "exit_code").unwrap(), 2312);
         assert_eq!(btf.offset_of("task_struct", "pid").unwrap(), 2416);
         assert_eq!(btf.offset_of("task_struct", "tgid").unwrap(), 2420);
@@ -670,8 +745,7 @@ mod tests {
 
     #[test]
     fn parses_the_running_kernel_when_it_has_btf() {
-        let Ok(btf) = Btf::from_sys_fs() else {
-            eprintln!("skipped: this machine has no {VMLINUX_BTF}");
+        let Some(btf) = running_kernel_for_test("parses_the_running_kernel_when_it_has_btf") else {
             return;
         };
         assert!(btf.offset_of("task_struct", "exit_code").unwrap() > 0);

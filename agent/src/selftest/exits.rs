@@ -40,9 +40,16 @@ fn exit_of(
     Ok((exit, status))
 }
 
-/// Sends `sig` to our own child once it has had time to reach its main loop.
+/// Sends `sig` to our own child once it runs `sleep` (its comm says so:
+/// the exec is done), so that the event names the program, not the fork.
 fn signal(pid: u32, sig: i32) -> Result<(), Stop> {
-    std::thread::sleep(Duration::from_millis(50));
+    let deadline = std::time::Instant::now() + WAIT;
+    while !std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep") {
+        if std::time::Instant::now() > deadline {
+            fail!("pid {pid} did not exec `sleep` within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     // SAFETY: pid is our own child, not yet reaped.
     if unsafe { libc::kill(pid as i32, sig) } != 0 {
         fail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
@@ -211,10 +218,26 @@ pub fn multithreaded_process_exit(ctx: &Context) -> Verdict {
     );
     ensure!(!e.thread, "reported as a thread exit: {e:?}");
     let pid = e.tgid;
-    std::thread::sleep(Duration::from_millis(100));
-    let mut extra = 0;
-    t.probe.drain(|x| extra += u32::from(x.tgid == pid));
-    ensure_eq!(extra, 0, "events from threads torn down with their process");
+    // A marker process started after the wait: every thread of `pid` had
+    // ended before it, and the ring buffer is read in order, so an event of
+    // those threads would come before the marker's exit.
+    let mut marker = Command::new("sh").args(["-c", "exit 0"]).spawn()?;
+    let marker_pid = marker.id();
+    marker.wait()?;
+    let extra = std::cell::Cell::new(0u32);
+    let seen = t.wait_for(WAIT, |x| {
+        extra.set(extra.get() + u32::from(x.tgid == pid));
+        x.tgid == marker_pid && !x.thread
+    });
+    ensure!(
+        seen.is_some(),
+        "no exit event for the marker process {marker_pid}"
+    );
+    ensure_eq!(
+        extra.get(),
+        0,
+        "events from threads torn down with their process"
+    );
     Ok(format!("one event, exit_code={want}"))
 }
 
@@ -244,10 +267,19 @@ pub fn raw_tp_fallback(_: &Context) -> Verdict {
     forced(AttachType::RawTp, 6)
 }
 
-/// 10,000 short processes: every exit seen, or counted by the loss counter.
+/// 10,000 short processes: every exit seen. The ring (4 MiB) holds the
+/// whole storm even if it were never drained (an event is well under 400
+/// bytes), so a missing exit is a failure, not a loss to excuse: the loss
+/// counter is the probe's, node-wide, and cannot tell the storm's own
+/// losses from other processes', so it is reported, not relied on.
 pub fn ten_thousand_processes(_: &Context) -> Verdict {
     const N: u32 = 10_000;
-    let mut t = Tracer::attach(None, 1 << 22)?;
+    const RING_BYTES: u32 = 1 << 22;
+    const _: () = assert!(
+        (N as usize) * 400 < RING_BYTES as usize,
+        "the ring must hold the whole storm"
+    );
+    let mut t = Tracer::attach(None, RING_BYTES)?;
     let lost_before = t.probe.stats().lost;
     let start = Instant::now();
     // A storm parent starts N children that exit at once; we count the events
@@ -300,10 +332,9 @@ pub fn ten_thousand_processes(_: &Context) -> Verdict {
     let lost = t.probe.stats().lost - lost_before;
     ensure!(storm_done, "the storm did not finish within 120 s");
     ensure_eq!(wrong_code, 0, "children with an exit code other than 0");
-    ensure!(seen <= N, "{seen} exits seen for {N} children");
     ensure!(
-        seen == N || u64::from(seen) + lost >= u64::from(N),
-        "{seen} of {N} exits seen and only {lost} counted as lost"
+        seen == N,
+        "{seen} of {N} exits seen ({lost} events lost by the probe, node-wide)"
     );
     Ok(format!(
         "{seen} of {N} seen, {lost} lost, {:.1} s",

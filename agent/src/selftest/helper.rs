@@ -17,10 +17,18 @@ pub const SPIN: &str = "spin";
 pub fn run(mode: &str) -> ExitCode {
     match mode {
         THREADS_THEN_EXIT => {
+            // Each thread says it runs before the process exits.
+            let (tx, rx) = std::sync::mpsc::channel();
             for _ in 0..4 {
-                std::thread::spawn(|| std::thread::sleep(Duration::from_secs(30)));
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let _ = tx.send(());
+                    std::thread::sleep(Duration::from_secs(30))
+                });
             }
-            std::thread::sleep(Duration::from_millis(50));
+            for _ in 0..4 {
+                let _ = rx.recv_timeout(Duration::from_secs(30));
+            }
             // SAFETY: _exit ends the whole process at once, threads included,
             // which is the point (no unwinding or joining).
             unsafe { libc::_exit(i32::from(THREADS_THEN_EXIT_STATUS)) }

@@ -76,7 +76,18 @@ pub fn signal_sender_and_target(_: &Context) -> Verdict {
         libc::pause();
         libc::_exit(0)
     })?;
-    std::thread::sleep(Duration::from_millis(50));
+    // The child sleeps in pause() (state S) before it is signalled.
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| r.starts_with('S')))
+    {
+        if Instant::now() > deadline {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            reap(pid);
+            fail!("child {pid} did not reach pause() within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     // SAFETY: our own child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     reap(pid);

@@ -103,3 +103,36 @@ pub fn apply(name: &str, wait: &str, manifest: &str) -> serde_json::Value {
     let _ = std::fs::remove_file(&file);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("apply -o json printed {out:?}: {e}"))
 }
+
+/// Polls `cond` until it holds; fails the test with `what` after `secs`
+/// seconds (an outer limit only a hang would reach).
+pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {secs} s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Whether process `pid` has set SIGTERM's disposition: caught by a handler
+/// (`SigCgt`) or ignored (`SigIgn`) in /proc/PID/status. A container's main
+/// process does this after it starts; a stop sent earlier would meet the
+/// default disposition instead.
+pub fn sigterm_disposition_set(pid: i64, handled: bool) -> bool {
+    let field = if handled { "SigCgt:" } else { "SigIgn:" };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix(field))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        // Signal N is bit N-1; SIGTERM is 15.
+        .is_some_and(|mask| mask & (1 << 14) != 0)
+}

@@ -6,8 +6,11 @@
 //! podscope-helper alloc MIB [--hold SECS]   touch MIB MiB of memory, then hold it
 //! podscope-helper spin THREADS              busy-loop on THREADS threads
 //! podscope-helper burst THREADS MS EVERY_MS  every EVERY_MS, MS of CPU on THREADS threads at once
-//! podscope-helper sigterm ignore|handle|default
+//! podscope-helper sigterm ignore|handle|default|outlive
 //!                                           set SIGTERM's disposition, then sleep
+//!                                           (outlive: a handler renames the process
+//!                                           `got-sigterm` and it sleeps on, for a
+//!                                           test to see SIGTERM arrive and be outlived)
 //! podscope-helper crash segv                a real invalid memory access
 //! podscope-helper pause                     a sandbox's PID 1: reap children, exit on SIGTERM
 //! podscope-helper serve PORT                accept TCP connections on PORT, reply `ok`, close
@@ -22,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-const USAGE: &str = "usage: podscope-helper alloc MIB [--hold SECS] | spin THREADS | burst THREADS MS EVERY_MS | sigterm ignore|handle|default | crash segv | pause | serve PORT | connect ADDR:PORT N [--timeout SECS]";
+const USAGE: &str = "usage: podscope-helper alloc MIB [--hold SECS] | spin THREADS | burst THREADS MS EVERY_MS | sigterm ignore|handle|default|outlive | crash segv | pause | serve PORT | connect ADDR:PORT N [--timeout SECS]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -150,6 +153,12 @@ fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// The name `outlive` takes when SIGTERM arrives (prctl is async-signal-safe:
+/// one system call).
+extern "C" fn on_sigterm_outlive(_: libc::c_int) {
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"got-sigterm".as_ptr()) };
+}
+
 extern "C" fn on_sigterm(_: libc::c_int) {
     // Only async-signal-safe calls here: write(2) and _exit(2).
     let msg = b"podscope-helper: got SIGTERM, exiting\n";
@@ -166,9 +175,10 @@ fn sigterm(mode: &str) -> Result<(), String> {
         "ignore" => libc::SIG_IGN,
         "handle" => on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t,
         "default" => libc::SIG_DFL,
+        "outlive" => on_sigterm_outlive as extern "C" fn(libc::c_int) as libc::sighandler_t,
         other => {
             return Err(format!(
-                "sigterm takes ignore, handle or default, not `{other}`"
+                "sigterm takes ignore, handle, default or outlive, not `{other}`"
             ));
         }
     };
