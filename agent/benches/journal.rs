@@ -50,6 +50,8 @@ fn record(n: u32) -> TerminationRecord {
         },
         oom: None,
         previous_deaths: vec![],
+        trigger: None,
+        pre_stop: None,
     }
 }
 

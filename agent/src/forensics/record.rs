@@ -222,6 +222,12 @@ pub struct TerminationRecord {
     pub oom: Option<OomDetails>,
     /// The last deaths of other processes of the container, oldest first.
     pub previous_deaths: Vec<Death>,
+    /// Why the runtime stopped it (None: it was not stopped by the runtime).
+    #[serde(default)]
+    pub trigger: Option<super::trigger::TriggerInfo>,
+    /// The preStop hook of a runtime stop, as the kernel saw it.
+    #[serde(default)]
+    pub pre_stop: Option<super::trigger::PreStopTimeline>,
 }
 
 /// The main process's end, as the exit event tells it.
@@ -416,7 +422,7 @@ pub fn explain(exit: &MainExit, reason: Reason, ev: &Evidence, deaths: &[Death])
 }
 
 /// RFC 3339 timestamps in JSON, both ways.
-pub(crate) mod time {
+pub mod time {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -431,7 +437,7 @@ pub(crate) mod time {
     }
 }
 
-pub(crate) mod opt_time {
+pub mod opt_time {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer};
