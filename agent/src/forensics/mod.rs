@@ -162,6 +162,8 @@ pub struct Forensics {
     /// Containers found at start-up whose main process is not known yet.
     unadopted: Vec<(u64, std::path::PathBuf, u32)>,
     scope: ScopeReader,
+    /// The v2 hierarchy, to find a container's main process in /proc.
+    v2_root: Option<std::path::PathBuf>,
     cap: usize,
     pub stats: ForensicsStats,
 }
@@ -180,6 +182,7 @@ impl Forensics {
             findings: vec![],
             unadopted: vec![],
             scope: ScopeReader::new(layout),
+            v2_root: layout.v2_root().cloned(),
             cap,
             stats: ForensicsStats::default(),
         }
@@ -369,6 +372,17 @@ impl Forensics {
         if s.ended && !runtime_exec {
             return;
         }
+        if s.main == Some(exit.tgid) && exit.comm.starts_with("runc:[") {
+            // runc's bootstrap exec'd first (runc re-executes a copy of
+            // itself): not the entrypoint. Find the real one in /proc.
+            s.main = None;
+            if let (Some(root), Some(path)) = (&self.v2_root, resolver.cgroup_path(exit.cgroup_id))
+            {
+                let dir = root.join(path.trim_start_matches('/'));
+                self.unadopted.push((exit.cgroup_id, dir, 0));
+            }
+            return;
+        }
         if s.main == Some(exit.tgid) {
             s.ended = true;
             self.pending.push(Pending {
@@ -552,6 +566,9 @@ impl Forensics {
                 t.delivery == Delivery::Delivered && t.handler == Handler::Custom
                     || exit.signal.is_none(),
             );
+            // SIG_DFL to a namespace's init: the kernel drops it.
+            stop.sigterm_discarded =
+                Some(t.delivery == Delivery::Ignored && t.handler == Handler::Default);
             let end = sigkill.map_or(exit_boot, |k| k.ts_boot_ns);
             stop.grace_used_seconds = Some(end.saturating_sub(t.ts_boot_ns) as f64 / 1e9);
         }
