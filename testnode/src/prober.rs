@@ -159,12 +159,18 @@ pub fn spawn(
 
 /// Runs a probe's or hook's action once within `timeout`: Ok(what
 /// answered) or Err(why it failed), in kubelet's terms.
+/// A zero `timeout` means none (hooks), as in CRI.
 pub async fn run(h: &Handler, t: &mut Target, timeout: Duration) -> Result<String, String> {
+    let bound = if timeout.is_zero() {
+        Duration::from_secs(3600)
+    } else {
+        timeout
+    };
     if let Some(e) = &h.exec {
         // ExecSync's own timeout ends the command; the outer one bounds a
         // runtime that does not answer.
         return match tokio::time::timeout(
-            timeout + Duration::from_secs(2),
+            bound + Duration::from_secs(2),
             t.cri.exec_sync(&t.container_id, e.command.clone(), timeout),
         )
         .await
@@ -191,7 +197,7 @@ pub async fn run(h: &Handler, t: &mut Target, timeout: Duration) -> Result<Strin
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: kube-probe/1.33\r\nAccept: */*\r\n{headers}Connection: close\r\n\r\n"
         );
-        return match tokio::time::timeout(timeout, http_get(addr, req)).await {
+        return match tokio::time::timeout(bound, http_get(addr, req)).await {
             Ok(Ok(code)) if (200..400).contains(&code) => Ok(format!("HTTP {code}")),
             Ok(Ok(code)) => Err(format!("HTTP probe to {addr}{path} answered {code}")),
             Ok(Err(e)) => Err(format!("HTTP probe to {addr}{path} failed: {e}")),
@@ -204,7 +210,7 @@ pub async fn run(h: &Handler, t: &mut Target, timeout: Duration) -> Result<Strin
     if let Some(s) = &h.tcp_socket {
         let port = t.spec.resolve_port(&s.port)?;
         let addr = t.address(s.host.as_deref(), port)?;
-        return match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        return match tokio::time::timeout(bound, TcpStream::connect(addr)).await {
             Ok(Ok(_)) => Ok("connected".into()),
             Ok(Err(e)) => Err(format!("dial tcp {addr}: {e}")),
             Err(_) => Err(format!("dial tcp {addr}: timed out")),
@@ -270,16 +276,19 @@ pub async fn run_hook(h: &Handler, t: &mut Target, limit: Duration) -> HookRun {
     let (action, detail) = describe(h, t);
     let started_at = crate::status::now_rfc3339();
     let t0 = Instant::now();
-    // Exec hooks get no timeout of their own in kubelet beyond the grace.
-    let outcome =
-        match tokio::time::timeout(limit, run(h, t, limit.max(Duration::from_secs(1)))).await {
-            Ok(Ok(_)) => "succeeded".to_string(),
-            Ok(Err(e)) if t0.elapsed() + Duration::from_millis(50) >= limit => {
-                format!("cut short by the grace period ({e})")
-            }
-            Ok(Err(e)) => format!("failed: {e}"),
-            Err(_) => "cut short by the grace period".to_string(),
-        };
+    // kubelet runs an exec hook without a timeout (ExecSync timeout 0) in a
+    // goroutine and stops waiting after `limit`: the hook keeps running until
+    // the container's stop ends it. So the run is a task of its own here,
+    // not cancelled when the wait gives up (cancelling the CRI call would make
+    // containerd kill the hook early).
+    let (h2, mut t2) = (h.clone(), t.clone());
+    let task = tokio::spawn(async move { run(&h2, &mut t2, Duration::ZERO).await });
+    let outcome = match tokio::time::timeout(limit, task).await {
+        Ok(Ok(Ok(_))) => "succeeded".to_string(),
+        Ok(Ok(Err(e))) => format!("failed: {e}"),
+        Ok(Err(e)) => format!("failed: {e}"),
+        Err(_) => "cut short by the grace period".to_string(),
+    };
     HookRun {
         action,
         detail,
