@@ -156,8 +156,6 @@ pub struct Forensics {
     sandbox_ends: HashMap<String, u64>,
     /// Pod uid → when a container of the pod last started (its first exec).
     container_starts: HashMap<String, Instant>,
-    /// Parent pid → whether it is a runtime process (exec probes' parents).
-    runtime_parents: HashMap<u32, bool>,
     findings: Vec<Finding>,
     /// Containers found at start-up whose main process is not known yet.
     unadopted: Vec<(u64, std::path::PathBuf, u32)>,
@@ -178,7 +176,6 @@ impl Forensics {
             awaiting: vec![],
             sandbox_ends: HashMap::new(),
             container_starts: HashMap::new(),
-            runtime_parents: HashMap::new(),
             findings: vec![],
             unadopted: vec![],
             scope: ScopeReader::new(layout),
@@ -367,18 +364,25 @@ impl Forensics {
         let pod_grace = meta.and_then(|m| m.pod_grace_seconds);
         let pre_stop = DeclaredHook::parse(meta.and_then(|m| m.pre_stop_handler.as_deref()));
         // The runtime's own bootstrap (`runc:[1:CHILD]`) is no exec'd command.
-        let runtime_exec = !exit.comm.starts_with("runc:") && self.parent_is_runtime(exit.ppid);
+        let runtime_exec = !exit.comm.starts_with("runc:[") && is_runtime_comm(&exit.parent_comm);
         let s = self.state(exit.cgroup_id);
         if s.ended && !runtime_exec {
             return;
         }
         if s.main == Some(exit.tgid) && exit.comm.starts_with("runc:[") {
             // runc's bootstrap exec'd first (runc re-executes a copy of
-            // itself): not the entrypoint. Find the real one in /proc.
-            s.main = None;
-            if let (Some(root), Some(path)) = (&self.v2_root, resolver.cgroup_path(exit.cgroup_id))
-            {
-                let dir = root.join(path.trim_start_matches('/'));
+            // itself, racing with its move into the cgroup): not the
+            // entrypoint. The real one is the pid namespace's init, alive
+            // now: found in /proc, or retried on the next ticks.
+            let dir = self
+                .v2_root
+                .as_ref()
+                .zip(resolver.cgroup_path(exit.cgroup_id))
+                .map(|(root, path)| root.join(path.trim_start_matches('/')));
+            let main = dir.as_deref().and_then(guess_main);
+            let s = self.state(exit.cgroup_id);
+            s.main = main;
+            if let (None, Some(dir)) = (main, dir) {
                 self.unadopted.push((exit.cgroup_id, dir, 0));
             }
             return;
@@ -470,24 +474,6 @@ impl Forensics {
         });
         self.container_starts
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
-        // Parents come and go; the cache is rebuilt as exec probes end.
-        if self.runtime_parents.len() > 1024 {
-            self.runtime_parents.clear();
-        }
-    }
-
-    /// Whether `ppid` is a container runtime's process: a process with
-    /// such a parent was exec'd into the container by the runtime (an exec
-    /// probe or hook), not started by the container's own processes. Read
-    /// once per parent from /proc (the parent outlives the exec'd process).
-    fn parent_is_runtime(&mut self, ppid: u32) -> bool {
-        if ppid <= 1 {
-            return false;
-        }
-        *self.runtime_parents.entry(ppid).or_insert_with(|| {
-            std::fs::read_to_string(format!("/proc/{ppid}/comm"))
-                .is_ok_and(|c| RUNTIME_COMMS.contains(&c.trim_end()))
-        })
     }
 
     /// Decides the waiting records whose pod did something since (its
@@ -681,6 +667,13 @@ impl Forensics {
             _ => Some(record),
         }
     }
+}
+
+/// A container runtime's process (or runc's exec bootstrap, `runc:[1:CHILD]`):
+/// a process whose parent is one was exec'd into the container by the
+/// runtime (an exec probe or hook), not started by the container's processes.
+fn is_runtime_comm(comm: &str) -> bool {
+    RUNTIME_COMMS.contains(&comm) || comm.starts_with("runc:[")
 }
 
 /// Inserts into a map that must stay bounded (a burst of pods cannot grow it).
@@ -881,6 +874,7 @@ mod tests {
                 flags: agent_common::exits::EXIT_FLAG_GROUP_DEAD,
                 _pad: 0,
                 comm: comm("java"),
+                parent_comm: comm("containerd-shim"),
             },
             &clock,
         );
