@@ -11,7 +11,13 @@ use std::time::Duration;
 use serde_json::Value;
 use support::{agent::Agent, apply, node, privileged, required, testnode};
 
-const NS: &str = "podscope-trigger";
+/// A namespace of its own per run: records of an earlier run's pods (the
+/// agent's journal is fresh, but their teardown may still be reported) never
+/// stand in for this run's.
+fn ns() -> &'static str {
+    static NS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NS.get_or_init(|| format!("podscope-trigger-{}", std::process::id()))
+}
 
 fn say(msg: &str) {
     use std::io::Write;
@@ -26,12 +32,13 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        let ns = ns();
         if let Some(bin) = testnode() {
             for p in &self.pods {
                 let _ = std::process::Command::new(&bin)
                     .args([
                         "delete",
-                        &format!("{NS}/{p}"),
+                        &format!("{ns}/{p}"),
                         "--grace-period",
                         "0",
                         "--wait",
@@ -44,8 +51,9 @@ impl Drop for Cleanup {
 }
 
 fn manifest(name: &str, grace: u32, container: &str) -> String {
+    let ns = ns();
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  annotations: {{testnode.podscope.dev/backoff-initial-seconds: \"1\"}}\nspec:\n  terminationGracePeriodSeconds: {grace}\n  containers:\n  - name: app\n{container}"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{testnode.podscope.dev/backoff-initial-seconds: \"1\"}}\nspec:\n  terminationGracePeriodSeconds: {grace}\n  containers:\n  - name: app\n{container}"
     )
 }
 
@@ -67,12 +75,13 @@ fn runtime_stops_are_explained() {
         return;
     }
     node(&["up"]);
+    let ns = ns();
     let state = std::env::temp_dir().join(format!("podscope-trigger-state-{}", std::process::id()));
     let mut cleanup = Cleanup {
         pods: vec![],
         state: state.clone(),
     };
-    let agent = Agent::start(NS, &state, &[]);
+    let agent = Agent::start(ns, &state, &[]);
 
     say("an exec liveness probe that starts failing, with a preStop hook");
     cleanup.pods.push("liveness".into());
@@ -140,7 +149,7 @@ fn runtime_stops_are_explained() {
     ] {
         cleanup.pods.push(name.into());
         apply(name, "running", &manifest(name, grace, &container));
-        node(&["delete", &format!("{NS}/{name}"), "--wait"]);
+        node(&["delete", &format!("{ns}/{name}"), "--wait"]);
     }
     let r = agent.record("deleted-hook", "app");
     assert_eq!(trigger(&r), "pod_deleted", "{r:#}");
@@ -174,7 +183,7 @@ fn runtime_stops_are_explained() {
             "    command: [podscope-helper, sigterm, ignore]\n",
         ),
     );
-    node(&["evict", &format!("{NS}/evicted"), "--wait"]);
+    node(&["evict", &format!("{ns}/evicted"), "--wait"]);
     let r = agent.record("evicted", "app");
     assert_eq!(trigger(&r), "evicted", "{r:#}");
     assert_eq!(r["trigger"]["basis"], "inferred");
@@ -199,7 +208,7 @@ fn runtime_stops_are_explained() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_podscope"))
         .args([
             "why",
-            &format!("{NS}/liveness"),
+            &format!("{ns}/liveness"),
             "--agent",
             &format!("127.0.0.1:{}", agent.port),
         ])
