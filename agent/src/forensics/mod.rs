@@ -388,6 +388,10 @@ impl Forensics {
             return;
         }
         if s.main == Some(exit.tgid) {
+            if s.ended {
+                // The same exit again (it is not a second termination).
+                return;
+            }
             s.ended = true;
             self.pending.push(Pending {
                 due: Instant::now() + SETTLE,
