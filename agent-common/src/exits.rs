@@ -61,6 +61,11 @@ pub struct ExitEvent {
     pub _pad: u32,
     /// The process's command (the exiting thread's own name for a thread exit).
     pub comm: [u8; TASK_COMM_LEN],
+    /// The parent's command at the exit: a runtime's process (containerd-shim,
+    /// runc's exec bootstrap) for a command the runtime exec'd into a
+    /// container (exec probes, hooks). Read in the kernel: the bootstrap is
+    /// gone by the time userspace could look.
+    pub parent_comm: [u8; TASK_COMM_LEN],
 }
 
 #[cfg(feature = "user")]

@@ -121,8 +121,16 @@ fn on_exit() {
     }
     let start = kmem::read::<u64>(subject, off.task_start_boottime);
     let wait_status = kmem::read::<u32>(task, off.task_exit_code);
-    let ppid = kmem::read_ptr(task, off.task_real_parent)
-        .and_then(|parent| kmem::read::<u32>(parent, off.task_tgid));
+    let parent = kmem::read_ptr(task, off.task_real_parent);
+    let ppid = parent.and_then(|parent| kmem::read::<u32>(parent, off.task_tgid));
+    // Best effort, branch-free (a null base just fails the read): an empty
+    // name only loses the runtime-exec hint.
+    let mut parent_comm = [0u8; TASK_COMM_LEN];
+    let _ = kmem::read_buf(
+        parent.unwrap_or(core::ptr::null()),
+        off.task_comm,
+        &mut parent_comm,
+    );
     if start.is_err() || wait_status.is_err() || ppid.is_err() {
         flags |= EXIT_FLAG_PARTIAL;
     }
@@ -140,6 +148,7 @@ fn on_exit() {
         flags,
         _pad: 0,
         comm,
+        parent_comm,
     });
     entry.submit(ringbuf::wakeup_flags(&EXIT_EVENTS));
     bump(&EXIT_STATS, STAT_EMITTED);

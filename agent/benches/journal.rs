@@ -44,12 +44,15 @@ fn record(n: u32) -> TerminationRecord {
             sigterm_at: Some(SystemTime::now()),
             sigterm_sender: Some(SenderKind::Runtime),
             sigterm_handled: Some(true),
+            sigterm_discarded: Some(false),
             sigkill_at: Some(SystemTime::now()),
             sigkill_sender: Some(SenderKind::Runtime),
             grace_used_seconds: Some(30.0),
         },
         oom: None,
         previous_deaths: vec![],
+        trigger: None,
+        pre_stop: None,
     }
 }
 

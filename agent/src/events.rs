@@ -133,6 +133,7 @@ mod tests {
             tgid: 7,
             ppid: 1,
             comm: "sh".into(),
+            parent_comm: "containerd-shim".into(),
             exit_code: Some(3),
             signal: None,
             core_dumped: false,

@@ -7,140 +7,15 @@
 mod support;
 
 use std::{
-    io::{BufRead, BufReader},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    path::PathBuf,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use support::{apply, free_port, get, node, privileged, required, testnode, wait_until};
+use support::{agent::Agent, apply, node, privileged, required, testnode, wait_until};
 
 const NS: &str = "podscope-why";
-const SOCKET: &str = "/run/podscope-node/containerd.sock";
-
-/// A running `podscope agent` on a free loopback port.
-struct Agent {
-    child: Child,
-    port: u16,
-}
-
-impl Agent {
-    fn start(state: &Path, env: &[(&str, &str)]) -> Agent {
-        let port = free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_podscope"))
-            .args([
-                "--log",
-                "podscope=debug",
-                "agent",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--cri-socket",
-                SOCKET,
-                "--state-dir",
-                state.to_str().unwrap(),
-            ])
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("attached") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(30))
-            .expect("the agent attached");
-        Agent { child, port }
-    }
-
-    /// `podscope why NS/POD -o json` through the CLI, as a user would.
-    fn why(&self, pod: &str) -> Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_podscope"))
-            .args([
-                "why",
-                &format!("{NS}/{pod}"),
-                "-o",
-                "json",
-                "--agent",
-                &format!("127.0.0.1:{}", self.port),
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "why failed: {out:?}");
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// The newest termination record of a container, waiting for it.
-    fn record(&self, pod: &str, container: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let all = self.why(pod);
-            if let Some(r) = all["terminations"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .rev()
-                .find(|r| r["container"] == container)
-            {
-                return r.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no termination record for {pod}/{container}: {all}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// A background death of a container, waiting for it.
-    fn death(&self, pod: &str, container: &str, cause: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let all = self.why(pod);
-            if let Some(d) = all["background_deaths"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|d| d["container"] == container && d["cause"] == cause)
-            {
-                return d.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {cause} background death in {pod}/{container}: {all}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn metrics(&self) -> String {
-        get(self.port, "/metrics").expect("/metrics answers").1
-    }
-
-    fn stop(mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        assert_eq!(self.child.wait().unwrap().code(), Some(0));
-    }
-
-    fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Pods and cgroup limits the test made, removed even when it fails.
 struct Cleanup {
@@ -254,7 +129,7 @@ fn terminations_are_explained() {
         state: state.clone(),
         limit_file: None,
     };
-    let agent = Agent::start(&state, &[]);
+    let agent = Agent::start(NS, &state, &[]);
     let mut expect: Vec<(&str, &str, &str)> = vec![];
 
     say("exit 0 and exit 3");
@@ -602,7 +477,7 @@ fn terminations_are_explained() {
     say("records survive an agent restart");
     let before = agent.why("hog");
     agent.stop();
-    let agent = Agent::start(&state, &[]);
+    let agent = Agent::start(NS, &state, &[]);
     let after = agent.why("hog");
     assert_eq!(before["terminations"], after["terminations"]);
     assert_eq!(
@@ -613,7 +488,7 @@ fn terminations_are_explained() {
     say("an agent killed in the middle of a journal write loses only that record");
     agent.stop();
     let journal = state.join("terminations.journal");
-    let agent = Agent::start(&state, &[("PODSCOPE_JOURNAL_SPLIT_WRITE_MS", "5000")]);
+    let agent = Agent::start(NS, &state, &[("PODSCOPE_JOURNAL_SPLIT_WRITE_MS", "5000")]);
     let size_before = std::fs::metadata(&journal).unwrap().len();
     cleanup.pods.push("torn".into());
     apply(
@@ -632,7 +507,7 @@ fn terminations_are_explained() {
     }
     // Half a frame is on disk, the rest 5 s away: kill it now.
     agent.kill9();
-    let agent = Agent::start(&state, &[]);
+    let agent = Agent::start(NS, &state, &[]);
     assert_eq!(
         agent.why("hog")["terminations"],
         after["terminations"],

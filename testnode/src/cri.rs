@@ -221,7 +221,8 @@ impl Cri {
         Ok(())
     }
 
-    /// ExecSync: runs `cmd` in the container and returns (exit code, stdout, stderr).
+    /// ExecSync: runs `cmd` in the container and returns (exit code, stdout,
+    /// stderr); a zero `timeout` lets it run until it ends.
     pub async fn exec_sync(
         &mut self,
         id: &str,
@@ -233,7 +234,12 @@ impl Cri {
             cmd,
             timeout: timeout.as_secs() as i64,
         });
-        req.set_timeout(timeout + Duration::from_secs(10));
+        // Zero is no timeout in CRI (kubelet's hooks): bound only the call.
+        req.set_timeout(if timeout.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            timeout + Duration::from_secs(10)
+        });
         let r = self
             .runtime
             .exec_sync(req)

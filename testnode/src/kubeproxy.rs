@@ -401,7 +401,8 @@ fn in_node(program: &str) -> Command {
     c
 }
 
-/// The pods that can back a Service: running, every container running, with an IP.
+/// The pods that can back a Service: running, every container running and
+/// ready (readiness and startup probes passing), with an IP.
 pub fn ready_pods() -> Vec<ReadyPod> {
     let mut out = vec![];
     let Ok(rd) = std::fs::read_dir(paths::manifests_dir()) else {
@@ -420,7 +421,10 @@ pub fn ready_pods() -> Vec<ReadyPod> {
         };
         let ready = st.phase == Phase::Running
             && !st.containers.is_empty()
-            && st.containers.iter().all(|c| c.state == "running");
+            && st
+                .containers
+                .iter()
+                .all(|c| c.state == "running" && c.ready);
         let ip = st.pod_ip.as_deref().and_then(|s| s.parse().ok());
         if let (true, Some(ip)) = (ready, ip) {
             out.push(ReadyPod {

@@ -33,6 +33,7 @@ pub mod manifest;
 pub mod netns;
 pub mod paths;
 pub mod podconfig;
+pub mod prober;
 pub mod process;
 pub mod qos;
 pub mod service;

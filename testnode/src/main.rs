@@ -50,11 +50,30 @@ enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Delete a pod (SIGTERM, SIGKILL after its grace period, remove the sandbox), or a Service.
+    /// Delete a pod (preStop, SIGTERM, SIGKILL after its grace period, remove the sandbox), or a Service.
     Delete {
         /// NAMESPACE/POD (or just POD in `default`), or service/NAMESPACE/NAME.
         pod: String,
+        /// Replaces the pod's terminationGracePeriodSeconds; 0 skips preStop
+        /// hooks and gives the 2 s minimum, as kubelet does.
+        #[arg(long)]
+        grace_period: Option<i64>,
         /// Wait until the pod is gone and print how its containers ended.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Evict a pod as kubelet's eviction manager does (hard eviction: grace
+    /// override 0, so no preStop and the 2 s minimum; phase Failed, reason Evicted).
+    Evict {
+        /// NAMESPACE/POD.
+        pod: String,
+        /// The eviction grace override (kubelet's --eviction-max-pod-grace-period for soft evictions).
+        #[arg(long, default_value_t = 0)]
+        grace_period: i64,
         #[arg(long)]
         wait: bool,
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
@@ -158,10 +177,33 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
         } => apply(&file, wait, timeout, output).await,
         Cmd::Delete {
             pod,
+            grace_period,
             wait,
             timeout,
             output,
-        } => delete(&pod, wait, timeout, output).await,
+        } => {
+            let opts = kubelet::DeleteOptions {
+                grace_period_seconds: grace_period,
+                evicted: false,
+            };
+            delete(&pod, opts, wait, timeout, output).await
+        }
+        Cmd::Evict {
+            pod,
+            grace_period,
+            wait,
+            timeout,
+            output,
+        } => {
+            if pod.starts_with("service/") || pod.starts_with("svc/") {
+                return Err(UsageError("only pods can be evicted".into()).into());
+            }
+            let opts = kubelet::DeleteOptions {
+                grace_period_seconds: Some(grace_period),
+                evicted: true,
+            };
+            delete(&pod, opts, wait, timeout, output).await
+        }
         Cmd::Status { pod, output } => show_status(pod.as_deref(), output),
         Cmd::Exec {
             pod,
@@ -241,7 +283,10 @@ fn ensure_kubelet() -> Result<String> {
     }
     let mut cmd = std::process::Command::new(&me);
     cmd.arg("kubelet");
-    let pid = process::spawn_daemon(cmd, &paths::kubelet_log(), &paths::kubelet_pid(), None)?;
+    // In the node's network namespace: probes and httpGet hooks connect
+    // from the node to the pods' addresses, as kubelet's do.
+    let ns = netns::path();
+    let pid = process::spawn_daemon(cmd, &paths::kubelet_log(), &paths::kubelet_pid(), Some(&ns))?;
     Ok(format!(
         "started the kubelet daemon (pid {pid}, log {})",
         paths::kubelet_log().display()
@@ -279,12 +324,44 @@ async fn apply(file: &Path, wait: Wait, timeout: Duration, output: Output) -> Re
         })?;
         (text, file.display().to_string())
     };
-    if service::kind_of(&text).as_deref() == Some("Service") {
-        return apply_service(&text, &origin, output);
+    let docs = testnode::manifest::documents(&text, &origin).map_err(Error::from)?;
+    // Everything is validated before anything is applied.
+    for d in &docs {
+        match d.kind.as_str() {
+            "Service" => {
+                Service::parse(&d.text, &d.origin).map_err(Error::from)?;
+            }
+            _ => {
+                let pod = Pod::parse(&d.text, &d.origin).map_err(Error::from)?;
+                testnode::qos::qos_class(&pod).map_err(Error::from)?;
+            }
+        }
     }
-    let mut pod = Pod::parse(&text, &origin).map_err(Error::from)?;
-    testnode::qos::qos_class(&pod).map_err(Error::from)?;
+    let mut code = ExitCode::SUCCESS;
+    for d in docs {
+        code = match d.kind.as_str() {
+            "Service" => apply_service(&d.text, &d.origin, output)?,
+            _ => apply_pod(&d.text, &d.origin, wait, timeout, output).await?,
+        };
+    }
+    Ok(code)
+}
+
+/// One Pod document: stored for the daemon, then waited for as asked.
+async fn apply_pod(
+    text: &str,
+    origin: &str,
+    wait: Wait,
+    timeout: Duration,
+    output: Output,
+) -> Result<ExitCode> {
+    let mut pod = Pod::parse(text, origin).map_err(Error::from)?;
     require_up()?;
+    for c in pod.spec.init_containers.iter().chain(&pod.spec.containers) {
+        if let Some(n) = c.image_notice() {
+            eprintln!("{n}");
+        }
+    }
     let (ns, name) = (pod.namespace().to_string(), pod.name().to_string());
     let target = paths::manifest_file(&ns, &name);
     let deadline = Instant::now() + timeout;
@@ -440,7 +517,16 @@ fn apply_service(text: &str, origin: &str, output: Output) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn delete(pod: &str, wait: bool, timeout: Duration, output: Output) -> Result<ExitCode> {
+async fn delete(
+    pod: &str,
+    opts: kubelet::DeleteOptions,
+    wait: bool,
+    timeout: Duration,
+    output: Output,
+) -> Result<ExitCode> {
+    if opts.grace_period_seconds.is_some_and(|g| g < 0) {
+        return Err(UsageError("--grace-period must not be negative".into()).into());
+    }
     if let Some(rest) = pod
         .strip_prefix("service/")
         .or_else(|| pod.strip_prefix("svc/"))
@@ -468,6 +554,9 @@ async fn delete(pod: &str, wait: bool, timeout: Duration, output: Output) -> Res
         // Renamed, not removed: the marker keeps the spec until the daemon
         // has torn the pod down, even if the daemon restarts meanwhile.
         let marker = paths::deleting_file(&ns, &name);
+        if opts != kubelet::DeleteOptions::default() {
+            opts.write(&ns, &name)?;
+        }
         std::fs::rename(&manifest, &marker)
             .with_context(|| format!("cannot rename {}", manifest.display()))?;
     }
@@ -497,10 +586,11 @@ async fn delete(pod: &str, wait: bool, timeout: Duration, output: Output) -> Res
         Output::Json => println!("{}", serde_json::to_string(&done)?),
         Output::Table => {
             println!(
-                "pod/{ns}/{name} deleted in {:.1}s",
+                "pod/{ns}/{name} {} in {:.1}s",
+                if opts.evicted { "evicted" } else { "deleted" },
                 t.elapsed().as_secs_f64()
             );
-            for c in &done.containers {
+            for c in done.init_containers.iter().chain(&done.containers) {
                 println!(
                     "  {}: {}{}",
                     c.name,
@@ -542,14 +632,14 @@ fn print_table(pods: &[PodStatus]) {
     let _ = writeln!(
         out,
         "{:<32} {:<12} {:<11} {:<15} {:<13}",
-        "POD", "PHASE", "QOS", "IP", "SANDBOX"
+        "POD", "STATUS", "QOS", "IP", "SANDBOX"
     );
     for p in pods {
         let _ = writeln!(
             out,
             "{:<32} {:<12} {:<11} {:<15} {:<13}",
             format!("{}/{}", p.namespace, p.name),
-            format!("{:?}", p.phase),
+            p.reason.clone().unwrap_or_else(|| format!("{:?}", p.phase)),
             p.qos_class.to_string(),
             p.pod_ip.as_deref().unwrap_or("-"),
             p.sandbox_id
@@ -557,12 +647,21 @@ fn print_table(pods: &[PodStatus]) {
                 .map(|s| &s[..s.len().min(12)])
                 .unwrap_or("-"),
         );
-        for c in &p.containers {
+        let inits = p.init_containers.iter().map(|c| (c, true));
+        for (c, init) in inits.chain(p.containers.iter().map(|c| (c, false))) {
             let _ = writeln!(
                 out,
-                "  {:<16} {:<8} attempt {:<3} restarts {:<3} {:<20} pid {:<8} {}",
-                c.name,
-                c.state,
+                "  {:<16} {:<16} attempt {:<3} restarts {:<3} {:<20} pid {:<8} {}",
+                if init {
+                    format!("{} (init)", c.name)
+                } else {
+                    c.name.clone()
+                },
+                match (&c.waiting_reason, c.ready) {
+                    (Some(w), _) => w.clone(),
+                    (None, true) => format!("{} ready", c.state),
+                    (None, false) => c.state.clone(),
+                },
                 c.attempt,
                 c.restart_count,
                 match (c.exit_code, &c.reason) {

@@ -113,6 +113,10 @@ pub fn manifest_file(namespace: &str, name: &str) -> PathBuf {
 pub fn deleting_file(namespace: &str, name: &str) -> PathBuf {
     manifests_dir().join(format!("{}.yaml.deleted", pod_key(namespace, name)))
 }
+/// `delete --grace-period` and `evict` leave their options here for the daemon.
+pub fn delete_options_file(namespace: &str, name: &str) -> PathBuf {
+    manifests_dir().join(format!("{}.delete.json", pod_key(namespace, name)))
+}
 pub fn status_file(namespace: &str, name: &str) -> PathBuf {
     pods_dir().join(format!("{}.json", pod_key(namespace, name)))
 }

@@ -20,6 +20,8 @@ pub const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
 pub const LABEL_CONTAINER_NAME: &str = "io.kubernetes.container.name";
 pub const ANNOTATION_CONTAINER_HASH: &str = "io.kubernetes.container.hash";
 pub const ANNOTATION_RESTART_COUNT: &str = "io.kubernetes.container.restartCount";
+pub const ANNOTATION_PRE_STOP: &str = "io.kubernetes.container.preStopHandler";
+pub const ANNOTATION_PORTS: &str = "io.kubernetes.container.ports";
 pub const ANNOTATION_GRACE: &str = "io.kubernetes.pod.terminationGracePeriod";
 
 /// Everything about a pod that does not change between its containers' attempts.
@@ -155,6 +157,7 @@ impl PodPlan {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(kubelet_json_annotations(c))
         .collect();
         Ok(api::ContainerConfig {
             metadata: Some(api::ContainerMetadata {
@@ -162,7 +165,7 @@ impl PodPlan {
                 attempt,
             }),
             image: Some(api::ImageSpec {
-                image: c.image().into(),
+                image: c.runtime_image().into(),
                 ..Default::default()
             }),
             command: c.command.clone(),
@@ -195,6 +198,23 @@ impl PodPlan {
             ..Default::default()
         })
     }
+}
+
+/// kubelet's JSON annotations (pkg/kubelet/kuberuntime/labels.go): the
+/// preStop handler and the ports, which a node agent can read from CRI.
+fn kubelet_json_annotations(c: &Container) -> Vec<(String, String)> {
+    let mut out = vec![];
+    if let Some(h) = c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref())
+        && let Ok(json) = serde_json::to_string(h)
+    {
+        out.push((ANNOTATION_PRE_STOP.to_string(), json));
+    }
+    if !c.ports.is_empty()
+        && let Ok(json) = serde_json::to_string(&c.ports)
+    {
+        out.push((ANNOTATION_PORTS.to_string(), json));
+    }
+    out
 }
 
 /// A stable hash of the container's spec (kubelet hashes the spec too; the

@@ -140,10 +140,9 @@ impl ContainerResources {
 /// requested or limited, Guaranteed when every container limits both CPU
 /// and memory and requests exactly its limits, Burstable otherwise.
 pub fn qos_class(pod: &Pod) -> Result<QosClass, QuantityError> {
-    let all: Vec<ContainerResources> = pod
-        .spec
-        .containers
-        .iter()
+    // kubelet counts init containers too.
+    let all: Vec<ContainerResources> = (pod.spec.containers.iter())
+        .chain(&pod.spec.init_containers)
         .map(ContainerResources::of)
         .collect::<Result<_, _>>()?;
     let nonzero = |v: Option<i64>| v.is_some_and(|v| v > 0);

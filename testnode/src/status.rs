@@ -10,6 +10,7 @@ use crate::{
     error::{Error, IoContext, Result},
     manifest::RestartPolicy,
     paths,
+    prober::HookRun,
     qos::QosClass,
 };
 
@@ -43,6 +44,13 @@ pub struct PodStatus {
     pub netns_path: Option<String>,
     /// The last error reconciling the pod (e.g. an image that does not exist).
     pub message: Option<String>,
+    /// kubectl's STATUS when it is not the phase: `Init:0/2`, `Init:Error`,
+    /// `Init:CrashLoopBackOff`, `PodInitializing`, `CrashLoopBackOff`, `Evicted`.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Run in order, each to completion, before `containers`.
+    #[serde(default)]
+    pub init_containers: Vec<ContainerStatus>,
     pub containers: Vec<ContainerStatus>,
     /// RFC 3339.
     pub updated_at: String,
@@ -69,6 +77,21 @@ pub struct ContainerStatus {
     pub cgroups_path: Option<String>,
     /// How the previous attempt ended (Kubernetes' lastState.terminated).
     pub last_termination: Option<Termination>,
+    /// Running, started (startup probe passed) and its readiness probe passing.
+    #[serde(default)]
+    pub ready: bool,
+    /// Why a container that should run does not: `CrashLoopBackOff`, `PodInitializing`.
+    #[serde(default)]
+    pub waiting_reason: Option<String>,
+    /// Why kubelet stopped the current attempt, when it did: e.g.
+    /// `liveness probe failed: …`, `pod deleted`, `evicted`.
+    #[serde(default)]
+    pub kill_reason: Option<String>,
+    /// The last postStart and preStop hooks of this container.
+    #[serde(default)]
+    pub post_start: Option<HookRun>,
+    #[serde(default)]
+    pub pre_stop: Option<HookRun>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +102,9 @@ pub struct Termination {
     pub reason: Option<String>,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// Why kubelet stopped it (None: it ended by itself).
+    #[serde(default)]
+    pub kill_reason: Option<String>,
 }
 
 impl PodStatus {

@@ -14,7 +14,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 
 use super::Output;
-use crate::forensics::record::{SenderKind, TerminationRecord};
+use crate::forensics::{
+    record::{SenderKind, TerminationRecord},
+    trigger::Basis,
+};
 
 #[derive(Args, Debug)]
 pub struct WhyArgs {
@@ -89,10 +92,12 @@ fn render(ns: &str, pod: &str, a: &Answer, last: usize) -> String {
             .collect();
         let Some(newest) = recs.first() else { continue };
         out.push_str(&format!(
-            "{ns}/{pod} container {name}: {}\n  {}\n",
+            "{ns}/{pod} container {name}: {}\n",
             newest.reason.as_str(),
-            newest.explanation
         ));
+        // Why the runtime stopped it comes first: it is the question asked most.
+        out.push_str(&trigger_lines(newest));
+        out.push_str(&format!("  {}\n", newest.explanation));
         for (i, r) in recs.iter().enumerate() {
             out.push_str(&detail(r, i == 0));
         }
@@ -128,6 +133,70 @@ fn render(ns: &str, pod: &str, a: &Answer, last: usize) -> String {
         }
     }
     out
+}
+
+/// The trigger, its evidence and the preStop timeline, when the runtime stopped it.
+fn trigger_lines(r: &TerminationRecord) -> String {
+    let mut s = String::new();
+    if let Some(t) = &r.trigger {
+        let basis = match t.basis {
+            Basis::Observed => "observed",
+            Basis::Inferred => "inferred",
+        };
+        let undecided = if t.decided {
+            ""
+        } else {
+            " (written without the deciding evidence)"
+        };
+        s.push_str(&format!(
+            "  trigger: {} ({basis}){undecided}: {}\n",
+            t.trigger.as_str(),
+            t.evidence
+        ));
+        for f in &t.probe_failures {
+            s.push_str(&format!(
+                "    probe run: {} (pid {}) at {}, {:.2} s, {}\n",
+                f.command,
+                f.pid,
+                humantime::format_rfc3339_millis(f.started_at),
+                f.duration_seconds,
+                f.signal
+                    .clone()
+                    .unwrap_or_else(|| format!("exit {}", f.exit_code.unwrap_or(0)))
+            ));
+        }
+    }
+    if let Some(h) = &r.pre_stop {
+        let line = match (h.ran, &h.started_at) {
+            (true, Some(at)) => format!(
+                "  preStop: {} ran at {} for {:.1} s, {}{}{}\n",
+                h.command.as_deref().unwrap_or("?"),
+                humantime::format_rfc3339_millis(*at),
+                h.duration_seconds.unwrap_or_default(),
+                h.signal
+                    .clone()
+                    .unwrap_or_else(|| format!("exit {}", h.exit_code.unwrap_or(0))),
+                if h.cut_short_by_grace {
+                    ", cut short by the grace period"
+                } else {
+                    ""
+                },
+                h.gap_to_sigterm_seconds
+                    .filter(|g| *g >= 0.0)
+                    .map(|g| format!(", SIGTERM {g:.2} s after it ended"))
+                    .unwrap_or_default()
+            ),
+            _ => format!(
+                "  preStop: not seen in the container{}\n",
+                h.declared
+                    .as_ref()
+                    .map(|d| format!(" (declared: {d}; httpGet and sleep hooks run in kubelet)"))
+                    .unwrap_or_default()
+            ),
+        };
+        s.push_str(&line);
+    }
+    s
 }
 
 fn detail(r: &TerminationRecord, newest: bool) -> String {

@@ -285,6 +285,8 @@ pub(crate) mod tests {
             stop: StopTimeline::default(),
             oom: None,
             previous_deaths: vec![],
+            trigger: None,
+            pre_stop: None,
         }
     }
 

@@ -18,6 +18,7 @@ pub mod journal;
 pub mod record;
 pub mod scope;
 pub mod store;
+pub mod trigger;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -33,6 +34,7 @@ use self::{
         StopTimeline, TerminationRecord, decide, explain,
     },
     scope::ScopeReader,
+    trigger::{Aftermath, DeclaredHook, RuntimeExec, StopShape, TRIGGER_WAIT},
 };
 use crate::{
     kernel::cgroups::CgroupLayout,
@@ -53,6 +55,10 @@ const OOM_MATCH_WINDOW: Duration = Duration::from_secs(2);
 const SIGNALS_KEPT: usize = 32;
 const DEATHS_KEPT: usize = 5;
 const OOMS_KEPT: usize = 4;
+/// Processes the runtime exec'd into a container (probes, hooks) kept per container.
+const EXECS_KEPT: usize = 32;
+/// Sandbox ends and container starts remembered per pod, to decide triggers.
+const POD_EVENTS_KEPT: usize = 4096;
 
 /// Container runtimes' process names (as the kernel truncates them to 15
 /// bytes): a signal from one of them is a stop the runtime carried out.
@@ -110,6 +116,8 @@ struct ContainerState {
     signals: VecDeque<Signal>,
     ooms: VecDeque<OomKill>,
     deaths: VecDeque<Death>,
+    /// Processes the runtime exec'd into it (exec probes and hooks), oldest first.
+    execs: VecDeque<RuntimeExec>,
     ended: bool,
     removed: Option<Instant>,
 }
@@ -119,6 +127,21 @@ struct Pending {
     cgroup_id: u64,
     exit: Exit,
     attempt: Option<u32>,
+    /// When the exit was handled (to order a new container of the pod after it).
+    seen: Instant,
+    /// kubelet's annotations on the container, from CRI.
+    pod_grace: Option<i64>,
+    pre_stop: DeclaredHook,
+}
+
+/// A record of a runtime stop that waits for what the pod does next.
+struct Awaiting {
+    due: Instant,
+    seen: Instant,
+    pod_uid: String,
+    stop_ns: u64,
+    shape: StopShape,
+    record: TerminationRecord,
 }
 
 pub struct Forensics {
@@ -128,10 +151,17 @@ pub struct Forensics {
     /// OOMs whose victim's container is not known yet.
     unmatched_ooms: VecDeque<(Instant, OomKill)>,
     pending: Vec<Pending>,
+    awaiting: Vec<Awaiting>,
+    /// Pod uid → when its sandbox's process ended (ns since boot).
+    sandbox_ends: HashMap<String, u64>,
+    /// Pod uid → when a container of the pod last started (its first exec).
+    container_starts: HashMap<String, Instant>,
     findings: Vec<Finding>,
     /// Containers found at start-up whose main process is not known yet.
     unadopted: Vec<(u64, std::path::PathBuf, u32)>,
     scope: ScopeReader,
+    /// The v2 hierarchy, to find a container's main process in /proc.
+    v2_root: Option<std::path::PathBuf>,
     cap: usize,
     pub stats: ForensicsStats,
 }
@@ -143,9 +173,13 @@ impl Forensics {
             recent_kills: VecDeque::new(),
             unmatched_ooms: VecDeque::new(),
             pending: vec![],
+            awaiting: vec![],
+            sandbox_ends: HashMap::new(),
+            container_starts: HashMap::new(),
             findings: vec![],
             unadopted: vec![],
             scope: ScopeReader::new(layout),
+            v2_root: layout.v2_root().cloned(),
             cap,
             stats: ForensicsStats::default(),
         }
@@ -223,17 +257,23 @@ impl Forensics {
         self.containers.entry(cgroup_id).or_default()
     }
 
-    fn is_container(resolver: &Resolver, cgroup_id: u64) -> bool {
-        resolver
-            .cgroup(cgroup_id)
-            .is_some_and(|r| r.container_id.is_some())
-    }
-
     /// The first exec in a container's cgroup: its entrypoint, the main process.
     pub fn on_first_exec(&mut self, resolver: &Resolver, cgroup_id: u64, tgid: u32) {
-        if Self::is_container(resolver, cgroup_id) {
-            self.state(cgroup_id).main.get_or_insert(tgid);
+        let Some(r) = resolver.cgroup(cgroup_id) else {
+            return;
+        };
+        let Some(cid) = r.container_id.as_deref() else {
+            return;
+        };
+        if !resolver.is_sandbox(cid) {
+            // A new container of the pod: a restart, for a stop waiting to be explained.
+            bounded_insert(
+                &mut self.container_starts,
+                r.pod_uid.clone(),
+                Instant::now(),
+            );
         }
+        self.state(cgroup_id).main.get_or_insert(tgid);
     }
 
     /// A container's cgroup went. If its main process's end was not seen
@@ -326,6 +366,9 @@ impl Forensics {
             if let Some(s) = self.containers.get_mut(&exit.cgroup_id) {
                 s.ended = true;
             }
+            if let Some(uid) = &exit.pod.pod_uid {
+                bounded_insert(&mut self.sandbox_ends, uid.clone(), exit.ts_boot_ns);
+            }
             return;
         }
         // An OOM victim whose SIGKILL was not seen is found by its exit.
@@ -338,17 +381,65 @@ impl Forensics {
             self.oom_matched(oom, exit.cgroup_id, &exit.pod);
         }
         let attempt = resolver.attempt(cid);
+        let meta = resolver.container_meta(cid);
+        let pod_grace = meta.and_then(|m| m.pod_grace_seconds);
+        let pre_stop = DeclaredHook::parse(meta.and_then(|m| m.pre_stop_handler.as_deref()));
+        // The runtime's own bootstrap (`runc:[1:CHILD]`) is no exec'd command.
+        let runtime_exec = !exit.comm.starts_with("runc:[") && is_runtime_comm(&exit.parent_comm);
         let s = self.state(exit.cgroup_id);
-        if s.ended {
+        if s.ended && !runtime_exec {
+            return;
+        }
+        if s.main == Some(exit.tgid) && exit.comm.starts_with("runc:[") {
+            // runc's bootstrap exec'd first (runc re-executes a copy of
+            // itself, racing with its move into the cgroup): not the
+            // entrypoint. The real one is the pid namespace's init, alive
+            // now: found in /proc, or retried on the next ticks.
+            let dir = self
+                .v2_root
+                .as_ref()
+                .zip(resolver.cgroup_path(exit.cgroup_id))
+                .map(|(root, path)| root.join(path.trim_start_matches('/')));
+            let main = dir.as_deref().and_then(guess_main);
+            let s = self.state(exit.cgroup_id);
+            s.main = main;
+            if let (None, Some(dir)) = (main, dir) {
+                self.unadopted.push((exit.cgroup_id, dir, 0));
+            }
             return;
         }
         if s.main == Some(exit.tgid) {
+            if s.ended {
+                // The same exit again (it is not a second termination).
+                return;
+            }
             s.ended = true;
             self.pending.push(Pending {
                 due: Instant::now() + SETTLE,
                 cgroup_id: exit.cgroup_id,
                 exit: exit.clone(),
                 attempt,
+                seen: Instant::now(),
+                pod_grace,
+                pre_stop,
+            });
+            return;
+        }
+        if runtime_exec {
+            // An exec probe or hook: evidence for the trigger, not a death.
+            if s.execs.len() == EXECS_KEPT {
+                s.execs.pop_front();
+            }
+            let lifetime = Duration::from_nanos(exit.lifetime_ns);
+            s.execs.push_back(RuntimeExec {
+                pid: exit.tgid,
+                command: exit.comm.clone(),
+                started_at: exit.ts.checked_sub(lifetime).unwrap_or(exit.ts),
+                duration_seconds: lifetime.as_secs_f64(),
+                exit_code: exit.exit_code,
+                signal: exit.signal.as_ref().map(|s| s.to_string()),
+                start_boot_ns: exit.ts_boot_ns.saturating_sub(exit.lifetime_ns),
+                end_boot_ns: exit.ts_boot_ns,
             });
             return;
         }
@@ -381,10 +472,12 @@ impl Forensics {
             .partition(|p| p.due <= now);
         self.pending = later;
         for p in due {
-            let record = self.finish(p);
-            self.stats.terminations += 1;
-            self.findings.push(Finding::Termination(Box::new(record)));
+            if let Some(record) = self.finish(p) {
+                self.stats.terminations += 1;
+                self.findings.push(Finding::Termination(Box::new(record)));
+            }
         }
+        self.settle_triggers(now);
         while let Some((t, _)) = self.unmatched_ooms.front() {
             if now.duration_since(*t) < OOM_MATCH_WINDOW {
                 break;
@@ -404,14 +497,49 @@ impl Forensics {
             s.removed
                 .is_none_or(|t| now.duration_since(t) < Duration::from_secs(60))
         });
+        self.container_starts
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+    }
+
+    /// Decides the waiting records whose pod did something since (its
+    /// sandbox ended, a container started), or whose wait is over.
+    fn settle_triggers(&mut self, now: Instant) {
+        let waiting = std::mem::take(&mut self.awaiting);
+        for mut a in waiting {
+            let sandbox = self.sandbox_ends.get(&a.pod_uid).copied();
+            let started = self
+                .container_starts
+                .get(&a.pod_uid)
+                .is_some_and(|t| *t > a.seen);
+            let aftermath = match sandbox {
+                Some(end) => Some(Aftermath::SandboxEnded {
+                    after_seconds: (end as f64 - a.stop_ns as f64) / 1e9,
+                }),
+                None if started => Some(Aftermath::NewContainer {
+                    name: a.record.pod.container.clone(),
+                }),
+                None if now >= a.due => Some(Aftermath::Nothing),
+                None => None,
+            };
+            match aftermath {
+                Some(x) => {
+                    a.record.trigger = Some(trigger::from_aftermath(&x, &a.shape));
+                    self.stats.terminations += 1;
+                    self.findings.push(Finding::Termination(Box::new(a.record)));
+                }
+                None => self.awaiting.push(a),
+            }
+        }
     }
 
     /// Whether anything waits to be finished (the caller drains again soon).
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty() || !self.unmatched_ooms.is_empty()
+        !self.pending.is_empty() || !self.unmatched_ooms.is_empty() || !self.awaiting.is_empty()
     }
 
-    fn finish(&mut self, p: Pending) -> TerminationRecord {
+    /// Builds the record; None when it waits for its trigger's evidence
+    /// (then [`Forensics::settle_triggers`] emits it).
+    fn finish(&mut self, p: Pending) -> Option<TerminationRecord> {
         let s = self.containers.entry(p.cgroup_id).or_default();
         let exit = &p.exit;
         let main = exit.tgid;
@@ -449,6 +577,9 @@ impl Forensics {
                 t.delivery == Delivery::Delivered && t.handler == Handler::Custom
                     || exit.signal.is_none(),
             );
+            // SIG_DFL to a namespace's init: the kernel drops it.
+            stop.sigterm_discarded =
+                Some(t.delivery == Delivery::Ignored && t.handler == Handler::Default);
             let end = sigkill.map_or(exit_boot, |k| k.ts_boot_ns);
             stop.grace_used_seconds = Some(end.saturating_sub(t.ts_boot_ns) as f64 / 1e9);
         }
@@ -498,7 +629,33 @@ impl Forensics {
             }),
             _ => fatal_sender.clone(),
         };
-        TerminationRecord {
+        // Why the runtime stopped it: the preStop hook and failing exec
+        // probes among the runtime's execs; else what the pod does next.
+        let runtime_stop = stop.sigterm_sender.is_some_and(SenderKind::is_stop)
+            || stop.sigkill_sender.is_some_and(SenderKind::is_stop);
+        let stop_ns = sigterm.or(sigkill).map_or(exit_boot, |x| x.ts_boot_ns);
+        let execs: Vec<RuntimeExec> = s.execs.iter().cloned().collect();
+        let (hook_at, hook) = trigger::pre_stop(&execs, stop_ns, sigterm.is_some(), &p.pre_stop);
+        let probe = if runtime_stop {
+            // The probe failed before kubelet began the kill (the hook's start).
+            let kill_ns = hook_at
+                .and_then(|i| execs.get(i))
+                .map_or(stop_ns, |e| e.start_boot_ns);
+            trigger::probe_trigger(&execs, hook_at, kill_ns)
+        } else {
+            None
+        };
+        let shape = StopShape {
+            killed_after: sigkill
+                .zip(sigterm)
+                .map(|(k, t)| k.ts_boot_ns.saturating_sub(t.ts_boot_ns) as f64 / 1e9),
+            pod_grace: p.pod_grace,
+            pre_stop_ran: hook.ran,
+            pre_stop_declared: p.pre_stop != DeclaredHook::None,
+            pre_stop_seconds: hook.duration_seconds.unwrap_or(0.0),
+        };
+        let pod_uid = exit.pod.pod_uid.clone();
+        let record = TerminationRecord {
             pod: exit.pod.clone(),
             restart_attempt: p.attempt,
             started_at: exit.ts.checked_sub(exit.lifetime()).unwrap_or(exit.ts),
@@ -517,8 +674,39 @@ impl Forensics {
             stop,
             oom,
             previous_deaths: deaths,
+            trigger: probe.clone(),
+            pre_stop: (runtime_stop && (hook.ran || hook.declared.is_some())).then_some(hook),
+        };
+        match (runtime_stop, probe, pod_uid) {
+            (true, None, Some(pod_uid)) => {
+                self.awaiting.push(Awaiting {
+                    due: Instant::now() + TRIGGER_WAIT,
+                    seen: p.seen,
+                    pod_uid,
+                    stop_ns,
+                    shape,
+                    record,
+                });
+                None
+            }
+            _ => Some(record),
         }
     }
+}
+
+/// A container runtime's process (or runc's exec bootstrap, `runc:[1:CHILD]`):
+/// a process whose parent is one was exec'd into the container by the
+/// runtime (an exec probe or hook), not started by the container's processes.
+fn is_runtime_comm(comm: &str) -> bool {
+    RUNTIME_COMMS.contains(&comm) || comm.starts_with("runc:[")
+}
+
+/// Inserts into a map that must stay bounded (a burst of pods cannot grow it).
+fn bounded_insert<V>(m: &mut HashMap<String, V>, k: String, v: V) {
+    if m.len() >= POD_EVENTS_KEPT && !m.contains_key(&k) {
+        m.clear();
+    }
+    m.insert(k, v);
 }
 
 /// How a background process died, if that matters.
@@ -708,6 +896,7 @@ mod tests {
                 flags: agent_common::exits::EXIT_FLAG_GROUP_DEAD,
                 _pad: 0,
                 comm: comm("java"),
+                parent_comm: comm("containerd-shim"),
             },
             &clock,
         );

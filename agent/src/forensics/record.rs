@@ -123,6 +123,10 @@ pub struct StopTimeline {
     /// Whether the main process had a SIGTERM handler and the signal reached it
     /// (false: default action, ignored, or dropped because PID 1 has no handler).
     pub sigterm_handled: Option<bool>,
+    /// The kernel discarded SIGTERM: the target is a PID namespace's init
+    /// with no handler (SIG_DFL is ignored there), so it never saw it.
+    #[serde(default)]
+    pub sigterm_discarded: Option<bool>,
     #[serde(with = "opt_time", default)]
     pub sigkill_at: Option<SystemTime>,
     pub sigkill_sender: Option<SenderKind>,
@@ -222,6 +226,12 @@ pub struct TerminationRecord {
     pub oom: Option<OomDetails>,
     /// The last deaths of other processes of the container, oldest first.
     pub previous_deaths: Vec<Death>,
+    /// Why the runtime stopped it (None: it was not stopped by the runtime).
+    #[serde(default)]
+    pub trigger: Option<super::trigger::TriggerInfo>,
+    /// The preStop hook of a runtime stop, as the kernel saw it.
+    #[serde(default)]
+    pub pre_stop: Option<super::trigger::PreStopTimeline>,
 }
 
 /// The main process's end, as the exit event tells it.
@@ -307,6 +317,27 @@ fn who(s: &Sender) -> String {
     }
 }
 
+/// PID 1 returning 128 + N after a process of its container was killed by
+/// signal N (a shell reporting its child's death): the chain in one sentence.
+fn chain(exit: &MainExit, deaths: &[Death]) -> Option<String> {
+    let code = exit.exit_code?;
+    let signo = u32::from(code.checked_sub(128)?);
+    let name = crate::signals::name(signo);
+    let d = deaths
+        .iter()
+        .rev()
+        .find(|d| d.signal.as_deref() == Some(&*name))?;
+    let by = d
+        .sender
+        .as_ref()
+        .map(|s| format!(" from {}", who(s)))
+        .unwrap_or_default();
+    Some(format!(
+        "PID 1 ({}) exited with code {code} = 128 + {name}: it returned the status of {} (pid {}), which was killed by {name}{by}",
+        exit.comm, d.comm, d.pid
+    ))
+}
+
 /// The sentence for the record.
 pub fn explain(exit: &MainExit, reason: Reason, ev: &Evidence, deaths: &[Death]) -> String {
     let main = format!("PID 1 ({})", exit.comm);
@@ -317,10 +348,13 @@ pub fn explain(exit: &MainExit, reason: Reason, ev: &Evidence, deaths: &[Death])
         .unwrap_or_default();
     let mut s = match reason {
         Reason::Completed => format!("{main} exited with code 0"),
-        Reason::Error => format!(
-            "{main} exited with code {}",
-            exit.exit_code.unwrap_or_default()
-        ),
+        Reason::Error => match chain(exit, deaths) {
+            Some(sentence) => sentence,
+            None => format!(
+                "{main} exited with code {}",
+                exit.exit_code.unwrap_or_default()
+            ),
+        },
         Reason::OomKilled | Reason::NodeOomKilled if ev.oom.is_none() => {
             format!("{main} was OOM-killed")
         }
@@ -362,8 +396,11 @@ pub fn explain(exit: &MainExit, reason: Reason, ev: &Evidence, deaths: &[Death])
                     "the runtime"
                 }
             });
-            let why = match ev.stop.sigterm_handled {
-                Some(true) => format!("{main} handled SIGTERM but had not exited"),
+            let why = match (ev.stop.sigterm_handled, ev.stop.sigterm_discarded) {
+                (Some(true), _) => format!("{main} handled SIGTERM but had not exited"),
+                (_, Some(true)) => format!(
+                    "the kernel discarded SIGTERM because {main} is its PID namespace's init and has no handler for it"
+                ),
                 _ => format!("{main} did not handle SIGTERM"),
             };
             format!("killed by {by} with SIGKILL {grace} after SIGTERM: {why}")
@@ -416,7 +453,7 @@ pub fn explain(exit: &MainExit, reason: Reason, ev: &Evidence, deaths: &[Death])
 }
 
 /// RFC 3339 timestamps in JSON, both ways.
-pub(crate) mod time {
+pub mod time {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -431,7 +468,7 @@ pub(crate) mod time {
     }
 }
 
-pub(crate) mod opt_time {
+pub mod opt_time {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -473,6 +510,68 @@ mod tests {
             pod: None,
             container: None,
         }
+    }
+
+    #[test]
+    fn a_shell_returning_its_childs_signal_is_one_sentence() {
+        let none = StopTimeline::default();
+        let ev = Evidence {
+            fatal_sender: None,
+            fatal_was_fault: false,
+            oom: None,
+            stop: &none,
+        };
+        let sh = MainExit {
+            comm: "sh",
+            ..exit(Some(143), None)
+        };
+        let child = Death {
+            at: SystemTime::UNIX_EPOCH,
+            pid: 42,
+            comm: "sleep".into(),
+            cause: DeathCause::Killed,
+            exit_code: None,
+            signal: Some("SIGTERM".into()),
+            sender: Some(Sender {
+                comm: "kill".into(),
+                pid: 7,
+                ..sender(SenderKind::HostProcess)
+            }),
+        };
+        assert_eq!(decide(&sh, &ev), Reason::Error);
+        assert_eq!(
+            explain(&sh, Reason::Error, &ev, std::slice::from_ref(&child)),
+            "PID 1 (sh) exited with code 143 = 128 + SIGTERM: it returned the status of sleep (pid 42), which was killed by SIGTERM from kill (pid 7) on the host; 1 other process of the container died before it"
+        );
+        // Without such a death, the plain sentence.
+        assert_eq!(
+            explain(&sh, Reason::Error, &ev, &[]),
+            "PID 1 (sh) exited with code 143"
+        );
+    }
+
+    #[test]
+    fn a_discarded_sigterm_is_named() {
+        let stop = StopTimeline {
+            sigterm_sender: Some(SenderKind::Runtime),
+            sigterm_handled: Some(false),
+            sigterm_discarded: Some(true),
+            sigkill_sender: Some(SenderKind::Runtime),
+            grace_used_seconds: Some(30.0),
+            ..Default::default()
+        };
+        let ev = Evidence {
+            fatal_sender: None,
+            fatal_was_fault: false,
+            oom: None,
+            stop: &stop,
+        };
+        let e = exit(None, Some(9));
+        assert!(
+            explain(&e, Reason::KilledAfterGracePeriod, &ev, &[]).contains(
+                "the kernel discarded SIGTERM because PID 1 (sleep) is its PID namespace's init"
+            ),
+        );
     }
 
     #[test]

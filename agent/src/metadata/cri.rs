@@ -37,6 +37,10 @@ pub struct ContainerMeta {
     pub pod: String,
     pub pod_uid: String,
     pub sandbox_id: String,
+    /// kubelet's `io.kubernetes.pod.terminationGracePeriod` annotation.
+    pub pod_grace_seconds: Option<i64>,
+    /// kubelet's `io.kubernetes.container.preStopHandler` annotation (JSON).
+    pub pre_stop_handler: Option<String>,
 }
 
 /// What CRI says about one pod sandbox (its pause container's id is the sandbox id).
@@ -189,6 +193,14 @@ fn container_meta(c: v1::Container) -> ContainerMeta {
         pod: label("io.kubernetes.pod.name"),
         pod_uid: label("io.kubernetes.pod.uid"),
         sandbox_id: c.pod_sandbox_id.clone(),
+        pod_grace_seconds: c
+            .annotations
+            .get("io.kubernetes.pod.terminationGracePeriod")
+            .and_then(|g| g.parse().ok()),
+        pre_stop_handler: c
+            .annotations
+            .get("io.kubernetes.container.preStopHandler")
+            .cloned(),
         id: c.id,
     }
 }

@@ -286,6 +286,11 @@ impl Resolver {
             .map(|(m, _)| m.attempt)
     }
 
+    /// What CRI said about a container (kept a while after it went).
+    pub fn container_meta(&self, container_id: &str) -> Option<&Arc<ContainerMeta>> {
+        self.names.containers.get(container_id).map(|(m, _)| m)
+    }
+
     /// Whether the container id is a pod sandbox's (pause) container.
     pub fn is_sandbox(&self, container_id: &str) -> bool {
         self.names.sandboxes.contains_key(container_id)

@@ -1,6 +1,10 @@
 //! Termination forensics' series, per namespace/pod/container:
 //! - `podscope_container_terminations_total{…,reason}`
 //! - `podscope_container_last_termination_timestamp_seconds{…,reason}`
+//! - `podscope_container_restarts_total{…,trigger}`: why the runtime stopped
+//!   the container (`liveness_probe`, `startup_probe`, `pod_deleted`,
+//!   `evicted`, `container_restart`, `runtime_or_node`), or `none` when it
+//!   ended on its own
 //! - `podscope_oom_kills_total{…,scope}` (every OOM kill in a pod, PID 1 or not)
 //! - `podscope_container_background_deaths_total{…,cause}`: processes other
 //!   than PID 1 that were killed, crashed or OOM-killed while the container
@@ -30,6 +34,14 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub trigger: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabels {
     pub namespace: String,
     pub pod: String,
@@ -50,7 +62,9 @@ pub struct TerminationMetrics {
     last: Family<ReasonLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     ooms: Family<ScopeLabels, Counter>,
     deaths: Family<CauseLabels, Counter>,
+    restarts: Family<TriggerLabels, Counter>,
     reasons: SeriesBook<ReasonLabels>,
+    triggers: SeriesBook<TriggerLabels>,
     scopes: SeriesBook<ScopeLabels>,
     causes: SeriesBook<CauseLabels>,
 }
@@ -90,11 +104,19 @@ impl TerminationMetrics {
             "Processes other than the container's main process that died while the container kept running, by cause: killed, crashed, oom_killed",
             deaths.clone(),
         );
+        let restarts = Family::<TriggerLabels, Counter>::default();
+        registry.register(
+            "container_restarts",
+            "Container stops by what made the runtime stop them: liveness_probe, startup_probe, pod_deleted, evicted, container_restart, runtime_or_node; none when the container ended on its own",
+            restarts.clone(),
+        );
         TerminationMetrics {
             terminations,
             last,
             ooms,
             deaths,
+            restarts,
+            triggers: SeriesBook::new(&opts.budget, opts.series_retention),
             reasons: SeriesBook::new(&opts.budget, opts.series_retention),
             scopes: SeriesBook::new(&opts.budget, opts.series_retention),
             causes: SeriesBook::new(&opts.budget, opts.series_retention),
@@ -105,6 +127,19 @@ impl TerminationMetrics {
         let Some((namespace, pod, container)) = workload(&r.pod) else {
             return;
         };
+        let by_trigger = TriggerLabels {
+            namespace: namespace.clone(),
+            pod: pod.clone(),
+            container: container.clone(),
+            trigger: r
+                .trigger
+                .as_ref()
+                .map_or("none", |t| t.trigger.as_str())
+                .to_string(),
+        };
+        if self.triggers.admit(&by_trigger, now, refused) {
+            self.restarts.get_or_create(&by_trigger).inc();
+        }
         let labels = ReasonLabels {
             namespace,
             pod,
@@ -166,9 +201,12 @@ impl TerminationMetrics {
         for l in self.causes.expire(now, |l| gone(&l.namespace, &l.pod)) {
             self.deaths.remove(&l);
         }
+        for l in self.triggers.expire(now, |l| gone(&l.namespace, &l.pod)) {
+            self.restarts.remove(&l);
+        }
     }
 
     pub fn series(&self) -> usize {
-        self.reasons.len() * 2 + self.scopes.len() + self.causes.len()
+        self.reasons.len() * 2 + self.scopes.len() + self.causes.len() + self.triggers.len()
     }
 }

@@ -92,6 +92,9 @@ pub struct Exit {
     pub tgid: u32,
     pub ppid: u32,
     pub comm: String,
+    /// The parent's command at the exit (see `ExitEvent::parent_comm`).
+    #[serde(skip)]
+    pub parent_comm: String,
     /// The exit status, or None when a signal ended it.
     pub exit_code: Option<u8>,
     /// The terminating signal's name, or None on a normal exit.
@@ -120,6 +123,7 @@ impl Exit {
             tgid: raw.tgid,
             ppid: raw.ppid,
             comm: super::comm_str(&raw.comm),
+            parent_comm: super::comm_str(&raw.parent_comm),
             exit_code,
             signal: signal.map(crate::signals::name),
             core_dumped,
@@ -265,6 +269,7 @@ mod tests {
             flags: 0,
             _pad: 0,
             comm,
+            parent_comm: [0u8; 16],
         };
         let e = Exit::decode(&raw, &BootClock::new());
         assert_eq!(e.comm, "sleep");

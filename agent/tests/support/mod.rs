@@ -3,6 +3,8 @@
 
 use podscope::kernel::privilege::Privileges;
 
+pub mod agent;
+
 /// Set by `cargo xtask test` when running as root: a kernel test that cannot
 /// run is then a failure, not a skip.
 pub fn required() -> bool {

@@ -1,0 +1,139 @@
+//! A real `podscope agent` for the pod tests, and `podscope why` asked of it.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use super::{free_port, get};
+
+const SOCKET: &str = "/run/podscope-node/containerd.sock";
+
+/// A running `podscope agent` on a free loopback port.
+pub struct Agent {
+    child: Child,
+    pub port: u16,
+    /// The namespace `why` asks about.
+    ns: &'static str,
+}
+
+impl Agent {
+    pub fn start(ns: &'static str, state: &Path, env: &[(&str, &str)]) -> Agent {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_podscope"))
+            .args([
+                "--log",
+                "podscope=debug",
+                "agent",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--cri-socket",
+                SOCKET,
+                "--state-dir",
+                state.to_str().unwrap(),
+            ])
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("attached") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("the agent attached");
+        Agent { child, port, ns }
+    }
+
+    /// `podscope why NS/POD -o json` through the CLI, as a user would.
+    pub fn why(&self, pod: &str) -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_podscope"))
+            .args([
+                "why",
+                &format!("{}/{pod}", self.ns),
+                "-o",
+                "json",
+                "--agent",
+                &format!("127.0.0.1:{}", self.port),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "why failed: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The newest termination record of a container, waiting for it.
+    pub fn record(&self, pod: &str, container: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let all = self.why(pod);
+            if let Some(r) = all["terminations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|r| r["container"] == container)
+            {
+                return r.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no termination record for {pod}/{container}: {all}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// A background death of a container, waiting for it.
+    pub fn death(&self, pod: &str, container: &str, cause: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let all = self.why(pod);
+            if let Some(d) = all["background_deaths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["container"] == container && d["cause"] == cause)
+            {
+                return d.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {cause} background death in {pod}/{container}: {all}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        get(self.port, "/metrics").expect("/metrics answers").1
+    }
+
+    pub fn stop(mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(self.child.wait().unwrap().code(), Some(0));
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
