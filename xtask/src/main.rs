@@ -6,8 +6,11 @@
 //!   kernel tests too, which then must not skip).
 //! - `bench <capability>`: side-by-side overhead measurements.
 //! - `vm-test [--kernel NAME]... [--all]`: the kernel tests on other kernels, in VMs.
+//! - `dist [--out DIR]`: static podscope binaries for every architecture, with checksums.
 
+mod arch;
 mod bench;
+mod dist;
 mod node;
 mod setup;
 mod vm;
@@ -20,7 +23,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits|pods|agent|net | vm-test [--kernel NAME]...>";
+const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits|pods|agent|net | vm-test [--kernel NAME]... | dist [--out DIR]>";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -45,6 +48,7 @@ fn real_main() -> Result<ExitCode> {
         "bench" => bench::run(rest),
         "node" => node::run(rest),
         "vm-test" => vm::run(rest),
+        "dist" => dist::run(rest),
         // The benchmarks' workload, run as a separate small process.
         "storm" => bench::storm(rest),
         "pingpong" => bench::pingpong(rest),
