@@ -10,8 +10,10 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    time::Duration,
 };
+
+/// How long a reply may take before the write is an error (not a hang).
+const REPLY_TIMEOUT_SECONDS: i64 = 5;
 
 const NETLINK_ROUTE: i32 = 0;
 const NETLINK_NETFILTER: i32 = 12;
@@ -148,9 +150,8 @@ fn socket(protocol: i32) -> io::Result<OwnedFd> {
             return Err(io::Error::last_os_error());
         }
         let sock = OwnedFd::from_raw_fd(fd);
-        // A kernel that never answers is an error after this, not a hang.
         let tv = libc::timeval {
-            tv_sec: Duration::from_secs(5).as_secs() as libc::time_t,
+            tv_sec: REPLY_TIMEOUT_SECONDS,
             tv_usec: 0,
         };
         libc::setsockopt(
