@@ -31,6 +31,8 @@ pub use report::Totals;
 use crate::{arch::Arch, cargo, root, status};
 
 const TEST_BIN: &str = "podscope-kernel-tests";
+/// Cargo.toml's profile for the test binaries: less optimised than a release.
+const PROFILE: &str = "kernel-tests";
 
 /// One kernel of the matrix and what is known about it.
 #[derive(Clone, Copy, Debug)]
@@ -52,9 +54,8 @@ pub struct Target {
 pub enum Source {
     /// The kernel this machine runs.
     Host,
-    /// The newest Debian package whose name is `prefix` + version + `-`
-    /// + `flavour` + the architecture + `-unsigned`
-    /// (`linux-image-6.1.0-` `57` `-cloud-` `arm64` `-unsigned`).
+    /// The newest Debian package named `prefix`, a version, `-`, `flavour`,
+    /// the architecture and `-unsigned`: `linux-image-6.1.0-57-cloud-arm64-unsigned`.
     Debian {
         prefix: &'static str,
         flavour: &'static str,
@@ -308,7 +309,8 @@ fn build_test_binary(arch: Arch) -> Result<PathBuf> {
     let target = arch.musl_target();
     status(cargo().args([
         "build",
-        "--release",
+        "--profile",
+        PROFILE,
         "--quiet",
         "--target",
         target,
@@ -321,7 +323,7 @@ fn build_test_binary(arch: Arch) -> Result<PathBuf> {
     Ok(root()
         .join("target")
         .join(target)
-        .join("release")
+        .join(PROFILE)
         .join(TEST_BIN))
 }
 

@@ -72,7 +72,13 @@ impl Msg {
 
     fn nft(msg: u16, seq: u32) -> Msg {
         let flags = NLM_F_ACK | NLM_F_CREATE;
-        Msg::nfgen((NFNL_SUBSYS_NFTABLES << 8) | msg, flags, seq, NFPROTO_IPV4, 0)
+        Msg::nfgen(
+            (NFNL_SUBSYS_NFTABLES << 8) | msg,
+            flags,
+            seq,
+            NFPROTO_IPV4,
+            0,
+        )
     }
 
     fn pad(&mut self) {
@@ -286,7 +292,10 @@ fn dnat_batch(from: SocketAddrV4, to: SocketAddrV4) -> (Vec<Vec<u8>>, Vec<u32>) 
     // payload: load `len` bytes at `offset` of a header into register 1.
     let load = |m: &mut Msg, base: u32, offset: u32, len: u32| {
         m.expr("payload", |m| {
-            m.be32(1, NFT_REG_1).be32(2, base).be32(3, offset).be32(4, len);
+            m.be32(1, NFT_REG_1)
+                .be32(2, base)
+                .be32(3, offset)
+                .be32(4, len);
         });
     };
     // cmp: register 1 == value.
@@ -326,7 +335,13 @@ fn dnat_batch(from: SocketAddrV4, to: SocketAddrV4) -> (Vec<Vec<u8>>, Vec<u32>) 
     rule.end();
     let end = Msg::nfgen(NFNL_MSG_BATCH_END, 0, 5, 0, NFNL_SUBSYS_NFTABLES);
     (
-        vec![begin.finish(), table.finish(), chain.finish(), rule.finish(), end.finish()],
+        vec![
+            begin.finish(),
+            table.finish(),
+            chain.finish(),
+            rule.finish(),
+            end.finish(),
+        ],
         vec![2, 3, 4],
     )
 }
@@ -347,7 +362,10 @@ mod tests {
         let mut m = Msg::new(RTM_NEWADDR, NLM_F_ACK, 7);
         m.nest(9).str(1, "ab").end();
         let b = m.finish();
-        assert_eq!(u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize, b.len());
+        assert_eq!(
+            u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize,
+            b.len()
+        );
         // The nest: 4 (its header) + 8 (attr "ab\0" padded to 4+4).
         assert_eq!(u16::from_ne_bytes([b[16], b[17]]), 4 + 7);
         assert_eq!(u16::from_ne_bytes([b[18], b[19]]), 9 | NLA_F_NESTED);
@@ -364,7 +382,10 @@ mod tests {
         let kind = |m: &Vec<u8>| u16::from_ne_bytes([m[4], m[5]]);
         assert_eq!(kind(&msgs[0]), NFNL_MSG_BATCH_BEGIN);
         assert_eq!(kind(&msgs[4]), NFNL_MSG_BATCH_END);
-        assert_eq!(kind(&msgs[3]), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE);
+        assert_eq!(
+            kind(&msgs[3]),
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE
+        );
         assert_eq!(acks, [2, 3, 4]);
         let rule = &msgs[3];
         let has = |needle: &[u8]| rule.windows(needle.len()).any(|w| w == needle);
