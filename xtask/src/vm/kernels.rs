@@ -107,7 +107,16 @@ fn choose(prefix: &str, suffix: &str) -> Result<String> {
 /// builds netfilter's conntrack, NAT and nf_tables as modules, and the
 /// packet scenario writes a real DNAT rule (nf_tables over netlink) and,
 /// where netfilter links are missing, reads conntrack's netlink events.
-const GUEST_MODULES: &[&str] = &["nft_chain_nat", "nft_nat", "nf_conntrack_netlink"];
+/// `crc32c_generic` first: libcrc32c (which nf_tables and conntrack need)
+/// asks the crypto API for crc32c when it loads, a soft dependency that
+/// `depends=` does not name; the cloud kernels have it built in (skipped),
+/// Debian's generic 6.1 as a module.
+const GUEST_MODULES: &[&str] = &[
+    "crc32c_generic",
+    "nft_chain_nat",
+    "nft_nat",
+    "nf_conntrack_netlink",
+];
 
 /// The newest kernel of a series, fetched into the cache if needed.
 pub fn fetch(prefix: &str, suffix: &str) -> Result<Kernel> {
