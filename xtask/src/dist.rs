@@ -39,19 +39,27 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     }
     crate::setup::run()?;
     fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let started = Instant::now();
+    build(&Arch::ALL)?;
+    eprintln!(
+        "xtask: dist: built for {} targets in {:.1} s",
+        Arch::ALL.len(),
+        started.elapsed().as_secs_f64()
+    );
     let mut names = vec![];
     for arch in Arch::ALL {
-        let started = Instant::now();
-        let bin = build(arch)?;
+        let bin = root()
+            .join("target")
+            .join(arch.musl_target())
+            .join("release/podscope");
         check_static(&bin, arch)?;
         let name = format!("podscope-linux-{}", arch.debian());
         fs::copy(&bin, out.join(&name))
             .with_context(|| format!("cannot copy {} to {}", bin.display(), out.display()))?;
         eprintln!(
-            "xtask: dist: {name} ({}, {:.1} MB) in {:.1} s",
+            "xtask: dist: {name} ({}, {:.1} MB)",
             arch.musl_target(),
             fs::metadata(out.join(&name))?.len() as f64 / 1e6,
-            started.elapsed().as_secs_f64()
         );
         names.push(name);
     }

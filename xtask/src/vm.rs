@@ -231,19 +231,23 @@ pub fn matrix(targets: &[Target]) -> Result<Totals> {
         Source::Host => Arch::host().unwrap_or(t.arch),
         Source::Debian { .. } => t.arch,
     };
-    let mut bins: Vec<(Arch, PathBuf)> = vec![];
+    let mut arches: Vec<Arch> = vec![];
     for t in targets {
-        let arch = arch_of(t);
-        if !bins.iter().any(|(a, _)| *a == arch) {
-            let started = Instant::now();
-            bins.push((arch, build_test_binary(arch)?));
-            eprintln!(
-                "xtask: vm-test: {TEST_BIN} for {} built in {:.1} s",
-                arch.musl_target(),
-                started.elapsed().as_secs_f64()
-            );
+        if !arches.contains(&arch_of(t)) {
+            arches.push(arch_of(t));
         }
     }
+    let started = Instant::now();
+    let bins = build_test_binaries(&arches)?;
+    eprintln!(
+        "xtask: vm-test: {TEST_BIN} for {} built in {:.1} s",
+        arches
+            .iter()
+            .map(|a| a.musl_target())
+            .collect::<Vec<_>>()
+            .join(" and "),
+        started.elapsed().as_secs_f64()
+    );
     let work = root().join("target").join("vm-test");
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let mut runs = vec![];
@@ -316,32 +320,32 @@ fn expect_args(t: &Target) -> Vec<String> {
         .collect()
 }
 
-/// Builds the static test binary for `arch` (the agent's build script
-/// builds the eBPF object for the BPF target, with `bpf_target_arch` set
-/// from the Rust target's architecture).
-fn build_test_binary(arch: Arch) -> Result<PathBuf> {
-    let target = arch.musl_target();
-    status(cargo().args([
-        "build",
-        "--profile",
-        PROFILE,
-        "--quiet",
-        "--target",
-        target,
-        "-p",
-        "podscope",
-        "--bin",
-        TEST_BIN,
-    ]))
-    .with_context(|| format!("building the static kernel-test binary for {target} failed"))?;
-    Ok(root()
-        .join("target")
-        .join(target)
-        .join(PROFILE)
-        .join(TEST_BIN))
+/// Builds the static test binary for each of `arches` in one cargo run,
+/// so that the two targets' builds share the cores (the agent crate is one
+/// long compile per target: side by side they overlap); the agent's build
+/// script builds the eBPF object for the BPF target, with `bpf_target_arch`
+/// set from each Rust target's architecture.
+fn build_test_binaries(arches: &[Arch]) -> Result<Vec<(Arch, PathBuf)>> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--profile", PROFILE, "--quiet"]);
+    for a in arches {
+        cmd.args(["--target", a.musl_target()]);
+    }
+    cmd.args(["-p", "podscope", "--bin", TEST_BIN]);
+    status(&mut cmd).context("building the static kernel-test binaries failed")?;
+    Ok(arches
+        .iter()
+        .map(|a| {
+            let bin = root()
+                .join("target")
+                .join(a.musl_target())
+                .join(PROFILE)
+                .join(TEST_BIN);
+            (*a, bin)
+        })
+        .collect())
 }
 
-/// The host kernel runs the same static binary directly.
 /// Without root it still runs: every scenario then reports its skip, and
 /// the column shows them (counted as skipped, with the reason) instead of
 /// vanishing from the table; as root a skip is a failure as on the guests.
