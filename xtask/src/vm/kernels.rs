@@ -122,11 +122,17 @@ const GUEST_MODULES: &[&str] = &[
 pub fn fetch(prefix: &str, suffix: &str) -> Result<Kernel> {
     let package = choose(prefix, suffix)?;
     let dir = kernels_dir().join(&package);
-    // A cache from before the guests loaded modules has no load order: fetched again.
+    // A cache made for another module list (or before the guests loaded
+    // modules) is fetched again.
     debs::fetch(
         &package,
         &dir,
-        |d| d.join("vmlinuz").is_file() && d.join(MODULES).join(ORDER).is_file(),
+        |d| {
+            d.join("vmlinuz").is_file()
+                && d.join(MODULES).join(ORDER).is_file()
+                && fs::read_to_string(d.join(MODULES).join(WANTED))
+                    .is_ok_and(|w| w == GUEST_MODULES.join(" "))
+        },
         |tree, out| harvest(&package, tree, out),
     )?;
     let order = fs::read_to_string(dir.join(MODULES).join(ORDER))?;
@@ -144,6 +150,8 @@ pub fn fetch(prefix: &str, suffix: &str) -> Result<Kernel> {
 const MODULES: &str = "modules";
 /// The modules' file names, one a line, in the order to load them.
 const ORDER: &str = "order";
+/// The GUEST_MODULES the cached modules were chosen for.
+const WANTED: &str = "wanted";
 
 /// Keeps the vmlinuz and GUEST_MODULES (decompressed, dependencies first).
 fn harvest(package: &str, tree: &Path, out: &Path) -> Result<()> {
@@ -175,6 +183,7 @@ fn harvest(package: &str, tree: &Path, out: &Path) -> Result<()> {
         names.push('\n');
     }
     fs::write(mdir.join(ORDER), names)?;
+    fs::write(mdir.join(WANTED), GUEST_MODULES.join(" "))?;
     Ok(())
 }
 
