@@ -366,8 +366,11 @@ mod tests {
             u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize,
             b.len()
         );
-        // The nest: 4 (its header) + 8 (attr "ab\0" padded to 4+4).
-        assert_eq!(u16::from_ne_bytes([b[16], b[17]]), 4 + 7);
+        // The nest covers its header (4) and the padded attribute inside
+        // ("ab\0": 4 + 3, padded to 8), as the kernel's nla_nest_end does.
+        assert_eq!(u16::from_ne_bytes([b[16], b[17]]), 4 + 8);
+        // The attribute's own length is unpadded.
+        assert_eq!(u16::from_ne_bytes([b[20], b[21]]), 4 + 3);
         assert_eq!(u16::from_ne_bytes([b[18], b[19]]), 9 | NLA_F_NESTED);
         assert_eq!(b.len(), 16 + 4 + 8);
     }
