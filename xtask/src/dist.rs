@@ -79,7 +79,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     println!(
         "dist: {} binaries and SHA256SUMS in {}",
         names.len(),
-        out.display()
+        out.canonicalize().unwrap_or(out).display()
     );
     Ok(ExitCode::SUCCESS)
 }
