@@ -1167,16 +1167,31 @@ fn dockerfile_builds_the_agent_with_the_projects_setup() {
         "{}",
         froms[0]
     );
+    // Multi-arch: the builder runs once, on the build machine's platform,
+    // and cross-builds every architecture's static binary; each runtime
+    // stage takes its own.
+    assert!(
+        froms[0].starts_with("FROM --platform=$BUILDPLATFORM "),
+        "{}",
+        froms[0]
+    );
     let last = froms.last().unwrap();
-    // Debian's glibc (the builder's) and its iptables package: the agent
-    // runs iptables-save to read kube-proxy's rules.
+    // Debian's iptables package: the agent runs iptables-save to read
+    // kube-proxy's rules.
     assert!(last.contains("debian:bookworm-slim"), "{last}");
     assert!(joined.contains("PODSCOPE_SETUP_MINIMAL=1"));
-    assert!(joined.contains("cargo xtask setup"));
-    assert!(joined.contains("cargo build --release") && joined.contains("-p podscope"));
+    assert!(joined.contains("cargo xtask dist --out /out"));
     let last_stage = &joined[joined.rfind("\nFROM ").unwrap()..];
     assert!(last_stage.contains(&format!("ENTRYPOINT [\"{BINARY}\"]")));
     assert!(last_stage.contains("CMD [\"agent\"]"));
+    assert!(last_stage.contains("ARG TARGETARCH"));
+    // The names `cargo xtask dist` gives its binaries (xtask/src/dist.rs).
+    assert!(
+        last_stage.contains(&format!(
+            "COPY --from=builder /out/podscope-linux-${{TARGETARCH}} {BINARY}"
+        )),
+        "the runtime stage takes its architecture's binary"
+    );
     assert!(
         last_stage.contains(STATE_DIR),
         "the state directory exists in the image"

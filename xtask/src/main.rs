@@ -6,8 +6,11 @@
 //!   kernel tests too, which then must not skip).
 //! - `bench <capability>`: side-by-side overhead measurements.
 //! - `vm-test [--kernel NAME]... [--all]`: the kernel tests on other kernels, in VMs.
+//! - `dist [--out DIR]`: static podscope binaries for every architecture, with checksums.
 
+mod arch;
 mod bench;
+mod dist;
 mod node;
 mod setup;
 mod summary;
@@ -21,7 +24,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits|pods|agent|terminations|net|throttle|faults | vm-test [--kernel NAME]...>";
+const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits|pods|agent|terminations|net|throttle|faults | vm-test [--kernel NAME]... | dist [--out DIR]>";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -46,6 +49,7 @@ fn real_main() -> Result<ExitCode> {
         "bench" => bench::run(rest),
         "node" => node::run(rest),
         "vm-test" => vm::run(rest),
+        "dist" => dist::run(rest),
         // The benchmarks' workload, run as a separate small process.
         "storm" => bench::storm(rest),
         "pingpong" => bench::pingpong(rest),
@@ -167,10 +171,15 @@ fn test() -> Result<ExitCode> {
     // a time, so that each gets its own line in the breakdown. The host
     // kernel's column is left out: agent/tests/kernel.rs runs the same
     // scenarios on it (`cargo xtask vm-test --kernel host` runs it alone).
-    for t in vm::TARGETS
+    let kernels: Vec<vm::Target> = vm::TARGETS
         .iter()
         .filter(|t| vm::DEFAULT_MATRIX.contains(&t.name) && !matches!(t.source, vm::Source::Host))
-    {
+        .copied()
+        .collect();
+    if let Err(e) = vm::prebuild(&kernels) {
+        eprintln!("xtask: the kernel matrix's test binaries could not be built: {e:#}");
+    }
+    for t in &kernels {
         match vm::matrix(&[*t]) {
             Ok(totals) => tally.matrix(t.name, &totals),
             Err(e) => {

@@ -3,11 +3,16 @@
 //!
 //! 1. nightly's rust-src (the eBPF build compiles `core` for the BPF target);
 //! 2. bpf-linker built against the nightly's own LLVM, keyed by the nightly;
-//! 3. the Debian packages the tests and benchmarks use;
-//! 4. a Python virtualenv with the pinned tools the tests run
+//! 3. the static (musl) Rust targets of every architecture podscope ships
+//!    for (`cargo xtask dist`, the kernel matrix); aarch64 links with the
+//!    toolchain's own rust-lld (.cargo/config.toml), so no cross compiler;
+//! 4. the Debian packages the tests and benchmarks use, and dpkg's other
+//!    architecture (arm64 on x86_64) so the matrix can fetch that
+//!    architecture's kernels and busybox;
+//! 5. a Python virtualenv with the pinned tools the tests run
 //!    (kubernetes-validate, yamllint, prometheus-client), under `toolchain::python_venv()`.
 //!
-//! `PODSCOPE_SETUP_MINIMAL=1` does only 1 and 2, what building the binary
+//! `PODSCOPE_SETUP_MINIMAL=1` does only 1 to 3, what building the binaries
 //! needs: the container image's builder stage (deploy/Dockerfile) uses it.
 
 use std::{
@@ -23,12 +28,14 @@ use xtask::toolchain::{
     BPF_LINKER_VERSION, NIGHTLY, Nightly, cache_dir, is_executable, python_venv,
 };
 
-use crate::status;
+use crate::{arch::Arch, status};
 
 /// Debian packages: bpftrace is the peer tool the benchmarks compare against;
 /// bpftool reads the kernel's own per-program run-time statistics for them;
-/// qemu-system-x86 boots the kernel matrix, busybox-static is its guests' userspace
-/// (and the test node's images); the rest runs the test node.
+/// qemu-system-x86 and qemu-system-arm boot the kernel matrix (xz-utils
+/// unpacks its kernels' modules); busybox-static is the test node's images'
+/// userspace (the guests' comes per architecture from Debian's archive);
+/// the rest runs the test node.
 const APT_PACKAGES: &[&str] = &[
     "bpftrace",
     "bpftool",
@@ -45,6 +52,8 @@ const APT_PACKAGES: &[&str] = &[
     // `python3 -m venv` for the tools below (Debian splits venv out of python3).
     "python3-venv",
     "qemu-system-x86",
+    "qemu-system-arm",
+    "xz-utils",
     // `cargo xtask bench net`: throughput between two pods through a ClusterIP.
     "iperf3",
     // `perf bench sched messaging`: a context-switch-heavy workload for `bench throttle`.
@@ -66,12 +75,13 @@ pub fn run() -> Result<()> {
     rust_src()?;
     let nightly = Nightly::detect().map_err(anyhow::Error::msg)?;
     bpf_linker(&nightly)?;
+    musl_targets()?;
     if env::var_os("PODSCOPE_SETUP_MINIMAL").is_some_and(|v| v == "1") {
         eprintln!("xtask: PODSCOPE_SETUP_MINIMAL=1: build tools only, no test packages");
     } else {
+        foreign_architectures()?;
         apt_packages(APT_PACKAGES)?;
         python_tools(&python_venv(), PYTHON_TOOLS)?;
-        musl_target()?;
     }
     eprintln!(
         "xtask: set-up complete in {:.1}s",
@@ -103,21 +113,57 @@ fn rust_src() -> Result<()> {
     status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
 }
 
-/// The static kernel-test binary that the VM matrix boots is built for musl.
-fn musl_target() -> Result<()> {
-    const MUSL: &str = "x86_64-unknown-linux-musl";
+/// The static targets: `cargo xtask dist` builds each, the kernel matrix
+/// boots each architecture's test binary.
+pub fn musl_targets() -> Result<()> {
     let out = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
         .context("cannot run rustup")?;
-    if String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.trim() == MUSL)
-    {
+    let installed = String::from_utf8_lossy(&out.stdout);
+    let missing: Vec<&str> = Arch::ALL
+        .iter()
+        .map(|a| a.musl_target())
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: installing the Rust target {MUSL}");
-    status(Command::new("rustup").args(["target", "add", MUSL]))
+    eprintln!("xtask: installing the Rust targets {}", missing.join(" "));
+    status(
+        Command::new("rustup")
+            .args(["target", "add"])
+            .args(&missing),
+    )
+}
+
+/// dpkg's other architectures, so that `apt-get download` finds their
+/// kernels and busybox (nothing of theirs is installed), then the lists.
+fn foreign_architectures() -> Result<()> {
+    let native = Arch::host().map(Arch::debian);
+    let out = Command::new("dpkg")
+        .arg("--print-foreign-architectures")
+        .output()
+        .context("cannot run dpkg (is this Debian?)")?;
+    let known = String::from_utf8_lossy(&out.stdout);
+    let missing: Vec<&str> = Arch::ALL
+        .iter()
+        .map(|a| a.debian())
+        .filter(|a| Some(*a) != native && !known.lines().any(|l| l.trim() == *a))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for a in &missing {
+        eprintln!("xtask: adding dpkg architecture {a} (for the kernel matrix's {a} kernels)");
+        status(Command::new("dpkg").args(["--add-architecture", a]))?;
+    }
+    status(
+        Command::new("apt-get")
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("apt-get update failed (the set-up needs root and Debian's archive)")
 }
 
 fn bpf_linker(n: &Nightly) -> Result<()> {

@@ -1,17 +1,20 @@
 //! `cargo xtask vm-test [--kernel NAME]... [--all]`: podscope's kernel tests
-//! on other kernels.
+//! on other kernels and architectures.
 //!
-//! Each Debian kernel of the matrix is fetched with `apt-get download` (and
-//! cached), booted under qemu with software emulation (TCG: KVM cannot run
-//! stock kernels on this machine) from an initramfs that holds busybox and
-//! the static `podscope-kernel-tests`, which runs as PID 1's child and
-//! prints its results on the serial console. The host kernel runs the same
-//! binary directly. The result is one table, kernels × scenarios, with the
-//! exact error of every failure; the exit status is non-zero on any
-//! unexpected failure.
+//! Each Debian kernel of the matrix (amd64 and arm64) is fetched with
+//! `apt-get download` (and cached), booted under qemu with software
+//! emulation (TCG: KVM cannot run stock kernels on this machine, and arm64
+//! needs emulation anyway) from an initramfs that holds busybox, the
+//! kernel's netfilter modules and the static `podscope-kernel-tests` of the
+//! guest's architecture, which runs as PID 1's child and prints its results
+//! on the serial console. The host kernel runs the same binary directly. The
+//! result is one table, kernels × scenarios, with the exact error of every
+//! failure; the exit status is non-zero on any unexpected failure.
 
+mod debs;
 mod initramfs;
 mod kernels;
+mod modules;
 mod qemu;
 mod report;
 
@@ -25,17 +28,19 @@ use anyhow::{Context, Result, bail};
 
 pub use report::Totals;
 
-use crate::{cargo, root, status};
+use crate::{arch::Arch, cargo, root, status};
 
-/// The Rust target of the static test binary.
-const MUSL: &str = "x86_64-unknown-linux-musl";
 const TEST_BIN: &str = "podscope-kernel-tests";
+/// Cargo.toml's profile for the test binaries: less optimised than a release.
+const PROFILE: &str = "kernel-tests";
 
 /// One kernel of the matrix and what is known about it.
 #[derive(Clone, Copy, Debug)]
 pub struct Target {
     /// The name `--kernel` takes.
     pub name: &'static str,
+    /// The guest's architecture (the host's for `Source::Host`).
+    pub arch: Arch,
     /// Where the kernel comes from.
     pub source: Source,
     /// Expectations passed to the test binary (`--expect NAME=VALUE`): the
@@ -49,11 +54,24 @@ pub struct Target {
 pub enum Source {
     /// The kernel this machine runs.
     Host,
-    /// The newest Debian package whose name is `prefix` + version + `suffix`.
+    /// The newest Debian package named `prefix`, a version, `-`, `flavour`,
+    /// the architecture and `-unsigned`: `linux-image-6.1.0-57-cloud-arm64-unsigned`.
     Debian {
         prefix: &'static str,
-        suffix: &'static str,
+        flavour: &'static str,
     },
+}
+
+impl Source {
+    /// The package name's prefix and suffix for `arch`.
+    fn package(self, arch: Arch) -> Option<(&'static str, String)> {
+        match self {
+            Source::Host => None,
+            Source::Debian { prefix, flavour } => {
+                Some((prefix, format!("-{flavour}{}-unsigned", arch.debian())))
+            }
+        }
+    }
 }
 
 /// Measured in these guests (DESIGN.md, "Other kernels, in VMs"): every
@@ -80,23 +98,42 @@ const DEBIAN_6_12: &[&str] = &[
     "netfilter_link=ok",
 ];
 
+const CLOUD_6_1: Source = Source::Debian {
+    prefix: "linux-image-6.1.0-",
+    flavour: "cloud-",
+};
+const CLOUD_6_12: Source = Source::Debian {
+    prefix: "linux-image-6.12.",
+    flavour: "cloud-",
+};
+
+/// Debian's arm64 6.1 (measured): as on amd64, except that BPF trampolines
+/// are refused (ENOTSUPP): arm64 attaches them through ftrace direct
+/// calls, which it has from 6.4. Every family has a tracepoint path.
+const DEBIAN_6_1_ARM64: &[&str] = &[
+    "exits=tp_btf",
+    "tp_btf=ok",
+    "raw_tp=ok",
+    "tracepoint=ok",
+    "fentry=refused",
+    "kprobe=ok",
+    "lsm=refused",
+    "netfilter_link=refused",
+];
+
 /// Every kernel `--kernel` knows, the default matrix first.
 pub const TARGETS: &[Target] = &[
     Target {
         name: "6.1-cloud",
-        source: Source::Debian {
-            prefix: "linux-image-6.1.0-",
-            suffix: "-cloud-amd64-unsigned",
-        },
+        arch: Arch::X86_64,
+        source: CLOUD_6_1,
         expect: DEBIAN_6_1,
         expected_skips: &[],
     },
     Target {
-        name: "6.12-cloud",
-        source: Source::Debian {
-            prefix: "linux-image-6.12.",
-            suffix: "-cloud-amd64-unsigned",
-        },
+        name: "6.12-cloud-arm64",
+        arch: Arch::Aarch64,
+        source: CLOUD_6_12,
         expect: DEBIAN_6_12,
         expected_skips: &[],
     },
@@ -105,26 +142,45 @@ pub const TARGETS: &[Target] = &[
         // refuses trampolines and has no kprobes; production kernels differ):
         // only the exits choice is asserted, the rest is reported.
         name: "host",
+        arch: Arch::X86_64,
         source: Source::Host,
         expect: &["exits=tp_btf"],
         expected_skips: &[],
     },
     Target {
+        name: "6.12-cloud",
+        arch: Arch::X86_64,
+        source: CLOUD_6_12,
+        expect: DEBIAN_6_12,
+        expected_skips: &[],
+    },
+    Target {
+        name: "6.1-cloud-arm64",
+        arch: Arch::Aarch64,
+        source: CLOUD_6_1,
+        expect: DEBIAN_6_1_ARM64,
+        expected_skips: &[],
+    },
+    Target {
         // Debian's generic 6.1 (more drivers, same BPF features): `--all` only.
         name: "6.1",
+        arch: Arch::X86_64,
         source: Source::Debian {
             prefix: "linux-image-6.1.0-",
-            suffix: "-amd64-unsigned",
+            flavour: "",
         },
         expect: DEBIAN_6_1,
         expected_skips: &[],
     },
 ];
 
-/// The matrix `cargo xtask test` runs.
-pub const DEFAULT_MATRIX: &[&str] = &["6.1-cloud", "6.12-cloud", "host"];
+/// The matrix `cargo xtask test` runs: both architectures, both kernel
+/// series (6.1: no netfilter links, the conntrack fallback; 6.12: links),
+/// crossed so that each series runs on one architecture in the time budget
+/// (BENCHMARKS.md, "Kernel matrix"); `--all` runs every pair.
+pub const DEFAULT_MATRIX: &[&str] = &["6.1-cloud", "6.12-cloud-arm64", "host"];
 
-const USAGE: &str = "usage: cargo xtask vm-test [--kernel NAME]... [--all]   (NAME: 6.1-cloud, 6.12-cloud, host, 6.1)";
+const USAGE: &str = "usage: cargo xtask vm-test [--kernel NAME]... [--all]   (NAME: 6.1-cloud, 6.12-cloud-arm64, host, 6.12-cloud, 6.1-cloud-arm64, 6.1)";
 
 /// `cargo xtask vm-test ARGS`.
 pub fn run(args: &[String]) -> Result<ExitCode> {
@@ -169,43 +225,60 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 
 /// Runs the matrix, prints its table, and returns the counts (an error
 /// only when the matrix could not run at all, e.g. the build failed).
+/// Builds the test binaries of every architecture `targets` need in one
+/// cargo run (their compiles overlap on the cores); a later [`matrix`] of
+/// any subset finds them fresh.
+pub fn prebuild(targets: &[Target]) -> Result<()> {
+    let mut arches: Vec<Arch> = vec![];
+    for t in targets {
+        let a = match t.source {
+            Source::Host => Arch::host().unwrap_or(t.arch),
+            Source::Debian { .. } => t.arch,
+        };
+        if !arches.contains(&a) {
+            arches.push(a);
+        }
+    }
+    build_test_binaries(&arches).map(|_| ())
+}
+
 pub fn matrix(targets: &[Target]) -> Result<Totals> {
     let t0 = Instant::now();
-    let bin = build_test_binary()?;
+    let arch_of = |t: &Target| match t.source {
+        Source::Host => Arch::host().unwrap_or(t.arch),
+        Source::Debian { .. } => t.arch,
+    };
+    let mut arches: Vec<Arch> = vec![];
+    for t in targets {
+        if !arches.contains(&arch_of(t)) {
+            arches.push(arch_of(t));
+        }
+    }
+    let started = Instant::now();
+    let bins = build_test_binaries(&arches)?;
+    eprintln!(
+        "xtask: vm-test: {TEST_BIN} for {} built in {:.1} s",
+        arches
+            .iter()
+            .map(|a| a.musl_target())
+            .collect::<Vec<_>>()
+            .join(" and "),
+        started.elapsed().as_secs_f64()
+    );
     let work = root().join("target").join("vm-test");
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let mut runs = vec![];
-    let mut initrd: Option<PathBuf> = None;
     for t in targets {
-        if matches!(t.source, Source::Host) && crate::unsafe_geteuid() != 0 {
-            // As with `cargo test`, a kernel test that cannot run without root
-            // says so and skips; the guests run as root inside their VM.
-            eprintln!("xtask: vm-test host: skipped, needs root to load eBPF programs");
-            continue;
-        }
+        let arch = arch_of(t);
+        let bin = &bins
+            .iter()
+            .find(|(a, _)| *a == arch)
+            .context("a test binary per architecture")?
+            .1;
         let started = Instant::now();
-        let mut run = match t.source {
-            Source::Host => host_run(&bin, t),
-            Source::Debian { prefix, suffix } => {
-                let initrd = match &initrd {
-                    Some(p) => p.clone(),
-                    None => {
-                        let p = work.join("initramfs.cpio");
-                        initramfs::build(&bin, &p)?;
-                        initrd = Some(p.clone());
-                        p
-                    }
-                };
-                match kernels::fetch(prefix, suffix) {
-                    Ok(k) => qemu::boot(
-                        &k,
-                        &initrd,
-                        &expect_args(t),
-                        &work.join(format!("{}.log", t.name)),
-                    ),
-                    Err(e) => report::Run::broken(format!("{e:#}")),
-                }
-            }
+        let mut run = match t.source.package(arch) {
+            None => host_run(bin, t),
+            Some((prefix, suffix)) => guest_run(t, arch, bin, prefix, &suffix, &work),
         };
         run.target = Some(*t);
         run.wall = started.elapsed();
@@ -228,6 +301,34 @@ pub fn matrix(targets: &[Target]) -> Result<Totals> {
     Ok(totals)
 }
 
+/// Boots one Debian kernel with an initramfs of its own (its modules, the
+/// busybox and test binary of its architecture).
+fn guest_run(
+    t: &Target,
+    arch: Arch,
+    bin: &Path,
+    prefix: &str,
+    suffix: &str,
+    work: &Path,
+) -> report::Run {
+    let prepared = kernels::fetch(prefix, suffix).and_then(|k| {
+        let busybox = debs::busybox(arch.debian())?;
+        let initrd = work.join(format!("{}.cpio", t.name));
+        initramfs::build(&busybox, bin, &k.modules, &initrd)?;
+        Ok((k, initrd))
+    });
+    match prepared {
+        Ok((k, initrd)) => qemu::boot(
+            arch,
+            &k,
+            &initrd,
+            &expect_args(t),
+            &work.join(format!("{}.log", t.name)),
+        ),
+        Err(e) => report::Run::broken(format!("{e:#}")),
+    }
+}
+
 /// `--expect` arguments for a target.
 fn expect_args(t: &Target) -> Vec<String> {
     t.expect
@@ -236,37 +337,48 @@ fn expect_args(t: &Target) -> Vec<String> {
         .collect()
 }
 
-/// Builds the static test binary (the agent's build script builds the eBPF
-/// object for the BPF target whatever the host target is).
-fn build_test_binary() -> Result<PathBuf> {
-    status(cargo().args([
-        "build",
-        "--release",
-        "--quiet",
-        "--target",
-        MUSL,
-        "-p",
-        "podscope",
-        "--bin",
-        TEST_BIN,
-    ]))
-    .context("building the static kernel-test binary failed")?;
-    Ok(root()
-        .join("target")
-        .join(MUSL)
-        .join("release")
-        .join(TEST_BIN))
+/// Builds the static test binary for each of `arches` in one cargo run,
+/// so that the two targets' builds share the cores (the agent crate is one
+/// long compile per target: side by side they overlap); the agent's build
+/// script builds the eBPF object for the BPF target, with `bpf_target_arch`
+/// set from each Rust target's architecture.
+fn build_test_binaries(arches: &[Arch]) -> Result<Vec<(Arch, PathBuf)>> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--profile", PROFILE, "--quiet"]);
+    for a in arches {
+        cmd.args(["--target", a.musl_target()]);
+    }
+    cmd.args(["-p", "podscope", "--bin", TEST_BIN]);
+    status(&mut cmd).context("building the static kernel-test binaries failed")?;
+    Ok(arches
+        .iter()
+        .map(|a| {
+            let bin = root()
+                .join("target")
+                .join(a.musl_target())
+                .join(PROFILE)
+                .join(TEST_BIN);
+            (*a, bin)
+        })
+        .collect())
 }
 
-/// The host kernel runs the same static binary directly.
+/// Without root it still runs: every scenario then reports its skip, and
+/// the column shows them (counted as skipped, with the reason) instead of
+/// vanishing from the table; as root a skip is a failure as on the guests.
 fn host_run(bin: &Path, t: &Target) -> report::Run {
     let out = Command::new(bin).args(expect_args(t)).output();
-    match out {
+    let mut run = match out {
         Ok(o) => {
             let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
             text.push_str(&String::from_utf8_lossy(&o.stderr));
             report::Run::parse(&text)
         }
         Err(e) => report::Run::broken(format!("cannot run {}: {e}", bin.display())),
+    };
+    if crate::unsafe_geteuid() != 0 {
+        run.skips_allowed =
+            Some("not root: the host kernel's column needs root to load eBPF programs".into());
     }
+    run
 }

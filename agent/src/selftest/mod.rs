@@ -17,6 +17,7 @@ mod cgroups;
 mod exits;
 pub mod helper;
 mod net;
+mod nlrules;
 mod selection;
 mod terminations;
 mod throttle;

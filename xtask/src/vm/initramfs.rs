@@ -1,14 +1,16 @@
 //! The guests' whole userspace: an uncompressed initramfs (newc cpio,
-//! written here, so no cpio tool is needed) with busybox, the static test
-//! binary and an /init that mounts what the tests need, runs them with the
+//! written here, so no cpio tool is needed) with busybox and the static test
+//! binary of the guest's architecture, the kernel's netfilter modules, and an
+//! /init that loads them, mounts what the tests need, runs them with the
 //! arguments the kernel command line gives after `--`, and powers off.
 
-use std::{fs, io::Write, path::Path};
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
-
-/// Debian's busybox-static (`cargo xtask setup` installs it).
-const BUSYBOX: &str = "/bin/busybox";
 
 /// PID 1. tracefs is mounted because `podscope doctor` and the plain
 /// tracepoint hook find tracepoints there; cgroup2 because events carry
@@ -21,6 +23,11 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# A module that does not load is named here; the scenario needing it fails
+# with its own message.
+while read m; do
+  insmod /lib/modules/$m || echo PODSCOPE-MODULE-FAILED $m
+done < /lib/modules/order
 echo PODSCOPE-BOOTED
 /podscope-kernel-tests \"$@\"
 echo PODSCOPE-EXIT $?
@@ -28,19 +35,30 @@ poweroff -f
 ";
 
 /// The busybox applets the init script and the scenarios call.
-const APPLETS: &[&str] = &["sh", "sleep", "mount", "poweroff", "echo"];
+const APPLETS: &[&str] = &["sh", "sleep", "mount", "poweroff", "echo", "insmod"];
 
-/// Writes the initramfs for `test_bin` to `out`.
-pub fn build(test_bin: &Path, out: &Path) -> Result<()> {
-    let busybox = fs::read(BUSYBOX).with_context(|| {
-        format!("cannot read {BUSYBOX}: install busybox-static (`cargo xtask setup` does)")
-    })?;
-    let tests =
-        fs::read(test_bin).with_context(|| format!("cannot read {}", test_bin.display()))?;
+/// Writes the initramfs to `out`: `busybox` and `test_bin` must be of the
+/// guest's architecture, `modules` (plain .ko files) of its kernel, in the
+/// order to load them.
+pub fn build(busybox: &Path, test_bin: &Path, modules: &[PathBuf], out: &Path) -> Result<()> {
+    let read = |p: &Path| fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let busybox = read(busybox)?;
+    let tests = read(test_bin)?;
     let mut w = Writer::default();
-    for dir in ["bin", "dev", "proc", "sys", "root"] {
+    for dir in ["bin", "dev", "proc", "sys", "root", "lib", "lib/modules"] {
         w.entry(dir, 0o040755, &[], (0, 0));
     }
+    let mut order = String::new();
+    for m in modules {
+        let name = m
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{}: no file name", m.display()))?;
+        w.entry(&format!("lib/modules/{name}"), 0o100644, &read(m)?, (0, 0));
+        order.push_str(name);
+        order.push('\n');
+    }
+    w.entry("lib/modules/order", 0o100644, order.as_bytes(), (0, 0));
     w.entry("tmp", 0o041777, &[], (0, 0));
     // The kernel opens /dev/console for PID 1's output before /init can
     // mount devtmpfs: without this node, nothing would reach the serial port.

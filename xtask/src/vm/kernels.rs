@@ -1,6 +1,8 @@
 //! Debian kernel packages: the newest of a series, downloaded once with
-//! `apt-get download` and unpacked with `dpkg -x`; only the vmlinuz is kept
-//! (the tests need no modules: everything they touch is built in).
+//! `apt-get download` and unpacked with `dpkg -x`; the vmlinuz is kept, and
+//! the few netfilter modules the packet scenario needs (Debian builds
+//! conntrack, NAT and nf_tables as modules; everything else the tests touch
+//! is built in).
 
 use std::{
     cmp::Ordering,
@@ -9,18 +11,21 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context, Result, bail};
-use xtask::toolchain::cache_dir;
+use anyhow::{Context, Result};
+
+use super::{debs, modules};
 
 /// A kernel ready to boot.
 #[derive(Clone, Debug)]
 pub struct Kernel {
     pub package: String,
     pub vmlinuz: PathBuf,
+    /// Modules for the initramfs, in the order /init loads them.
+    pub modules: Vec<PathBuf>,
 }
 
 fn kernels_dir() -> PathBuf {
-    cache_dir().join("kernels")
+    xtask::toolchain::cache_dir().join("kernels")
 }
 
 /// Whether `name` is `prefix` + one version word + `suffix` ("6.1.0-" +
@@ -98,58 +103,58 @@ fn choose(prefix: &str, suffix: &str) -> Result<String> {
     })
 }
 
+/// The modules the guests load at boot (with what they depend on): Debian
+/// builds netfilter's conntrack, NAT and nf_tables as modules, and the
+/// packet scenario writes a real DNAT rule (nf_tables over netlink) and,
+/// where netfilter links are missing, reads conntrack's netlink events.
+/// `crc32c_generic` first: libcrc32c (which nf_tables and conntrack need)
+/// asks the crypto API for crc32c when it loads, a soft dependency that
+/// `depends=` does not name; the cloud kernels have it built in (skipped),
+/// Debian's generic 6.1 as a module.
+const GUEST_MODULES: &[&str] = &[
+    "crc32c_generic",
+    "nft_chain_nat",
+    "nft_nat",
+    "nf_conntrack_netlink",
+];
+
 /// The newest kernel of a series, fetched into the cache if needed.
 pub fn fetch(prefix: &str, suffix: &str) -> Result<Kernel> {
     let package = choose(prefix, suffix)?;
     let dir = kernels_dir().join(&package);
-    let vmlinuz = dir.join("vmlinuz");
-    if !vmlinuz.is_file() {
-        download(&package, &dir)?;
-    }
-    Ok(Kernel { package, vmlinuz })
+    // A cache made for another module list (or before the guests loaded
+    // modules) is fetched again.
+    debs::fetch(
+        &package,
+        &dir,
+        |d| {
+            d.join("vmlinuz").is_file()
+                && d.join(MODULES).join(ORDER).is_file()
+                && fs::read_to_string(d.join(MODULES).join(WANTED))
+                    .is_ok_and(|w| w == GUEST_MODULES.join(" "))
+        },
+        |tree, out| harvest(&package, tree, out),
+    )?;
+    let order = fs::read_to_string(dir.join(MODULES).join(ORDER))?;
+    Ok(Kernel {
+        package,
+        vmlinuz: dir.join("vmlinuz"),
+        modules: order
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| dir.join(MODULES).join(l))
+            .collect(),
+    })
 }
 
-/// Downloads and unpacks a package, keeping its vmlinuz as `dir/vmlinuz`.
-fn download(package: &str, dir: &Path) -> Result<()> {
-    eprintln!("xtask: fetching {package}");
-    let scratch = kernels_dir().join(format!(".download-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&scratch);
-    fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
-    let r = download_into(package, dir, &scratch);
-    let _ = fs::remove_dir_all(&scratch);
-    r
-}
+const MODULES: &str = "modules";
+/// The modules' file names, one a line, in the order to load them.
+const ORDER: &str = "order";
+/// The GUEST_MODULES the cached modules were chosen for.
+const WANTED: &str = "wanted";
 
-fn download_into(package: &str, dir: &Path, scratch: &Path) -> Result<()> {
-    let out = Command::new("apt-get")
-        .args(["download", "-q", package])
-        .current_dir(scratch)
-        .output()
-        .context("cannot run apt-get (is this Debian?)")?;
-    if !out.status.success() {
-        bail!(
-            "`apt-get download {package}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let deb = fs::read_dir(scratch)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .with_context(|| format!("`apt-get download {package}` left no .deb"))?;
-    let tree = scratch.join("tree");
-    let out = Command::new("dpkg")
-        .arg("-x")
-        .arg(&deb)
-        .arg(&tree)
-        .output()
-        .context("cannot run dpkg")?;
-    if !out.status.success() {
-        bail!(
-            "`dpkg -x {}` failed: {}",
-            deb.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+/// Keeps the vmlinuz and GUEST_MODULES (decompressed, dependencies first).
+fn harvest(package: &str, tree: &Path, out: &Path) -> Result<()> {
     let image = fs::read_dir(tree.join("boot"))
         .with_context(|| format!("{package} has no /boot"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -159,11 +164,26 @@ fn download_into(package: &str, dir: &Path, scratch: &Path) -> Result<()> {
                 .is_some_and(|f| f.starts_with("vmlinuz-"))
         })
         .with_context(|| format!("{package} has no /boot/vmlinuz-*"))?;
-    fs::create_dir_all(dir)?;
-    // Copy then rename, so an interrupted fetch never leaves a half kernel.
-    let part = dir.join("vmlinuz.part");
-    fs::copy(&image, &part).with_context(|| format!("cannot copy {}", image.display()))?;
-    fs::rename(&part, dir.join("vmlinuz"))?;
+    fs::copy(&image, out.join("vmlinuz"))
+        .with_context(|| format!("cannot copy {}", image.display()))?;
+    let moddir = fs::read_dir(tree.join("lib/modules"))
+        .with_context(|| format!("{package} has no /lib/modules"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .next()
+        .with_context(|| format!("{package} has an empty /lib/modules"))?;
+    let tree = modules::Tree::read(&moddir)?;
+    let order = tree.load_order(GUEST_MODULES)?;
+    let mdir = out.join(MODULES);
+    fs::create_dir_all(&mdir)?;
+    let mut names = String::new();
+    for m in &order {
+        let file = format!("{m}.ko");
+        fs::write(mdir.join(&file), tree.contents(m)?)?;
+        names.push_str(&file);
+        names.push('\n');
+    }
+    fs::write(mdir.join(ORDER), names)?;
+    fs::write(mdir.join(WANTED), GUEST_MODULES.join(" "))?;
     Ok(())
 }
 

@@ -12,15 +12,16 @@ use std::{
 };
 
 use super::{kernels::Kernel, report::Run};
+use crate::arch::Arch;
 
 /// Far above a normal run (about 10–15 s under TCG), far below CI's budget.
 const DEADLINE: Duration = Duration::from_secs(300);
 
 /// The kernel command line; everything after `--` is /init's arguments.
-fn append(args: &[String]) -> String {
+fn append(arch: Arch, args: &[String]) -> String {
     // loglevel=1 keeps kernel messages (segfault reports, for one) from
     // splicing into the result lines on the shared console.
-    let mut s = String::from("console=ttyS0 panic=-1 loglevel=1 --");
+    let mut s = format!("console={} panic=-1 loglevel=1 --", arch.console());
     for a in args {
         s.push(' ');
         s.push_str(a);
@@ -28,38 +29,31 @@ fn append(args: &[String]) -> String {
     s
 }
 
-pub fn boot(kernel: &Kernel, initrd: &Path, args: &[String], log: &Path) -> Run {
+pub fn boot(arch: Arch, kernel: &Kernel, initrd: &Path, args: &[String], log: &Path) -> Run {
     let started = Instant::now();
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let (qemu, package) = arch.qemu();
+    let mut cmd = Command::new(qemu);
     // Two vCPUs, so per-CPU maps and cross-CPU ring-buffer order are
     // exercised, emulated round-robin on one host thread: measured on the
     // 10,000-process scenario, multi-threaded TCG took 33 s (its vCPUs
     // spend the time synchronising), one thread 4 s, a single vCPU 2 s.
-    cmd.args([
-        "-accel",
-        "tcg,thread=single",
-        "-smp",
-        "2",
-        "-cpu",
-        "max",
-        "-m",
-        "1024",
-    ])
-    .args(["-nographic", "-no-reboot", "-nic", "none"])
-    .arg("-kernel")
-    .arg(&kernel.vmlinuz)
-    .arg("-initrd")
-    .arg(initrd)
-    .arg("-append")
-    .arg(append(args))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.args(["-accel", "tcg,thread=single", "-smp", "2", "-m", "1024"])
+        .args(arch.machine())
+        .args(["-nographic", "-no-reboot", "-nic", "none"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(append(arch, args))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             return Run::broken(format!(
-                "cannot start qemu-system-x86_64 ({e}): install qemu-system-x86 (`cargo xtask setup` does)"
+                "cannot start {qemu} ({e}): install {package} (`cargo xtask setup` does)"
             ));
         }
     };
@@ -89,6 +83,8 @@ pub fn boot(kernel: &Kernel, initrd: &Path, args: &[String], log: &Path) -> Run 
 
     let mut console = String::new();
     let mut booted = None;
+    // When each result line arrived: a scenario's time is the gap to the previous one.
+    let mut result_times = vec![];
     let mut timed_out = false;
     loop {
         let left = DEADLINE.saturating_sub(started.elapsed());
@@ -97,6 +93,9 @@ pub fn boot(kernel: &Kernel, initrd: &Path, args: &[String], log: &Path) -> Run 
                 let line = line.trim_end_matches('\r');
                 if booted.is_none() && line.contains("PODSCOPE-BOOTED") {
                     booted = Some(started.elapsed());
+                }
+                if line.contains(super::report::TEST_PREFIX) {
+                    result_times.push(started.elapsed());
                 }
                 console.push_str(line);
                 console.push('\n');
@@ -118,6 +117,11 @@ pub fn boot(kernel: &Kernel, initrd: &Path, args: &[String], log: &Path) -> Run 
     let _ = std::fs::write(log, &console);
     let mut run = Run::parse(&console);
     run.boot = booted;
+    let mut prev = booted;
+    for (r, at) in run.results.iter_mut().zip(result_times) {
+        r.seconds = prev.map(|p| at.saturating_sub(p).as_secs_f64());
+        prev = Some(at);
+    }
     run.kernel.get_or_insert_with(|| kernel.package.clone());
     if timed_out {
         run.problem = Some(format!(

@@ -6,16 +6,18 @@ use std::{io::Write, time::Duration};
 use super::Target;
 
 /// The lines `podscope-kernel-tests` prints (agent/src/selftest/mod.rs).
-const TEST_PREFIX: &str = "PODSCOPE-TEST ";
+pub const TEST_PREFIX: &str = "PODSCOPE-TEST ";
 const SUMMARY_PREFIX: &str = "PODSCOPE-SUMMARY ";
 
 /// One scenario's result on one kernel.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TestResult {
     pub name: String,
     /// pass, fail or skip.
     pub word: String,
     pub detail: String,
+    /// Its time, where the run's output was timed as it came (the guests).
+    pub seconds: Option<f64>,
 }
 
 /// One kernel's run.
@@ -32,6 +34,9 @@ pub struct Run {
     pub boot: Option<Duration>,
     /// The tests' own time, from the summary line.
     pub tests_seconds: Option<f64>,
+    /// Why this run's skips are skips and not failures (the host column
+    /// without root); None: a skip not expected by the target fails.
+    pub skips_allowed: Option<String>,
 }
 
 impl Run {
@@ -58,6 +63,7 @@ impl Run {
                     name: name.to_string(),
                     word: word.to_string(),
                     detail: words.next().unwrap_or("").trim().to_string(),
+                    seconds: None,
                 });
             } else if let Some(at) = line.find(SUMMARY_PREFIX) {
                 summary = true;
@@ -116,6 +122,7 @@ fn cell(run: &Run, scenario: &str) -> (&'static str, Option<String>) {
     match run.results.iter().find(|r| r.name == scenario) {
         Some(r) if r.word == "pass" => ("pass", None),
         Some(r) if r.word == "skip" && run.expected_skip(scenario) => ("expected-skip", None),
+        Some(r) if r.word == "skip" && run.skips_allowed.is_some() => ("skip", None),
         Some(r) if r.word == "skip" => {
             ("SKIP", Some(format!("skipped unexpectedly: {}", r.detail)))
         }
@@ -150,10 +157,18 @@ pub fn print(runs: &[Run], out: &mut dyn Write) -> std::io::Result<Totals> {
                 write!(out, " – |")?;
                 continue;
             }
-            write!(out, " {word} |")?;
+            match run
+                .results
+                .iter()
+                .find(|r| r.name == *s)
+                .and_then(|r| r.seconds)
+            {
+                Some(t) => write!(out, " {word} {t:.1}s |")?,
+                None => write!(out, " {word} |")?,
+            }
             match (word, failure) {
                 ("pass", _) => totals.passed += 1,
-                ("expected-skip", _) => totals.skipped += 1,
+                ("expected-skip" | "skip", _) => totals.skipped += 1,
                 (_, Some(f)) => {
                     totals.failed += 1;
                     failures.push(format!("{} / {s}: {f}", run.name()));
@@ -190,6 +205,11 @@ pub fn print(runs: &[Run], out: &mut dyn Write) -> std::io::Result<Totals> {
     writeln!(out)?;
     for f in &failures {
         writeln!(out, "FAILED {f}")?;
+    }
+    for run in runs {
+        if let Some(why) = &run.skips_allowed {
+            writeln!(out, "SKIPPED {}: {why}", run.name())?;
+        }
     }
     for run in runs {
         if let Some(sel) = run
@@ -252,5 +272,21 @@ mod tests {
             text.contains("FAILED ? / sigkill: signal: got None"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_host_column_without_root_shows_its_skips() {
+        let mut run = Run::parse(
+            "PODSCOPE-TEST exit_code_3 skip needs root\nPODSCOPE-SUMMARY kernel=6.18 passed=0 failed=0 skipped=1 seconds=0.0\n",
+        );
+        let strict = print(std::slice::from_ref(&run), &mut vec![]).unwrap();
+        assert_eq!(strict.failed, 1, "a skip is a failure unless allowed");
+        run.skips_allowed = Some("not root".into());
+        let mut out = vec![];
+        let totals = print(&[run], &mut out).unwrap();
+        assert_eq!((totals.failed, totals.skipped), (0, 1));
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("| exit_code_3 | skip |"), "{text}");
+        assert!(text.contains("SKIPPED ?: not root"), "{text}");
     }
 }
