@@ -66,6 +66,7 @@ const METRICS: &[&str] = &[
     "podscope_build_info",
     "podscope_series_refused_total",
     "podscope_cri_errors_total",
+    "podscope_journal_pending_records",
 ];
 const SEVERITIES: &[&str] = &["critical", "warning", "info"];
 

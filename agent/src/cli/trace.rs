@@ -311,7 +311,7 @@ impl Session {
             self.shown += 1;
             match self.output {
                 Output::Json => event.write_json_line(&mut *out)?,
-                Output::Table => writeln!(out, "{}", table_row(&event))?,
+                Output::Table => writeln!(out, "{}", super::escape::escape(&table_row(&event)))?,
             }
         }
         out.flush()

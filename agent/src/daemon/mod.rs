@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod http;
+pub mod tls;
 
 use std::{
     process::ExitCode,
@@ -41,12 +42,14 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     Privileges::current()
         .require_tracing()
         .map_err(|m| anyhow!(m))?;
-    std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
-        format!(
-            "cannot create the state directory {}",
-            cfg.state_dir.display()
-        )
-    })?;
+    // Held until the agent ends: one agent per state directory.
+    let _state_lock = match crate::forensics::state_dir::lock(&cfg.state_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("podscope: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -59,6 +62,10 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
+    let metrics_tls = match &cfg.metrics_tls {
+        Some(t) => Some(tls::MetricsTls::load(t).map_err(|e| anyhow!(e))?),
+        None => None,
+    };
     let opts = PipelineOptions {
         load: LoadOptions::with_ring_buffer(cfg.ring_buffer_size),
         exits_attach: None,
@@ -90,13 +97,14 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
         terminations: Mutex::new(store),
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        axum::serve(listener, http::router(state.clone()))
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .into_future(),
-    );
+    let server = tokio::spawn(tls::serve_metrics(
+        listener,
+        metrics_tls,
+        http::router(state.clone()),
+        async {
+            let _ = http_stopped.await;
+        },
+    ));
     tracing::info!(listen = %cfg.listen, "attached; serving /metrics, /healthz, /readyz, /api/v1/events, /api/v1/terminations");
 
     // Dropped before the pipeline, which owns the fds.
