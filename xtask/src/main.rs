@@ -4,10 +4,12 @@
 //! - `run [-- ARGS]`: set up, build, and run `podscope ARGS` (default: `trace exits`).
 //! - `test`: set up, then format check, clippy, and every test (as root: the
 //!   kernel tests too, which then must not skip).
+//! - `fuzz [--seconds N] [TARGET]...`: the parsers' fuzz targets (fuzz/), N seconds each.
 //! - `bench <capability>`: side-by-side overhead measurements.
 //! - `vm-test [--kernel NAME]... [--all]`: the kernel tests on other kernels, in VMs.
 
 mod bench;
+mod fuzz;
 mod node;
 mod setup;
 mod vm;
@@ -20,7 +22,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits|pods|agent|net | vm-test [--kernel NAME]...>";
+const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | fuzz [--seconds N] [TARGET]... | bench exits|pods|agent|net | vm-test [--kernel NAME]...>";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -42,6 +44,7 @@ fn real_main() -> Result<ExitCode> {
         "setup" => setup::run().map(|_| ExitCode::SUCCESS),
         "run" => run(rest),
         "test" => test(),
+        "fuzz" => fuzz::run(rest),
         "bench" => bench::run(rest),
         "node" => node::run(rest),
         "vm-test" => vm::run(rest),
@@ -161,6 +164,8 @@ fn test() -> Result<ExitCode> {
     status(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("code is not formatted: run `cargo fmt --all`")?;
     status(cargo().args(["clippy", "--quiet", "--all-targets", "--", "-D", "warnings"]))?;
+    // Every parser of outside input meets arbitrary bytes: 60 s in all.
+    fuzz::smoke(60)?;
     // The kernel matrix first, so that the summary line stays last; its
     // counts are folded into that line.
     let targets: Vec<vm::Target> = vm::TARGETS
@@ -170,7 +175,13 @@ fn test() -> Result<ExitCode> {
         .collect();
     let matrix = vm::matrix(&targets)?;
     let mut cmd = cargo();
-    cmd.args(["test", "--release"]);
+    // Fault-injection switches exist in test builds only.
+    cmd.args([
+        "test",
+        "--release",
+        "--features",
+        "podscope/fault-injection",
+    ]);
     if root_user {
         // As root, a kernel test that cannot run is a failure, not a skip.
         cmd.env("PODSCOPE_REQUIRE_KERNEL_TESTS", "1");

@@ -1,0 +1,59 @@
+//! The agent's HTTP router over arbitrary paths, queries and Accept
+//! headers: every request gets an answer (a 4xx for nonsense), never a
+//! panic. The event stream is only opened (it never ends by itself).
+#![no_main]
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use axum::{body::Body, http::Request};
+use libfuzzer_sys::fuzz_target;
+use podscope::{
+    daemon::http::{AppState, router},
+    forensics::store::TerminationStore,
+    metrics::{Metrics, MetricsOptions},
+};
+use tower::ServiceExt;
+
+fn state() -> Arc<AppState> {
+    static STATE: OnceLock<Arc<AppState>> = OnceLock::new();
+    STATE
+        .get_or_init(|| {
+            let metrics = Metrics::new(&MetricsOptions {
+                max_series: 100,
+                series_retention: std::time::Duration::from_secs(60),
+                node_name: "fuzz".into(),
+            });
+            let stream_dropped = metrics.stream_dropped.clone();
+            Arc::new(AppState {
+                metrics: Mutex::new(metrics),
+                ready: Default::default(),
+                events: tokio::sync::broadcast::channel(16).0,
+                stream_dropped,
+                terminations: Mutex::new(TerminationStore::new(10)),
+            })
+        })
+        .clone()
+}
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    let (target, accept) = text.split_once('\n').unwrap_or((&text, "*/*"));
+    let Ok(req) = Request::get(target)
+        .header("accept", accept)
+        .body(Body::empty())
+    else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let Ok(resp) = router(state()).oneshot(req).await;
+        let status = resp.status();
+        assert!(!status.is_server_error(), "{target:?}: {status}");
+        if !target.starts_with("/api/v1/events") {
+            let _ = axum::body::to_bytes(resp.into_body(), 1 << 20).await;
+        }
+    });
+});
