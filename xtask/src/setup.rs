@@ -46,6 +46,9 @@ const APT_PACKAGES: &[&str] = &[
     // `python3 -m venv` for the tools below (Debian splits venv out of python3).
     "python3-venv",
     "qemu-system-x86",
+    // The metrics-TLS test: certificates, and requests with and without credentials.
+    "openssl",
+    "curl",
     // `cargo xtask bench net`: throughput between two pods through a ClusterIP.
     "iperf3",
     // `perf bench sched messaging`: a context-switch-heavy workload for `bench throttle`.
