@@ -36,8 +36,10 @@ impl BootClock {
         }
     }
 
+    /// A boot-clock stamp as wall time. Stamps come from ring-buffer
+    /// records: a corrupt one saturates (year 2554) instead of overflowing.
     pub fn to_system_time(&self, boot_ns: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_nanos(self.boot_epoch_ns + boot_ns)
+        UNIX_EPOCH + Duration::from_nanos(self.boot_epoch_ns.saturating_add(boot_ns))
     }
 }
 
@@ -57,5 +59,12 @@ mod tests {
         let t = clock.to_system_time(boot_ns());
         let skew = SystemTime::now().duration_since(t).unwrap_or_default();
         assert!(skew < Duration::from_secs(1), "{skew:?}");
+    }
+
+    /// Found by the event_decoders fuzz target: any stamp converts.
+    #[test]
+    fn a_corrupt_stamp_saturates() {
+        let t = BootClock::new().to_system_time(u64::MAX);
+        assert_eq!(t, UNIX_EPOCH + Duration::from_nanos(u64::MAX));
     }
 }
