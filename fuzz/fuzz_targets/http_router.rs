@@ -26,7 +26,9 @@ fn state() -> Arc<AppState> {
             let stream_dropped = metrics.stream_dropped.clone();
             Arc::new(AppState {
                 metrics: Mutex::new(metrics),
-                ready: Default::default(),
+                // Ready, so that a 5xx is always a bug (/readyz answers 503
+                // by design while the agent starts).
+                ready: std::sync::atomic::AtomicBool::new(true),
                 events: tokio::sync::broadcast::channel(16).0,
                 stream_dropped,
                 terminations: Mutex::new(TerminationStore::new(10)),

@@ -142,10 +142,17 @@ fn fuzz_one(bins: &Path, target: &'static str, seconds: u64) -> Result<Run> {
         .with_context(|| format!("cannot run the fuzz target {target}"))?;
     let log = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        // The panic's message, and libFuzzer's summary with the input.
+        let panic: Vec<&str> = log
+            .lines()
+            .skip_while(|l| !l.contains("panicked at"))
+            .take(2)
+            .collect();
+        let tail: Vec<&str> = log.lines().rev().take(8).collect();
         bail!(
-            "fuzz target {target} found a crash (input saved under {}):\n{}",
+            "fuzz target {target} found a crash (input saved under {}):\n{}\n...\n{}",
             artifacts.display(),
+            panic.join("\n"),
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
