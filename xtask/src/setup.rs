@@ -46,6 +46,8 @@ const APT_PACKAGES: &[&str] = &[
     // `python3 -m venv` for the tools below (Debian splits venv out of python3).
     "python3-venv",
     "qemu-system-x86",
+    // musl-gcc: the static kernel-test binary links ring (rustls' crypto), which compiles C.
+    "musl-tools",
     // The metrics-TLS test: certificates, and requests with and without credentials.
     "openssl",
     "curl",

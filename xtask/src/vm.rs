@@ -239,17 +239,23 @@ fn expect_args(t: &Target) -> Vec<String> {
 /// Builds the static test binary (the agent's build script builds the eBPF
 /// object for the BPF target whatever the host target is).
 fn build_test_binary() -> Result<PathBuf> {
-    status(cargo().args([
-        "build",
-        "--release",
-        "--quiet",
-        "--target",
-        MUSL,
-        "-p",
-        "podscope",
-        "--bin",
-        TEST_BIN,
-    ]))
+    status(
+        cargo()
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "--target",
+                MUSL,
+                "-p",
+                "podscope",
+                "--bin",
+                TEST_BIN,
+            ])
+            // ring (rustls' crypto, for the metrics listener's TLS) compiles C:
+            // for musl with Debian's musl-gcc (package musl-tools).
+            .env("CC_x86_64_unknown_linux_musl", "musl-gcc"),
+    )
     .context("building the static kernel-test binary failed")?;
     Ok(root()
         .join("target")
