@@ -383,3 +383,141 @@ fn kube_proxys_rules_are_read_from_either_iptables_backend() {
         "{c}"
     );
 }
+
+/// A real process that names itself with terminal escape sequences
+/// (prctl(PR_SET_NAME), as any process may) and a newline, then exits 42.
+fn hostile_exit(name: &std::ffi::CStr) {
+    // After fork only raw syscalls (prctl, _exit): this process has threads.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
+            libc::_exit(42);
+        }
+    }
+    let mut status = 0;
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+}
+
+/// Runs `podscope trace exits ARGS`, starting hostile processes until
+/// `seen` accepts a line of its output; returns that line and the whole output.
+fn trace_hostile(args: &[&str], seen: impl Fn(&str) -> bool + Send + 'static) -> (String, Vec<u8>) {
+    use std::io::Read;
+    let mut tracer = podscope()
+        .args(["trace", "exits"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = tracer.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = vec![];
+        let mut buf = [0u8; 4096];
+        let mut sent = false;
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if !sent && let Some(line) = String::from_utf8_lossy(&all).lines().find(|l| seen(l)) {
+                let _ = tx.send(line.to_string());
+                sent = true;
+            }
+        }
+        all
+    });
+    let name = c"\x1b[2J\x1b]0;X\x07\nok";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut found = None;
+    while found.is_none() && Instant::now() < deadline {
+        hostile_exit(name);
+        found = rx.recv_timeout(Duration::from_millis(100)).ok();
+    }
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGTERM) };
+    let _ = tracer.wait();
+    let all = reader.join().unwrap();
+    (
+        found.unwrap_or_else(|| {
+            panic!(
+                "no line of the hostile process: {}",
+                String::from_utf8_lossy(&all)
+            )
+        }),
+        all,
+    )
+}
+
+/// A process named with escape sequences cannot rewrite the operator's
+/// terminal through `trace exits`: the table shows the name escaped, on
+/// its own line, and no raw control byte is printed; JSON keeps the exact name.
+#[test]
+fn escape_sequences_in_process_names_are_escaped_in_tables_and_exact_in_json() {
+    if !privileged("escape_sequences_in_process_names_are_escaped_in_tables_and_exact_in_json") {
+        return;
+    }
+    let escaped = r"\x1b[2J\x1b]0;X\x07\x0aok";
+    let (line, all) = trace_hostile(&[], move |l| l.contains(escaped) && l.contains("exit 42"));
+    assert!(
+        !all.iter().any(|&b| b < 0x20 && b != b'\n'),
+        "no control byte but the line ends reaches the terminal: {line}"
+    );
+    assert!(!line.contains('\u{1b}'));
+    let (line, _) = trace_hostile(&["-o", "json"], |l| {
+        l.contains("\"exit_code\":42") && l.contains("\\u001b[2J")
+    });
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["comm"], "\u{1b}[2J\u{1b}]0;X\u{7}\nok", "JSON is exact");
+}
+
+/// `--btf PATH` for kernels without /sys/kernel/btf/vmlinux: the recorded
+/// BTF of Debian's 6.1 kernel, given as a file, is what `doctor` reads; a
+/// missing file says which flag to use.
+#[test]
+fn btf_comes_from_the_file_given_with_btf() {
+    use std::io::Read;
+    let dir = std::env::temp_dir().join(format!("podscope-btf-flag-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("vmlinux-6.1.btf");
+    let mut raw = vec![];
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/btf-6.1.0-47-cloud-amd64.gz"
+        ))
+        .unwrap(),
+    )
+    .read_to_end(&mut raw)
+    .unwrap();
+    std::fs::write(&path, &raw).unwrap();
+    let btf_check = |btf: &std::path::Path| {
+        let out = podscope()
+            .arg("--btf")
+            .arg(btf)
+            .args(["doctor", "-o", "json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "btf")
+            .cloned()
+            .unwrap()
+    };
+    let c = btf_check(&path);
+    assert_eq!(c["status"], "ok", "{c}");
+    let detail = c["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(path.to_str().unwrap()) && detail.contains("types"),
+        "{detail}"
+    );
+    let c = btf_check(&dir.join("absent"));
+    assert_ne!(c["status"], "ok");
+    assert!(c["detail"].as_str().unwrap().contains("--btf"), "{c}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

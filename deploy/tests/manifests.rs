@@ -42,7 +42,8 @@ const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.37.0"];
 /// The agent's contract (issue 4; see the DaemonSet's comments).
 const BINARY: &str = "/usr/local/bin/podscope";
 const PORT: i64 = 9811;
-const PORT_NAME: &str = "metrics";
+/// kube-rbac-proxy's port on the node, which the Service and ServiceMonitor name.
+const PORT_NAME: &str = "https";
 const STATE_DIR: &str = "/var/lib/podscope";
 const CRI_SOCKET: &str = "/run/containerd/containerd.sock";
 /// BPF loads programs and maps, PERFMON attaches tracing programs,
@@ -66,6 +67,7 @@ const METRICS: &[&str] = &[
     "podscope_build_info",
     "podscope_series_refused_total",
     "podscope_cri_errors_total",
+    "podscope_journal_pending_records",
 ];
 const SEVERITIES: &[&str] = &["critical", "warning", "info"];
 
@@ -114,10 +116,16 @@ fn seq<'a>(v: &'a Yaml, path: &str) -> &'a [Yaml] {
 fn resources() -> Vec<(String, Yaml)> {
     seq(&yaml("kustomization.yaml"), "resources")
         .iter()
-        .map(|r| {
+        .flat_map(|r| {
             let f = r.as_str().expect("resource is a file name").to_string();
-            let doc = yaml(&f);
-            (f, doc)
+            // A file may hold several documents (rbac.yaml).
+            serde_yaml::Deserializer::from_str(&read(&f))
+                .map(|d| {
+                    let doc = Yaml::deserialize(d)
+                        .unwrap_or_else(|e| panic!("deploy/{f} is not YAML: {e}"));
+                    (f.clone(), doc)
+                })
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -196,6 +204,7 @@ fn scratch(test: &str) -> PathBuf {
 #[test]
 fn kustomization_lists_every_manifest() {
     let listed: BTreeSet<String> = resources().into_iter().map(|(f, _)| f).collect();
+    // (a file with several documents is listed once)
     let on_disk: BTreeSet<String> = fs::read_dir(deploy_dir())
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -207,7 +216,7 @@ fn kustomization_lists_every_manifest() {
     );
     for (f, doc) in resources() {
         let kind = s(&doc, "kind");
-        if kind != "Namespace" {
+        if !["Namespace", "ClusterRole", "ClusterRoleBinding"].contains(&kind) {
             assert_eq!(s(&doc, "metadata.namespace"), "podscope", "{f}: namespace");
         }
     }
@@ -228,10 +237,16 @@ fn manifests_match_the_kubernetes_schemas() {
         return;
     };
     let dir = scratch(test);
+    // One document per file (rbac.yaml holds three), so that each is counted.
     let mut files: Vec<PathBuf> = resources()
         .into_iter()
         .filter(|(_, d)| !is_operator_crd(d))
-        .map(|(f, _)| deploy_dir().join(f))
+        .enumerate()
+        .map(|(i, (f, d))| {
+            let out = dir.join(format!("{i}-{f}"));
+            fs::write(&out, serde_yaml::to_string(&d).unwrap()).unwrap();
+            out
+        })
         .collect();
     // The DaemonSet as each documented patch leaves it must be valid too.
     for patch in patch_files() {
@@ -433,16 +448,92 @@ fn kustomize_builds_the_base_and_the_overlays() {
             "kustomize applies patches/{patch} differently from what the tests validated"
         );
     }
+
+    // The native-TLS component, used from an overlay as README.md shows:
+    // the agent alone, on the node's address with TLS and client
+    // certificates; no proxy, no token, no RBAC; the ServiceMonitor with a
+    // client certificate.
+    let overlay = dir.join("native-tls");
+    fs::create_dir_all(&overlay).unwrap();
+    let up = "../".repeat(overlay.components().count() - 1);
+    let base = format!(
+        "{up}{}",
+        deploy_dir().display().to_string().trim_start_matches('/')
+    );
+    fs::write(
+        overlay.join("kustomization.yaml"),
+        format!("resources:\n  - {base}\ncomponents:\n  - {base}/components/native-tls\n"),
+    )
+    .unwrap();
+    let docs = build(&overlay);
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"].as_str().unwrap().contains("Role")),
+        "no RBAC without the proxy"
+    );
+    let ds = daemonset(docs.clone());
+    let pod = &ds["spec"]["template"]["spec"];
+    let cs = pod["containers"].as_array().unwrap();
+    assert_eq!(cs.len(), 1, "no kube-rbac-proxy");
+    let env: BTreeMap<&str, &str> = cs[0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
+        .collect();
+    assert_eq!(env["PODSCOPE_LISTEN"], format!("0.0.0.0:{PORT}"));
+    for k in [
+        "PODSCOPE_METRICS_TLS_CERT",
+        "PODSCOPE_METRICS_TLS_KEY",
+        "PODSCOPE_METRICS_CLIENT_CA",
+    ] {
+        let file = env[k];
+        let mounted = cs[0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| file.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())));
+        assert!(mounted, "{k}={file} is in a mounted Secret");
+    }
+    assert_eq!(cs[0]["ports"][0]["hostPort"], Json::from(PORT));
+    assert_eq!(cs[0]["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
+    assert!(
+        !pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "kube-api-access"),
+        "no token in the pod"
+    );
+    let sm = docs.iter().find(|d| d["kind"] == "ServiceMonitor").unwrap();
+    let ep = &sm["spec"]["endpoints"][0];
+    assert!(ep.get("bearerTokenFile").is_none());
+    assert_eq!(ep["tlsConfig"]["cert"]["secret"]["key"], "tls.crt");
+    assert_eq!(ep["tlsConfig"]["serverName"], "podscope.podscope.svc");
     let _ = fs::remove_dir_all(dir);
 }
 
 // ---------------------------------------------------------------------------
 // The agent's contract
 
+/// The agent's container (the first: patches index it as containers/0).
 fn container(ds: &Yaml) -> &Yaml {
     let cs = seq(ds, "spec.template.spec.containers");
-    assert_eq!(cs.len(), 1, "one container");
+    assert_eq!(
+        s(&cs[0], "name"),
+        "agent",
+        "the agent is the first container"
+    );
     &cs[0]
+}
+
+/// The kube-rbac-proxy sidecar.
+fn proxy(ds: &Yaml) -> &Yaml {
+    let cs = seq(ds, "spec.template.spec.containers");
+    assert_eq!(cs.len(), 2, "the agent and kube-rbac-proxy");
+    assert_eq!(s(&cs[1], "name"), "kube-rbac-proxy");
+    &cs[1]
 }
 
 fn env_map(c: &Yaml) -> BTreeMap<String, Yaml> {
@@ -501,15 +592,11 @@ fn daemonset_matches_the_agent_contract() {
     assert_eq!(caps("drop"), ["ALL"]);
     assert_eq!(caps("add"), CAPABILITIES);
 
-    // Port and probes.
-    let ports = seq(c, "ports");
-    assert_eq!(ports.len(), 1);
-    assert_eq!(s(&ports[0], "name"), PORT_NAME);
-    assert_eq!(ports[0]["containerPort"], Yaml::from(PORT));
-    assert_eq!(
-        ports[0]["hostPort"],
-        Yaml::from(PORT),
-        "hostNetwork: the metrics port is the node's"
+    // No port of the node: the agent listens on loopback, where the
+    // kubelet (in the node's network namespace) probes it.
+    assert!(
+        c.get("ports").is_none(),
+        "the agent declares no (host) port"
     );
     for (probe, path) in [
         ("livenessProbe", "/healthz"),
@@ -517,7 +604,16 @@ fn daemonset_matches_the_agent_contract() {
         ("startupProbe", "/healthz"),
     ] {
         assert_eq!(s(c, &format!("{probe}.httpGet.path")), path, "{probe}");
-        assert_eq!(s(c, &format!("{probe}.httpGet.port")), PORT_NAME, "{probe}");
+        assert_eq!(
+            s(c, &format!("{probe}.httpGet.host")),
+            "127.0.0.1",
+            "{probe}"
+        );
+        assert_eq!(
+            at(c, &format!("{probe}.httpGet.port")),
+            &Yaml::from(PORT),
+            "{probe}"
+        );
     }
 
     // Environment.
@@ -527,7 +623,7 @@ fn daemonset_matches_the_agent_contract() {
             .and_then(|e| e["value"].as_str())
             .unwrap_or_else(|| panic!("env {k} is not set"))
     };
-    assert_eq!(value("PODSCOPE_LISTEN"), format!("0.0.0.0:{PORT}"));
+    assert_eq!(value("PODSCOPE_LISTEN"), format!("127.0.0.1:{PORT}"));
     assert_eq!(value("PODSCOPE_STATE_DIR"), STATE_DIR);
     assert_eq!(value("PODSCOPE_CRI_SOCKET"), CRI_SOCKET);
     assert_eq!(value("PODSCOPE_LOG_FORMAT"), "json");
@@ -542,6 +638,7 @@ fn daemonset_matches_the_agent_contract() {
     // Mounts: each host path at the same path, read-only except the state.
     let volumes: BTreeMap<&str, &str> = seq(pod, "volumes")
         .iter()
+        .filter(|v| v.get("hostPath").is_some())
         .map(|v| (s(v, "name"), s(v, "hostPath.path")))
         .collect();
     let mounts: BTreeMap<&str, (&str, bool)> = seq(c, "volumeMounts")
@@ -563,8 +660,13 @@ fn daemonset_matches_the_agent_contract() {
             .any(|d| CRI_SOCKET.starts_with(&format!("{d}/"))),
         "the CRI socket must be inside a mounted directory"
     );
+    // Besides the host paths, only the proxy's projected token.
     for v in seq(pod, "volumes") {
-        assert!(v.get("hostPath").is_some(), "only hostPath volumes");
+        assert!(
+            v.get("hostPath").is_some() || s(v, "name") == "kube-api-access",
+            "unexpected volume {}",
+            s(v, "name")
+        );
     }
 
     // Resources from the measured footprint: a memory request above the
@@ -593,6 +695,64 @@ fn daemonset_matches_the_agent_contract() {
     }
 }
 
+/// kube-rbac-proxy, as kube-prometheus runs it beside node-exporter: TLS on
+/// the node's address, the agent's loopback listener upstream, only
+/// /metrics, unprivileged, the only container with an API token.
+#[test]
+fn kube_rbac_proxy_guards_the_metrics() {
+    let ds = resource("DaemonSet");
+    let p = proxy(&ds);
+    let args: Vec<&str> = seq(p, "args").iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(args.contains(&format!("--secure-listen-address=[$(NODE_IP)]:{PORT}").as_str()));
+    assert!(args.contains(&format!("--upstream=http://127.0.0.1:{PORT}/").as_str()));
+    assert!(args.contains(&"--allow-paths=/metrics"), "{args:?}");
+    let env = env_map(p);
+    assert_eq!(
+        s(&env["NODE_IP"], "valueFrom.fieldRef.fieldPath"),
+        "status.podIP"
+    );
+    let ports = seq(p, "ports");
+    assert_eq!(ports.len(), 1);
+    assert_eq!(s(&ports[0], "name"), PORT_NAME);
+    assert_eq!(ports[0]["containerPort"], Yaml::from(PORT));
+    assert_eq!(
+        ports[0]["hostPort"],
+        Yaml::from(PORT),
+        "hostNetwork: the port is the node's"
+    );
+    let sc = &p["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], Yaml::from(true));
+    assert_eq!(sc["allowPrivilegeEscalation"], Yaml::from(false));
+    assert_eq!(sc["readOnlyRootFilesystem"], Yaml::from(true));
+    assert_eq!(s(sc, "capabilities.drop.0"), "ALL");
+    assert!(sc["capabilities"].get("add").is_none());
+    // The token is mounted here and nowhere else.
+    let mounts: Vec<&str> = seq(p, "volumeMounts")
+        .iter()
+        .map(|m| s(m, "name"))
+        .collect();
+    assert_eq!(mounts, ["kube-api-access"]);
+    let agent_mounts: Vec<&str> = seq(container(&ds), "volumeMounts")
+        .iter()
+        .map(|m| s(m, "name"))
+        .collect();
+    assert!(!agent_mounts.contains(&"kube-api-access"));
+    let vol = seq(&ds, "spec.template.spec.volumes")
+        .iter()
+        .find(|v| s(v, "name") == "kube-api-access")
+        .expect("the projected token volume");
+    let sources = seq(vol, "projected.sources");
+    assert_eq!(s(&sources[0], "serviceAccountToken.path"), "token");
+    assert!(
+        at(
+            &ds,
+            "spec.template.spec.containers.1.resources.limits.memory"
+        )
+        .as_str()
+        .is_some()
+    );
+}
+
 #[test]
 fn service_and_service_account_fit_the_daemonset() {
     let ds = resource("DaemonSet");
@@ -612,14 +772,53 @@ fn service_and_service_account_fit_the_daemonset() {
         s(&sa, "metadata.name")
     );
     assert_eq!(sa["automountServiceAccountToken"], Yaml::from(false));
-    // No RBAC: the agent never talks to the API server.
+    // RBAC: kube-rbac-proxy's TokenReview and SubjectAccessReview, bound to
+    // the agent's ServiceAccount, and GET /metrics for scrapers. Nothing else:
+    // the agent itself reads nothing from the API server.
+    let mut rules = BTreeSet::new();
+    let mut bound = vec![];
     for (f, d) in resources() {
-        let kind = s(&d, "kind");
-        assert!(
-            !kind.contains("Role"),
-            "{f}: {kind}: the agent needs no RBAC"
-        );
+        match s(&d, "kind") {
+            "ClusterRole" | "Role" => {
+                for r in seq(&d, "rules") {
+                    let list = |k: &str| -> Vec<String> {
+                        r.get(k)
+                            .and_then(|v| v.as_sequence())
+                            .map(|v| v.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+                            .unwrap_or_default()
+                    };
+                    rules.insert((
+                        s(&d, "metadata.name").to_string(),
+                        list("resources").join(",") + &list("nonResourceURLs").join(","),
+                        list("verbs").join(","),
+                    ));
+                }
+            }
+            "ClusterRoleBinding" | "RoleBinding" => {
+                bound.push((
+                    s(&d, "roleRef.name").to_string(),
+                    s(&d, "subjects.0.name").to_string(),
+                ));
+            }
+            k => assert!(!k.contains("Role"), "{f}: {k}"),
+        }
     }
+    let want: BTreeSet<(String, String, String)> = [
+        ("podscope-kube-rbac-proxy", "tokenreviews", "create"),
+        ("podscope-kube-rbac-proxy", "subjectaccessreviews", "create"),
+        ("podscope-metrics-reader", "/metrics", "get"),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(rules, want);
+    assert_eq!(
+        bound,
+        [(
+            "podscope-kube-rbac-proxy".to_string(),
+            s(&sa, "metadata.name").to_string()
+        )]
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -681,9 +880,17 @@ fn servicemonitor_scrapes_the_service() {
             "honorTimestamps",
             "relabelings",
             "metricRelabelings",
+            "bearerTokenFile",
+            "tlsConfig",
         ],
     );
     assert_eq!(s(ep, "port"), PORT_NAME);
+    // Through kube-rbac-proxy with Prometheus' ServiceAccount token.
+    assert_eq!(s(ep, "scheme"), "https");
+    assert_eq!(
+        s(ep, "bearerTokenFile"),
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    );
     assert_eq!(s(ep, "path"), "/metrics");
     assert_eq!(s(ep, "interval"), "30s");
     // Workload labels (namespace, pod, container) must survive the scrape.
@@ -887,6 +1094,16 @@ fn readme_scrape_config_passes_promtool() {
         fs::write(&p, format!("{config}rule_files:\n  - rules.yaml\n")).unwrap();
         run(Command::new(&promtool).arg("check").arg("config").arg(&p))
     };
+    // promtool opens the token file, which exists only in a pod: point it
+    // at a stand-in (the path itself is checked here).
+    const TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+    assert_eq!(s(job, "authorization.credentials_file"), TOKEN);
+    assert_eq!(s(job, "scheme"), "https");
+    let token = dir.join("token");
+    fs::write(&token, "t").unwrap();
+    let block = &block.replace(TOKEN, token.to_str().unwrap());
+    config["scrape_configs"][0]["authorization"]["credentials_file"] =
+        Yaml::from(token.to_str().unwrap());
     let mut o = check(block);
     if !o.status.success() && text(&o).contains("kubernetes_sd_configs not found") {
         // Debian builds Prometheus without Kubernetes service discovery (no

@@ -23,6 +23,15 @@ impl Arch {
     }
 
     /// Debian's (and Docker's `TARGETARCH`) name.
+    /// The C compiler for this target's C code (ring, rustls' crypto):
+    /// `CC_<target>` and the command, from the set-up's Debian packages.
+    pub fn c_compiler(self) -> (&'static str, &'static str) {
+        match self {
+            Arch::X86_64 => ("CC_x86_64_unknown_linux_musl", "musl-gcc"),
+            Arch::Aarch64 => ("CC_aarch64_unknown_linux_musl", "aarch64-linux-gnu-gcc"),
+        }
+    }
+
     pub fn debian(self) -> &'static str {
         match self {
             Arch::X86_64 => "amd64",

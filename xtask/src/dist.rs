@@ -91,6 +91,8 @@ fn build(arches: &[Arch]) -> Result<()> {
     cmd.args(["build", "--release", "--locked", "--quiet"]);
     for a in arches {
         cmd.args(["--target", a.musl_target()]);
+        let (var, cc) = a.c_compiler();
+        cmd.env(var, cc);
     }
     cmd.args(["-p", "podscope", "--bin", "podscope"]);
     status(&mut cmd).context("building the static podscope binaries failed")

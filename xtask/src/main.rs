@@ -4,6 +4,7 @@
 //! - `run [-- ARGS]`: set up, build, and run `podscope ARGS` (default: `trace exits`).
 //! - `test`: set up, then format check, clippy, and every test (as root: the
 //!   kernel tests too, which then must not skip).
+//! - `fuzz [--seconds N] [TARGET]...`: the parsers' fuzz targets (fuzz/), N seconds each.
 //! - `bench <capability>`: side-by-side overhead measurements.
 //! - `vm-test [--kernel NAME]... [--all]`: the kernel tests on other kernels, in VMs.
 //! - `dist [--out DIR]`: static podscope binaries for every architecture, with checksums.
@@ -11,6 +12,7 @@
 mod arch;
 mod bench;
 mod dist;
+mod fuzz;
 mod node;
 mod setup;
 mod summary;
@@ -24,7 +26,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | bench exits|pods|agent|terminations|net|throttle|faults | vm-test [--kernel NAME]... | dist [--out DIR]>";
+const USAGE: &str = "usage: cargo xtask <setup | run [-- PODSCOPE-ARGS] | test | fuzz [--seconds N] [TARGET]... | bench exits|pods|agent|terminations|net|throttle|faults | vm-test [--kernel NAME]... | dist [--out DIR]>";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -46,6 +48,7 @@ fn real_main() -> Result<ExitCode> {
         "setup" => setup::run().map(|_| ExitCode::SUCCESS),
         "run" => run(rest),
         "test" => test(),
+        "fuzz" => fuzz::run(rest),
         "bench" => bench::run(rest),
         "node" => node::run(rest),
         "vm-test" => vm::run(rest),
@@ -166,6 +169,8 @@ fn test() -> Result<ExitCode> {
     status(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("code is not formatted: run `cargo fmt --all`")?;
     status(cargo().args(["clippy", "--quiet", "--all-targets", "--", "-D", "warnings"]))?;
+    // Every parser of outside input meets arbitrary bytes: 60 s in all.
+    fuzz::smoke(60)?;
     let mut tally = summary::Tally::new(root_user);
     // The kernel matrix first, so that the summary stays last; one kernel at
     // a time, so that each gets its own line in the breakdown. The host
@@ -193,7 +198,14 @@ fn test() -> Result<ExitCode> {
     }
     let mut cmd = cargo();
     // Every test binary runs, even after one failed: the counts are whole.
-    cmd.args(["test", "--release", "--no-fail-fast"]);
+    // Fault-injection switches exist in test builds only.
+    cmd.args([
+        "test",
+        "--release",
+        "--no-fail-fast",
+        "--features",
+        "podscope/fault-injection",
+    ]);
     if root_user {
         // As root, a kernel test that cannot run is a failure, not a skip.
         cmd.env("PODSCOPE_REQUIRE_KERNEL_TESTS", "1");

@@ -25,7 +25,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use xtask::toolchain::{
-    BPF_LINKER_VERSION, NIGHTLY, Nightly, cache_dir, is_executable, python_venv,
+    BPF_LINKER_VERSION, CARGO_FUZZ_VERSION, NIGHTLY, Nightly, cache_dir, cargo_fuzz_root,
+    is_executable, python_venv,
 };
 
 use crate::{arch::Arch, status};
@@ -54,6 +55,13 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "qemu-system-arm",
     "xz-utils",
+    // musl-gcc: the static kernel-test binary links ring (rustls' crypto), which compiles C.
+    "musl-tools",
+    // The same for aarch64 (cargo xtask dist, the arm64 kernel matrix).
+    "gcc-aarch64-linux-gnu",
+    // The metrics-TLS test: certificates, and requests with and without credentials.
+    "openssl",
+    "curl",
     // `cargo xtask bench net`: throughput between two pods through a ClusterIP.
     "iperf3",
     // `perf bench sched messaging`: a context-switch-heavy workload for `bench throttle`.
@@ -82,6 +90,7 @@ pub fn run() -> Result<()> {
         foreign_architectures()?;
         apt_packages(APT_PACKAGES)?;
         python_tools(&python_venv(), PYTHON_TOOLS)?;
+        cargo_fuzz()?;
     }
     eprintln!(
         "xtask: set-up complete in {:.1}s",
@@ -218,6 +227,26 @@ fn bpf_linker(n: &Nightly) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// cargo-fuzz for `cargo xtask fuzz`, built once per version into the cache.
+pub fn cargo_fuzz() -> Result<PathBuf> {
+    let bin = cargo_fuzz_root().join("bin/cargo-fuzz");
+    if is_executable(&bin) {
+        return Ok(bin);
+    }
+    eprintln!("xtask: building cargo-fuzz {CARGO_FUZZ_VERSION} (once; about two minutes)");
+    status(
+        Command::new("cargo")
+            .args(["install", "--quiet", "--locked", "--force"])
+            .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"))
+            .arg("--root")
+            .arg(cargo_fuzz_root())
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_TARGET_DIR"),
+    )
+    .context("building cargo-fuzz failed")?;
+    Ok(bin)
 }
 
 fn runs(linker: &Path) -> bool {

@@ -347,6 +347,8 @@ fn build_test_binaries(arches: &[Arch]) -> Result<Vec<(Arch, PathBuf)>> {
     cmd.args(["build", "--profile", PROFILE, "--quiet"]);
     for a in arches {
         cmd.args(["--target", a.musl_target()]);
+        let (var, cc) = a.c_compiler();
+        cmd.env(var, cc);
     }
     cmd.args(["-p", "podscope", "--bin", TEST_BIN]);
     status(&mut cmd).context("building the static kernel-test binaries failed")?;

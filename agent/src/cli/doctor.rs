@@ -85,14 +85,15 @@ pub fn run(args: DoctorArgs) -> Result<ExitCode> {
     match args.output {
         Output::Json => writeln!(out, "{}", serde_json::to_string(&report)?)?,
         Output::Table => {
-            writeln!(out, "kernel {}", report.kernel)?;
+            use super::escape::escape;
+            writeln!(out, "kernel {}", escape(&report.kernel))?;
             for c in &report.checks {
                 let status = serde_json::to_value(c.status)?
                     .as_str()
                     .unwrap_or_default()
                     .to_uppercase();
-                writeln!(out, "{status:<9} {:<16} {}", c.name, c.detail)?;
-                writeln!(out, "{:<9} {:<16} → {}", "", "", c.meaning)?;
+                writeln!(out, "{status:<9} {:<16} {}", c.name, escape(&c.detail))?;
+                writeln!(out, "{:<9} {:<16} → {}", "", "", escape(&c.meaning))?;
             }
         }
     }
@@ -131,7 +132,18 @@ pub fn diagnose() -> Report {
         Ok(b) => check(
             "btf",
             Status::Ok,
-            format!("{} ({} types)", crate::kernel::btf::VMLINUX_BTF, b.len()),
+            format!(
+                "{} ({} types{})",
+                crate::kernel::btf::kernel_btf_path().display(),
+                b.len(),
+                match b.skipped() {
+                    (0, _, None) => String::new(),
+                    (n, kinds, None) => format!(", {n} of unknown kinds {kinds:?} skipped"),
+                    (_, kinds, Some(id)) => format!(
+                        ", unknown kinds {kinds:?}: types after {id} unread, a newer podscope reads them"
+                    ),
+                }
+            ),
             "kernel struct offsets are resolved at start-up; tp_btf and fentry can be used",
         ),
         Err(e) => check(

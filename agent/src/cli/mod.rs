@@ -1,6 +1,7 @@
 //! The `podscope` command line: one module per subcommand.
 
 pub mod doctor;
+pub mod escape;
 mod top;
 mod trace;
 pub mod why;
@@ -22,6 +23,10 @@ pub struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. "debug" or "podscope=trace".
     #[arg(long, global = true, default_value = "info", env = "PODSCOPE_LOG")]
     pub log: String,
+    /// The running kernel's BTF, for kernels without /sys/kernel/btf/vmlinux
+    /// (a file from BTFHub, or made with `pahole --btf_encode_detached`).
+    #[arg(long, global = true, value_name = "PATH", env = "PODSCOPE_BTF")]
+    pub btf: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -87,6 +92,9 @@ fn init_logging(cli: &Cli) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
+    if let Some(path) = &cli.btf {
+        crate::kernel::btf::set_kernel_btf_path(path.clone());
+    }
     let result = match cli.command {
         Command::Agent(args) => crate::daemon::run(args),
         Command::Trace(args) => trace::run(args),

@@ -237,8 +237,8 @@ fn write_table(
         writeln!(
             out,
             "{:<40} {:<20} {:>6} {:>6} {:>8} {:>8} {:>10} {:>6} {:>7} {:>6}",
-            pod_column(&c.pod),
-            container_column(&c.pod),
+            super::escape::escape(&pod_column(&c.pod)),
+            super::escape::escape(&container_column(&c.pod)),
             limit,
             usage,
             c.measured.periods,

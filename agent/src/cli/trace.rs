@@ -312,7 +312,7 @@ impl Session {
         self.shown += 1;
         match self.output {
             Output::Json => out.write_all(p.json_line()),
-            Output::Table => writeln!(out, "{}", table_row(event)),
+            Output::Table => writeln!(out, "{}", super::escape::escape(&table_row(event))),
         }
     }
 }

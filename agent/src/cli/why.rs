@@ -60,7 +60,12 @@ pub fn run(args: WhyArgs) -> Result<ExitCode> {
         println!("{body}");
         return Ok(ExitCode::SUCCESS);
     }
-    let answer: Answer = serde_json::from_str(&body)
+    // Everything in the answer came from outside (comm, names): escaped
+    // before any of it reaches the terminal.
+    let mut value: serde_json::Value = serde_json::from_str(&body)
+        .with_context(|| format!("the agent at {} answered something unexpected", args.agent))?;
+    super::escape::escape_json_strings(&mut value);
+    let answer: Answer = serde_json::from_value(value)
         .with_context(|| format!("the agent at {} answered something unexpected", args.agent))?;
     print!("{}", render(ns, pod, &answer, args.last));
     Ok(ExitCode::SUCCESS)

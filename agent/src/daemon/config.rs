@@ -55,6 +55,21 @@ pub struct AgentArgs {
     /// before it is killed [default: 10s].
     #[arg(long, env = "PODSCOPE_RULES_TIMEOUT", value_parser = parse_duration)]
     pub rules_timeout: Option<Duration>,
+    /// Serve /metrics over TLS with this certificate chain (PEM), reloaded
+    /// when the file changes; needs --metrics-tls-key.
+    #[arg(long, env = "PODSCOPE_METRICS_TLS_CERT")]
+    pub metrics_tls_cert: Option<PathBuf>,
+    /// The TLS private key (PEM) for --metrics-tls-cert.
+    #[arg(long, env = "PODSCOPE_METRICS_TLS_KEY")]
+    pub metrics_tls_key: Option<PathBuf>,
+    /// Scrapers must present a client certificate signed by a CA in this
+    /// PEM file (or the bearer token of --metrics-token-file).
+    #[arg(long, env = "PODSCOPE_METRICS_CLIENT_CA")]
+    pub metrics_client_ca: Option<PathBuf>,
+    /// Scrapers must send `Authorization: Bearer <the file's content>` (or a
+    /// client certificate of --metrics-client-ca); reread when it changes.
+    #[arg(long, env = "PODSCOPE_METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 /// The config file's keys: the flags' names.
@@ -72,6 +87,10 @@ struct FileConfig {
     journal_max_bytes: Option<u64>,
     netns: Option<PathBuf>,
     rules_timeout: Option<String>,
+    metrics_tls_cert: Option<PathBuf>,
+    metrics_tls_key: Option<PathBuf>,
+    metrics_client_ca: Option<PathBuf>,
+    metrics_token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -87,6 +106,8 @@ pub struct AgentConfig {
     pub journal_max_bytes: u64,
     pub netns: Option<PathBuf>,
     pub rules_timeout: Duration,
+    /// TLS and authentication of the metrics listener (None: plain HTTP).
+    pub metrics_tls: Option<super::tls::MetricsTlsConfig>,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -161,8 +182,19 @@ impl AgentConfig {
                 detail: format!("{rules_timeout:?} is too short: use 100ms or more"),
             });
         }
+        let metrics_tls = super::tls::MetricsTlsConfig::resolve(
+            args.metrics_tls_cert.clone().or(file.metrics_tls_cert),
+            args.metrics_tls_key.clone().or(file.metrics_tls_key),
+            args.metrics_client_ca.clone().or(file.metrics_client_ca),
+            args.metrics_token_file.clone().or(file.metrics_token_file),
+        )
+        .map_err(|detail| ConfigError::Invalid {
+            key: "metrics-tls",
+            detail,
+        })?;
         Ok(AgentConfig {
             rules_timeout,
+            metrics_tls,
             journal_max_bytes,
             listen,
             cri_socket: args.cri_socket.clone().or(file.cri_socket),

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod http;
 pub mod server;
+pub mod tls;
 
 use std::{
     process::ExitCode,
@@ -50,12 +51,14 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     Privileges::current()
         .require_tracing()
         .map_err(|m| anyhow!(m))?;
-    std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
-        format!(
-            "cannot create the state directory {}",
-            cfg.state_dir.display()
-        )
-    })?;
+    // Held until the agent ends: one agent per state directory.
+    let _state_lock = match crate::forensics::state_dir::lock(&cfg.state_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("podscope: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
     // Two workers: HTTP, consumers and dependency tasks share them; the
     // drain runs on a thread of its own.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -74,6 +77,10 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
+    let metrics_tls = match &cfg.metrics_tls {
+        Some(t) => Some(tls::MetricsTls::load(t).map_err(|e| anyhow!(e))?),
+        None => None,
+    };
     let opts = DriverOptions {
         load: LoadOptions::with_ring_buffer(cfg.ring_buffer_size),
         resolver: ResolverOptions {
@@ -138,6 +145,7 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
     let server = tokio::spawn(server::serve(
         listener,
         http::router(state.clone()),
+        metrics_tls,
         server::Limits::default(),
         refused,
         async {

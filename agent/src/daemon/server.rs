@@ -50,6 +50,7 @@ impl Default for Limits {
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    tls: Option<Arc<super::tls::MetricsTls>>,
     limits: Limits,
     refused: Counter,
     shutdown: impl Future<Output = ()>,
@@ -77,16 +78,24 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let limits = limits.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
-            let io = TokioIo::new(WriteDeadline::new(stream, limits.write_timeout));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .serve_connection(io, service);
-            if let Err(e) = conn.await {
-                tracing::debug!("http connection: {e}");
+            let io = WriteDeadline::new(stream, limits.write_timeout);
+            match tls {
+                Some(tls) => {
+                    super::tls::serve_connection(io, &tls, router, limits.header_timeout).await
+                }
+                None => {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(limits.header_timeout)
+                        .serve_connection(TokioIo::new(io), TowerToHyperService::new(router));
+                    if let Err(e) = conn.await {
+                        tracing::debug!("http connection: {e}");
+                    }
+                }
             }
             drop(slot);
         });

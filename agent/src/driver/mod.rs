@@ -180,6 +180,19 @@ pub struct DriverLink {
 }
 
 impl DriverLink {
+    /// A link with no drain thread behind it (nothing is ever published):
+    /// for exercising consumers, e.g. the HTTP router under a fuzzer.
+    pub fn detached() -> DriverLink {
+        let (inputs, _) = mpsc::channel();
+        let (_, status) = watch::channel(Arc::new(DriverStatus::default()));
+        DriverLink {
+            inputs,
+            status,
+            events: broadcast::channel(16).0,
+            unadopted: Default::default(),
+        }
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
         self.events.subscribe()
     }

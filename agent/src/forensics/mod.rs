@@ -17,6 +17,7 @@
 pub mod journal;
 pub mod record;
 pub mod scope;
+pub mod state_dir;
 pub mod store;
 pub mod trigger;
 

@@ -10,11 +10,16 @@ use std::{
         atomic::{AtomicU64, Ordering},
         mpsc,
     },
+    time::Duration,
 };
 
 use serde::Serialize;
 
-use super::{BackgroundDeath, journal::Journal, record::TerminationRecord};
+use super::{
+    BackgroundDeath,
+    journal::{Journal, MAX_PENDING},
+    record::TerminationRecord,
+};
 use crate::events::Filter;
 
 pub struct TerminationStore {
@@ -107,30 +112,57 @@ impl TerminationStore {
 #[derive(Default)]
 pub struct JournalStats {
     pub written: AtomicU64,
+    /// Failed write attempts (the record waits in memory and is retried).
     pub errors: AtomicU64,
+    pub rotation_errors: AtomicU64,
+    /// Records waiting in memory for the disk (a gauge).
+    pub pending: AtomicU64,
+    /// Records dropped from the full memory queue without reaching the disk.
+    pub lost: AtomicU64,
     /// Bytes of torn writes cut off when the journal was opened.
     pub recovered_dropped_bytes: AtomicU64,
+    /// Bytes of corrupt frames skipped between valid ones when it was opened.
+    pub recovered_skipped_bytes: AtomicU64,
 }
 
-/// Queues records for the journal's thread.
+impl JournalStats {
+    fn publish(&self, j: &Journal) {
+        let c = &j.counts;
+        self.written.store(c.written, Ordering::Relaxed);
+        self.errors.store(c.write_errors, Ordering::Relaxed);
+        self.rotation_errors
+            .store(c.rotation_errors, Ordering::Relaxed);
+        self.lost.store(c.lost, Ordering::Relaxed);
+        self.pending.store(j.pending() as u64, Ordering::Relaxed);
+        self.recovered_dropped_bytes
+            .store(j.recovery.dropped_bytes, Ordering::Relaxed);
+        self.recovered_skipped_bytes
+            .store(j.recovery.skipped_bytes, Ordering::Relaxed);
+    }
+}
+
+/// How often records waiting in memory are retried when no new one comes.
+const RETRY: Duration = Duration::from_secs(10);
+
+/// Records waiting for the journal's thread at most (it keeps its own
+/// queue of records the disk refused); beyond, a record is kept in memory
+/// only and counted as lost to the journal.
+const JOURNAL_QUEUE: usize = 4096;
+
+/// Queues records for the journal's thread, from the task that consumes them.
 pub struct JournalHandle {
     tx: mpsc::SyncSender<TerminationRecord>,
     stats: Arc<JournalStats>,
 }
 
 impl JournalHandle {
-    /// Queues a record; never blocks (a full queue counts as a write error:
-    /// the record stays in memory and is served).
+    /// Queues a record; never blocks.
     pub fn write(&self, r: TerminationRecord) {
         if self.tx.try_send(r).is_err() {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.lost.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
-
-/// Records waiting for the journal's thread at most; beyond, a record is
-/// kept in memory only (counted as a write error).
-const JOURNAL_QUEUE: usize = 4096;
 
 /// Sends records to the journal's thread.
 pub struct JournalWriter {
@@ -144,20 +176,34 @@ impl JournalWriter {
         let (tx, rx) = mpsc::sync_channel::<TerminationRecord>(JOURNAL_QUEUE);
         let (done_tx, done) = mpsc::channel();
         let s = stats.clone();
+        s.publish(&journal);
         std::thread::Builder::new()
             .name("journal".into())
             .spawn(move || {
-                for r in rx {
-                    match journal.append(&r) {
-                        Ok(()) => {
-                            s.written.fetch_add(1, Ordering::Relaxed);
+                let mut failing = false;
+                loop {
+                    let result = match rx.recv_timeout(RETRY) {
+                        Ok(r) => journal.append(&r),
+                        Err(mpsc::RecvTimeoutError::Timeout) => journal.flush(),
+                        Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            // Shutting down: one last try for what waits.
+                            let _ = journal.flush();
+                            s.publish(&journal);
+                            break;
                         }
-                        Err(e) => {
-                            if s.errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                                tracing::warn!("{e}: the record is kept in memory only (counted in podscope_journal_write_errors_total)");
-                            }
+                    };
+                    match result {
+                        Ok(()) if failing => {
+                            failing = false;
+                            tracing::info!("the termination journal is written again; every record kept in memory meanwhile is on disk");
                         }
+                        Err(e) if !failing => {
+                            failing = true;
+                            tracing::warn!("{e}: records are kept in memory (up to {MAX_PENDING}) and written when the disk takes them again (podscope_journal_pending_records)");
+                        }
+                        _ => {}
                     }
+                    s.publish(&journal);
                 }
                 let _ = done_tx.send(());
             })?;
@@ -172,9 +218,16 @@ impl JournalWriter {
         }
     }
 
+    /// Queues a record; never blocks.
+    pub fn write(&self, r: TerminationRecord) {
+        if self.tx.try_send(r).is_err() {
+            self.stats.lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Lets the thread write what is queued and waits at most `deadline`;
-    /// true when every queued record was written (or failed) in time.
-    pub fn close(self, deadline: std::time::Duration) -> bool {
+    /// true when it finished in time (every handle must be gone first).
+    pub fn close(self, deadline: Duration) -> bool {
         drop(self.tx);
         self.done.recv_timeout(deadline).is_ok()
     }

@@ -8,13 +8,54 @@
 //!
 //! It keeps the raw bytes and an index of where each type starts; nothing is
 //! decoded until asked for. Format: include/uapi/linux/btf.h.
+//!
+//! Hostile or merely newer input: every walk through type references is
+//! bounded (a reference cycle or a 100,000-deep array chain ends, never
+//! overflows the stack), and a kind this reader does not know, from a
+//! kernel newer than the agent, is skipped instead of failing the whole
+//! blob. BTF does not record a type's length, so the length of an unknown
+//! kind is found by trying the shapes every kind so far has had (a fixed
+//! part and a per-element part) and keeping the one under which every
+//! following type parses exactly to the end of the section; when none
+//! does, the types before it are kept and lookups of later ones fail with
+//! a sentence, for the probe that needs them only.
 
-use std::{collections::HashMap, fs, io, path::Path};
+use std::{
+    collections::HashMap,
+    fs, io,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
 
 use thiserror::Error;
 
 /// Where the running kernel publishes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+static KERNEL_BTF_PATH: OnceLock<PathBuf> = OnceLock::new();
+
+/// Sets where the running kernel's BTF is read from (`--btf PATH`, for
+/// kernels built without `/sys/kernel/btf/vmlinux`: e.g. a BTF file from
+/// BTFHub or one extracted with `pahole --btf_encode_detached`). Set once,
+/// at start-up, before anything reads BTF; returns false if it was set already.
+pub fn set_kernel_btf_path(path: PathBuf) -> bool {
+    KERNEL_BTF_PATH.set(path).is_ok()
+}
+
+/// The running kernel's BTF file: `--btf`, else [`VMLINUX_BTF`].
+pub fn kernel_btf_path() -> &'static Path {
+    KERNEL_BTF_PATH
+        .get()
+        .map(PathBuf::as_path)
+        .unwrap_or(Path::new(VMLINUX_BTF))
+}
+
+/// How deep a chain of type references (typedefs, qualifiers, arrays,
+/// nested anonymous members) is followed: real kernels need fewer than 10.
+const MAX_DEPTH: u32 = 32;
+/// Distinct unknown kinds whose length is searched for (each multiplies
+/// the search); beyond this the types after the unknown one are dropped.
+const MAX_UNKNOWN_KINDS: usize = 2;
 
 const BTF_MAGIC: u16 = 0xeb9f;
 
@@ -22,19 +63,29 @@ const BTF_MAGIC: u16 = 0xeb9f;
 pub enum BtfError {
     #[error(
         "this kernel publishes no BTF ({path} is missing): podscope needs a kernel built with \
-         CONFIG_DEBUG_INFO_BTF=y (standard on Debian, Ubuntu, RHEL/Fedora and most cloud kernels since 5.x)"
+         CONFIG_DEBUG_INFO_BTF=y (standard on Debian, Ubuntu, RHEL/Fedora and most cloud kernels since 5.x), \
+         or this kernel's BTF in a file given with --btf PATH"
     )]
     Missing { path: String },
     #[error("cannot read BTF from {path}: {source}")]
     Io { path: String, source: io::Error },
     #[error("malformed BTF: {0}")]
     Malformed(String),
-    #[error("this kernel's BTF has no struct {0}")]
-    NoStruct(String),
+    #[error("this kernel's BTF has no struct {name}{note}", name = .0, note = truncated_note(*.1))]
+    NoStruct(String, Option<u32>),
     #[error("this kernel's BTF has no member {member} in struct {strukt}")]
     NoMember { strukt: String, member: String },
-    #[error("this kernel's BTF has no enum {0}")]
-    NoEnum(String),
+    #[error("this kernel's BTF has no enum {name}{note}", name = .0, note = truncated_note(*.1))]
+    NoEnum(String, Option<u32>),
+}
+
+fn truncated_note(at: Option<u32>) -> String {
+    at.map(|id| {
+        format!(
+            " (or it is among the types after id {id}, which follow a type of a kind this podscope does not know and were not read)"
+        )
+    })
+    .unwrap_or_default()
 }
 
 /// BTF kinds (`BTF_KIND_*`).
@@ -93,15 +144,146 @@ impl Kind {
 
     /// Bytes that follow the 12-byte common header for a type of this kind.
     fn extra_len(self, vlen: usize) -> usize {
-        use Kind::*;
-        match self {
-            Int | Var | DeclTag => 4,
-            Array => 12,
-            Struct | Union | Datasec | Enum64 => 12 * vlen,
-            Enum | FuncProto => 8 * vlen,
-            Void | Ptr | Fwd | Typedef | Volatile | Const | Restrict | Func | Float | TypeTag => 0,
-        }
+        self.layout().len(vlen)
     }
+
+    fn layout(self) -> Layout {
+        use Kind::*;
+        let (fixed, per_elem) = match self {
+            Int | Var | DeclTag => (4, 0),
+            Array => (12, 0),
+            Struct | Union | Datasec | Enum64 => (0, 12),
+            Enum | FuncProto => (0, 8),
+            Void | Ptr | Fwd | Typedef | Volatile | Const | Restrict | Func | Float | TypeTag => {
+                (0, 0)
+            }
+        };
+        Layout { fixed, per_elem }
+    }
+}
+
+/// How long a kind's data after the common header is: `fixed + vlen * per_elem`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    fixed: usize,
+    per_elem: usize,
+}
+
+impl Layout {
+    fn len(self, vlen: usize) -> usize {
+        self.fixed + vlen * self.per_elem
+    }
+
+    /// The shapes a new kind is tried with, most common first: every shape
+    /// a known kind has.
+    const CANDIDATES: [Layout; 6] = [
+        Layout {
+            fixed: 0,
+            per_elem: 0,
+        },
+        Layout {
+            fixed: 4,
+            per_elem: 0,
+        },
+        Layout {
+            fixed: 0,
+            per_elem: 12,
+        },
+        Layout {
+            fixed: 0,
+            per_elem: 8,
+        },
+        Layout {
+            fixed: 12,
+            per_elem: 0,
+        },
+        Layout {
+            fixed: 4,
+            per_elem: 4,
+        },
+    ];
+}
+
+/// The type section's index: where each type starts, and what was skipped.
+#[derive(Default)]
+struct TypeIndex {
+    /// The id of `offsets[0]`.
+    base: u32,
+    offsets: Vec<u32>,
+    /// (type id, kind) of each type of an unknown kind, skipped.
+    unknown: Vec<(u32, u8)>,
+    /// Set when the types after this id could not be read.
+    truncated_at: Option<u32>,
+}
+
+/// Indexes the types in `data[at..end]`, learning the length of unknown
+/// kinds as it goes (see the module comment). `known` holds the layouts
+/// guessed so far for unknown kinds; a guess is kept only if the rest of
+/// the section parses under it.
+fn index_types(
+    data: &[u8],
+    mut at: usize,
+    end: usize,
+    str_len: usize,
+    known: &mut HashMap<u8, Layout>,
+    out: &mut TypeIndex,
+) -> bool {
+    let u32_at = |o: usize| u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]);
+    while at < end {
+        if at + 12 > end {
+            return false;
+        }
+        let (name_off, info) = (u32_at(at), u32_at(at + 4));
+        if name_off as usize >= str_len.max(1) {
+            return false;
+        }
+        let header = Header {
+            name_off,
+            info,
+            size_or_type: 0,
+        };
+        let vlen = header.vlen();
+        let raw_kind = ((info >> 24) & 0x1f) as u8;
+        let layout = match header.kind() {
+            Some(k) => k.layout(),
+            None => match known.get(&raw_kind) {
+                Some(l) => *l,
+                None => {
+                    if known.len() >= MAX_UNKNOWN_KINDS {
+                        return false;
+                    }
+                    let id = out.base + out.offsets.len() as u32;
+                    for cand in Layout::CANDIDATES {
+                        let next = at + 12 + cand.len(vlen);
+                        if next > end {
+                            continue;
+                        }
+                        let mut rest = TypeIndex {
+                            base: id + 1,
+                            ..Default::default()
+                        };
+                        known.insert(raw_kind, cand);
+                        if index_types(data, next, end, str_len, known, &mut rest) {
+                            out.offsets.push(at as u32);
+                            out.unknown.push((id, raw_kind));
+                            out.offsets.extend(rest.offsets);
+                            out.unknown.extend(rest.unknown);
+                            return true;
+                        }
+                        known.remove(&raw_kind);
+                    }
+                    return false;
+                }
+            },
+        };
+        if header.kind().is_none() {
+            out.unknown
+                .push((out.base + out.offsets.len() as u32, raw_kind));
+        }
+        out.offsets.push(at as u32);
+        at += 12 + layout.len(vlen);
+    }
+    at == end
 }
 
 /// Where a struct member lives.
@@ -159,6 +341,11 @@ pub struct Btf {
     offsets: Vec<u32>,
     /// Named struct/union/enum/func ids by name, built once.
     by_name: HashMap<(u8, Box<str>), u32>,
+    /// Kinds this reader does not know that the blob has (sorted, unique).
+    unknown_kinds: std::collections::BTreeSet<u8>,
+    skipped_types: usize,
+    /// The types after this id could not be read.
+    truncated_at: Option<u32>,
 }
 
 impl std::fmt::Debug for Btf {
@@ -170,9 +357,19 @@ impl std::fmt::Debug for Btf {
 }
 
 impl Btf {
-    /// The running kernel's BTF.
+    /// The running kernel's BTF (from `--btf PATH` when given).
     pub fn from_sys_fs() -> Result<Btf, BtfError> {
-        Btf::from_file(VMLINUX_BTF)
+        Btf::from_file(kernel_btf_path())
+    }
+
+    /// Types of kinds this reader does not know, skipped; the kinds; and
+    /// the id after which nothing could be read (if so).
+    pub fn skipped(&self) -> (usize, Vec<u8>, Option<u32>) {
+        (
+            self.skipped_types,
+            self.unknown_kinds.iter().copied().collect(),
+            self.truncated_at,
+        )
     }
 
     pub fn from_file(path: impl AsRef<Path>) -> Result<Btf, BtfError> {
@@ -223,34 +420,68 @@ impl Btf {
             return Err(bad("sections run past the end of the data"));
         }
 
-        let mut offsets = vec![0u32];
-        let mut at = type_start;
+        if type_len % 4 != 0 {
+            return Err(bad("the type section's length is not a multiple of 4"));
+        }
         let end = type_start + type_len;
-        while at < end {
+        let mut index = TypeIndex {
+            offsets: vec![0u32],
+            ..Default::default()
+        };
+        if !index_types(
+            &data,
+            type_start,
+            end,
+            str_len,
+            &mut HashMap::new(),
+            &mut index,
+        ) {
+            // Keep what reads cleanly up to the first type that does not:
+            // everything if it is malformed, the types before an unknown
+            // kind whose length no shape explains.
+            let mut prefix = TypeIndex {
+                offsets: vec![0u32],
+                ..Default::default()
+            };
+            let mut at = type_start;
+            while at + 12 <= end {
+                let header = Header {
+                    name_off: u32_at(at),
+                    info: u32_at(at + 4),
+                    size_or_type: 0,
+                };
+                let Some(kind) = header.kind() else { break };
+                let next = at + 12 + kind.extra_len(header.vlen());
+                if next > end || header.name_off as usize >= str_len.max(1) {
+                    return Err(bad("a type runs past the type section"));
+                }
+                prefix.offsets.push(at as u32);
+                at = next;
+            }
             if at + 12 > end {
                 return Err(bad("truncated type header"));
             }
-            let info = u32_at(at + 4);
-            let header = Header {
-                name_off: 0,
-                info,
-                size_or_type: 0,
-            };
-            let kind = header.kind().ok_or_else(|| {
-                BtfError::Malformed(format!("unknown type kind {}", (info >> 24) & 0x1f))
-            })?;
-            offsets.push(at as u32);
-            at += 12 + kind.extra_len(header.vlen());
+            prefix.truncated_at = Some(prefix.offsets.len() as u32 - 1);
+            index = prefix;
         }
-        if at != end {
-            return Err(bad("last type runs past the type section"));
+        // Only the first few are logged: a kernel with a new kind has many.
+        for (id, kind) in index.unknown.iter().take(3) {
+            tracing::debug!("BTF type {id} has kind {kind}, unknown to this podscope: skipped");
+        }
+        if let Some(id) = index.truncated_at {
+            tracing::warn!(
+                "this kernel's BTF has a type kind this podscope does not know after type {id}; the types after it were not read (a newer podscope reads them)"
+            );
         }
 
         let mut btf = Btf {
             data,
             str_start,
             str_len,
-            offsets,
+            offsets: index.offsets,
+            unknown_kinds: index.unknown.iter().map(|u| u.1).collect(),
+            skipped_types: index.unknown.len(),
+            truncated_at: index.truncated_at,
             by_name: HashMap::new(),
         };
         btf.index_names();
@@ -329,7 +560,7 @@ impl Btf {
 
     /// Follows typedefs and qualifiers to the type they name.
     fn strip(&self, mut id: u32) -> u32 {
-        for _ in 0..32 {
+        for _ in 0..MAX_DEPTH {
             if id == 0 || id as usize >= self.offsets.len() {
                 return 0;
             }
@@ -346,6 +577,13 @@ impl Btf {
 
     /// Size in bytes of a type, following typedefs and arrays.
     fn size_of(&self, id: u32) -> u32 {
+        self.size_of_at(id, 0)
+    }
+
+    fn size_of_at(&self, id: u32, depth: u32) -> u32 {
+        if depth > MAX_DEPTH {
+            return 0;
+        }
         let id = self.strip(id);
         if id == 0 {
             return 0;
@@ -366,7 +604,7 @@ impl Btf {
                 let o = self.offsets[id as usize] as usize + 12;
                 let elem = self.u32_at(o);
                 let nelems = self.u32_at(o + 8);
-                self.size_of(elem).saturating_mul(nelems)
+                self.size_of_at(elem, depth + 1).saturating_mul(nelems)
             }
             _ => 0,
         }
@@ -378,7 +616,7 @@ impl Btf {
         let id = self
             .lookup(Kind::Struct, strukt)
             .or_else(|| self.lookup(Kind::Union, strukt))
-            .ok_or_else(|| BtfError::NoStruct(strukt.to_string()))?;
+            .ok_or_else(|| BtfError::NoStruct(strukt.to_string(), self.truncated_at))?;
         self.find_member(id, member, 0)
             .ok_or_else(|| BtfError::NoMember {
                 strukt: strukt.to_string(),
@@ -392,7 +630,7 @@ impl Btf {
     }
 
     fn find_member(&self, id: u32, name: &str, depth: u32) -> Option<Member> {
-        if depth > 8 {
+        if depth > MAX_DEPTH {
             return None;
         }
         let h = self.header(id);
@@ -437,7 +675,7 @@ impl Btf {
             Some(id) => (id, false),
             None => (
                 self.lookup(Kind::Enum64, name)
-                    .ok_or_else(|| BtfError::NoEnum(name.to_string()))?,
+                    .ok_or_else(|| BtfError::NoEnum(name.to_string(), self.truncated_at))?,
                 true,
             ),
         };
@@ -600,7 +838,7 @@ mod tests {
         ));
         assert!(matches!(
             btf.offset_of("nope", "x"),
-            Err(BtfError::NoStruct(_))
+            Err(BtfError::NoStruct(..))
         ));
     }
 
@@ -616,7 +854,7 @@ mod tests {
         assert!(!btf.has_func("task"));
         assert!(matches!(
             btf.enum_values("missing"),
-            Err(BtfError::NoEnum(_))
+            Err(BtfError::NoEnum(..))
         ));
     }
 
@@ -643,6 +881,120 @@ mod tests {
         let mut long = sample();
         long[12] = 0xff;
         assert!(Btf::parse(long).is_err());
+    }
+
+    /// A kind this reader does not know, from a newer kernel, is skipped:
+    /// its length is learnt from the types after it.
+    #[test]
+    fn unknown_kinds_are_skipped() {
+        let mut b = Builder::new();
+        b.hdr("int", 1, 0, false, 4);
+        b.u32s(&[32]);
+        // 2: kind 25, two 8-byte elements; 3: kind 26 with vlen 0.
+        b.hdr("future", 25, 2, false, 0);
+        b.u32s(&[1, 2, 3, 4]);
+        b.hdr("", 26, 0, false, 0);
+        // 4: struct s { int a at byte 4 }
+        b.hdr("s", 4, 1, false, 8);
+        let a = b.s("a");
+        b.u32s(&[a, 1, 32]);
+        // 5: kind 25 again, one element.
+        b.hdr("", 25, 1, false, 0);
+        b.u32s(&[5, 6]);
+        let btf = Btf::parse(b.build()).unwrap();
+        assert_eq!(btf.len(), 6);
+        assert_eq!(
+            btf.member("s", "a").unwrap(),
+            Member {
+                offset: 4,
+                size: 4,
+                bitfield_bits: 0,
+                bit: 0
+            }
+        );
+        assert_eq!(btf.skipped(), (3, vec![25, 26], None));
+    }
+
+    /// An unknown kind whose length no shape explains: the types before it
+    /// are kept, lookups of the others fail with a sentence, nothing panics.
+    #[test]
+    fn an_unexplained_kind_keeps_the_types_before_it() {
+        let mut b = Builder::new();
+        b.hdr("s", 4, 1, false, 4);
+        let a = b.s("a");
+        b.u32s(&[a, 0, 0]);
+        b.hdr("odd", 27, 0, false, 0);
+        b.types.extend_from_slice(&[0xff; 20]);
+        b.hdr("t", 4, 0, false, 4);
+        let btf = Btf::parse(b.build()).unwrap();
+        assert_eq!(btf.offset_of("s", "a").unwrap(), 0);
+        let err = btf.offset_of("t", "a").unwrap_err().to_string();
+        assert!(err.contains("after id 1"), "{err}");
+        assert_eq!(btf.skipped().2, Some(1));
+    }
+
+    /// Reference chains and cycles end: a 100,000-deep array of arrays and
+    /// a typedef cycle cost a bounded walk, never the stack.
+    #[test]
+    fn reference_walks_are_bounded() {
+        let mut b = Builder::new();
+        b.hdr("int", 1, 0, false, 4);
+        b.u32s(&[32]);
+        let depth = 100_000u32;
+        for id in 2..depth + 2 {
+            b.hdr("", 3, 0, false, 0);
+            b.u32s(&[id - 1, 1, 2]);
+        }
+        let deep = depth + 1;
+        // Two typedefs naming each other.
+        let (t1, t2) = (deep + 1, deep + 2);
+        b.hdr("loop_a", 8, 0, false, t2);
+        b.hdr("loop_b", 8, 0, false, t1);
+        b.hdr("s", 4, 2, false, 8);
+        let (x, y) = (b.s("x"), b.s("y"));
+        b.u32s(&[x, deep, 0, y, t1, 32]);
+        let btf = Btf::parse(b.build()).unwrap();
+        assert_eq!(btf.member("s", "x").unwrap().size, 0);
+        assert_eq!(btf.member("s", "y").unwrap().size, 0);
+        assert_eq!(btf.offset_of("s", "y").unwrap(), 4);
+    }
+
+    /// The Debian 6.1 kernel's BTF as a newer kernel might ship it: two of
+    /// its kinds renumbered to kinds this reader does not know. Every offset
+    /// still comes out as pahole says.
+    #[test]
+    fn a_real_kernel_with_unknown_kinds_still_resolves() {
+        let mut data = super::super::fixtures::debian_6_1_btf_bytes();
+        let u32_at = |d: &[u8], o: usize| u32::from_le_bytes(d[o..o + 4].try_into().unwrap());
+        let hdr_len = u32_at(&data, 4) as usize;
+        let start = hdr_len + u32_at(&data, 8) as usize;
+        let end = start + u32_at(&data, 12) as usize;
+        let mut at = start;
+        let mut renamed = 0;
+        while at < end {
+            let info = u32_at(&data, at + 4);
+            let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+            let len = Kind::from_u32(kind).unwrap().extra_len(vlen);
+            let new_kind = match kind {
+                13 => 29, // FUNC_PROTO
+                17 => 30, // DECL_TAG
+                _ => kind,
+            };
+            if new_kind != kind {
+                renamed += 1;
+                let info = (info & !(0x1f << 24)) | (new_kind << 24);
+                data[at + 4..at + 8].copy_from_slice(&info.to_le_bytes());
+            }
+            at += 12 + len;
+        }
+        let btf = Btf::parse(data).unwrap();
+        let (skipped, kinds, truncated) = btf.skipped();
+        assert_eq!((skipped, truncated), (renamed, None));
+        assert!(kinds.contains(&29), "{kinds:?}");
+        assert_eq!(btf.offset_of("task_struct", "exit_code").unwrap(), 2312);
+        assert_eq!(btf.offset_of("task_struct", "tgid").unwrap(), 2420);
+        assert_eq!(btf.member("task_struct", "comm").unwrap().size, 16);
+        assert_eq!(btf.offset_of("signal_struct", "flags").unwrap(), 116);
     }
 
     #[test]

@@ -97,25 +97,30 @@ impl CgroupLayout {
     }
 }
 
-/// mountinfo escapes space, tab, newline and backslash as octal.
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+/// Works on bytes: a path's UTF-8 stays intact, and an escape above `\377`
+/// (not one the kernel writes) stays as it is.
 fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
     let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v as char);
-            i += 4;
-        } else {
-            out.push(b[i] as char);
-            i += 1;
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0')));
+        match octal.and_then(|v| u8::try_from(v).ok()) {
+            Some(v) => {
+                out.push(v);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
         }
     }
-    out
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -180,5 +185,11 @@ mod tests {
         assert_eq!(unescape("/a\\040b"), "/a b");
         assert_eq!(unescape("/plain"), "/plain");
         assert_eq!(unescape("/x\\"), "/x\\");
+        // Regressions from the mountinfo fuzz target: an escape above \377
+        // overflowed a u8; non-ASCII paths were read byte by byte as Latin-1.
+        assert_eq!(unescape("/a\\444b"), "/a\\444b");
+        assert_eq!(unescape("/données\\011x"), "/données\tx");
+        let crash = b":2 \0\0 \\4444\x01ime \xa5/\x1e\0\xff'f123";
+        let _ = CgroupLayout::from_mountinfo(&String::from_utf8_lossy(crash));
     }
 }

@@ -48,8 +48,15 @@ impl BootClock {
         BootClock(())
     }
 
+    /// A boot-clock stamp as wall time. Stamps come from ring-buffer
+    /// records: a corrupt one saturates (year 2554) instead of overflowing.
     pub fn to_system_time(&self, boot_ns: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_nanos(BOOT_EPOCH_NS.load(Ordering::Relaxed) + boot_ns)
+        UNIX_EPOCH
+            + Duration::from_nanos(
+                BOOT_EPOCH_NS
+                    .load(Ordering::Relaxed)
+                    .saturating_add(boot_ns),
+            )
     }
 }
 
@@ -69,5 +76,12 @@ mod tests {
         let t = clock.to_system_time(boot_ns());
         let skew = SystemTime::now().duration_since(t).unwrap_or_default();
         assert!(skew < Duration::from_secs(1), "{skew:?}");
+    }
+
+    /// Found by the event_decoders fuzz target: any stamp converts.
+    #[test]
+    fn a_corrupt_stamp_saturates() {
+        let t = BootClock::new().to_system_time(u64::MAX);
+        assert_eq!(t, UNIX_EPOCH + Duration::from_nanos(u64::MAX));
     }
 }

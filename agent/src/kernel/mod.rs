@@ -41,10 +41,15 @@ pub(crate) mod fixtures {
 
     /// Debian's linux-image-6.1.0-47-cloud-amd64 (6.1.170), `.BTF` of its vmlinux.
     pub fn debian_6_1_btf() -> Btf {
-        Btf::parse(gunzip(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/btf-6.1.0-47-cloud-amd64.gz"
-        )))
-        .unwrap()
+        Btf::parse(debian_6_1_btf_bytes()).unwrap()
     }
+
+    pub fn debian_6_1_btf_bytes() -> Vec<u8> {
+        gunzip(DEBIAN_6_1_BTF)
+    }
+
+    pub const DEBIAN_6_1_BTF: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/btf-6.1.0-47-cloud-amd64.gz"
+    );
 }

@@ -12,6 +12,7 @@
 //! publishes ([`Metrics::update`]).
 
 pub mod exits;
+pub mod journal;
 pub mod net;
 pub mod terminations;
 pub mod throttle;
@@ -165,10 +166,7 @@ pub struct Metrics {
     pub stream_dropped: Counter,
     exits: exits::ExitMetrics,
     terminations: terminations::TerminationMetrics,
-    journal_written: Counter,
-    journal_errors: Counter,
-    journal_dropped: Counter,
-    journal_seen: (u64, u64, u64),
+    journal: journal::JournalMetrics,
     unexplained: Counter,
     unexplained_seen: u64,
     net: net::NetMetrics,
@@ -259,29 +257,12 @@ impl Metrics {
                 node: opts.node_name.clone(),
             })
             .set(1);
-        let journal_written = Counter::default();
-        registry.register(
-            "journal_records_written",
-            "Termination records written durably to the journal in the state directory",
-            journal_written.clone(),
-        );
-        let journal_errors = Counter::default();
-        registry.register(
-            "journal_write_errors",
-            "Termination records the journal could not write (kept in memory only)",
-            journal_errors.clone(),
-        );
+        let journal = journal::JournalMetrics::register(&mut registry);
         let unexplained = Counter::default();
         registry.register(
             "container_ends_unexplained",
             "Containers that ended without a termination record (their main process was not known, or its exit event was lost)",
             unexplained.clone(),
-        );
-        let journal_dropped = Counter::default();
-        registry.register(
-            "journal_recovered_dropped_bytes",
-            "Bytes of a torn write (agent killed while writing) cut off the journal at start-up",
-            journal_dropped.clone(),
         );
         let degraded = Family::<DependencyLabels, Gauge>::default();
         registry.register(
@@ -334,10 +315,7 @@ impl Metrics {
             stream_dropped,
             exits,
             terminations,
-            journal_written,
-            journal_errors,
-            journal_dropped,
-            journal_seen: (0, 0, 0),
+            journal,
             unexplained,
             unexplained_seen: 0,
             net,
@@ -460,19 +438,7 @@ impl Metrics {
     }
 
     pub fn update_journal(&mut self, j: &crate::forensics::store::JournalStats) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let now = (
-            j.written.load(Relaxed),
-            j.errors.load(Relaxed),
-            j.recovered_dropped_bytes.load(Relaxed),
-        );
-        self.journal_written
-            .inc_by(now.0.saturating_sub(self.journal_seen.0));
-        self.journal_errors
-            .inc_by(now.1.saturating_sub(self.journal_seen.1));
-        self.journal_dropped
-            .inc_by(now.2.saturating_sub(self.journal_seen.2));
-        self.journal_seen = now;
+        self.journal.update(j);
     }
 
     /// Drops the series of pods gone for longer than the retention (a pod

@@ -77,7 +77,7 @@ fn tidy(reason: &str) -> String {
 /// Tries every hook type once. Each program is detached again when the
 /// object is dropped at the end.
 pub fn probe_hooks() -> Result<Vec<HookProbe>, ProbeError> {
-    let btf = aya::Btf::from_sys_fs().ok();
+    let btf = super::kernel_btf_for_aya();
     let mut ebpf = super::load_object_for_probing(btf.as_ref())?;
     let need_btf = || "the kernel's BTF could not be read".to_string();
     let mut out = vec![];

@@ -80,6 +80,21 @@ pub struct CgroupChange {
     pub truncated: bool,
 }
 
+impl CgroupChange {
+    pub fn decode(raw: &CgroupEvent) -> CgroupChange {
+        CgroupChange {
+            id: raw.id,
+            op: match raw.op {
+                CGROUP_MKDIR => CgroupOp::Created,
+                CGROUP_FIRST_EXEC => CgroupOp::FirstExec { tgid: raw.pid },
+                _ => CgroupOp::Removed,
+            },
+            path: super::comm_str(&raw.path),
+            truncated: raw.flags & CGROUP_FLAG_TRUNCATED != 0,
+        }
+    }
+}
+
 pub struct CgroupProbe {
     maps: FamilyMaps,
     pub attachment: Attachment,
@@ -103,18 +118,8 @@ impl CgroupProbe {
     }
 
     pub fn drain(&mut self, mut f: impl FnMut(CgroupChange)) -> usize {
-        self.maps.drain(|raw: CgroupEvent| {
-            f(CgroupChange {
-                id: raw.id,
-                op: match raw.op {
-                    CGROUP_MKDIR => CgroupOp::Created,
-                    CGROUP_FIRST_EXEC => CgroupOp::FirstExec { tgid: raw.pid },
-                    _ => CgroupOp::Removed,
-                },
-                path: super::comm_str(&raw.path),
-                truncated: raw.flags & CGROUP_FLAG_TRUNCATED != 0,
-            })
-        })
+        self.maps
+            .drain(|raw: CgroupEvent| f(CgroupChange::decode(&raw)))
     }
 
     pub fn stats(&self) -> FamilyStats {

@@ -131,7 +131,16 @@ impl KernelOffsets {
 /// need to find their target at load. Parse it only while attaching: it is
 /// the largest allocation podscope makes.
 pub fn attach_btf() -> Option<aya::Btf> {
-    aya::Btf::from_sys_fs().ok()
+    kernel_btf_for_aya()
+}
+
+/// aya's parse of the kernel's BTF, from `--btf PATH` when given.
+pub fn kernel_btf_for_aya() -> Option<aya::Btf> {
+    aya::Btf::parse_file(
+        crate::kernel::btf::kernel_btf_path(),
+        aya::Endianness::default(),
+    )
+    .ok()
 }
 
 /// Options that shape the loaded object.
@@ -251,6 +260,19 @@ pub(crate) fn take_family_maps(
     Ok((events, stats))
 }
 
+/// A raw event out of a ring buffer record (or any bytes): `None` when the
+/// record is shorter than `T` (shorter records are skipped, longer ones
+/// read up to `T`'s size). The one place raw bytes become a raw event.
+pub fn raw_event<T: aya::Pod>(item: &[u8]) -> Option<T> {
+    if item.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: T is Pod (valid for any bytes) and the record holds at least
+    // size_of::<T>() of them; unaligned because the ring buffer only
+    // guarantees 8-byte alignment.
+    Some(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const T) })
+}
+
 /// A family's ring buffer and per-CPU stats, read the same way by every
 /// family: raw `#[repr(C)]` events out, counters summed over the CPUs.
 pub(crate) struct FamilyMaps {
@@ -274,13 +296,10 @@ impl FamilyMaps {
     pub(crate) fn drain<T: aya::Pod>(&mut self, mut f: impl FnMut(T)) -> usize {
         let mut n = 0;
         while let Some(item) = self.events.next() {
-            if item.len() < size_of::<T>() {
+            let Some(raw) = raw_event::<T>(&item) else {
                 continue;
-            }
-            // SAFETY: T is Pod (valid for any bytes) and the record holds at
-            // least size_of::<T>() of them; unaligned because the ring buffer
-            // only guarantees 8-byte alignment.
-            f(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const T) });
+            };
+            f(raw);
             n += 1;
         }
         n

@@ -240,6 +240,44 @@ impl Tuple {
     }
 }
 
+/// A new connection from the netfilter program's record; `None` when a
+/// tuple is of no address family we know.
+pub fn decode_conn(raw: &ConnEvent, clock: &BootClock) -> Option<RawConn> {
+    let (orig, reply) = (Tuple::decode(&raw.orig)?, Tuple::decode(&raw.reply)?);
+    Some(RawConn {
+        ts: clock.to_system_time(raw.ts_boot_ns),
+        orig,
+        translated: reply.src,
+        dnat: raw.ct_status & IPS_DST_NAT != 0,
+        hook: raw.hook,
+        cgroup_id: raw.cgroup_id,
+    })
+}
+
+/// A drop from `skb:kfree_skb`'s record, its reason named from `reasons`.
+pub fn decode_drop(raw: &DropEvent, reasons: &HashMap<u32, String>, clock: &BootClock) -> RawDrop {
+    let packet = (raw.flags & DROP_FLAG_NET_HEADER != 0)
+        .then(|| {
+            Tuple::from_headers(
+                &raw.net_header,
+                (raw.flags & DROP_FLAG_L4 != 0).then_some(&raw.l4),
+            )
+        })
+        .flatten();
+    let ct = (raw.flags & DROP_FLAG_CT != 0)
+        .then(|| Tuple::decode(&raw.orig))
+        .flatten();
+    RawDrop {
+        ts: clock.to_system_time(raw.ts_boot_ns),
+        reason: reasons
+            .get(&raw.reason)
+            .cloned()
+            .unwrap_or_else(|| format!("reason_{}", raw.reason)),
+        tuple: ct.or(packet),
+        packet,
+    }
+}
+
 /// A protocol number's name, as iptables writes it.
 pub fn proto_name(p: u8) -> &'static str {
     match p {
@@ -412,23 +450,10 @@ impl NetProbe {
             return;
         };
         while let Some(item) = ring.next() {
-            if item.len() < size_of::<ConnEvent>() {
-                continue;
+            if let Some(c) = super::raw_event(&item).and_then(|raw| decode_conn(&raw, &self.clock))
+            {
+                f(c);
             }
-            // SAFETY: the kernel side writes exactly a ConnEvent.
-            let raw = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ConnEvent) };
-            let (Some(orig), Some(reply)) = (Tuple::decode(&raw.orig), Tuple::decode(&raw.reply))
-            else {
-                continue;
-            };
-            f(RawConn {
-                ts: self.clock.to_system_time(raw.ts_boot_ns),
-                orig,
-                translated: reply.src,
-                dnat: raw.ct_status & IPS_DST_NAT != 0,
-                hook: raw.hook,
-                cgroup_id: raw.cgroup_id,
-            });
         }
     }
 
@@ -437,32 +462,9 @@ impl NetProbe {
             return;
         };
         while let Some(item) = ring.next() {
-            if item.len() < size_of::<DropEvent>() {
-                continue;
+            if let Some(raw) = super::raw_event(&item) {
+                f(decode_drop(&raw, &self.reasons, &self.clock));
             }
-            // SAFETY: the kernel side writes exactly a DropEvent.
-            let raw = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const DropEvent) };
-            let packet = (raw.flags & DROP_FLAG_NET_HEADER != 0)
-                .then(|| {
-                    Tuple::from_headers(
-                        &raw.net_header,
-                        (raw.flags & DROP_FLAG_L4 != 0).then_some(&raw.l4),
-                    )
-                })
-                .flatten();
-            let ct = (raw.flags & DROP_FLAG_CT != 0)
-                .then(|| Tuple::decode(&raw.orig))
-                .flatten();
-            f(RawDrop {
-                ts: self.clock.to_system_time(raw.ts_boot_ns),
-                reason: self
-                    .reasons
-                    .get(&raw.reason)
-                    .cloned()
-                    .unwrap_or_else(|| format!("reason_{}", raw.reason)),
-                tuple: ct.or(packet),
-                packet,
-            });
         }
     }
 

@@ -191,7 +191,13 @@ impl OomKill {
                 raw.memcg
                     .iter()
                     .take(raw.memcg_levels as usize)
-                    .map(|l| (l.usage_pages * page, l.max_pages.saturating_mul(page)))
+                    // Saturating: a corrupt record must not overflow (found by fuzzing).
+                    .map(|l| {
+                        (
+                            l.usage_pages.saturating_mul(page),
+                            l.max_pages.saturating_mul(page),
+                        )
+                    })
                     .collect()
             },
             partial: raw.flags & OOM_FLAG_PARTIAL != 0,
@@ -281,5 +287,14 @@ mod tests {
         );
         let old = offsets_from_format(&TracepointFormat::parse(FORMAT_6_1).unwrap());
         assert_eq!(old, OomOffsets::default());
+    }
+
+    /// Regression, from the event_decoders fuzz target: a record of all
+    /// ones (memcg usage near u64::MAX pages) decodes without overflowing.
+    #[test]
+    fn a_record_of_all_ones_decodes() {
+        let raw: OomEvent = crate::probes::raw_event(&[0xff; 512]).unwrap();
+        let k = OomKill::decode(&raw, &BootClock::new());
+        assert!(k.memcg.iter().all(|&(usage, _)| usage == u64::MAX));
     }
 }

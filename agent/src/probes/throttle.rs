@@ -89,7 +89,8 @@ pub struct Throttle {
 impl Throttle {
     pub fn decode(raw: &ThrottleEvent, clock: &BootClock) -> Throttle {
         Throttle {
-            ts: clock.to_system_time(raw.start_ns + raw.duration_ns),
+            // Saturating: a corrupt record must not overflow (found by fuzzing).
+            ts: clock.to_system_time(raw.start_ns.saturating_add(raw.duration_ns)),
             duration_ns: raw.duration_ns,
             cpu: raw.cpu,
             ancestor: raw.flags & THROTTLE_FLAG_ANCESTOR != 0,
@@ -228,5 +229,14 @@ mod tests {
         assert_eq!(t.duration(), Duration::from_millis(80));
         assert!(t.ancestor);
         assert_eq!((t.cgroup_id, t.cpu), (42, 1));
+    }
+
+    /// Regression, from the event_decoders fuzz target: a record of all
+    /// ones (start and duration near u64::MAX) decodes without overflowing.
+    #[test]
+    fn a_record_of_all_ones_decodes() {
+        let raw: ThrottleEvent = crate::probes::raw_event(&[0xff; 64]).unwrap();
+        let t = Throttle::decode(&raw, &BootClock::new());
+        assert_eq!(t.duration_ns, u64::MAX);
     }
 }

@@ -1,0 +1,9 @@
+//! ctnetlink datagrams (the conntrack event fallback): any bytes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use podscope::probes::conntrack::parse_messages;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = parse_messages(data);
+});

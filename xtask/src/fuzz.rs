@@ -1,0 +1,183 @@
+//! `cargo xtask fuzz [--seconds N] [TARGET]...`: builds the cargo-fuzz
+//! targets of `fuzz/` (every parser of input from outside podscope) and runs
+//! each for N seconds (default 60), starting from its committed corpus
+//! `fuzz/corpus/<target>/`. New inputs go to a scratch corpus under
+//! `target/fuzz-corpus/`, so a run never rewrites the committed one; a
+//! crash leaves its input in `fuzz/artifacts/<target>/` and fails the task
+//! (turn it into a regression test, fix it, and add it to the corpus).
+//!
+//! The build is one `cargo fuzz build` of all targets, without a sanitizer
+//! (podscope's parsers are safe Rust: overflow checks and debug assertions
+//! stay on, which is what finds their bugs) so that it costs one build of
+//! the crate graph with coverage instrumentation, no more.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{root, setup, status};
+
+/// Every target, in the order they run (fuzz/Cargo.toml lists the same).
+pub const TARGETS: &[&str] = &[
+    "iptables_save",
+    "journal_frames",
+    "btf",
+    "cgroup_path",
+    "conntrack_netlink",
+    "tracefs_format",
+    "mountinfo",
+    "cpu_stat",
+    "event_decoders",
+    "http_router",
+];
+
+const TRIPLE: &str = "x86_64-unknown-linux-gnu";
+
+pub struct Run {
+    pub target: &'static str,
+    pub runs: u64,
+    pub corpus: u64,
+    pub seconds: f64,
+}
+
+/// `cargo xtask fuzz` as called from the command line.
+pub fn run(args: &[String]) -> Result<std::process::ExitCode> {
+    let mut seconds = 60u64;
+    let mut chosen = vec![];
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--seconds" => {
+                seconds = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .context("--seconds needs a whole number of seconds")?;
+            }
+            t => match TARGETS.iter().find(|k| **k == t) {
+                Some(k) => chosen.push(*k),
+                None => bail!(
+                    "no fuzz target `{t}`; the targets are {}",
+                    TARGETS.join(", ")
+                ),
+            },
+        }
+    }
+    if chosen.is_empty() {
+        chosen = TARGETS.to_vec();
+    }
+    let bins = build()?;
+    for t in chosen {
+        let r = fuzz_one(&bins, t, seconds)?;
+        println!(
+            "fuzz {}: {} executions in {:.0} s ({:.0}/s), corpus {} inputs, no crash",
+            r.target,
+            r.runs,
+            r.seconds,
+            r.runs as f64 / r.seconds.max(0.001),
+            r.corpus
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The smoke run `cargo xtask test` makes: every target briefly, all
+/// together `total_seconds` of fuzzing at most.
+pub fn smoke(total_seconds: u64) -> Result<()> {
+    let t = Instant::now();
+    let bins = build()?;
+    let build_s = t.elapsed().as_secs_f64();
+    let each = (total_seconds / TARGETS.len() as u64).max(1);
+    let mut execs = 0;
+    for target in TARGETS {
+        execs += fuzz_one(&bins, target, each)?.runs;
+    }
+    eprintln!(
+        "xtask: fuzz smoke run: {} targets, {execs} executions in {each} s each, no crash (build {build_s:.0} s)",
+        TARGETS.len()
+    );
+    Ok(())
+}
+
+/// Builds every target once; returns the directory holding the binaries.
+fn build() -> Result<PathBuf> {
+    let cargo_fuzz = setup::cargo_fuzz()?;
+    let target_dir = root().join("target/fuzz");
+    status(
+        Command::new(&cargo_fuzz)
+            .current_dir(root())
+            .args(["fuzz", "build", "--sanitizer", "none", "--target", TRIPLE])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env("RUSTUP_TOOLCHAIN", xtask::toolchain::NIGHTLY)
+            // The parsers need no eBPF object: skip its nightly build.
+            .env("AYA_BUILD_SKIP", "1"),
+    )
+    .context("building the fuzz targets failed")?;
+    Ok(target_dir.join(TRIPLE).join("release"))
+}
+
+fn fuzz_one(bins: &Path, target: &'static str, seconds: u64) -> Result<Run> {
+    let fuzz = root().join("fuzz");
+    let seeds = fuzz.join("corpus").join(target);
+    let scratch = root().join("target/fuzz-corpus").join(target);
+    let artifacts = fuzz.join("artifacts").join(target);
+    std::fs::create_dir_all(&scratch)?;
+    std::fs::create_dir_all(&artifacts)?;
+    let t = Instant::now();
+    let out = Command::new(bins.join(target))
+        .arg(format!("-max_total_time={seconds}"))
+        .arg(format!("-artifact_prefix={}/", artifacts.display()))
+        // Large enough for a real BTF slice or iptables-save dump in the corpus.
+        .arg("-max_len=65536")
+        // A hang is a bug: one input may take at most 10 s.
+        .arg("-timeout=10")
+        .arg("-rss_limit_mb=2048")
+        .arg(&scratch)
+        .arg(&seeds)
+        .output()
+        .with_context(|| format!("cannot run the fuzz target {target}"))?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        // The panic's message, and libFuzzer's summary with the input.
+        let panic: Vec<&str> = log
+            .lines()
+            .skip_while(|l| !l.contains("panicked at"))
+            .take(2)
+            .collect();
+        let tail: Vec<&str> = log.lines().rev().take(8).collect();
+        bail!(
+            "fuzz target {target} found a crash (input saved under {}):\n{}\n...\n{}",
+            artifacts.display(),
+            panic.join("\n"),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    // libFuzzer's last line: "Done 12345 runs in 5 second(s)".
+    let runs = log
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.strip_prefix("Done ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    let corpus = std::fs::read_dir(&scratch)
+        .map(|d| d.count() as u64)
+        .unwrap_or(0)
+        + std::fs::read_dir(&seeds)
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
+    Ok(Run {
+        target,
+        runs,
+        corpus,
+        seconds: t.elapsed().as_secs_f64(),
+    })
+}
