@@ -121,6 +121,8 @@ pub struct CpuReading {
 
 /// One round of readings, and how long it took.
 pub struct CpuReadings {
+    /// Boot-clock time the round began.
+    pub started_boot_ns: u64,
     pub containers: Vec<CpuReading>,
     pub took: Duration,
 }
@@ -132,6 +134,7 @@ pub fn read_cpu_stats(
     containers: &[(u64, Arc<str>, PodIdentity)],
 ) -> CpuReadings {
     let t0 = Instant::now();
+    let started_boot_ns = crate::kernel::clock::boot_ns();
     let containers = containers
         .iter()
         .map(|(id, path, pod)| CpuReading {
@@ -141,6 +144,7 @@ pub fn read_cpu_stats(
         })
         .collect();
     CpuReadings {
+        started_boot_ns,
         containers,
         took: t0.elapsed(),
     }
@@ -161,6 +165,12 @@ pub struct ThrottleBook {
     /// The first refresh is done: containers seen after it are new, and
     /// their cpu.stat counts from 0 (their creation), like the probe.
     primed: bool,
+    /// Boot-clock time of the first cpu.stat round.
+    baseline_boot_ns: Option<u64>,
+    /// Boot-clock time of the latest cpu.stat round.
+    read_boot_ns: Option<u64>,
+    /// Throttles that began after the latest round, counted at the next.
+    later: Vec<Throttle>,
 }
 
 impl ThrottleBook {
@@ -177,11 +187,33 @@ impl ThrottleBook {
             reads: 0,
             missed: 0,
             primed: false,
+            baseline_boot_ns: None,
+            read_boot_ns: None,
+            later: vec![],
         }
     }
 
     /// A throttle the probe measured, attributed.
     pub fn observe(&mut self, t: &Throttle) {
+        // Both sides count from the first cpu.stat round: a throttle that
+        // began before it (the probe attaches first) is the kernel's
+        // baseline's, not ours.
+        let Some(read) = self.read_boot_ns else {
+            return;
+        };
+        if self.baseline_boot_ns.is_none_or(|b| t.start_boot_ns < b) {
+            return;
+        }
+        // Counted when cpu.stat has been read past it: both sides of the
+        // self-check end at the same instant.
+        if t.start_boot_ns >= read {
+            self.later.push(t.clone());
+            return;
+        }
+        self.count(t);
+    }
+
+    fn count(&mut self, t: &Throttle) {
         let e = self.entries.entry(t.cgroup_id).or_insert_with(Entry::new);
         if e.pod.is_host() && !t.pod.is_host() {
             e.pod = t.pod.clone();
@@ -223,6 +255,16 @@ impl ThrottleBook {
             }
         }
         self.primed = true;
+        self.baseline_boot_ns
+            .get_or_insert(readings.started_boot_ns);
+        self.read_boot_ns = Some(readings.started_boot_ns);
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.later)
+            .into_iter()
+            .partition(|t| t.start_boot_ns < readings.started_boot_ns);
+        self.later = later;
+        for t in &now {
+            self.count(t);
+        }
     }
 
     /// Drops containers that are gone.
@@ -369,9 +411,15 @@ mod tests {
         let snap = book.snapshot();
         let c2 = snap.iter().find(|c| c.cgroup_id == 2).unwrap();
         assert_eq!(c2.kernel.unwrap().throttled_periods, 13);
-        for s in [0, 100, 200] {
-            book.observe(&throttle(s, 80));
+        // One before the baseline (not counted), three after it.
+        let base_ms = crate::kernel::clock::boot_ns() / 1_000_000;
+        book.observe(&throttle(1, 80));
+        for s in [0, 2, 4] {
+            book.observe(&throttle(base_ms + s, 1));
         }
+        // Counted once cpu.stat has been read past them.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        book.refresh(&list);
         let snap = book.snapshot();
         std::fs::remove_dir_all(&dir).unwrap();
         let c1 = snap.iter().find(|c| c.cgroup_id == 1).unwrap();

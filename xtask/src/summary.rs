@@ -133,6 +133,15 @@ impl Tally {
         });
     }
 
+    /// The fuzz smoke run: one test per target.
+    pub fn fuzz(&mut self, passed: u64, failed: u64) {
+        self.layer("fuzz").add(&Counts {
+            passed,
+            failed,
+            skipped: 0,
+        });
+    }
+
     /// A layer that could not run at all: one failure.
     pub fn broken(&mut self, layer: &str) {
         self.layer(layer).failed += 1;

@@ -95,7 +95,13 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         let health = Arc::new(Health::new());
         // The book gets every container's cpu.stat baseline at once: both
         // sides count from here.
-        let deps = deps::spawn_all(&driver, &opts, &health, Default::default(), true);
+        // top feeds its own book (no background cpu.stat rounds): both
+        // sides of each window end at the same instant.
+        let deps = deps::spawn_all(&driver, &opts, &health, Default::default(), false);
+        let mut events = driver.subscribe();
+        let link = driver.link();
+        let mut window = Window::default();
+        window.close(&link, &mut events, &deps.book).await;
         let filter = Filter {
             namespace: args.namespace.clone(),
             pod: args.pod.clone(),
@@ -114,6 +120,7 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
         let result: Result<()> = loop {
             tokio::select! {
                 _ = refresh.tick() => {
+                    window.close(&link, &mut events, &deps.book).await;
                     let containers: Vec<_> = match deps.book.lock() {
                         Ok(b) => b.snapshot().into_iter().filter(|c| filter.matches(&c.pod)).collect(),
                         Err(_) => vec![],
@@ -162,6 +169,71 @@ pub fn run(args: TopArgs) -> Result<ExitCode> {
     });
     rt.shutdown_timeout(Duration::from_millis(100));
     code
+}
+
+/// Closes `top`'s measurement windows: cpu.stat read at an instant T, the
+/// drain flushed past T, and every throttle that began before T counted
+/// (those that began after wait for the next window).
+#[derive(Default)]
+struct Window {
+    later: Vec<crate::probes::throttle::Throttle>,
+}
+
+impl Window {
+    async fn close(
+        &mut self,
+        link: &crate::driver::DriverLink,
+        events: &mut tokio::sync::broadcast::Receiver<Arc<crate::driver::Published>>,
+        book: &std::sync::Mutex<crate::throttle::ThrottleBook>,
+    ) {
+        // The driver's first status lists the containers that exist.
+        let mut status = link.status.clone();
+        let first = async {
+            while status.borrow_and_update().heartbeat.is_none() {
+                if status.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), first).await;
+        let live = link.status.borrow().live_containers.clone();
+        let layout = crate::kernel::cgroups::CgroupLayout::current();
+        let read =
+            tokio::task::spawn_blocking(move || crate::throttle::read_cpu_stats(&layout, &live));
+        let readings = tokio::time::timeout(Duration::from_secs(2), read).await;
+        let (ack_tx, ack) = std::sync::mpsc::channel();
+        if link.send(crate::driver::Input::Flush(ack_tx)) {
+            let _ =
+                tokio::task::spawn_blocking(move || ack.recv_timeout(Duration::from_secs(1))).await;
+        }
+        let Ok(mut b) = book.lock() else { return };
+        let cutoff = match &readings {
+            Ok(Ok(r)) => r.started_boot_ns,
+            _ => u64::MAX,
+        };
+        let mut pending = std::mem::take(&mut self.later);
+        loop {
+            match events.try_recv() {
+                Ok(p) => {
+                    if let crate::events::Event::Throttle(t) = &p.event {
+                        pending.push(t.clone());
+                    }
+                }
+                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => b.missed += n,
+                Err(_) => break,
+            }
+        }
+        for t in pending {
+            if t.start_boot_ns < cutoff {
+                b.observe(&t);
+            } else {
+                self.later.push(t);
+            }
+        }
+        if let Ok(Ok(r)) = readings {
+            b.apply(r);
+        }
+    }
 }
 
 /// The duration-histogram columns: short (< 10 ms), medium, long (≥ 50 ms).

@@ -91,6 +91,19 @@ pub fn spawn(
             InFlight::default(),
             InFlight::default(),
         );
+        // The first cpu.stat round is every container's baseline: it must
+        // see the containers that exist now, so wait for the drain
+        // thread's first status (a container seen later counts from 0, its
+        // creation, and one taken for new would be counted twice).
+        let mut status = link.status.clone();
+        let first = async {
+            while status.borrow_and_update().heartbeat.is_none() {
+                if status.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), first).await;
         let mut tick = tokio::time::interval(opts.stat_interval);
         let mut next_scan = Instant::now() + opts.scan_interval;
         loop {
@@ -104,6 +117,16 @@ pub fn spawn(
                     .await
                 {
                     Ok(Some(readings)) => {
+                        // Events that began before the reading reach the
+                        // book before the reading is applied.
+                        let (ack_tx, ack) = std::sync::mpsc::channel();
+                        if link.send(Input::Flush(ack_tx)) {
+                            let _ = tokio::task::spawn_blocking(move || {
+                                ack.recv_timeout(Duration::from_secs(1))
+                            })
+                            .await;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
                         if let Ok(mut b) = book.lock() {
                             b.apply(readings);
                             b.forget_gone();

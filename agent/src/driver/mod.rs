@@ -161,6 +161,9 @@ pub enum Input {
     Services(Arc<ServiceMap>),
     /// A cgroupfs scan that started at the instant given.
     CgroupScan(Vec<(u64, String)>, Instant),
+    /// Drain every ring now and publish what is there, then answer: a view
+    /// that must see everything up to an instant (`top`'s window) asks.
+    Flush(mpsc::Sender<()>),
     /// A look for the main process of a container found at start-up.
     Adoption {
         cgroup_id: u64,
@@ -375,6 +378,7 @@ impl Driver {
             unadopted: unadopted.clone(),
             published: published.clone(),
             max_lag: Duration::ZERO,
+            flushes: vec![],
         };
         let thread = std::thread::Builder::new()
             .name("podscope-drain".into())
@@ -510,11 +514,15 @@ struct Drain {
     unadopted: Arc<std::sync::Mutex<Vec<(u64, PathBuf)>>>,
     published: Arc<AtomicU64>,
     max_lag: Duration,
+    /// Flushes asked for since the last drain, answered after it.
+    flushes: Vec<mpsc::Sender<()>>,
 }
 
 impl Drain {
     fn run(&mut self) {
         let fds = self.ring_fds();
+        // What exists now, at once: consumers take their baselines from it.
+        self.publish_status();
         let mut next_tick = Instant::now();
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
@@ -528,6 +536,9 @@ impl Drain {
                 self.hold(batch, now);
             }
             self.release(now, stopping);
+            for ack in self.flushes.drain(..) {
+                let _ = ack.send(());
+            }
             if stopping {
                 let far = Instant::now() + Duration::from_secs(3600);
                 let findings = self.forensics.take_findings(far);
@@ -558,6 +569,7 @@ impl Drain {
     fn take_inputs(&mut self) {
         while let Ok(input) = self.inputs.try_recv() {
             match input {
+                Input::Flush(ack) => self.flushes.push(ack),
                 Input::Names(n) => self.resolver.set_names(n),
                 Input::Services(s) => self.services = s,
                 Input::CgroupScan(found, at) => self.resolver.reconcile_cgroups(&found, at),
