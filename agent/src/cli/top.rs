@@ -187,15 +187,7 @@ impl Window {
         book: &std::sync::Mutex<crate::throttle::ThrottleBook>,
     ) {
         // The driver's first status lists the containers that exist.
-        let mut status = link.status.clone();
-        let first = async {
-            while status.borrow_and_update().heartbeat.is_none() {
-                if status.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), first).await;
+        link.first_status(Duration::from_secs(5)).await;
         let live = link.status.borrow().live_containers.clone();
         let layout = crate::kernel::cgroups::CgroupLayout::current();
         let read =

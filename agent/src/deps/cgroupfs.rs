@@ -95,15 +95,7 @@ pub fn spawn(
         // see the containers that exist now, so wait for the drain
         // thread's first status (a container seen later counts from 0, its
         // creation, and one taken for new would be counted twice).
-        let mut status = link.status.clone();
-        let first = async {
-            while status.borrow_and_update().heartbeat.is_none() {
-                if status.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), first).await;
+        link.first_status(Duration::from_secs(5)).await;
         let mut tick = tokio::time::interval(opts.stat_interval);
         let mut next_scan = Instant::now() + opts.scan_interval;
         loop {

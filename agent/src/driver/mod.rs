@@ -205,6 +205,20 @@ impl DriverLink {
         self.unadopted.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
+    /// Waits (at most `deadline`) for the drain thread's first status, which
+    /// lists the containers that exist: baselines are taken from it.
+    pub async fn first_status(&self, deadline: Duration) {
+        let mut status = self.status.clone();
+        let first = async {
+            while status.borrow_and_update().heartbeat.is_none() {
+                if status.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(deadline, first).await;
+    }
+
     /// Hands the drain thread an input; false once it has stopped.
     pub fn send(&self, input: Input) -> bool {
         self.inputs.send(input).is_ok()
