@@ -412,7 +412,8 @@ mod tests {
         let c2 = snap.iter().find(|c| c.cgroup_id == 2).unwrap();
         assert_eq!(c2.kernel.unwrap().throttled_periods, 13);
         // One before the baseline (not counted), three after it.
-        let base_ms = crate::kernel::clock::boot_ns() / 1_000_000;
+        // Rounded up: after the baseline even within the same millisecond.
+        let base_ms = crate::kernel::clock::boot_ns() / 1_000_000 + 1;
         book.observe(&throttle(1, 80));
         for s in [0, 2, 4] {
             book.observe(&throttle(base_ms + s, 1));
