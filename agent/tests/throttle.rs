@@ -389,7 +389,17 @@ fn scenarios() {
             .join("\n")
     );
     assert_eq!(value("podscope_cpu_limit_cores", &spinner), 0.2);
-    assert!(value("podscope_cpu_usage_seconds_total", &spinner) > 0.2);
+    // Throttled, it used its whole quota (0.2 of each 100 ms period) in
+    // every throttled period: its usage covers at least that.
+    let cpu_stat_periods = value(
+        "podscope_cpu_throttled_periods_total",
+        &format!("{spinner},source=\"cpu_stat\""),
+    );
+    let usage = value("podscope_cpu_usage_seconds_total", &spinner);
+    assert!(
+        usage >= 0.9 * 0.02 * cpu_stat_periods,
+        "{usage} s of CPU in {cpu_stat_periods} throttled periods"
+    );
     let all = value(
         "podscope_cpu_throttle_duration_seconds_bucket",
         &format!("{spinner},le=\"+Inf\""),
