@@ -164,7 +164,7 @@ fn doctor_tests_every_hook_type() {
             "{name}: {s}"
         );
     }
-    // What DESIGN.md measured on this project's machines, where they are this kind.
+    // What docs/architecture.md records of the machines this project tests on.
     assert_eq!(status("btf"), "ok");
     assert_eq!(status("ring_buffer"), "ok");
     assert_eq!(status("tp_btf"), "ok");

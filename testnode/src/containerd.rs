@@ -58,7 +58,7 @@ disabled_plugins = [
   # Our own pause image: nothing is ever pulled.
   sandbox_image = "{pause}"
   # Required here: without CAP_SYS_RESOURCE, oom_score_adj -998 fails every
-  # sandbox with "can't get final child's PID from pipe: EOF" (DESIGN.md).
+  # sandbox with "can't get final child's PID from pipe: EOF" (docs/architecture.md).
   restrict_oom_score_adj = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"

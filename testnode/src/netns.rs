@@ -1,6 +1,6 @@
 //! The node's network namespace: containerd, its CNI bridge and every pod's
 //! veth live behind it, so the machine's own interfaces and firewall are
-//! never touched (DESIGN.md, "Network safety rule").
+//! never touched (docs/architecture.md, "The test node").
 
 use std::{
     path::{Path, PathBuf},

@@ -21,7 +21,7 @@ pub const IMAGE: &str = "docker.io/podscope/testnode:latest";
 pub const PAUSE_IMAGE: &str = "docker.io/podscope/pause:latest";
 /// The CNI bridge inside the node's network namespace.
 pub const BRIDGE: &str = "podscope0";
-/// Pod addresses (a benchmarking range, never RFC 1918; DESIGN.md).
+/// Pod addresses (a benchmarking range, never RFC 1918; docs/architecture.md).
 pub const POD_SUBNET: &str = "198.18.0.0/16";
 /// The bridge's own address, the pods' gateway.
 pub const POD_GATEWAY: &str = "198.18.0.1";

@@ -74,7 +74,7 @@ impl Source {
     }
 }
 
-/// Measured in these guests (DESIGN.md, "Other kernels, in VMs"): every
+/// Measured in these guests (see BENCHMARKS.md, "Kernel matrix"): every
 /// hook type loads and attaches, so tp_btf is chosen; only netfilter links
 /// need 6.4.
 const DEBIAN_6_1: &[&str] = &[
