@@ -229,10 +229,24 @@ impl StormReader {
         let s = seen.clone();
         let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
         write!(conn, "GET /api/v1/events HTTP/1.0\r\n\r\n").unwrap();
+        // The handler subscribes before it answers: once the headers are
+        // here, every later event reaches this reader.
+        let mut reader = BufReader::new(conn);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                reader.read_line(&mut line).unwrap() > 0,
+                "the stream closed"
+            );
+            if line == "\r\n" {
+                break;
+            }
+        }
         let ppid = format!("\"ppid\":{},", std::process::id());
         let code = format!("\"exit_code\":{STORM_CODE},");
         std::thread::spawn(move || {
-            for line in BufReader::new(conn).lines().map_while(Result::ok) {
+            for line in reader.lines().map_while(Result::ok) {
                 if line.contains("\"kind\":\"exit\"")
                     && line.contains(&ppid)
                     && line.contains(&code)
@@ -241,10 +255,6 @@ impl StormReader {
                 }
             }
         });
-        // The stream is open once the headers came back: give it a moment
-        // to subscribe, by polling the agent's own count of readers is not
-        // exported, so wait for a first event of any kind instead.
-        std::thread::sleep(Duration::from_millis(300));
         StormReader { seen }
     }
 
