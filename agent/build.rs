@@ -38,7 +38,36 @@ fn main() {
         root_dir: &ebpf_dir,
         ..Default::default()
     };
-    if let Err(e) = aya_build::build_ebpf([package], aya_build::Toolchain::Nightly) {
+    // One eBPF build per architecture for the whole target directory: the
+    // object depends on the BPF sources and the target's architecture only,
+    // yet every build context (clippy, release, the kernel matrix's static
+    // binaries) has an OUT_DIR of its own, and a nested build with
+    // build-std costs about 20 s. aya-build builds under whatever OUT_DIR
+    // says, so it is pointed at a directory shared per architecture, where
+    // cargo's own fingerprints decide what to rebuild, and the object is
+    // copied to the real OUT_DIR.
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap_or_default());
+    let shared = shared_ebpf_dir(&out_dir);
+    if let Some(dir) = &shared {
+        // SAFETY: build scripts are single-threaded here.
+        unsafe { env::set_var("OUT_DIR", dir) };
+    }
+    let built = aya_build::build_ebpf([package], aya_build::Toolchain::Nightly);
+    if let Some(dir) = &shared {
+        // SAFETY: as above.
+        unsafe { env::set_var("OUT_DIR", &out_dir) };
+        if built.is_ok()
+            && !skip
+            && let Err(e) = std::fs::copy(dir.join("agent-ebpf"), out_dir.join("agent-ebpf"))
+        {
+            eprintln!(
+                "error: cannot copy the eBPF object from {}: {e}",
+                dir.display()
+            );
+            exit(1);
+        }
+    }
+    if let Err(e) = built {
         eprintln!(
             "error: building podscope's eBPF programs failed (the compiler's messages are above, as warnings): {e:#}\n\
              hint: `cargo xtask setup` installs what the eBPF build needs (nightly rust-src, bpf-linker)"
@@ -53,6 +82,20 @@ fn main() {
             let _ = std::fs::write(out, []);
         }
     }
+}
+
+/// `<target dir>/ebpf/<arch>`: the target directory is the first ancestor
+/// of OUT_DIR that cargo tagged with CACHEDIR.TAG. None (build in OUT_DIR,
+/// as aya-build does by default) when it cannot be found.
+fn shared_ebpf_dir(out_dir: &std::path::Path) -> Option<PathBuf> {
+    let target = out_dir
+        .ancestors()
+        .find(|d| d.join("CACHEDIR.TAG").is_file())?;
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").ok()?;
+    let endian = env::var("CARGO_CFG_TARGET_ENDIAN").ok()?;
+    let dir = target.join("ebpf").join(format!("{arch}-{endian}"));
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir)
 }
 
 fn which_bpf_linker() -> Option<PathBuf> {

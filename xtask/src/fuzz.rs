@@ -6,10 +6,14 @@
 //! crash leaves its input in `fuzz/artifacts/<target>/` and fails the task
 //! (turn it into a regression test, fix it, and add it to the corpus).
 //!
-//! The build is one `cargo fuzz build` of all targets, without a sanitizer
-//! (podscope's parsers are safe Rust: overflow checks and debug assertions
-//! stay on, which is what finds their bugs) so that it costs one build of
-//! the crate graph with coverage instrumentation, no more.
+//! The build is one `cargo build` of all targets with libFuzzer's coverage
+//! instrumentation (the flags cargo-fuzz passes, set here so that no tool
+//! has to be installed for it), without a sanitizer: podscope's parsers are
+//! safe Rust, and overflow checks and debug assertions, which stay on, are
+//! what finds their bugs. It uses the `fuzz` profile (Cargo.toml): opt-level
+//! 1 with the default codegen units, because cargo-fuzz's single codegen
+//! unit at opt-level 3 made this build the longest step of the test command
+//! while the smoke run executes each target for a few seconds only.
 
 use std::{
     path::{Path, PathBuf},
@@ -19,7 +23,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{root, setup, status};
+use crate::{root, status};
 
 /// Every target, in the order they run (fuzz/Cargo.toml lists the same).
 pub const TARGETS: &[&str] = &[
@@ -36,6 +40,7 @@ pub const TARGETS: &[&str] = &[
 ];
 
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
+const PROFILE: &str = "fuzz";
 
 pub struct Run {
     pub target: &'static str,
@@ -112,22 +117,38 @@ pub fn smoke(total_seconds: u64) -> Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
+/// libFuzzer's coverage instrumentation, as cargo-fuzz 0.13 sets it for a
+/// build without a sanitizer on Linux.
+const RUSTFLAGS: &[&str] = &[
+    "-Cpasses=sancov-module",
+    "-Cllvm-args=-sanitizer-coverage-level=4",
+    "-Cllvm-args=-sanitizer-coverage-inline-8bit-counters",
+    "-Cllvm-args=-sanitizer-coverage-pc-table",
+    "-Cllvm-args=-sanitizer-coverage-trace-compares",
+    "-Cllvm-args=-sanitizer-coverage-stack-depth",
+    "-Cllvm-args=-simplifycfg-branch-fold-threshold=0",
+    "--cfg",
+    "fuzzing",
+];
+
 /// Builds every target once; returns the directory holding the binaries.
 fn build() -> Result<PathBuf> {
-    let cargo_fuzz = setup::cargo_fuzz()?;
     let target_dir = root().join("target/fuzz");
     status(
-        Command::new(&cargo_fuzz)
+        Command::new("cargo")
             .current_dir(root())
-            .args(["fuzz", "build", "--sanitizer", "none", "--target", TRIPLE])
+            .args(["build", "--package", "podscope-fuzz", "--bins"])
+            .args(["--profile", PROFILE, "--target", TRIPLE])
             .arg("--target-dir")
             .arg(&target_dir)
-            .env("RUSTUP_TOOLCHAIN", xtask::toolchain::NIGHTLY)
+            // With --target the flags reach the targets' crates, not the
+            // build scripts and proc macros.
+            .env("CARGO_ENCODED_RUSTFLAGS", RUSTFLAGS.join("\x1f"))
             // The parsers need no eBPF object: skip its nightly build.
             .env("AYA_BUILD_SKIP", "1"),
     )
     .context("building the fuzz targets failed")?;
-    Ok(target_dir.join(TRIPLE).join("release"))
+    Ok(target_dir.join(TRIPLE).join(PROFILE))
 }
 
 fn fuzz_one(bins: &Path, target: &'static str, seconds: u64) -> Result<Run> {

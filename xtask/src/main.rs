@@ -22,6 +22,7 @@ use std::{
     env,
     path::PathBuf,
     process::{Command, ExitCode},
+    time::Instant,
 };
 
 use anyhow::{Context, Result, bail};
@@ -164,11 +165,19 @@ fn demo_node() -> Result<()> {
 }
 
 fn test() -> Result<ExitCode> {
+    // Each phase prints its wall time, so that a slow CI run says where the
+    // time went (the budget is in the README).
+    let phase = Instant::now();
     setup::run()?;
     let root_user = unsafe_geteuid() == 0;
     status(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("code is not formatted: run `cargo fmt --all`")?;
     status(cargo().args(["clippy", "--quiet", "--all-targets", "--", "-D", "warnings"]))?;
+    eprintln!(
+        "xtask: phase: set-up, fmt and clippy in {:.0} s",
+        phase.elapsed().as_secs_f64()
+    );
+    let phase = Instant::now();
     let mut tally = summary::Tally::new(root_user);
     // Every parser of outside input meets arbitrary bytes: 60 s in all.
     match fuzz::smoke(60) {
@@ -178,20 +187,44 @@ fn test() -> Result<ExitCode> {
             tally.broken("fuzz");
         }
     }
-    // The kernel matrix first, so that the summary stays last; one kernel at
-    // a time, so that each gets its own line in the breakdown. The host
-    // kernel's column is left out: agent/tests/kernel.rs runs the same
-    // scenarios on it (`cargo xtask vm-test --kernel host` runs it alone).
+    eprintln!(
+        "xtask: phase: fuzz build and smoke run in {:.0} s",
+        phase.elapsed().as_secs_f64()
+    );
+    // The kernel matrix first, so that the summary stays last; each kernel
+    // is its own run, so that each gets its own line in the breakdown. The
+    // guests run side by side: each is emulated on one host thread, so two
+    // share this machine's two cores instead of queueing. The host kernel's
+    // column is left out: agent/tests/kernel.rs runs the same scenarios on
+    // it (`cargo xtask vm-test --kernel host` runs it alone).
     let kernels: Vec<vm::Target> = vm::TARGETS
         .iter()
         .filter(|t| vm::DEFAULT_MATRIX.contains(&t.name) && !matches!(t.source, vm::Source::Host))
         .copied()
         .collect();
+    let phase = Instant::now();
     if let Err(e) = vm::prebuild(&kernels) {
         eprintln!("xtask: the kernel matrix's test binaries could not be built: {e:#}");
     }
-    for t in &kernels {
-        match vm::matrix(&[*t]) {
+    eprintln!(
+        "xtask: phase: kernel matrix binaries built in {:.0} s",
+        phase.elapsed().as_secs_f64()
+    );
+    let phase = Instant::now();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let runs: Vec<_> = kernels
+            .iter()
+            .map(|t| s.spawn(move || vm::matrix(&[*t])))
+            .collect();
+        runs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the kernel run panicked")))
+            })
+            .collect()
+    });
+    for (t, result) in kernels.iter().zip(results) {
+        match result {
             Ok(totals) => tally.matrix(t.name, &totals),
             Err(e) => {
                 eprintln!(
@@ -202,6 +235,10 @@ fn test() -> Result<ExitCode> {
             }
         }
     }
+    eprintln!(
+        "xtask: phase: kernel matrix ran in {:.0} s",
+        phase.elapsed().as_secs_f64()
+    );
     let mut cmd = cargo();
     // Every test binary runs, even after one failed: the counts are whole.
     // Fault-injection switches exist in test builds only.
@@ -222,7 +259,12 @@ fn test() -> Result<ExitCode> {
     }
     // The pod tests bring the test node up; leave the machine as we found it.
     let node_was_up = std::path::Path::new(NODE_SOCKET).exists();
+    let phase = Instant::now();
     let result = run_tests(cmd, tally, &mut std::io::stdout().lock());
+    eprintln!(
+        "xtask: phase: cargo test (build and run) in {:.0} s",
+        phase.elapsed().as_secs_f64()
+    );
     let testnode = root().join("target/release/podscope-testnode");
     if !node_was_up && root_user && testnode.exists() {
         let _ = Command::new(&testnode)

@@ -25,8 +25,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use xtask::toolchain::{
-    BPF_LINKER_VERSION, CARGO_FUZZ_VERSION, NIGHTLY, Nightly, cache_dir, cargo_fuzz_root,
-    is_executable, python_venv,
+    BPF_LINKER_VERSION, NIGHTLY, Nightly, cache_dir, is_executable, python_venv,
 };
 
 use crate::{arch::Arch, status};
@@ -90,7 +89,6 @@ pub fn run() -> Result<()> {
         foreign_architectures()?;
         apt_packages(APT_PACKAGES)?;
         python_tools(&python_venv(), PYTHON_TOOLS)?;
-        cargo_fuzz()?;
     }
     eprintln!(
         "xtask: set-up complete in {:.1}s",
@@ -227,26 +225,6 @@ fn bpf_linker(n: &Nightly) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// cargo-fuzz for `cargo xtask fuzz`, built once per version into the cache.
-pub fn cargo_fuzz() -> Result<PathBuf> {
-    let bin = cargo_fuzz_root().join("bin/cargo-fuzz");
-    if is_executable(&bin) {
-        return Ok(bin);
-    }
-    eprintln!("xtask: building cargo-fuzz {CARGO_FUZZ_VERSION} (once; about two minutes)");
-    status(
-        Command::new("cargo")
-            .args(["install", "--quiet", "--locked", "--force"])
-            .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"))
-            .arg("--root")
-            .arg(cargo_fuzz_root())
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("CARGO_TARGET_DIR"),
-    )
-    .context("building cargo-fuzz failed")?;
-    Ok(bin)
 }
 
 fn runs(linker: &Path) -> bool {

@@ -15,13 +15,6 @@ use std::{
 pub const NIGHTLY: &str = "nightly";
 /// The bpf-linker release the project builds.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
-/// The cargo-fuzz release `cargo xtask fuzz` uses (it builds on stable).
-pub const CARGO_FUZZ_VERSION: &str = "0.13.1";
-
-/// Where `cargo xtask setup` installs cargo-fuzz: `<root>/bin/cargo-fuzz`.
-pub fn cargo_fuzz_root() -> PathBuf {
-    cache_dir().join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"))
-}
 
 /// `$PODSCOPE_CACHE`, else `$XDG_CACHE_HOME/podscope`, else `~/.cache/podscope`.
 pub fn cache_dir() -> PathBuf {
