@@ -13,6 +13,7 @@ mod exits;
 mod faults;
 mod net;
 mod node;
+mod peers;
 mod pods;
 mod storm;
 mod terminations;
@@ -35,9 +36,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("net") => net::run(),
         Some("throttle") => throttle::throttle(),
         Some("faults") => faults::run(),
+        Some("peers") => peers::run(),
         _ => {
             bail!(
-                "usage: cargo xtask bench <exits | pods | agent | terminations | net | throttle | faults>"
+                "usage: cargo xtask bench <exits | pods | agent | terminations | net | throttle | faults | peers>"
             )
         }
     }

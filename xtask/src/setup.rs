@@ -38,6 +38,9 @@ use crate::{arch::Arch, status};
 /// the rest runs the test node.
 const APT_PACKAGES: &[&str] = &[
     "bpftrace",
+    // exitsnoop, sigsnoop, killsnoop, runqlat, runqslower, oomkill: the
+    // CO-RE C peers of `cargo xtask bench peers`.
+    "libbpf-tools",
     "bpftool",
     "util-linux",
     "containerd",

@@ -29,6 +29,22 @@ pub(crate) enum Tracer {
     /// A do-nothing bpftrace program on sched_switch: the floor of what the
     /// kernel's per-program accounting reports for any program there.
     BpftraceEmptySwitch,
+    /// A libbpf-tools program (Debian's `libbpf-tools`): CO-RE C, the tool an
+    /// operator reaches for instead.
+    Peer(Peer),
+}
+
+/// A libbpf-tools program and its arguments.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Peer {
+    pub(crate) name: &'static str,
+    pub(crate) args: &'static [&'static str],
+}
+
+impl Peer {
+    pub(crate) fn path(self) -> std::path::PathBuf {
+        Path::new("/usr/sbin").join(self.name)
+    }
 }
 
 impl Tracer {
@@ -40,6 +56,7 @@ impl Tracer {
             Tracer::BpftracePrint => "bpftrace printf",
             Tracer::PodscopeThrottle => "podscope throttle",
             Tracer::BpftraceEmptySwitch => "bpftrace empty",
+            Tracer::Peer(p) => p.name,
         }
     }
 }
@@ -118,6 +135,11 @@ pub(crate) fn start_on(
             c.args(["-e", traced.bpftrace_print]);
             c
         }
+        Tracer::Peer(p) => {
+            let mut c = Command::new(p.path());
+            c.args(p.args);
+            c
+        }
     };
     // Podscope says "attached" on stderr (debug log); bpftrace "Attaching" on stdout.
     let before = bpf_prog_stats()?;
@@ -131,6 +153,7 @@ pub(crate) fn start_on(
     let stdout = child.stdout.take().context("stdout")?;
     let stderr = child.stderr.take().context("stderr")?;
     let tx = ready_tx.clone();
+    let ready_tx_peer = ready_tx.clone();
     std::thread::spawn(move || {
         let mut r = BufReader::new(stdout);
         let mut line = String::new();
@@ -152,6 +175,23 @@ pub(crate) fn start_on(
             line.clear();
         }
     });
+    // libbpf-tools print their header into a pipe's buffer, not at once:
+    // they are attached when their programs appear in the kernel.
+    if let Tracer::Peer(_) = tracer {
+        let tx = ready_tx_peer;
+        let before: Vec<u32> = before.iter().map(|(id, _)| *id).collect();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                let now = bpf_prog_stats().unwrap_or_default();
+                if now.iter().any(|(id, _)| !before.contains(id)) {
+                    let _ = tx.send(());
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+    }
     if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
         let _ = child.kill();
         let err: Vec<String> = err_rx.try_iter().collect();

@@ -1,0 +1,311 @@
+//! `cargo xtask bench peers`: podscope against the tools an operator
+//! reaches for instead, per family it shares with them, in one run and one
+//! table: libbpf-tools (CO-RE C, Debian's `libbpf-tools`: `exitsnoop`,
+//! `sigsnoop`, `killsnoop`, `runqlat`, `runqslower`, `oomkill`) and
+//! bpftrace printing each event.
+//!
+//! Per tracer: the workload's median wall time against no tracer, kernel
+//! time per event (all the tracer's programs, from the kernel's own
+//! bpf_stats, divided by the events the workload made), the tracer's CPU
+//! per run after attaching, its resident memory at the peak (VmHWM:
+//! start-up included) and at the end of a run, and what it lost or did not
+//! show when the same workload ran on every core.
+
+use std::{
+    process::{Command, ExitCode},
+    time::Duration,
+};
+
+use anyhow::{Result, bail};
+
+use super::tracer::{
+    EXITS, Peer, SIGNALS, Traced, Tracer, median, prepare_tracer_bench, start_on, stop,
+    unmount_tracefs, workload,
+};
+
+const ROUNDS: usize = 5;
+
+/// One family's comparison: the workload (an `xtask storm` kind or the
+/// ping-pong), how many events one run makes, and the tracers.
+struct Family {
+    name: &'static str,
+    traced: &'static Traced,
+    workload: &'static str,
+    n: u32,
+    /// Events per unit of `n` (2 context switches per ping-pong round trip).
+    events_per_n: u32,
+    event: &'static str,
+    tracers: &'static [Tracer],
+}
+
+const FAMILIES: &[Family] = &[
+    Family {
+        name: "exits",
+        traced: &EXITS,
+        workload: "process",
+        n: 20_000,
+        events_per_n: 1,
+        event: "exit",
+        tracers: &[
+            Tracer::None,
+            Tracer::Podscope,
+            Tracer::Peer(Peer {
+                name: "exitsnoop",
+                args: &[],
+            }),
+            Tracer::BpftracePrint,
+        ],
+    },
+    Family {
+        name: "signals",
+        traced: &SIGNALS,
+        workload: "kill",
+        n: 200_000,
+        events_per_n: 1,
+        event: "signal",
+        tracers: &[
+            Tracer::None,
+            Tracer::Podscope,
+            Tracer::Peer(Peer {
+                name: "sigsnoop",
+                args: &[],
+            }),
+            Tracer::Peer(Peer {
+                name: "killsnoop",
+                args: &[],
+            }),
+            Tracer::BpftracePrint,
+        ],
+    },
+    Family {
+        name: "sched_switch",
+        traced: &EXITS,
+        workload: "pingpong",
+        n: 200_000,
+        events_per_n: 2,
+        event: "switch",
+        tracers: &[
+            Tracer::None,
+            Tracer::PodscopeThrottle,
+            Tracer::Peer(Peer {
+                name: "runqlat",
+                args: &[],
+            }),
+            Tracer::Peer(Peer {
+                name: "runqslower",
+                args: &[],
+            }),
+            Tracer::BpftraceEmptySwitch,
+        ],
+    },
+];
+
+#[derive(Default, Clone)]
+struct Figures {
+    times: Vec<Duration>,
+    prog_ns: u64,
+    cpu: Duration,
+    hwm_kib: u64,
+    rss_kib: u64,
+    lost: Option<u64>,
+}
+
+pub fn run() -> Result<ExitCode> {
+    let (podscope, mounted_tracefs, _stats) = prepare_tracer_bench()?;
+    for p in [
+        "exitsnoop",
+        "sigsnoop",
+        "killsnoop",
+        "runqlat",
+        "runqslower",
+        "oomkill",
+    ] {
+        let peer = Peer { name: p, args: &[] };
+        if !peer.path().exists() {
+            bail!(
+                "{} is missing: `cargo xtask setup` installs libbpf-tools",
+                peer.path().display()
+            );
+        }
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(2);
+    println!(
+        "peers benchmark: {ROUNDS} rounds per family, tracers interleaved within each round; \
+         kernel.bpf_stats_enabled on for the whole run"
+    );
+    println!(
+        "\n| family | tracer | workload ratio | kernel ns/event | tracer CPU/run | RSS peak / steady | lost or not shown at the highest rate |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for f in FAMILIES {
+        let mut figs = vec![Figures::default(); f.tracers.len()];
+        for _ in 0..ROUNDS {
+            for (i, &tracer) in f.tracers.iter().enumerate() {
+                let running = start_on(tracer, &podscope, f.traced)?;
+                figs[i].times.push(run_workload(f, f.n, 1)?);
+                if let Some(r) = running {
+                    std::thread::sleep(Duration::from_millis(300));
+                    let s = stop(r)?;
+                    figs[i].prog_ns += s.prog_ns;
+                    figs[i].cpu += s.cpu;
+                    figs[i].hwm_kib = figs[i].hwm_kib.max(s.hwm_kib);
+                    figs[i].rss_kib = figs[i].rss_kib.max(s.rss_kib);
+                }
+            }
+        }
+        // The highest rate: the same workload on every core, once per tracer.
+        for (i, &tracer) in f.tracers.iter().enumerate() {
+            if tracer == Tracer::None {
+                continue;
+            }
+            let running = start_on(tracer, &podscope, f.traced)?;
+            run_workload(f, f.n * cores, cores)?;
+            if let Some(r) = running {
+                std::thread::sleep(Duration::from_millis(500));
+                figs[i].lost = Some(lost(&stop(r)?.stderr));
+            }
+        }
+        let base = median(&mut figs[0].times.clone());
+        let events = u64::from(f.n) * u64::from(f.events_per_n) * ROUNDS as u64;
+        for (i, &tracer) in f.tracers.iter().enumerate() {
+            let m = median(&mut figs[i].times.clone());
+            let ratio = m.as_secs_f64() / base.as_secs_f64();
+            if tracer == Tracer::None {
+                println!(
+                    "| {} | no tracer | 1.000 ({:.3} s, {} {}s) | - | - | - | - |",
+                    f.name,
+                    m.as_secs_f64(),
+                    f.n * f.events_per_n,
+                    f.event
+                );
+                continue;
+            }
+            println!(
+                "| {} | {} | {:.3} | {:.0} | {:.0} ms | {:.1} / {:.1} MiB | {} |",
+                f.name,
+                tracer.name(),
+                ratio,
+                figs[i].prog_ns as f64 / events as f64,
+                figs[i].cpu.as_secs_f64() * 1000.0 / ROUNDS as f64,
+                figs[i].hwm_kib as f64 / 1024.0,
+                figs[i].rss_kib as f64 / 1024.0,
+                figs[i].lost.map_or("-".into(), |l| l.to_string())
+            );
+        }
+    }
+    oom_peers()?;
+    if mounted_tracefs {
+        unmount_tracefs();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_workload(f: &Family, n: u32, workers: u32) -> Result<Duration> {
+    if f.workload == "pingpong" {
+        // Pinned to CPU 0 whatever the worker count: one pair per core would
+        // not raise the rate of a probe that runs per switch.
+        let me = std::env::current_exe()?;
+        return super::tracer::timed(Command::new(me).args(["pingpong", &n.to_string()]));
+    }
+    workload(f.workload, n, workers)
+}
+
+/// OOM kills are rare events: what matters is whether a tool can see them
+/// at all. libbpf-tools' `oomkill` attaches a kprobe; podscope uses the
+/// `oom:mark_victim` tracepoint. Each is started and its first words
+/// reported (a kernel without kprobes refuses `oomkill`).
+fn oom_peers() -> Result<()> {
+    let out = Command::new(Peer::path(Peer {
+        name: "oomkill",
+        args: &[],
+    }))
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .and_then(|mut c| {
+        std::thread::sleep(Duration::from_secs(2));
+        let alive = c.try_wait()?.is_none();
+        if alive {
+            // SAFETY: our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+        }
+        let o = c.wait_with_output()?;
+        Ok((alive, o))
+    });
+    let line = match out {
+        Ok((true, _)) => "attached (kprobe on oom_kill_process)".to_string(),
+        Ok((false, o)) => format!(
+            "could not attach: {}",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .find(|l| l.contains("failed"))
+                .unwrap_or("exited at once")
+                .trim()
+        ),
+        Err(e) => format!("could not run: {e}"),
+    };
+    println!(
+        "\noom: oomkill {line}; podscope attaches `oom:mark_victim` (a tracepoint: no kprobe needed; `podscope doctor` shows it)"
+    );
+    Ok(())
+}
+
+/// What a tracer said it lost or did not show: podscope's summary ("N lost
+/// (ring buffer full)", "N events were not shown"), libbpf-tools' "lost N
+/// events on CPU #c", bpftrace's "Lost N events".
+fn lost(stderr: &str) -> u64 {
+    let mut total = 0u64;
+    for line in stderr.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for (i, w) in words.iter().enumerate() {
+            let num = |j: usize| {
+                words.get(j).and_then(|x| {
+                    x.trim_matches(|c: char| !c.is_ascii_digit())
+                        .parse::<u64>()
+                        .ok()
+                })
+            };
+            // "<N> lost" (podscope) / "lost <N> events" (libbpf-tools, bpftrace)
+            if w.eq_ignore_ascii_case("lost") {
+                if let Some(n) = i.checked_sub(1).and_then(num) {
+                    total += n;
+                } else if words.get(i + 2).is_some_and(|x| x.starts_with("event"))
+                    && let Some(n) = num(i + 1)
+                {
+                    total += n;
+                }
+            }
+            if *w == "were" && words.get(i + 1) == Some(&"not") && i >= 2 {
+                total += num(i - 2).unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lost;
+
+    #[test]
+    fn losses_are_read_from_each_tools_words() {
+        assert_eq!(
+            lost("lost 12 events on CPU #1\nlost 3 events on CPU #0"),
+            15
+        );
+        assert_eq!(lost("Lost 7 events"), 7);
+        assert_eq!(
+            lost(
+                "podscope: exits: kernel: 20000 seen, 20000 reported, 4 lost (ring buffer full), 0 read errors"
+            ),
+            4
+        );
+        assert_eq!(
+            lost("podscope: 9 events were not shown: the output was too slow"),
+            9
+        );
+        assert_eq!(lost("PCOMM PID\nsleep 1 0.1 0"), 0);
+    }
+}
