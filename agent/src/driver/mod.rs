@@ -262,8 +262,14 @@ impl Driver {
     /// other depends on (exits, today) failing is an error.
     pub fn start(opts: &DriverOptions) -> Result<Driver, ProbeError> {
         let offsets = KernelOffsets::from_sys_fs()?;
+        let after_offsets = crate::kernel::resident_kib();
         let mut ebpf = probes::load_object(&offsets, &opts.load)?;
+        let after_load = crate::kernel::resident_kib();
         let btf = probes::attach_btf();
+        tracing::debug!(
+            "start-up memory (RSS/peak KiB): offsets {after_offsets:?}, object loaded {after_load:?}, attach BTF parsed {:?}",
+            crate::kernel::resident_kib()
+        );
         let mut unavailable = vec![];
         let mut attachments = vec![];
         let mut report = Report {
@@ -346,6 +352,10 @@ impl Driver {
         // BTF is only needed to attach: give its memory back to the system.
         drop(btf);
         release_freed_memory();
+        tracing::debug!(
+            "start-up memory (RSS/peak KiB): attached {:?}",
+            crate::kernel::resident_kib()
+        );
         let resolver = Resolver::new(&opts.resolver);
         let layout = CgroupLayout::current();
         let mut forensics = Forensics::new(&layout, opts.resolver.max_cgroups);

@@ -23,6 +23,19 @@ pub fn release_freed_memory() {
     };
 }
 
+/// This process's resident memory now and at its peak (VmRSS, VmHWM), KiB.
+pub fn resident_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 #[cfg(test)]
 pub(crate) mod fixtures {
     //! BTF recorded from other kernels (see fixtures/README.md).

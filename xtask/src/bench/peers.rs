@@ -83,7 +83,7 @@ const FAMILIES: &[Family] = &[
         workload: "pingpong",
         n: 200_000,
         events_per_n: 2,
-        event: "switch",
+        event: "switche",
         tracers: &[
             Tracer::None,
             Tracer::PodscopeThrottle,
