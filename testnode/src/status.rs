@@ -117,6 +117,15 @@ impl PodStatus {
         !self.containers.is_empty() && self.containers.iter().all(|c| c.state == "running")
     }
 
+    /// Every container has started at least once (it may have ended since).
+    pub fn all_started(&self) -> bool {
+        !self.containers.is_empty()
+            && self
+                .containers
+                .iter()
+                .all(|c| c.started_at.is_some() || c.last_termination.is_some())
+    }
+
     /// Every container has ended at least once (now or in an earlier attempt).
     pub fn all_exited_once(&self) -> bool {
         !self.containers.is_empty()
