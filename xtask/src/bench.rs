@@ -15,6 +15,7 @@ mod net;
 mod node;
 mod peers;
 mod pods;
+mod soak;
 mod storm;
 mod terminations;
 mod throttle;
@@ -37,9 +38,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("throttle") => throttle::throttle(),
         Some("faults") => faults::run(),
         Some("peers") => peers::run(),
+        Some("soak") => soak::run(&args[1..]),
         _ => {
             bail!(
-                "usage: cargo xtask bench <exits | pods | agent | terminations | net | throttle | faults | peers>"
+                "usage: cargo xtask bench <exits | pods | agent | terminations | net | throttle | faults | peers | soak [--minutes N]>"
             )
         }
     }

@@ -1,0 +1,546 @@
+//! `cargo xtask bench soak [--minutes N]`: the agent on a full node for a
+//! long time. kubelet's default maximum of 110 pods × 3 containers run on
+//! the test node with churn: pods deleted and created again under new
+//! names, crash-looping containers in back-off, exit storms, CPU-throttled
+//! spinners and Service traffic. Debian's Prometheus scrapes the agent every
+//! 5 s. Every 10 s the agent's RSS, CPU, series count, events lost, journal
+//! size and Prometheus' scrape duration are sampled; the run ends with a
+//! table, a CSV and a plot of RSS and CPU over time
+//! (`target/soak/soak.{csv,svg,png}`).
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use super::{
+    http_get, metric_sum,
+    node::BenchNode,
+    tracer::{proc_cpu, proc_status_kib},
+};
+use crate::{NODE_SOCKET, build_podscope, setup};
+
+const NS: &str = "podscope-soak";
+/// kubelet's default `maxPods`.
+const PODS: usize = 110;
+const STORMS: usize = 5;
+const CRASHERS: usize = 5;
+const THROTTLED: usize = 5;
+/// Pods replaced under a new name every CHURN_EVERY, one slot at a time.
+const CHURN_SLOTS: usize = 15;
+const CHURN_EVERY: Duration = Duration::from_secs(4);
+const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+const SERVICE_IP: &str = "198.19.88.10";
+
+pub fn run(args: &[String]) -> Result<ExitCode> {
+    let minutes: u64 = match args {
+        [] => 30,
+        [flag, n] if flag == "--minutes" => n
+            .parse()
+            .context("--minutes needs a whole number of minutes")?,
+        _ => bail!("usage: cargo xtask bench soak [--minutes N]"),
+    };
+    setup::run()?;
+    setup::apt_packages(&["librsvg2-bin"])?;
+    let podscope = build_podscope()?;
+    let node = BenchNode::up()?;
+    let out_dir = crate::root().join("target/soak");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut soak = Soak {
+        node,
+        dir: std::env::temp_dir().join(format!("podscope-soak-{}", std::process::id())),
+        live: vec![],
+        generation: 0,
+    };
+    std::fs::create_dir_all(&soak.dir)?;
+    let result = soak.run(&podscope, minutes, &out_dir);
+    soak.clean();
+    result
+}
+
+struct Soak {
+    node: BenchNode,
+    dir: PathBuf,
+    /// Names of the pods this run created and has not deleted.
+    live: Vec<String>,
+    generation: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Sample {
+    at: Duration,
+    rss_mib: f64,
+    cpu_pct: f64,
+    series: usize,
+    lost: f64,
+    journal_kib: f64,
+    scrape_ms: f64,
+}
+
+impl Soak {
+    fn apply(&mut self, name: &str, manifest: &str) -> Result<()> {
+        let file = self.dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, manifest)?;
+        self.node
+            .node(&["apply", "-f", file.to_str().unwrap_or_default()])?;
+        let _ = std::fs::remove_file(&file);
+        if !self.live.iter().any(|n| n == name) {
+            self.live.push(name.to_string());
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, name: &str) {
+        let _ = self.node.node(&["delete", &format!("{NS}/{name}")]);
+        self.live.retain(|n| n != name);
+    }
+
+    fn clean(&mut self) {
+        for name in self.live.clone() {
+            self.delete(&name);
+        }
+        let _ = self
+            .node
+            .node(&["delete", &format!("service/{NS}/soak-web")]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// The node's pods: steady ones, exit storms, crash loops, throttled
+    /// spinners, a Service with its server and client, and the churn slots.
+    fn fill(&mut self) -> Result<()> {
+        let three = |a: &str, b: &str, c: &str| [a.to_string(), b.to_string(), c.to_string()];
+        let idle = "true; exec sleep 86400";
+        let mut pods: Vec<(String, String)> = vec![];
+        for i in 0..STORMS {
+            pods.push((
+                format!("storm-{i}"),
+                pod(
+                    &format!("storm-{i}"),
+                    "",
+                    &three(
+                        "while true; do for i in 1 2 3 4 5 6 7 8 9 10; do /bin/true; done; sleep 1; done",
+                        idle,
+                        idle,
+                    ),
+                    "",
+                ),
+            ));
+        }
+        for i in 0..CRASHERS {
+            pods.push((
+                format!("crash-{i}"),
+                pod(
+                    &format!("crash-{i}"),
+                    "",
+                    &three("sleep 1; exit 1", idle, idle),
+                    "",
+                ),
+            ));
+        }
+        for i in 0..THROTTLED {
+            pods.push((
+                format!("throttled-{i}"),
+                pod(
+                    &format!("throttled-{i}"),
+                    "",
+                    &three("exec podscope-helper spin 1", idle, idle),
+                    "    resources: {limits: {cpu: 100m}}\n",
+                ),
+            ));
+        }
+        pods.push((
+            "web".into(),
+            pod(
+                "web",
+                "  labels: {app: soak-web}\n",
+                &three("exec podscope-helper serve 8080", idle, idle),
+                "",
+            ),
+        ));
+        pods.push((
+            "client".into(),
+            pod(
+                "client",
+                "",
+                &three(
+                    &format!(
+                        "while true; do podscope-helper connect {SERVICE_IP}:80 10 >/dev/null; sleep 1; done"
+                    ),
+                    idle,
+                    idle,
+                ),
+                "",
+            ),
+        ));
+        let fixed = pods.len() + CHURN_SLOTS;
+        for i in 0..PODS.saturating_sub(fixed) {
+            pods.push((
+                format!("steady-{i}"),
+                pod(&format!("steady-{i}"), "", &three(idle, idle, idle), ""),
+            ));
+        }
+        for (name, manifest) in pods {
+            self.apply(&name, &manifest)?;
+        }
+        for slot in 0..CHURN_SLOTS {
+            self.churn(slot)?;
+        }
+        let service = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: soak-web, namespace: {NS}}}\nspec:\n  clusterIP: {SERVICE_IP}\n  selector: {{app: soak-web}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n"
+        );
+        let file = self.dir.join("service.yaml");
+        std::fs::write(&file, service)?;
+        self.node
+            .node(&["apply", "-f", file.to_str().unwrap_or_default()])?;
+        Ok(())
+    }
+
+    /// Replaces a churn slot's pod with one under a new name: new pod,
+    /// container and cgroup ids, as a Deployment's rollout makes them.
+    fn churn(&mut self, slot: usize) -> Result<()> {
+        let prefix = format!("churn-{slot}-");
+        if let Some(old) = self.live.iter().find(|n| n.starts_with(&prefix)).cloned() {
+            self.delete(&old);
+        }
+        self.generation += 1;
+        let name = format!("{prefix}{}", self.generation);
+        let idle = "true; exec sleep 86400";
+        let m = pod(
+            &name,
+            "",
+            &[
+                "for i in 1 2 3; do /bin/true; done; exec sleep 86400".into(),
+                idle.into(),
+                idle.into(),
+            ],
+            "",
+        );
+        self.apply(&name, &m)
+    }
+
+    fn run(&mut self, podscope: &Path, minutes: u64, out_dir: &Path) -> Result<ExitCode> {
+        let port = free_port()?;
+        let state = self.dir.join("state");
+        let mut agent = Command::new(podscope)
+            .args([
+                "agent",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--cri-socket",
+                NODE_SOCKET,
+                "--netns",
+                "/run/netns/podscope-node",
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let prom = Prometheus::start(&self.dir, port);
+        let result = (|| -> Result<Vec<Sample>> {
+            let prom = prom?;
+            wait_ready(port)?;
+            let t = Instant::now();
+            self.fill()?;
+            println!(
+                "soak: {} pods x 3 containers applied in {:.0} s; running {minutes} min",
+                self.live.len(),
+                t.elapsed().as_secs_f64()
+            );
+            let start = Instant::now();
+            let end = start + Duration::from_secs(minutes * 60);
+            let mut samples = vec![];
+            let mut next_sample = start;
+            let mut next_churn = start + CHURN_EVERY;
+            let mut slot = 0;
+            let mut cpu_prev = (proc_cpu(agent.id()).unwrap_or_default(), Instant::now());
+            while Instant::now() < end {
+                if Instant::now() >= next_churn {
+                    self.churn(slot % CHURN_SLOTS)?;
+                    slot += 1;
+                    next_churn += CHURN_EVERY;
+                }
+                if Instant::now() >= next_sample {
+                    let cpu = proc_cpu(agent.id()).unwrap_or_default();
+                    let now = Instant::now();
+                    let cpu_pct = (cpu - cpu_prev.0).as_secs_f64()
+                        / (now - cpu_prev.1).as_secs_f64().max(0.001)
+                        * 100.0;
+                    cpu_prev = (cpu, now);
+                    let metrics = http_get(port, "/metrics").unwrap_or_default();
+                    samples.push(Sample {
+                        at: start.elapsed(),
+                        rss_mib: proc_status_kib(agent.id(), "VmRSS:").unwrap_or(0) as f64 / 1024.0,
+                        cpu_pct,
+                        series: metrics
+                            .lines()
+                            .filter(|l| !l.starts_with('#') && !l.is_empty())
+                            .count(),
+                        lost: metric_sum(&metrics, "podscope_events_lost_total"),
+                        journal_kib: dir_size(&state) as f64 / 1024.0,
+                        scrape_ms: prom.scrape_seconds().unwrap_or(f64::NAN) * 1000.0,
+                    });
+                    next_sample += SAMPLE_EVERY;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok(samples)
+        })();
+        // SAFETY: our own child.
+        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+        let _ = agent.wait();
+        let samples = result?;
+        let hwm = samples.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
+        report(&samples, out_dir)?;
+        println!(
+            "soak: peak sampled RSS {hwm:.1} MiB; table above, plot and CSV in {}",
+            out_dir.display()
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn pod(name: &str, labels: &str, commands: &[String; 3], resources: &str) -> String {
+    let mut m = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n{labels}spec:\n  terminationGracePeriodSeconds: 1\n  containers:\n"
+    );
+    for (c, cmd) in ["app", "sidecar", "proxy"].iter().zip(commands) {
+        let _ = write!(
+            m,
+            "  - name: {c}\n    command: [\"sh\", \"-c\", {}]\n",
+            serde_json::to_string(cmd).unwrap_or_default()
+        );
+        if *c == "app" {
+            m.push_str(resources);
+        }
+    }
+    m
+}
+
+struct Prometheus {
+    child: Child,
+    port: u16,
+}
+
+impl Prometheus {
+    fn start(dir: &Path, target: u16) -> Result<Prometheus> {
+        let port = free_port()?;
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 5s, scrape_timeout: 4s}}\nscrape_configs:\n- job_name: podscope\n  static_configs:\n  - targets: ['127.0.0.1:{target}']\n"
+            ),
+        )?;
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context(
+                "cannot start prometheus (Debian's package; `cargo xtask setup` installs it)",
+            )?;
+        Ok(Prometheus { child, port })
+    }
+
+    /// The last scrape's duration as Prometheus measured it.
+    fn scrape_seconds(&self) -> Option<f64> {
+        let body = http_get(
+            self.port,
+            "/api/v1/query?query=scrape_duration_seconds%7Bjob%3D%22podscope%22%7D",
+        )
+        .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        // SAFETY: our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_ready(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(port, "/readyz")
+        .map(|b| !b.starts_with("ready"))
+        .unwrap_or(true)
+    {
+        if Instant::now() > deadline {
+            bail!("the agent did not become ready within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A table with one row a minute (and the last), the CSV of every sample,
+/// and an SVG plot of RSS and CPU turned into PNG by rsvg-convert.
+fn report(samples: &[Sample], out_dir: &Path) -> Result<()> {
+    println!(
+        "\n| minute | RSS MiB | CPU % of a core | series | events lost | journal KiB | scrape ms |\n|---|---|---|---|---|---|---|"
+    );
+    let mut csv =
+        String::from("seconds,rss_mib,cpu_pct,series,events_lost,journal_kib,scrape_ms\n");
+    let mut last_minute = u64::MAX;
+    for (i, s) in samples.iter().enumerate() {
+        let _ = writeln!(
+            csv,
+            "{:.0},{:.2},{:.2},{},{},{:.1},{:.2}",
+            s.at.as_secs_f64(),
+            s.rss_mib,
+            s.cpu_pct,
+            s.series,
+            s.lost,
+            s.journal_kib,
+            s.scrape_ms
+        );
+        let minute = s.at.as_secs() / 60;
+        if minute != last_minute || i + 1 == samples.len() {
+            last_minute = minute;
+            println!(
+                "| {:.1} | {:.1} | {:.2} | {} | {} | {:.0} | {:.1} |",
+                s.at.as_secs_f64() / 60.0,
+                s.rss_mib,
+                s.cpu_pct,
+                s.series,
+                s.lost,
+                s.journal_kib,
+                s.scrape_ms
+            );
+        }
+    }
+    std::fs::write(out_dir.join("soak.csv"), csv)?;
+    let svg = plot(samples);
+    let svg_path = out_dir.join("soak.svg");
+    std::fs::write(&svg_path, svg)?;
+    let st = Command::new("rsvg-convert")
+        .arg("-o")
+        .arg(out_dir.join("soak.png"))
+        .arg(&svg_path)
+        .status()
+        .context("cannot run rsvg-convert (Debian's librsvg2-bin)")?;
+    if !st.success() {
+        bail!("rsvg-convert failed ({st})");
+    }
+    Ok(())
+}
+
+/// RSS (MiB, left axis) and CPU (% of one core, right axis) over minutes.
+fn plot(samples: &[Sample]) -> String {
+    let (w, h, l, r, t, b) = (900.0, 420.0, 70.0, 830.0, 40.0, 360.0);
+    let span = samples
+        .last()
+        .map(|s| s.at.as_secs_f64())
+        .unwrap_or(1.0)
+        .max(1.0);
+    let rss_max = nice(samples.iter().map(|s| s.rss_mib).fold(1.0, f64::max));
+    let cpu_max = nice(samples.iter().map(|s| s.cpu_pct).fold(1.0, f64::max));
+    let x = |s: &Sample| l + (r - l) * s.at.as_secs_f64() / span;
+    let line = |f: &dyn Fn(&Sample) -> f64, max: f64| {
+        samples
+            .iter()
+            .map(|s| format!("{:.1},{:.1}", x(s), b - (b - t) * f(s) / max))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n<text x='{l}' y='22' font-size='14'>podscope agent, {} pods x 3 containers with churn: RSS (blue, left) and CPU (red, right)</text>\n",
+        PODS
+    );
+    for i in 0..=4 {
+        let y = b - (b - t) * f64::from(i) / 4.0;
+        let _ = writeln!(
+            svg,
+            "<line x1='{l}' x2='{r}' y1='{y}' y2='{y}' stroke='#ddd'/><text x='{}' y='{}' text-anchor='end' fill='#1f4e9c'>{:.0} MiB</text><text x='{}' y='{}' fill='#b22'>{:.1}%</text>",
+            l - 6.0,
+            y + 4.0,
+            rss_max * f64::from(i) / 4.0,
+            r + 6.0,
+            y + 4.0,
+            cpu_max * f64::from(i) / 4.0
+        );
+    }
+    for i in 0..=5 {
+        let xx = l + (r - l) * f64::from(i) / 5.0;
+        let _ = writeln!(
+            svg,
+            "<text x='{xx}' y='{}' text-anchor='middle'>{:.0} min</text>",
+            b + 18.0,
+            span / 60.0 * f64::from(i) / 5.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        "<polyline fill='none' stroke='#1f4e9c' stroke-width='2' points='{}'/>\n<polyline fill='none' stroke='#b22' stroke-width='1.5' points='{}'/>\n<rect x='{l}' y='{t}' width='{}' height='{}' fill='none' stroke='black'/>\n</svg>",
+        line(&|s| s.rss_mib, rss_max),
+        line(&|s| s.cpu_pct, cpu_max),
+        r - l,
+        b - t
+    );
+    svg
+}
+
+/// The next of 1, 2, 5 × 10^k at or above `v`.
+fn nice(v: f64) -> f64 {
+    let p = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|c| *c >= v)
+        .unwrap_or(10.0 * p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axes_end_at_a_round_number() {
+        assert_eq!(nice(37.0), 50.0);
+        assert_eq!(nice(0.42), 0.5);
+        assert_eq!(nice(100.0), 100.0);
+    }
+
+    #[test]
+    fn every_pod_manifest_names_three_containers() {
+        let m = pod(
+            "x",
+            "",
+            &["a".into(), "b \"q\"".into(), "c".into()],
+            "    resources: {limits: {cpu: 100m}}\n",
+        );
+        assert_eq!(m.matches("- name: ").count(), 3);
+        assert!(m.contains(r#"command: ["sh", "-c", "b \"q\""]"#));
+        assert!(m.contains("limits: {cpu: 100m}"));
+    }
+}
