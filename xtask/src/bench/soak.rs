@@ -288,6 +288,8 @@ impl Soak {
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
+            let metrics = http_get(port, "/metrics").unwrap_or_default();
+            print_series_by_family(&metrics, self.live.len());
             Ok(samples)
         })();
         // SAFETY: our own child.
@@ -301,6 +303,31 @@ impl Soak {
             out_dir.display()
         );
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Series per metric family at the end, and per live pod: what podscope
+/// costs Prometheus (BENCHMARKS.md turns these into samples per second).
+fn print_series_by_family(metrics: &str, pods: usize) {
+    let mut by_family: std::collections::BTreeMap<&str, usize> = Default::default();
+    for l in metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = l.split(['{', ' ']).next().unwrap_or(l);
+        let family = ["_bucket", "_sum", "_count", "_total", "_created"]
+            .iter()
+            .find_map(|sfx| name.strip_suffix(sfx))
+            .unwrap_or(name);
+        *by_family.entry(family).or_default() += 1;
+    }
+    let total: usize = by_family.values().sum();
+    println!(
+        "\nseries at the end, {pods} live pods: {total} in all, {:.1} per pod\n\n| family | series | per pod |\n|---|---|---|",
+        total as f64 / pods.max(1) as f64
+    );
+    for (family, n) in by_family {
+        println!("| {family} | {n} | {:.2} |", n as f64 / pods.max(1) as f64);
     }
 }
 
