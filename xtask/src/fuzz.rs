@@ -1,4 +1,5 @@
-//! `cargo xtask fuzz [--seconds N] [TARGET]...`: builds the cargo-fuzz
+//! `cargo xtask fuzz [--seconds N] [TARGET]...` (or `--smoke`, the test
+//! command's brief run of every target): builds the cargo-fuzz
 //! targets of `fuzz/` (every parser of input from outside podscope) and runs
 //! each for N seconds (default 60), starting from its committed corpus
 //! `fuzz/corpus/<target>/`. New inputs go to a scratch corpus under
@@ -56,6 +57,16 @@ pub fn run(args: &[String]) -> Result<std::process::ExitCode> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
+            // What the test command runs: every target, 60 s in all.
+            "--smoke" => {
+                let (passed, failed) = smoke(60)?;
+                println!("fuzz smoke run: {passed} targets without a crash, {failed} with one");
+                return Ok(if failed == 0 {
+                    std::process::ExitCode::SUCCESS
+                } else {
+                    std::process::ExitCode::FAILURE
+                });
+            }
             "--seconds" => {
                 seconds = it
                     .next()
@@ -97,9 +108,33 @@ pub fn smoke(total_seconds: u64) -> Result<(u64, u64)> {
     let bins = build()?;
     let build_s = t.elapsed().as_secs_f64();
     let each = (total_seconds / TARGETS.len() as u64).max(1);
+    // libFuzzer runs on one core: the targets share the machine's cores, so
+    // the smoke run's wall time is its fuzzing time over the core count.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Result<Run>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..cores.min(TARGETS.len()))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = vec![];
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(target) = TARGETS.get(i) else {
+                            return mine;
+                        };
+                        mine.push(fuzz_one(&bins, target, each));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
     let (mut execs, mut passed, mut failed) = (0, 0, 0);
-    for target in TARGETS {
-        match fuzz_one(&bins, target, each) {
+    for r in results {
+        match r {
             Ok(run) => {
                 execs += run.runs;
                 passed += 1;
