@@ -23,6 +23,9 @@ use crate::{
     throttle::Measured,
 };
 
+/// The test cgroup's enforcement period (cpu.cfs_period_us / cpu.max).
+const PERIOD: Duration = Duration::from_millis(100);
+
 /// How long the spinner runs: ~30 periods.
 const RUN: Duration = Duration::from_secs(3);
 
@@ -138,7 +141,7 @@ pub fn throttled_cgroup_matches_cpu_stat(ctx: &Context) -> Verdict {
     let mut collect = |probe: &mut ThrottleProbe| {
         probe.drain(|t| {
             if t.cgroup_id == v2_id {
-                measured.add(&t);
+                measured.add(&t, Some(PERIOD));
                 durations.push(t.duration_ns);
             }
         });
