@@ -11,21 +11,17 @@ use agent_common::{
     OFFSET_ABSENT,
     exits::{EXIT_FLAG_GROUP_DEAD, EXIT_FLAG_PARTIAL, ExitEvent, ExitOffsets},
 };
-use aya::{
-    Ebpf, EbpfLoader,
-    programs::{BtfTracePoint, RawTracePoint, TracePoint},
-};
+use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
 use super::{
     AttachType, Attachment, FamilyMaps, FamilyStats, KernelOffsets, LoadOptions, ProbeError,
-    attach_family, error_chain, program,
+    attach_family,
 };
 use crate::{
     kernel::{
         btf::{Btf, BtfError},
         clock::BootClock,
-        tracefs,
     },
     metadata::PodIdentity,
 };
@@ -213,30 +209,13 @@ pub fn probe_selection(offsets: &KernelOffsets) -> Result<Attachment, ProbeError
 }
 
 fn attach_one(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, kind: AttachType) -> Result<(), String> {
-    match kind {
-        AttachType::TpBtf => {
-            let btf = btf.ok_or("the kernel's BTF could not be read by aya")?;
-            let prog: &mut BtfTracePoint = program(ebpf, "exit_tp_btf")?;
-            prog.load("sched_process_exit", btf)
-                .map_err(|e| error_chain(&e))?;
-            prog.attach().map_err(|e| error_chain(&e))?;
-        }
-        AttachType::RawTp => {
-            let prog: &mut RawTracePoint = program(ebpf, "exit_raw_tp")?;
-            prog.load().map_err(|e| error_chain(&e))?;
-            prog.attach("sched_process_exit")
-                .map_err(|e| error_chain(&e))?;
-        }
-        AttachType::Tracepoint => {
-            tracefs::ensure_mounted()?;
-            let prog: &mut TracePoint = program(ebpf, "exit_tracepoint")?;
-            prog.load().map_err(|e| error_chain(&e))?;
-            prog.attach("sched", "sched_process_exit")
-                .map_err(|e| error_chain(&e))?;
-        }
-        other => return Err(format!("{other} is not an exit hook")),
-    }
-    Ok(())
+    super::attach_tracepoint(
+        ebpf,
+        btf,
+        kind,
+        ("exit", "an exit"),
+        ("sched", "sched_process_exit"),
+    )
 }
 
 #[cfg(test)]

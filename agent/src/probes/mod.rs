@@ -349,6 +349,40 @@ where
         .map_err(|e: aya::programs::ProgramError| e.to_string())
 }
 
+/// A tracepoint family's program, attached with one hook type: the object
+/// names its programs `<prefix>_tp_btf`, `<prefix>_raw_tp` and
+/// `<prefix>_tracepoint`; `what` names the family in the refusal.
+pub(crate) fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    btf: Option<&aya::Btf>,
+    kind: AttachType,
+    (prefix, what): (&str, &str),
+    (category, name): (&str, &str),
+) -> Result<(), String> {
+    use aya::programs::{BtfTracePoint, RawTracePoint, TracePoint};
+    match kind {
+        AttachType::TpBtf => {
+            let btf = btf.ok_or("the kernel's BTF could not be read by aya")?;
+            let prog: &mut BtfTracePoint = program(ebpf, &format!("{prefix}_tp_btf"))?;
+            prog.load(name, btf).map_err(|e| error_chain(&e))?;
+            prog.attach().map_err(|e| error_chain(&e))?;
+        }
+        AttachType::RawTp => {
+            let prog: &mut RawTracePoint = program(ebpf, &format!("{prefix}_raw_tp"))?;
+            prog.load().map_err(|e| error_chain(&e))?;
+            prog.attach(name).map_err(|e| error_chain(&e))?;
+        }
+        AttachType::Tracepoint => {
+            crate::kernel::tracefs::ensure_mounted()?;
+            let prog: &mut TracePoint = program(ebpf, &format!("{prefix}_tracepoint"))?;
+            prog.load().map_err(|e| error_chain(&e))?;
+            prog.attach(category, name).map_err(|e| error_chain(&e))?;
+        }
+        other => return Err(format!("{other} is not {what} hook")),
+    }
+    Ok(())
+}
+
 /// A NUL-padded kernel string (`comm`, a cgroup path) as text.
 pub(crate) fn comm_str(comm: &[u8]) -> String {
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());

@@ -7,16 +7,10 @@ use agent_common::signals::{
     HANDLER_CUSTOM, HANDLER_DEFAULT, HANDLER_IGNORE, SIGNAL_FLAG_GROUP, SIGNAL_FLAG_NOINFO,
     SIGNAL_FLAG_PARTIAL, SIGNAL_FLAG_PRIV, SIGNAL_FLAG_SENDER_EXITING, SignalEvent, SignalOffsets,
 };
-use aya::{
-    Ebpf, EbpfLoader,
-    programs::{BtfTracePoint, RawTracePoint},
-};
+use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
-use super::{
-    AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_family, error_chain,
-    program,
-};
+use super::{AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_family};
 use crate::{
     kernel::{
         btf::{Btf, BtfError},
@@ -247,23 +241,13 @@ impl SignalProbe {
 }
 
 fn attach_one(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, kind: AttachType) -> Result<(), String> {
-    match kind {
-        AttachType::TpBtf => {
-            let btf = btf.ok_or("the kernel's BTF could not be read by aya")?;
-            let prog: &mut BtfTracePoint = program(ebpf, "signal_tp_btf")?;
-            prog.load("signal_generate", btf)
-                .map_err(|e| error_chain(&e))?;
-            prog.attach().map_err(|e| error_chain(&e))?;
-        }
-        AttachType::RawTp => {
-            let prog: &mut RawTracePoint = program(ebpf, "signal_raw_tp")?;
-            prog.load().map_err(|e| error_chain(&e))?;
-            prog.attach("signal_generate")
-                .map_err(|e| error_chain(&e))?;
-        }
-        other => return Err(format!("{other} is not a signal hook")),
-    }
-    Ok(())
+    super::attach_tracepoint(
+        ebpf,
+        btf,
+        kind,
+        ("signal", "a signal"),
+        ("signal", "signal_generate"),
+    )
 }
 
 #[cfg(test)]

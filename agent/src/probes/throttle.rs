@@ -8,16 +8,10 @@ use std::{
 };
 
 use agent_common::throttle::{THROTTLE_FLAG_ANCESTOR, ThrottleEvent, ThrottleOffsets};
-use aya::{
-    Ebpf, EbpfLoader,
-    programs::{BtfTracePoint, RawTracePoint},
-};
+use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
-use super::{
-    AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_family, error_chain,
-    program,
-};
+use super::{AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_family};
 use crate::{
     kernel::{
         btf::{Btf, BtfError},
@@ -161,22 +155,13 @@ impl ThrottleProbe {
 }
 
 fn attach_one(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, kind: AttachType) -> Result<(), String> {
-    match kind {
-        AttachType::TpBtf => {
-            let btf = btf.ok_or("the kernel's BTF could not be read by aya")?;
-            let prog: &mut BtfTracePoint = program(ebpf, "throttle_tp_btf")?;
-            prog.load("sched_switch", btf)
-                .map_err(|e| error_chain(&e))?;
-            prog.attach().map_err(|e| error_chain(&e))?;
-        }
-        AttachType::RawTp => {
-            let prog: &mut RawTracePoint = program(ebpf, "throttle_raw_tp")?;
-            prog.load().map_err(|e| error_chain(&e))?;
-            prog.attach("sched_switch").map_err(|e| error_chain(&e))?;
-        }
-        other => return Err(format!("{other} is not a throttle hook")),
-    }
-    Ok(())
+    super::attach_tracepoint(
+        ebpf,
+        btf,
+        kind,
+        ("throttle", "a throttle"),
+        ("sched", "sched_switch"),
+    )
 }
 
 #[cfg(test)]
