@@ -410,12 +410,22 @@ fn scenarios() {
     );
     assert!(all >= 10.0, "spinner throttles in the histogram: {all}");
     assert_eq!(within, all, "a spinner throttle outlasted its period");
+    // Never throttled and without a limit of its own: no series at all (a
+    // node's unlimited containers would otherwise fill the family with zeros).
     let unlimited = format!("namespace=\"{NS}\",pod=\"{POD}\",container=\"unlimited\"");
+    for source in ["ebpf", "cpu_stat"] {
+        assert_eq!(
+            sample(
+                &metrics,
+                "podscope_cpu_throttled_periods_total",
+                &format!("{unlimited},source=\"{source}\"")
+            ),
+            None,
+            "a series for the unlimited container"
+        );
+    }
     assert_eq!(
-        value(
-            "podscope_cpu_throttled_periods_total",
-            &format!("{unlimited},source=\"ebpf\"")
-        ),
-        0.0
+        sample(&metrics, "podscope_cpu_usage_seconds_total", &unlimited),
+        None
     );
 }

@@ -10,6 +10,9 @@
 //!   histogram of each throttle's duration on one CPU;
 //! - `podscope_cpu_limit_cores` (the quota in force; no series without a
 //!   limit) and `podscope_cpu_usage_seconds_total`.
+//!
+//! A container has series here once it has a CPU limit or has been
+//! throttled (by an ancestor's quota too), not before.
 
 use std::{collections::HashMap, sync::atomic::AtomicU64, time::Instant};
 
@@ -150,6 +153,18 @@ impl ThrottleMetrics {
             let Some(labels) = ContainerLabels::of(&c.pod) else {
                 continue;
             };
+            // A container without a CPU quota of its own that was never
+            // throttled has only zeros to show: its series would be most of
+            // the family on a node where few containers have CPU limits
+            // (measured: 3,000 of 4,900 series in a 110-pod soak with 5
+            // limited pods). It enters the family at its first throttle
+            // (an ancestor's quota, e.g. the pod's, can throttle it).
+            let throttled = c.measured.periods > 0
+                || c.kernel.as_ref().is_some_and(|k| k.throttled_periods > 0);
+            let limited = c.kernel.as_ref().is_some_and(|k| k.limit_cores.is_some());
+            if !throttled && !limited && !self.exported.contains_key(&labels) {
+                continue;
+            }
             if !self.book.admit(&labels, now, refused) {
                 continue;
             }
