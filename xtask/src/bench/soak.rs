@@ -196,7 +196,39 @@ impl Soak {
         std::fs::write(&file, service)?;
         self.node
             .node(&["apply", "-f", file.to_str().unwrap_or_default()])?;
-        Ok(())
+        // The clock starts with the node full: every container but the
+        // crash-looping ones running.
+        let want = (PODS - CRASHERS) * 3;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let running = self.running_containers();
+            if running >= want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("only {running} of {want} containers ran within 600 s");
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
+    fn running_containers(&self) -> usize {
+        let status: serde_json::Value = self
+            .node
+            .node(&["status", "-o", "json"])
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        status
+            .as_array()
+            .map(|pods| {
+                pods.iter()
+                    .filter(|p| p["namespace"] == NS)
+                    .flat_map(|p| p["containers"].as_array().cloned().unwrap_or_default())
+                    .filter(|c| c["state"] == "running")
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// Replaces a churn slot's pod with one under a new name: new pod,
@@ -247,7 +279,7 @@ impl Soak {
             let t = Instant::now();
             self.fill()?;
             println!(
-                "soak: {} pods x 3 containers applied in {:.0} s; running {minutes} min",
+                "soak: {} pods x 3 containers running after {:.0} s; soaking {minutes} min",
                 self.live.len(),
                 t.elapsed().as_secs_f64()
             );
