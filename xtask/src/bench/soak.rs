@@ -553,8 +553,9 @@ fn plot(samples: &[Sample]) -> String {
         let xx = l + (r - l) * f64::from(i) / 5.0;
         let _ = writeln!(
             svg,
-            "<text x='{xx}' y='{}' text-anchor='middle'>{:.0} min</text>",
+            "<text x='{xx}' y='{}' text-anchor='middle'>{:.*} min</text>",
             b + 18.0,
+            usize::from(span < 600.0),
             span / 60.0 * f64::from(i) / 5.0
         );
     }
