@@ -286,7 +286,7 @@ impl Soak {
             let start = Instant::now();
             let end = start + Duration::from_secs(minutes * 60);
             let mut samples = vec![];
-            let mut next_sample = start;
+            let mut next_sample = start + SAMPLE_EVERY;
             let mut next_churn = start + CHURN_EVERY;
             let mut slot = 0;
             let mut cpu_prev = (proc_cpu(agent.id()).unwrap_or_default(), Instant::now());
