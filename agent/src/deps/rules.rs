@@ -21,7 +21,7 @@ use std::{
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use super::{Backoff, Dependency, Health};
-use crate::kubeproxy::{ServiceMap, ServiceMapBuilder, local_addrs};
+use crate::net::{ServiceMap, iptables::ServiceMapBuilder, local_addrs};
 
 /// The commands that print the rules: the system's default backend first,
 /// then each backend by name (Debian's iptables package has all three).

@@ -6,8 +6,8 @@ use std::time::Instant;
 use crate::{
     events::Event,
     forensics::{Finding, Forensics},
-    kubeproxy::{self, Seen, ServiceMap},
     metadata::Resolver,
+    net::{self, Seen, ServiceMap},
     probes::{
         cgroups::{CgroupChange, CgroupOp},
         exits::Exit,
@@ -130,7 +130,7 @@ fn net(
     {
         let pod_of = |ip| resolver.pod_by_ip(ip);
         for c in conns {
-            let conn = kubeproxy::connection(c, services, &pod_of);
+            let conn = net::connection(c, services, &pod_of);
             // No pod has the source address (the node's own: a hostNetwork
             // pod): the sending socket's cgroup names the container, below.
             if conn.pod.pod.is_none() && c.cgroup_id != 0 {
@@ -139,7 +139,7 @@ fn net(
             events.push(Event::Connection(conn));
         }
         for d in drops {
-            let (drop, conn) = kubeproxy::drop_events(d, services, &pod_of);
+            let (drop, conn) = net::drop_events(d, services, &pod_of);
             events.push(Event::Drop(drop));
             if let (Some(conn), Some(t)) = (conn, d.tuple)
                 && seen.first(t)

@@ -43,8 +43,8 @@ use crate::{
     families::Kernel,
     forensics::{Forensics, ForensicsStats},
     kernel::{cgroups::CgroupLayout, clock, release_freed_memory},
-    kubeproxy::{Seen, ServiceMap},
     metadata::{Names, PodIdentity, Resolver, ResolverOptions, ResolverStats},
+    net::{Seen, ServiceMap},
     probes::{
         self, AttachType, Attachment, FamilyStats, KernelOffsets, LoadOptions, ProbeError,
         cgroups::CgroupProbe, exits::ExitProbe, net::NetProbe, oom::OomProbe, signals::SignalProbe,

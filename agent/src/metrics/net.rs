@@ -21,7 +21,7 @@ use prometheus_client::{
 };
 
 use super::{MetricsOptions, SeriesBook};
-use crate::kubeproxy::{Connection, Outcome, PacketDrop};
+use crate::net::{Connection, Outcome, PacketDrop};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceConnLabels {
