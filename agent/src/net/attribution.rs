@@ -229,16 +229,9 @@ pub fn drop_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::service_map::svc;
 
     const UPSTREAM: &str = include_str!("../../tests/fixtures/kube-proxy-upstream-nodeports.txt");
-
-    fn svc(ns: &str, name: &str, port: &str) -> Option<ServiceRef> {
-        Some(ServiceRef {
-            namespace: ns.into(),
-            name: name.into(),
-            port: port.into(),
-        })
-    }
 
     #[test]
     fn a_connection_to_a_nodeport_is_attributed_to_its_service() {

@@ -10,7 +10,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use super::service_map::{ServiceMap, ServiceRef, service_ref};
+use super::service_map::{ServiceMap, ServiceRef, endpoints_of, service_ref};
 
 /// Splits an iptables-save rule into words, keeping "quoted strings" whole.
 fn words(line: &str) -> Vec<String> {
@@ -112,6 +112,9 @@ pub struct ServiceMapBuilder {
     map: ServiceMap,
     /// Whether kube-proxy's chains were seen at all.
     pub has_kube_chains: bool,
+    /// kube-proxy's IPVS mode: its `KUBE-SERVICES` matches ipsets of
+    /// ClusterIPs (`--match-set KUBE-CLUSTER-IP`) instead of naming them.
+    pub ipvs: bool,
 }
 
 impl ServiceMapBuilder {
@@ -128,6 +131,9 @@ impl ServiceMapBuilder {
         }
         if line.starts_with(":KUBE-SERVICES") {
             self.has_kube_chains = true;
+        }
+        if line.contains("--match-set KUBE-CLUSTER-IP ") {
+            self.ipvs = true;
         }
         let Some(rule) = parse_rule(line) else {
             return;
@@ -223,43 +229,10 @@ pub fn parse(text: &str) -> ServiceMap {
     b.finish()
 }
 
-/// The DNAT targets reached from a Service chain, in rule order, following
-/// KUBE-FW → KUBE-EXT → KUBE-SVC/KUBE-SVL → KUBE-SEP (each chain once).
-fn endpoints_of(
-    chain: &str,
-    jumps: &HashMap<String, Vec<String>>,
-    sep_dnat: &HashMap<String, SocketAddr>,
-) -> Vec<SocketAddr> {
-    let mut out = vec![];
-    let mut visited = HashSet::new();
-    let mut stack = vec![chain.to_string()];
-    // Depth-first in rule order: push targets reversed.
-    while let Some(c) = stack.pop() {
-        if !visited.insert(c.clone()) {
-            continue;
-        }
-        if let Some(to) = sep_dnat.get(&c) {
-            if !out.contains(to) {
-                out.push(*to);
-            }
-            continue;
-        }
-        if let Some(targets) = jumps.get(&c) {
-            stack.extend(
-                targets
-                    .iter()
-                    .rev()
-                    .filter(|t| t.starts_with("KUBE-SEP-") || is_service_chain(t))
-                    .cloned(),
-            );
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::service_map::svc;
 
     /// Recorded with `iptables-save` from the test node playing kube-proxy
     /// (two endpoints behind one Service, one Service without endpoints).
@@ -297,14 +270,6 @@ mod tests {
 
     /// kube-proxy's own expected output for its overall rules test.
     const UPSTREAM: &str = include_str!("../../tests/fixtures/kube-proxy-upstream-nodeports.txt");
-
-    fn svc(ns: &str, name: &str, port: &str) -> Option<ServiceRef> {
-        Some(ServiceRef {
-            namespace: ns.into(),
-            name: name.into(),
-            port: port.into(),
-        })
-    }
 
     #[test]
     fn parses_kube_proxys_nodeports_external_and_load_balancer_ips() {

@@ -4,6 +4,7 @@
 //! probes saw attributed to pods, Services and endpoints.
 //!
 //! - [`iptables`]: kube-proxy's iptables mode, from `iptables-save`;
+//! - [`nftables`]: kube-proxy's nftables mode, from `nft -j list table`;
 //! - [`service_map`]: the Service map both readers fill, and the addresses
 //!   where NodePorts answer;
 //! - [`attribution`]: connections and drops named by pod, Service, endpoint;
@@ -16,6 +17,7 @@
 pub mod attribution;
 pub mod conntrack;
 pub mod iptables;
+pub mod nftables;
 pub mod service_map;
 
 pub use attribution::{Connection, Outcome, PacketDrop, PodRef, Seen, connection, drop_events};

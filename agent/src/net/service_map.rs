@@ -37,9 +37,10 @@ pub struct ServiceMap {
     /// NodePorts: kube-proxy matches them on every local address of the
     /// node (`-m addrtype --dst-type LOCAL`), so they are keyed by port.
     pub node_ports: HashMap<(u16, String), ServiceEntry>,
-    /// The addresses of the rules' network namespace, where a NodePort
-    /// answers; filled by the rules reader, `deps::rules` (kube-proxy's default
-    /// `--nodeport-addresses`: all of them).
+    /// Where a NodePort answers: kube-proxy's `nodeport-ips` set in
+    /// nftables mode when it names addresses, else every address of the
+    /// rules' network namespace, filled by the rules reader, `deps::rules`
+    /// (kube-proxy's default `--nodeport-addresses` in iptables mode: all).
     pub local_addrs: HashSet<IpAddr>,
 }
 
@@ -54,6 +55,47 @@ pub(super) fn service_ref(name: &str, port: u16) -> Option<ServiceRef> {
         namespace: ns.to_string(),
         name: svc.to_string(),
         port: port_name,
+    })
+}
+
+/// The DNAT targets reached from a Service's chain, in rule (or vmap)
+/// order, following its jumps depth-first, each chain once (iptables:
+/// KUBE-FW → KUBE-EXT → KUBE-SVC/KUBE-SVL → KUBE-SEP; nftables: external-
+/// → service- → endpoint-). Jumps to chains that lead nowhere (masquerade
+/// marks) end there.
+pub(super) fn endpoints_of(
+    chain: &str,
+    jumps: &HashMap<String, Vec<String>>,
+    dnat: &HashMap<String, SocketAddr>,
+) -> Vec<SocketAddr> {
+    let mut out = vec![];
+    let mut visited = HashSet::new();
+    let mut stack = vec![chain.to_string()];
+    // Depth-first in rule order: push targets reversed.
+    while let Some(c) = stack.pop() {
+        if !visited.insert(c.clone()) {
+            continue;
+        }
+        if let Some(to) = dnat.get(&c) {
+            if !out.contains(to) {
+                out.push(*to);
+            }
+            continue;
+        }
+        if let Some(targets) = jumps.get(&c) {
+            stack.extend(targets.iter().rev().cloned());
+        }
+    }
+    out
+}
+
+/// A Service port by its names (tests).
+#[cfg(test)]
+pub(crate) fn svc(ns: &str, name: &str, port: &str) -> Option<ServiceRef> {
+    Some(ServiceRef {
+        namespace: ns.into(),
+        name: name.into(),
+        port: port.into(),
     })
 }
 
