@@ -6,7 +6,7 @@
 //! endpoints` DROP) rules name the Services that have none.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
 };
 
