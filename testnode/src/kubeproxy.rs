@@ -1,4 +1,5 @@
-//! The test node plays kube-proxy (iptables mode): Services and the ready
+//! The test node plays kube-proxy in iptables mode (the default; nftables
+//! mode is [`crate::nftables`], chosen with [`set_mode`]): Services and the ready
 //! pods their selectors match become the rules kube-proxy writes, with its
 //! chains (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-*, KUBE-MARK-MASQ,
 //! KUBE-POSTROUTING, KUBE-NODEPORTS), its comments, its chain-name hashing
@@ -58,7 +59,7 @@ fn hash16(s: &str) -> String {
 }
 
 /// RFC 4648 base32 (what Go's base32.StdEncoding produces, padding aside).
-fn base32(data: &[u8]) -> String {
+pub(crate) fn base32(data: &[u8]) -> String {
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let mut out = String::with_capacity(data.len().div_ceil(5) * 8);
     let (mut buf, mut bits) = (0u64, 0u32);
@@ -522,8 +523,96 @@ fn ensure_service_route() {
     ]));
 }
 
-/// Writes the rules for the stored Services and the ready pods, unless the
-/// last sync wrote exactly these. True when it wrote.
+/// Which of kube-proxy's modes the node plays (`node up --proxy-mode`,
+/// `node proxy-mode`); iptables unless set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    Iptables,
+    Nftables,
+}
+
+impl ProxyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Iptables => "iptables",
+            ProxyMode::Nftables => "nftables",
+        }
+    }
+}
+
+/// The mode the node plays now.
+pub fn mode() -> ProxyMode {
+    match std::fs::read_to_string(paths::kube_proxy_mode()) {
+        Ok(m) if m.trim() == "nftables" => ProxyMode::Nftables,
+        _ => ProxyMode::Iptables,
+    }
+}
+
+/// Switches the node to `mode`, as a kube-proxy restarted with another
+/// `--proxy-mode` does: the other mode's rules are removed (kube-proxy's
+/// cleanup of leftovers) and the Services are written in the new one.
+pub fn set_mode(mode: ProxyMode) -> Result<()> {
+    {
+        let _lock = NodeLock::acquire_at(&paths::kube_proxy_lock())?;
+        let file = paths::kube_proxy_mode();
+        std::fs::write(&file, mode.as_str()).ctx(|| format!("cannot write {}", file.display()))?;
+        match mode {
+            ProxyMode::Nftables => remove_iptables_rules()?,
+            ProxyMode::Iptables => crate::nftables::remove()?,
+        }
+        // The next sync writes everything anew.
+        let _ = std::fs::remove_file(paths::kube_proxy_rules());
+    }
+    sync().map(|_| ())
+}
+
+/// Removes kube-proxy's iptables chains and the jumps into them.
+fn remove_iptables_rules() -> Result<()> {
+    for (table, chain, new_only, comment, target) in JUMPS {
+        let _ = in_node("iptables")
+            .args(["-w", "-t", table, "-D", chain])
+            .args(jump_rule(*new_only, comment, target))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    let saved = run(&mut in_node("iptables-save"))?;
+    let mut text = String::new();
+    let mut table = "";
+    let mut chains: Vec<&str> = vec![];
+    let flush = |table: &str, chains: &mut Vec<&str>, text: &mut String| {
+        if !chains.is_empty() {
+            let _ = writeln!(text, "*{table}");
+            // Declaring a chain flushes it; then none is in use.
+            for c in chains.iter() {
+                let _ = writeln!(text, ":{c} - [0:0]");
+            }
+            for c in chains.iter() {
+                let _ = writeln!(text, "-X {c}");
+            }
+            text.push_str("COMMIT\n");
+            chains.clear();
+        }
+    };
+    for l in saved.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            flush(table, &mut chains, &mut text);
+            table = t;
+        } else if l.starts_with(":KUBE-")
+            && let Some(c) = l[1..].split_whitespace().next()
+        {
+            chains.push(c);
+        }
+    }
+    flush(table, &mut chains, &mut text);
+    if !text.is_empty() {
+        restore(&text)?;
+    }
+    Ok(())
+}
+
+/// Writes the rules for the stored Services and the ready pods in the
+/// node's mode, unless the last sync wrote exactly these. True when it wrote.
 pub fn sync() -> Result<bool> {
     let _lock = NodeLock::acquire_at(&paths::kube_proxy_lock())?;
     let services = service::list();
@@ -531,24 +620,33 @@ pub fn sync() -> Result<bool> {
         ensure_service_route();
     }
     let ports = plan(&services, &ready_pods());
-    let wanted = render(&ports, &BTreeSet::new());
+    let mode = mode();
+    let wanted = match mode {
+        ProxyMode::Iptables => render(&ports, &BTreeSet::new()),
+        ProxyMode::Nftables => crate::nftables::render(&ports),
+    };
     let last = paths::kube_proxy_rules();
     if std::fs::read_to_string(&last).is_ok_and(|t| t == wanted) {
         return Ok(false);
     }
-    let wanted_chains: BTreeSet<String> = wanted
-        .lines()
-        .filter_map(|l| l.strip_prefix(':'))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect();
-    let stale: BTreeSet<String> = existing_chains()?
-        .difference(&wanted_chains)
-        .cloned()
-        .collect();
-    restore(&render(&ports, &stale))?;
-    // After the restore: a jump needs its target chain to exist.
-    ensure_jumps()?;
+    match mode {
+        ProxyMode::Iptables => {
+            let wanted_chains: BTreeSet<String> = wanted
+                .lines()
+                .filter_map(|l| l.strip_prefix(':'))
+                .filter_map(|l| l.split_whitespace().next())
+                .map(str::to_string)
+                .collect();
+            let stale: BTreeSet<String> = existing_chains()?
+                .difference(&wanted_chains)
+                .cloned()
+                .collect();
+            restore(&render(&ports, &stale))?;
+            // After the restore: a jump needs its target chain to exist.
+            ensure_jumps()?;
+        }
+        ProxyMode::Nftables => crate::nftables::load(&wanted)?,
+    }
     std::fs::write(&last, &wanted).ctx(|| format!("cannot write {}", last.display()))?;
     Ok(true)
 }

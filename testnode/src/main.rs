@@ -35,8 +35,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create the node (netns, containerd, images, kubelet daemon); idempotent.
-    Up,
-    /// Run a Pod manifest, or serve a ClusterIP Service (kube-proxy's iptables rules).
+    Up {
+        /// kube-proxy's mode the node plays for Services (default: the mode it has, iptables at first).
+        #[arg(long, value_enum)]
+        proxy_mode: Option<kubeproxy::ProxyMode>,
+    },
+    /// Switch the running node's Services to another kube-proxy mode (the
+    /// other mode's rules are removed, as kube-proxy does on a mode change).
+    ProxyMode {
+        #[arg(value_enum)]
+        mode: kubeproxy::ProxyMode,
+    },
+    /// Run a Pod manifest, or serve a ClusterIP Service (kube-proxy's rules, in the node's mode).
     Apply {
         /// The manifest file (`-` reads stdin).
         #[arg(short = 'f', long = "filename")]
@@ -168,7 +178,19 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
         );
     }
     match cmd {
-        Cmd::Up => up().await,
+        Cmd::Up { proxy_mode } => {
+            let code = up().await?;
+            if let Some(m) = proxy_mode {
+                kubeproxy::set_mode(m)?;
+            }
+            Ok(code)
+        }
+        Cmd::ProxyMode { mode } => {
+            require_up()?;
+            kubeproxy::set_mode(mode)?;
+            println!("kube-proxy mode: {}", mode.as_str());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Apply {
             file,
             wait,

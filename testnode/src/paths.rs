@@ -70,9 +70,13 @@ pub fn manifests_dir() -> PathBuf {
 pub fn services_dir() -> PathBuf {
     state("services")
 }
-/// The iptables rules last written for the Services (what `iptables-restore` was given).
+/// The rules last written for the Services (what `iptables-restore` or `nft -f` was given).
 pub fn kube_proxy_rules() -> PathBuf {
     state("kube-proxy.rules")
+}
+/// The kube-proxy mode the node plays (`iptables` or `nftables`; absent: iptables).
+pub fn kube_proxy_mode() -> PathBuf {
+    state("kube-proxy.mode")
 }
 /// Serialises rule syncs between the daemon and `apply`/`delete` (flock).
 pub fn kube_proxy_lock() -> PathBuf {
