@@ -1,6 +1,6 @@
 //! Packet paths through kube-proxy's rules, on the test node: real pods on
 //! its bridge, ClusterIP and NodePort Services the node writes in kube-proxy's own
-//! iptables layout, `podscope trace net` and the agent's metrics watching
+//! iptables layout and then, for the same pods and Services, its nftables layout, `podscope trace net` and the agent's metrics watching
 //! the node's network namespace. Needs root. Every packet stays inside the
 //! node's namespace (pods 198.18.0.0/16, Services 198.19.0.0/16).
 
@@ -211,6 +211,8 @@ fn service_paths_of_real_pods_are_traced_and_counted() {
             .args(["delete", &format!("{NS}/{p}")])
             .output();
     }
+    // The node's default mode, whatever the scenarios reached.
+    let _ = Command::new(&bin).args(["proxy-mode", "iptables"]).output();
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
@@ -275,7 +277,69 @@ fn scenarios() {
         "no NodePort rule in\n{saved}"
     );
 
-    let scratch = std::env::temp_dir().join(format!("podscope-net-agent-{}", std::process::id()));
+    traced_and_counted("iptables", &a_ip, &b_ip, &g_ip);
+
+    say("the older kernels' path: conntrack events instead of netfilter links");
+    let (fallback, lines, ready) = start_trace(&[("PODSCOPE_NET_FALLBACK", "conntrack")]);
+    ready
+        .recv_timeout(Duration::from_secs(30))
+        .expect("trace net attached");
+    let out = connect(&format!("{WEB_IP}:80"), 4);
+    assert!(out.starts_with("connected 4 "), "{out}");
+    let mut seen = vec![];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 4 && Instant::now() < deadline {
+        if let Ok(v) = lines.recv_timeout(Duration::from_millis(500))
+            && v["kind"] == "connection"
+            && v["dst"] == format!("{WEB_IP}:80").as_str()
+        {
+            seen.push(v);
+        }
+    }
+    drop(fallback);
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    for c in &seen {
+        assert_eq!(c["pod"], "client", "{c}");
+        assert_eq!(c["outcome"], "forwarded", "{c}");
+        assert_eq!(c["service"]["name"], "web", "{c}");
+        assert!(
+            c["endpoint_pod"]["pod"] == "web-a" || c["endpoint_pod"]["pod"] == "web-b",
+            "{c}"
+        );
+    }
+
+    say("kube-proxy's nftables mode: the same pods and Services, the same outcomes");
+    // Switched back to iptables (the node's default) by the test's cleanup.
+    node(&["proxy-mode", "nftables"]);
+    let listed =
+        String::from_utf8_lossy(&in_node(&["nft", "list", "table", "ip", "kube-proxy"]).stdout)
+            .into_owned();
+    for want in [
+        format!("{WEB_IP} . tcp . 80 : goto service-"),
+        "numgen random mod 2 vmap".to_string(),
+        format!("dnat to {a_ip}:8080"),
+        format!("{NONE_IP} . tcp . 80 comment \"{NS}/none:http\" : goto reject-chain"),
+        format!("tcp . {NONE_NODE_PORT} comment \"{NS}/none-np:http\" : goto reject-chain"),
+        format!("tcp . {WEB_NODE_PORT} : goto external-"),
+    ] {
+        assert!(listed.contains(&want), "missing {want} in\n{listed}");
+    }
+    let saved = String::from_utf8_lossy(&in_node(&["iptables-save"]).stdout).into_owned();
+    assert!(
+        !saved.contains("KUBE-SERVICES"),
+        "iptables mode's rules are gone:\n{saved}"
+    );
+    traced_and_counted("nftables", &a_ip, &b_ip, &g_ip);
+}
+
+/// Runs the agent and `trace net` against the node in its current kube-proxy
+/// mode, makes the connections every mode must name the same way (ClusterIP
+/// split across endpoints, no-endpoint reject, DROP, NodePort, hostNetwork
+/// client, no Service) and checks what both reported.
+fn traced_and_counted(mode: &str, a_ip: &str, b_ip: &str, g_ip: &str) {
+    say(&format!("{mode} mode"));
+    let scratch =
+        std::env::temp_dir().join(format!("podscope-net-agent-{mode}-{}", std::process::id()));
     let port = free_port();
     let _agent = Proc(
         Command::new(env!("CARGO_BIN_EXE_podscope"))
@@ -501,35 +565,6 @@ fn scenarios() {
     // The direct connections to web-a are in no Service series: the
     // endpoint split above adds up to the 34 Service connections alone.
     let _ = std::fs::remove_dir_all(&scratch);
-
-    say("the older kernels' path: conntrack events instead of netfilter links");
-    let (fallback, lines, ready) = start_trace(&[("PODSCOPE_NET_FALLBACK", "conntrack")]);
-    ready
-        .recv_timeout(Duration::from_secs(30))
-        .expect("trace net attached");
-    let out = connect(&format!("{WEB_IP}:80"), 4);
-    assert!(out.starts_with("connected 4 "), "{out}");
-    let mut seen = vec![];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while seen.len() < 4 && Instant::now() < deadline {
-        if let Ok(v) = lines.recv_timeout(Duration::from_millis(500))
-            && v["kind"] == "connection"
-            && v["dst"] == format!("{WEB_IP}:80").as_str()
-        {
-            seen.push(v);
-        }
-    }
-    drop(fallback);
-    assert_eq!(seen.len(), 4, "{seen:?}");
-    for c in &seen {
-        assert_eq!(c["pod"], "client", "{c}");
-        assert_eq!(c["outcome"], "forwarded", "{c}");
-        assert_eq!(c["service"]["name"], "web", "{c}");
-        assert!(
-            c["endpoint_pod"]["pod"] == "web-a" || c["endpoint_pod"]["pod"] == "web-b",
-            "{c}"
-        );
-    }
 }
 
 type Started = (Proc, mpsc::Receiver<Value>, mpsc::Receiver<()>);

@@ -320,7 +320,11 @@ fn kube_proxy_checks() -> [Check; 2] {
             "kube_proxy_rules",
             Status::Missing,
             format!("{} works but shows no kube-proxy Services", r.program),
-            no_rules_meaning(r.mode),
+            if r.has_kube_chains {
+                "kube-proxy's rules are there but name no Service yet: connections are attributed once Services have ClusterIPs"
+            } else {
+                no_rules_meaning(r.mode)
+            },
         ),
         Ok(r) => check(
             "kube_proxy_rules",
