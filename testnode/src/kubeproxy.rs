@@ -402,16 +402,48 @@ fn in_node(program: &str) -> Command {
     c
 }
 
+/// How long a terminating pod's endpoint outlives the start of its
+/// termination on this node (`podscope-testnode endpoint-delay`; 0 unless set).
+pub fn endpoint_delay() -> std::time::Duration {
+    std::fs::read_to_string(paths::endpoint_delay())
+        .ok()
+        .and_then(|s| humantime::parse_duration(s.trim()).ok())
+        .unwrap_or_default()
+}
+
+/// Sets the endpoint propagation delay.
+pub fn set_endpoint_delay(d: std::time::Duration) -> Result<()> {
+    let file = paths::endpoint_delay();
+    std::fs::write(&file, humantime::format_duration(d).to_string())
+        .ctx(|| format!("cannot write {}", file.display()))
+}
+
+/// Whether a terminating pod is still an endpoint: in a cluster the
+/// EndpointSlice change takes time to reach kube-proxy, and until then the
+/// pod keeps receiving new connections, even after its SIGTERM.
+fn still_propagating(st: &status::PodStatus, delay: std::time::Duration) -> bool {
+    st.phase == Phase::Terminating
+        && st
+            .terminating_since
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .is_some_and(|since| since + delay > std::time::SystemTime::now())
+}
+
 /// The pods that can back a Service: running, every container running and
-/// ready (readiness and startup probes passing), with an IP.
+/// ready (readiness and startup probes passing), with an IP; and
+/// terminating pods until the endpoint propagation delay has passed.
 pub fn ready_pods() -> Vec<ReadyPod> {
     let mut out = vec![];
+    let delay = endpoint_delay();
     let Ok(rd) = std::fs::read_dir(paths::manifests_dir()) else {
         return out;
     };
     for e in rd.flatten() {
         let p = e.path();
-        if p.extension().is_none_or(|x| x != "yaml") {
+        // Deletion markers too: a pod being deleted until its endpoint goes.
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !(name.ends_with(".yaml") || name.ends_with(".yaml.deleted")) {
             continue;
         }
         let Ok(pod) = Pod::from_file(&p) else {
@@ -420,12 +452,13 @@ pub fn ready_pods() -> Vec<ReadyPod> {
         let Ok(Some(st)) = status::read(pod.namespace(), pod.name()) else {
             continue;
         };
-        let ready = st.phase == Phase::Running
+        let ready = (st.phase == Phase::Running
             && !st.containers.is_empty()
             && st
                 .containers
                 .iter()
-                .all(|c| c.state == "running" && c.ready);
+                .all(|c| c.state == "running" && c.ready))
+            || still_propagating(&st, delay);
         let ip = st.pod_ip.as_deref().and_then(|s| s.parse().ok());
         if let (true, Some(ip)) = (ready, ip) {
             out.push(ReadyPod {
@@ -521,6 +554,32 @@ fn ensure_service_route() {
         "dev",
         paths::BRIDGE,
     ]));
+}
+
+/// The rules for `n` synthetic Services of one port and two endpoints each,
+/// in the Service range (198.19.0.0/16) and pod range (198.18.0.0/16): what
+/// a node of that size makes kube-proxy write (the rules-read benchmark).
+pub fn render_synthetic(mode: ProxyMode, n: u32) -> String {
+    let ports: Vec<ServicePortRules> = (0..n)
+        .map(|i| {
+            let ep = |k: u32| {
+                let a = 2 * i + k;
+                format!("198.18.{}.{}:8080", 1 + a / 250, 1 + a % 250)
+            };
+            ServicePortRules {
+                port_name: format!("bench/svc-{i}:http"),
+                protocol: "TCP".into(),
+                cluster_ip: Ipv4Addr::new(198, 19, (1 + i / 250) as u8, (1 + i % 250) as u8),
+                port: 80,
+                node_port: None,
+                endpoints: vec![ep(0), ep(1)],
+            }
+        })
+        .collect();
+    match mode {
+        ProxyMode::Iptables => render(&ports, &BTreeSet::new()),
+        ProxyMode::Nftables => crate::nftables::render(&ports),
+    }
 }
 
 /// Which of kube-proxy's modes the node plays (`node up --proxy-mode`,

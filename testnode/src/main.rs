@@ -40,6 +40,22 @@ enum Cmd {
         #[arg(long, value_enum)]
         proxy_mode: Option<kubeproxy::ProxyMode>,
     },
+    /// How long a terminating pod stays a Service endpoint (0 s unless set),
+    /// as EndpointSlice propagation delays its removal in a cluster.
+    EndpointDelay {
+        #[arg(value_parser = humantime::parse_duration)]
+        delay: Duration,
+    },
+    /// Print the rules kube-proxy would write for N synthetic Services (two
+    /// endpoints each; for the rules-read benchmark): `iptables-restore`
+    /// input or `nft -f` input.
+    #[command(hide = true)]
+    RenderRules {
+        #[arg(long, value_enum)]
+        proxy_mode: kubeproxy::ProxyMode,
+        #[arg(long)]
+        services: u32,
+    },
     /// Switch the running node's Services to another kube-proxy mode (the
     /// other mode's rules are removed, as kube-proxy does on a mode change).
     ProxyMode {
@@ -172,6 +188,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(cmd: Cmd) -> Result<ExitCode> {
+    if let Cmd::RenderRules {
+        proxy_mode,
+        services,
+    } = cmd
+    {
+        print!("{}", kubeproxy::render_synthetic(proxy_mode, services));
+        return Ok(ExitCode::SUCCESS);
+    }
     if !process::is_root() {
         bail!(
             "the test node needs root (it creates network namespaces, cgroups and runs containerd): run it with sudo"
@@ -184,6 +208,16 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 kubeproxy::set_mode(m)?;
             }
             Ok(code)
+        }
+        Cmd::RenderRules { .. } => unreachable!("handled above"),
+        Cmd::EndpointDelay { delay } => {
+            require_up()?;
+            kubeproxy::set_endpoint_delay(delay)?;
+            println!(
+                "endpoint propagation delay: {}",
+                humantime::format_duration(delay)
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::ProxyMode { mode } => {
             require_up()?;

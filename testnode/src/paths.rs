@@ -78,6 +78,11 @@ pub fn kube_proxy_rules() -> PathBuf {
 pub fn kube_proxy_mode() -> PathBuf {
     state("kube-proxy.mode")
 }
+/// How long a terminating pod stays an endpoint (as a humantime duration;
+/// absent: 0), as EndpointSlice propagation delays it in a cluster.
+pub fn endpoint_delay() -> PathBuf {
+    state("endpoint-propagation-delay")
+}
 /// Serialises rule syncs between the daemon and `apply`/`delete` (flock).
 pub fn kube_proxy_lock() -> PathBuf {
     state("kube-proxy.lock")

@@ -24,6 +24,7 @@ const ROUNDS: usize = 7;
 
 mod faults;
 mod net;
+mod rules;
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
     match args.first().map(String::as_str) {

@@ -21,14 +21,24 @@ use crate::{
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Forwarded,
+    /// Forwarded to an endpoint whose container already got SIGTERM (or
+    /// exited): endpoint removal had not caught up ([`super::dying`]).
+    #[serde(rename = "forwarded_to_terminating_endpoint")]
+    ForwardedToTerminating,
     RejectedNoEndpoints,
     Dropped,
 }
 
 impl Outcome {
+    /// DNAT sent it to an endpoint.
+    pub fn forwarded(self) -> bool {
+        matches!(self, Outcome::Forwarded | Outcome::ForwardedToTerminating)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Forwarded => "forwarded",
+            Outcome::ForwardedToTerminating => "forwarded_to_terminating_endpoint",
             Outcome::RejectedNoEndpoints => "rejected_no_endpoints",
             Outcome::Dropped => "dropped",
         }

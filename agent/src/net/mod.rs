@@ -8,6 +8,7 @@
 //! - [`service_map`]: the Service map both readers fill, and the addresses
 //!   where NodePorts answer;
 //! - [`attribution`]: connections and drops named by pod, Service, endpoint;
+//! - [`dying`]: connections DNATed to a pod that already got SIGTERM;
 //! - [`conntrack`]: the older kernels' source of new connections
 //!   (conntrack's netlink events), beside the netfilter program.
 //!
@@ -16,9 +17,11 @@
 
 pub mod attribution;
 pub mod conntrack;
+pub mod dying;
 pub mod iptables;
 pub mod nftables;
 pub mod service_map;
 
 pub use attribution::{Connection, Outcome, PacketDrop, PodRef, Seen, connection, drop_events};
+pub use dying::DyingEndpoints;
 pub use service_map::{ServiceEntry, ServiceMap, ServiceRef, local_addrs};
