@@ -33,11 +33,12 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("agent") => agent(),
         Some("terminations") => terminations(),
         Some("net") => net::run(),
+        Some("rules") => rules::standalone(),
         Some("throttle") => throttle(),
         Some("faults") => faults::run(),
         _ => {
             bail!(
-                "usage: cargo xtask bench <exits | pods | agent | terminations | net | throttle | faults>"
+                "usage: cargo xtask bench <exits | pods | agent | terminations | net | rules | throttle | faults>"
             )
         }
     }

@@ -164,21 +164,31 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// Adds one `nft -j list table …` listing.
+    /// Adds one `nft -j list table …` listing. The `nftables` array is
+    /// read one object at a time (each dropped once used): a node with
+    /// thousands of Services lists tens of megabytes, and a whole JSON tree
+    /// of it would cost several times that.
     pub fn listing(&mut self, json: &[u8]) -> Result<(), NftError> {
-        let doc: Value =
-            serde_json::from_slice(json).map_err(|e| NftError::NotJson(e.to_string()))?;
-        let items = doc
-            .get("nftables")
-            .and_then(Value::as_array)
-            .ok_or(NftError::NoArray)?;
-        for item in items {
-            let Some((kind, body)) = item.as_object().and_then(|o| o.iter().next()) else {
-                continue;
-            };
-            if body.get("table").and_then(Value::as_str) != Some(TABLE) {
-                continue;
-            }
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let found = serde::de::DeserializeSeed::deserialize(Listing(self), &mut de)
+            .and_then(|f| de.end().map(|_| f))
+            .map_err(|e| NftError::NotJson(e.to_string()))?;
+        if found {
+            Ok(())
+        } else {
+            Err(NftError::NoArray)
+        }
+    }
+
+    /// One object of the `nftables` array.
+    fn item(&mut self, item: &Value) {
+        let Some((kind, body)) = item.as_object().and_then(|o| o.iter().next()) else {
+            return;
+        };
+        if body.get("table").and_then(Value::as_str) != Some(TABLE) {
+            return;
+        }
+        {
             // Chains are per table: a dual-stack kube-proxy gives its ip and
             // ip6 tables the same chain names.
             let family = body.get("family").and_then(Value::as_str).unwrap_or("");
@@ -200,7 +210,6 @@ impl Builder {
                 _ => {}
             }
         }
-        Ok(())
     }
 
     fn map_elements(&mut self, family: &str, body: &Value) {
@@ -320,6 +329,64 @@ impl Builder {
         // the reader fills in every local address.
         map.local_addrs = self.nodeport_ips;
         map
+    }
+}
+
+/// The top-level object: `{"nftables": [...]}`; true when the array was there.
+struct Listing<'a>(&'a mut Builder);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Listing<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Listing<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object with an \"nftables\" array")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<bool, A::Error> {
+        let mut found = false;
+        while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+            if k == "nftables" && !found {
+                m.next_value_seed(Items(&mut *self.0))?;
+                found = true;
+            } else {
+                m.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// The `nftables` array, fed to the builder object by object.
+struct Items<'a>(&'a mut Builder);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Items<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Items<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("the \"nftables\" array")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(item) = seq.next_element::<Value>()? {
+            self.0.item(&item);
+        }
+        Ok(())
     }
 }
 

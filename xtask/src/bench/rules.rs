@@ -23,7 +23,10 @@ struct Scratch;
 
 impl Scratch {
     fn new() -> Result<Scratch> {
-        let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", NETNS])
+            .stderr(Stdio::null())
+            .status();
         crate::status(Command::new("ip").args(["netns", "add", NETNS]))?;
         Ok(Scratch)
     }
@@ -100,6 +103,19 @@ fn measure(scratch: &Scratch, podscope: &Path) -> Result<(f64, f64, f64, u64)> {
         v[v.len() / 2]
     };
     Ok((med(&mut secs), med(&mut rss), med(&mut tool), ports))
+}
+
+/// `cargo xtask bench rules`: the rules-read cost alone (no test node needed;
+/// `bench net` ends with it).
+pub fn standalone() -> Result<std::process::ExitCode> {
+    crate::setup::run()?;
+    let podscope = crate::build_podscope()?;
+    crate::status(crate::cargo().args(["build", "--release", "--quiet", "-p", "testnode"]))?;
+    run(
+        &podscope,
+        &crate::root().join("target/release/podscope-testnode"),
+    )?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Prints the table; `testnode` renders the rules, `podscope` reads them.
