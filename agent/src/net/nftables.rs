@@ -109,7 +109,7 @@ fn port(v: &Value) -> Option<u16> {
 /// `firewall-`, `endpoint-…__<addr>/<port>`) → the Service; the port's name is
 /// empty for an unnamed port, then its number stands in, as in iptables mode.
 fn service_of_chain(chain: &str, port: u16) -> Option<ServiceRef> {
-    let rest = ["service-", "external-", "firewall-", "endpoint-"]
+    let rest = ["service-", "local-", "external-", "firewall-", "endpoint-"]
         .iter()
         .find_map(|p| chain.strip_prefix(p))?;
     let (_hash, base) = rest.split_once('-')?;
@@ -131,9 +131,13 @@ fn service_of_chain(chain: &str, port: u16) -> Option<ServiceRef> {
     })
 }
 
-/// The per-Service chains whose jumps lead to endpoints.
+/// The per-Service chains whose jumps lead to endpoints: `service-`
+/// (cluster traffic policy), `local-` (Local policy, newer kube-proxy) and
+/// `external-` (external traffic, then one of those).
 fn is_service_chain(c: &str) -> bool {
-    c.starts_with("service-") || c.starts_with("external-")
+    ["service-", "local-", "external-"]
+        .iter()
+        .any(|p| c.starts_with(p))
 }
 
 /// One `service-ips` / `service-nodeports` element before chains are followed.
@@ -490,6 +494,10 @@ mod tests {
         assert_eq!(
             service_of_chain("endpoint-ABCDEFGH-ns/a-b/udp/dns__198.18.0.3/53", 53),
             svc("ns", "a-b", "dns")
+        );
+        assert_eq!(
+            service_of_chain("local-ABCDEFGH-ns/web/tcp/http", 80),
+            svc("ns", "web", "http")
         );
         assert_eq!(service_of_chain("services", 80), None);
         assert_eq!(service_of_chain("service-endpoints-check", 80), None);
