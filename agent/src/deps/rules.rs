@@ -1,8 +1,11 @@
-//! kube-proxy's rules, read by running `iptables-save` in the rules' network
-//! namespace: on its own task, one read in flight at most, each under a
-//! deadline after which the child is killed and reaped, its output capped
-//! and parsed as it streams (no copy of the text is kept: only a hash, to
-//! see whether anything changed). While the tool is missing, fails or shows
+//! kube-proxy's rules, read by running `iptables-save` (iptables mode) or
+//! `nft -j list table ip|ip6 kube-proxy` (nftables mode) in the rules'
+//! network namespace: on its own task, one read in flight at most, each
+//! command under a deadline after which the child is killed and reaped, its
+//! output capped (iptables text parsed as it streams, no copy kept; nft's
+//! JSON kept whole under the cap, then parsed) and only a hash kept, to see
+//! whether anything changed. The parsers are `net::iptables` and
+//! `net::nftables`; the mode that answered last is asked first. While the tool is missing, fails or shows
 //! no kube-proxy chains, reads back off exponentially (2 s up to 5 min); a
 //! read that hung is retried at the usual pace (its deadline already
 //! spaces the reads out).
