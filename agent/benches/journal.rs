@@ -53,6 +53,7 @@ fn record(n: u32) -> TerminationRecord {
         previous_deaths: vec![],
         trigger: None,
         pre_stop: None,
+        late_connections: None,
     }
 }
 

@@ -25,9 +25,9 @@ pub enum Event {
     /// A process of a container died while the container lives on.
     BackgroundDeath(BackgroundDeath),
     /// A new connection's path through kube-proxy's rules (`trace net`).
-    Connection(crate::kubeproxy::Connection),
+    Connection(crate::net::Connection),
     /// A packet the kernel dropped, with its reason (`trace net`).
-    Drop(crate::kubeproxy::PacketDrop),
+    Drop(crate::net::PacketDrop),
     /// A completed CFS throttle of a container on one CPU (`trace throttle`).
     Throttle(Throttle),
 }

@@ -8,7 +8,7 @@
 //! - [`deps`]: the slow dependencies (CRI, kube-proxy's rules, cgroupfs), each on its own task;
 //! - [`metadata`]: attribution of events to pods and containers (cgroups, CRI);
 //! - [`events`]: the typed events consumers see;
-//! - [`kubeproxy`]: kube-proxy's rules as a Service map; packet paths attributed to pods and Services;
+//! - [`net`]: the packet path: kube-proxy's rules (iptables, nftables) as one Service map; connections and drops attributed to pods and Services;
 //! - [`cli`]: the `podscope` subcommands;
 //! - [`selftest`]: the kernel-facing tests, shared by `cargo test` and the static `podscope-kernel-tests`.
 
@@ -20,9 +20,9 @@ pub mod events;
 pub mod families;
 pub mod forensics;
 pub mod kernel;
-pub mod kubeproxy;
 pub mod metadata;
 pub mod metrics;
+pub mod net;
 pub mod probes;
 pub mod selftest;
 pub mod signals;

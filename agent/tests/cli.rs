@@ -224,12 +224,12 @@ fn doctor_says_when_iptables_save_is_missing() {
         .clone();
     assert_eq!(check["status"], "missing", "{check}");
     assert_eq!(
-        check["detail"], "iptables-save not found on PATH",
+        check["detail"], "neither iptables-save nor nft found on PATH",
         "{check}"
     );
     let meaning = check["meaning"].as_str().unwrap();
     assert!(
-        meaning.contains("iptables-save is not installed")
+        meaning.contains("neither iptables-save nor nft is installed")
             && meaning.contains("drops are still reported"),
         "{meaning}"
     );
@@ -382,6 +382,89 @@ fn kube_proxys_rules_are_read_from_either_iptables_backend() {
         c["detail"], "iptables-nft-save shows 2 Service ports",
         "{c}"
     );
+}
+
+/// doctor's checks by name, run in a network namespace.
+fn doctor_checks_in(ns: &Netns) -> Vec<serde_json::Value> {
+    let out = ns
+        .exec(env!("CARGO_BIN_EXE_podscope"))
+        .args(["doctor", "-o", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor -o json: {e}: {out:?}"));
+    v["checks"].as_array().unwrap().clone()
+}
+
+fn named<'a>(checks: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    checks
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("a {name} check in {checks:?}"))
+}
+
+/// kube-proxy's mode per node, as doctor names it: nftables (kube-proxy's
+/// own expected rules loaded into the kernel with `nft -f`), IPVS (its
+/// `kube-ipvs0` interface) and none, each with what it means.
+#[test]
+fn doctor_names_kube_proxys_mode() {
+    if !privileged("doctor_names_kube_proxys_mode") {
+        return;
+    }
+    let rules = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/kube-proxy-upstream-nftables.nft"
+    );
+    let ns = Netns::new("podscope-nftmode");
+    let st = ns.exec("nft").args(["-f", rules]).status().unwrap();
+    assert!(
+        st.success(),
+        "nft -f {rules} (Debian's nftables package; `cargo xtask setup`)"
+    );
+    let checks = doctor_checks_in(&ns);
+    let mode = named(&checks, "kube_proxy_mode");
+    assert_eq!(
+        (&mode["status"], &mode["detail"]),
+        (&"ok".into(), &"nftables".into()),
+        "{mode}"
+    );
+    let rules_check = named(&checks, "kube_proxy_rules");
+    assert_eq!(rules_check["status"], "ok", "{rules_check}");
+    // Six ClusterIPs, two external and two load-balancer IPs, three NodePorts.
+    assert_eq!(
+        rules_check["detail"], "nft shows 13 Service ports",
+        "{rules_check}"
+    );
+    drop(ns);
+
+    let ns = Netns::new("podscope-ipvs");
+    let st = ns
+        .exec("ip")
+        // kube-proxy makes it a dummy device; this kernel has no dummy
+        // module, and only the name is what podscope looks for.
+        .args(["link", "add", "kube-ipvs0", "type", "bridge"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "ip link add kube-ipvs0");
+    let checks = doctor_checks_in(&ns);
+    let mode = named(&checks, "kube_proxy_mode");
+    assert_eq!(
+        (&mode["status"], &mode["detail"]),
+        (&"missing".into(), &"ipvs".into()),
+        "{mode}"
+    );
+    let meaning = mode["meaning"].as_str().unwrap();
+    assert!(
+        meaning.contains("IPVS") && meaning.contains("not which Service"),
+        "{meaning}"
+    );
+    drop(ns);
+
+    let ns = Netns::new("podscope-noproxy");
+    let checks = doctor_checks_in(&ns);
+    let mode = named(&checks, "kube_proxy_mode");
+    assert_eq!(mode["detail"], "none", "{mode}");
+    assert_eq!(named(&checks, "kube_proxy_rules")["status"], "missing");
 }
 
 /// A real process that names itself with terminal escape sequences

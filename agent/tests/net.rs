@@ -1,6 +1,6 @@
 //! Packet paths through kube-proxy's rules, on the test node: real pods on
 //! its bridge, ClusterIP and NodePort Services the node writes in kube-proxy's own
-//! iptables layout, `podscope trace net` and the agent's metrics watching
+//! iptables layout and then, for the same pods and Services, its nftables layout, `podscope trace net` and the agent's metrics watching
 //! the node's network namespace. Needs root. Every packet stays inside the
 //! node's namespace (pods 198.18.0.0/16, Services 198.19.0.0/16).
 
@@ -23,8 +23,20 @@ const NETNS: &str = "/run/netns/podscope-node";
 const WEB_IP: &str = "198.19.77.10";
 const NONE_IP: &str = "198.19.77.11";
 const GUARDED_IP: &str = "198.19.77.12";
-const PODS: [&str; 5] = ["web-a", "web-b", "guarded", "client", "hostclient"];
-const SERVICES: [&str; 5] = ["web", "none", "guarded", "web-np", "none-np"];
+const LATE_IP: &str = "198.19.77.13";
+const DRAINED_IP: &str = "198.19.77.14";
+const PODS: [&str; 7] = [
+    "web-a",
+    "web-b",
+    "guarded",
+    "client",
+    "hostclient",
+    "late",
+    "drained",
+];
+const SERVICES: [&str; 7] = [
+    "web", "none", "guarded", "web-np", "none-np", "late", "drained",
+];
 /// The node's own address on the pods' bridge (their gateway): where a pod
 /// reaches a NodePort of its own node.
 const NODE_IP: &str = "198.18.0.1";
@@ -211,6 +223,9 @@ fn service_paths_of_real_pods_are_traced_and_counted() {
             .args(["delete", &format!("{NS}/{p}")])
             .output();
     }
+    // The node's defaults, whatever the scenarios reached.
+    let _ = Command::new(&bin).args(["proxy-mode", "iptables"]).output();
+    let _ = Command::new(&bin).args(["endpoint-delay", "0s"]).output();
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
@@ -275,7 +290,201 @@ fn scenarios() {
         "no NodePort rule in\n{saved}"
     );
 
-    let scratch = std::env::temp_dir().join(format!("podscope-net-agent-{}", std::process::id()));
+    traced_and_counted("iptables", &a_ip, &b_ip, &g_ip);
+
+    say("the older kernels' path: conntrack events instead of netfilter links");
+    let (fallback, lines, ready) = start_trace(&[("PODSCOPE_NET_FALLBACK", "conntrack")]);
+    ready
+        .recv_timeout(Duration::from_secs(30))
+        .expect("trace net attached");
+    let out = connect(&format!("{WEB_IP}:80"), 4);
+    assert!(out.starts_with("connected 4 "), "{out}");
+    let mut seen = vec![];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 4 && Instant::now() < deadline {
+        if let Ok(v) = lines.recv_timeout(Duration::from_millis(500))
+            && v["kind"] == "connection"
+            && v["dst"] == format!("{WEB_IP}:80").as_str()
+        {
+            seen.push(v);
+        }
+    }
+    drop(fallback);
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    for c in &seen {
+        assert_eq!(c["pod"], "client", "{c}");
+        assert_eq!(c["outcome"], "forwarded", "{c}");
+        assert_eq!(c["service"]["name"], "web", "{c}");
+        assert!(
+            c["endpoint_pod"]["pod"] == "web-a" || c["endpoint_pod"]["pod"] == "web-b",
+            "{c}"
+        );
+    }
+
+    say("kube-proxy's nftables mode: the same pods and Services, the same outcomes");
+    // Switched back to iptables (the node's default) by the test's cleanup.
+    node(&["proxy-mode", "nftables"]);
+    let listed =
+        String::from_utf8_lossy(&in_node(&["nft", "list", "table", "ip", "kube-proxy"]).stdout)
+            .into_owned();
+    for want in [
+        format!("{WEB_IP} . tcp . 80 : goto service-"),
+        "numgen random mod 2 vmap".to_string(),
+        format!("dnat to {a_ip}:8080"),
+        format!("{NONE_IP} . tcp . 80 comment \"{NS}/none:http\" : goto reject-chain"),
+        format!("tcp . {NONE_NODE_PORT} comment \"{NS}/none-np:http\" : goto reject-chain"),
+        format!("tcp . {WEB_NODE_PORT} : goto external-"),
+    ] {
+        assert!(listed.contains(&want), "missing {want} in\n{listed}");
+    }
+    let saved = String::from_utf8_lossy(&in_node(&["iptables-save"]).stdout).into_owned();
+    assert!(
+        !saved.contains("KUBE-SERVICES"),
+        "iptables mode's rules are gone:\n{saved}"
+    );
+    traced_and_counted("nftables", &a_ip, &b_ip, &g_ip);
+    dying_endpoints();
+}
+
+/// Connections that reach a dying endpoint: the node keeps a terminating
+/// pod's endpoint for a propagation delay (as EndpointSlices do), so a pod
+/// deleted without a preStop hook gets SIGTERM while new connections still
+/// reach it (counted, shown in `trace net` and in `why`); a pod whose preStop
+/// `sleep` outlasts the delay gets none. Both pods' servers are PID 1
+/// without a SIGTERM handler, so they serve on until the grace period's
+/// SIGKILL, as an application that drains would.
+fn dying_endpoints() {
+    say("connections that reach a dying endpoint");
+    let dying = |name: &str, lifecycle: &str, grace: u32| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  labels: {{app: {name}}}\nspec:\n  terminationGracePeriodSeconds: {grace}\n  containers:\n  - name: main\n    command: [podscope-helper, serve, \"8080\"]\n{lifecycle}"
+        )
+    };
+    apply("late", &dying("late", "", 2), true);
+    apply(
+        "drained",
+        &dying(
+            "drained",
+            "    lifecycle:\n      preStop: {sleep: {seconds: 3}}\n",
+            5,
+        ),
+        true,
+    );
+    apply("svc-late", &service("late", LATE_IP, "late"), false);
+    apply(
+        "svc-drained",
+        &service("drained", DRAINED_IP, "drained"),
+        false,
+    );
+    node(&["endpoint-delay", "1s"]);
+    let scratch = std::env::temp_dir().join(format!("podscope-net-dying-{}", std::process::id()));
+    let agent =
+        support::agent::Agent::start_with(NS, &scratch.join("state"), &[], &["--netns", NETNS]);
+    let (trace, lines, ready) = start_trace(&[]);
+    ready
+        .recv_timeout(Duration::from_secs(30))
+        .expect("trace net attached");
+    // Clients keep connecting to both Services while both pods are deleted.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = [LATE_IP, DRAINED_IP]
+        .into_iter()
+        .map(|ip| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut rounds = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    connect(&format!("{ip}:80"), 1);
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+    // Each Service serves before the deletions.
+    std::thread::sleep(Duration::from_millis(500));
+    let deletions: Vec<_> = ["late", "drained"]
+        .into_iter()
+        .map(|p| std::thread::spawn(move || node(&["delete", &format!("{NS}/{p}"), "--wait"])))
+        .collect();
+    for d in deletions {
+        d.join().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        assert!(c.join().unwrap() > 0);
+    }
+    node(&["endpoint-delay", "0s"]);
+
+    let mut conns: Vec<Value> = vec![];
+    while let Ok(v) = lines.recv_timeout(Duration::from_millis(1500)) {
+        if v["kind"] == "connection" && v["namespace"] == NS {
+            conns.push(v);
+        }
+    }
+    drop(trace);
+    let to = |pod: &str, outcome: &str| {
+        conns
+            .iter()
+            .filter(|c| c["endpoint_pod"]["pod"] == pod && c["outcome"] == outcome)
+            .count()
+    };
+    assert!(
+        to("late", "forwarded") > 0 && to("drained", "forwarded") > 0,
+        "both Services served before the deletions: {conns:?}"
+    );
+    let late = to("late", "forwarded_to_terminating_endpoint");
+    assert!(
+        late > 0,
+        "connections after SIGTERM reached the pod without preStop: {conns:?}"
+    );
+    assert_eq!(
+        to("drained", "forwarded_to_terminating_endpoint"),
+        0,
+        "the preStop sleep outlasted the endpoint's removal: {conns:?}"
+    );
+    for c in conns
+        .iter()
+        .filter(|c| c["outcome"] == "forwarded_to_terminating_endpoint")
+    {
+        assert_eq!(c["service"]["name"], "late", "{c}");
+    }
+
+    let record = agent.record("late", "main");
+    let counted = record["late_connections"]["count"].as_u64().unwrap_or(0);
+    assert!(counted > 0, "{record}");
+    assert!(
+        agent.record("drained", "main")["late_connections"].is_null(),
+        "no late connections in the drained pod's record"
+    );
+    let why = agent.why_table("late");
+    assert!(
+        why.contains(&format!("{counted} new connection"))
+            && why.contains("arrived after SIGTERM")
+            && why.contains("preStop did not run"),
+        "{why}"
+    );
+    let body = agent.metrics();
+    let terminating = |svc: &str| {
+        metric(
+            &body,
+            "podscope_service_connections_to_terminating_total",
+            &[("service", svc), ("namespace", NS), ("pod", svc)],
+        )
+    };
+    assert_eq!(terminating("late"), late as f64, "{body}");
+    assert_eq!(terminating("drained"), 0.0, "{body}");
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// Runs the agent and `trace net` against the node in its current kube-proxy
+/// mode, makes the connections every mode must name the same way (ClusterIP
+/// split across endpoints, no-endpoint reject, DROP, NodePort, hostNetwork
+/// client, no Service) and checks what both reported.
+fn traced_and_counted(mode: &str, a_ip: &str, b_ip: &str, g_ip: &str) {
+    say(&format!("{mode} mode"));
+    let scratch =
+        std::env::temp_dir().join(format!("podscope-net-agent-{mode}-{}", std::process::id()));
     let port = free_port();
     let _agent = Proc(
         Command::new(env!("CARGO_BIN_EXE_podscope"))
@@ -305,7 +514,7 @@ fn scenarios() {
     let out = connect(&format!("{NONE_IP}:80"), 2);
     assert!(out.contains("refused 2"), "{out}");
     say("a DROP on the way to the endpoint: dropped with its reason");
-    let rule = DropRule::add(&g_ip);
+    let rule = DropRule::add(g_ip);
     let out = connect(&format!("{GUARDED_IP}:80"), 1);
     assert!(out.contains("timeout 1"), "{out}");
     drop(rule);
@@ -409,7 +618,7 @@ fn scenarios() {
     assert_eq!(node_port_none.len(), 1, "{node_port_none:?}");
     assert_eq!(node_port_none[0]["service"]["name"], "none-np");
     assert_eq!(node_port_none[0]["outcome"], "rejected_no_endpoints");
-    let direct = to(&a_ip);
+    let direct = to(a_ip);
     assert_eq!(direct.len(), 3, "{direct:?}");
     assert!(direct.iter().all(|c| c["service"].is_null()), "{direct:?}");
 
@@ -462,7 +671,7 @@ fn scenarios() {
         )
     };
     // The client's 30 and the hostNetwork pod's 4.
-    assert_eq!(ep(&a_ip) + ep(&b_ip), 34.0, "{body}");
+    assert_eq!(ep(a_ip) + ep(b_ip), 34.0, "{body}");
     assert_eq!(
         metric(
             &body,
@@ -484,8 +693,8 @@ fn scenarios() {
             &[("service", "web-np"), ("endpoint", &format!("{ip}:8080"))],
         )
     };
-    assert_eq!(np_ep(&a_ip) + np_ep(&b_ip), 6.0, "{body}");
-    assert!(ep(&a_ip) > 0.0 && ep(&b_ip) > 0.0, "{body}");
+    assert_eq!(np_ep(a_ip) + np_ep(b_ip), 6.0, "{body}");
+    assert!(ep(a_ip) > 0.0 && ep(b_ip) > 0.0, "{body}");
     assert!(
         metric(
             &body,
@@ -501,35 +710,6 @@ fn scenarios() {
     // The direct connections to web-a are in no Service series: the
     // endpoint split above adds up to the 34 Service connections alone.
     let _ = std::fs::remove_dir_all(&scratch);
-
-    say("the older kernels' path: conntrack events instead of netfilter links");
-    let (fallback, lines, ready) = start_trace(&[("PODSCOPE_NET_FALLBACK", "conntrack")]);
-    ready
-        .recv_timeout(Duration::from_secs(30))
-        .expect("trace net attached");
-    let out = connect(&format!("{WEB_IP}:80"), 4);
-    assert!(out.starts_with("connected 4 "), "{out}");
-    let mut seen = vec![];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while seen.len() < 4 && Instant::now() < deadline {
-        if let Ok(v) = lines.recv_timeout(Duration::from_millis(500))
-            && v["kind"] == "connection"
-            && v["dst"] == format!("{WEB_IP}:80").as_str()
-        {
-            seen.push(v);
-        }
-    }
-    drop(fallback);
-    assert_eq!(seen.len(), 4, "{seen:?}");
-    for c in &seen {
-        assert_eq!(c["pod"], "client", "{c}");
-        assert_eq!(c["outcome"], "forwarded", "{c}");
-        assert_eq!(c["service"]["name"], "web", "{c}");
-        assert!(
-            c["endpoint_pod"]["pod"] == "web-a" || c["endpoint_pod"]["pod"] == "web-b",
-            "{c}"
-        );
-    }
 }
 
 type Started = (Proc, mpsc::Receiver<Value>, mpsc::Receiver<()>);

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use podscope::probes::conntrack::parse_messages;
+use podscope::net::conntrack::parse_messages;
 
 fuzz_target!(|data: &[u8]| {
     let _ = parse_messages(data);

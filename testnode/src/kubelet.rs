@@ -364,6 +364,7 @@ impl PodWorker {
             init_containers: pod.spec.init_containers.iter().map(waiting).collect(),
             containers: pod.spec.containers.iter().map(waiting).collect(),
             updated_at: status::now_rfc3339(),
+            terminating_since: None,
         };
         // Adopt what an earlier daemon left for this very pod (same uid).
         let status = match status::read(pod.namespace(), pod.name()) {
@@ -887,6 +888,7 @@ impl PodWorker {
     /// does), removes the sandbox and writes the final status.
     async fn teardown(&mut self) {
         self.status.phase = Phase::Terminating;
+        self.status.terminating_since = Some(status::now_rfc3339());
         for t in &mut self.tracks {
             t.probes = None;
         }

@@ -1,4 +1,5 @@
-//! The test node plays kube-proxy (iptables mode): Services and the ready
+//! The test node plays kube-proxy in iptables mode (the default; nftables
+//! mode is [`crate::nftables`], chosen with [`set_mode`]): Services and the ready
 //! pods their selectors match become the rules kube-proxy writes, with its
 //! chains (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-*, KUBE-MARK-MASQ,
 //! KUBE-POSTROUTING, KUBE-NODEPORTS), its comments, its chain-name hashing
@@ -58,7 +59,7 @@ fn hash16(s: &str) -> String {
 }
 
 /// RFC 4648 base32 (what Go's base32.StdEncoding produces, padding aside).
-fn base32(data: &[u8]) -> String {
+pub(crate) fn base32(data: &[u8]) -> String {
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let mut out = String::with_capacity(data.len().div_ceil(5) * 8);
     let (mut buf, mut bits) = (0u64, 0u32);
@@ -401,16 +402,48 @@ fn in_node(program: &str) -> Command {
     c
 }
 
+/// How long a terminating pod's endpoint outlives the start of its
+/// termination on this node (`podscope-testnode endpoint-delay`; 0 unless set).
+pub fn endpoint_delay() -> std::time::Duration {
+    std::fs::read_to_string(paths::endpoint_delay())
+        .ok()
+        .and_then(|s| humantime::parse_duration(s.trim()).ok())
+        .unwrap_or_default()
+}
+
+/// Sets the endpoint propagation delay.
+pub fn set_endpoint_delay(d: std::time::Duration) -> Result<()> {
+    let file = paths::endpoint_delay();
+    std::fs::write(&file, humantime::format_duration(d).to_string())
+        .ctx(|| format!("cannot write {}", file.display()))
+}
+
+/// Whether a terminating pod is still an endpoint: in a cluster the
+/// EndpointSlice change takes time to reach kube-proxy, and until then the
+/// pod keeps receiving new connections, even after its SIGTERM.
+fn still_propagating(st: &status::PodStatus, delay: std::time::Duration) -> bool {
+    st.phase == Phase::Terminating
+        && st
+            .terminating_since
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .is_some_and(|since| since + delay > std::time::SystemTime::now())
+}
+
 /// The pods that can back a Service: running, every container running and
-/// ready (readiness and startup probes passing), with an IP.
+/// ready (readiness and startup probes passing), with an IP; and
+/// terminating pods until the endpoint propagation delay has passed.
 pub fn ready_pods() -> Vec<ReadyPod> {
     let mut out = vec![];
+    let delay = endpoint_delay();
     let Ok(rd) = std::fs::read_dir(paths::manifests_dir()) else {
         return out;
     };
     for e in rd.flatten() {
         let p = e.path();
-        if p.extension().is_none_or(|x| x != "yaml") {
+        // Deletion markers too: a pod being deleted until its endpoint goes.
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !(name.ends_with(".yaml") || name.ends_with(".yaml.deleted")) {
             continue;
         }
         let Ok(pod) = Pod::from_file(&p) else {
@@ -419,12 +452,13 @@ pub fn ready_pods() -> Vec<ReadyPod> {
         let Ok(Some(st)) = status::read(pod.namespace(), pod.name()) else {
             continue;
         };
-        let ready = st.phase == Phase::Running
+        let ready = (st.phase == Phase::Running
             && !st.containers.is_empty()
             && st
                 .containers
                 .iter()
-                .all(|c| c.state == "running" && c.ready);
+                .all(|c| c.state == "running" && c.ready))
+            || still_propagating(&st, delay);
         let ip = st.pod_ip.as_deref().and_then(|s| s.parse().ok());
         if let (true, Some(ip)) = (ready, ip) {
             out.push(ReadyPod {
@@ -522,8 +556,122 @@ fn ensure_service_route() {
     ]));
 }
 
-/// Writes the rules for the stored Services and the ready pods, unless the
-/// last sync wrote exactly these. True when it wrote.
+/// The rules for `n` synthetic Services of one port and two endpoints each,
+/// in the Service range (198.19.0.0/16) and pod range (198.18.0.0/16): what
+/// a node of that size makes kube-proxy write (the rules-read benchmark).
+pub fn render_synthetic(mode: ProxyMode, n: u32) -> String {
+    let ports: Vec<ServicePortRules> = (0..n)
+        .map(|i| {
+            let ep = |k: u32| {
+                let a = 2 * i + k;
+                format!("198.18.{}.{}:8080", 1 + a / 250, 1 + a % 250)
+            };
+            ServicePortRules {
+                port_name: format!("bench/svc-{i}:http"),
+                protocol: "TCP".into(),
+                cluster_ip: Ipv4Addr::new(198, 19, (1 + i / 250) as u8, (1 + i % 250) as u8),
+                port: 80,
+                node_port: None,
+                endpoints: vec![ep(0), ep(1)],
+            }
+        })
+        .collect();
+    match mode {
+        ProxyMode::Iptables => render(&ports, &BTreeSet::new()),
+        ProxyMode::Nftables => crate::nftables::render(&ports),
+    }
+}
+
+/// Which of kube-proxy's modes the node plays (`node up --proxy-mode`,
+/// `node proxy-mode`); iptables unless set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    Iptables,
+    Nftables,
+}
+
+impl ProxyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Iptables => "iptables",
+            ProxyMode::Nftables => "nftables",
+        }
+    }
+}
+
+/// The mode the node plays now.
+pub fn mode() -> ProxyMode {
+    match std::fs::read_to_string(paths::kube_proxy_mode()) {
+        Ok(m) if m.trim() == "nftables" => ProxyMode::Nftables,
+        _ => ProxyMode::Iptables,
+    }
+}
+
+/// Switches the node to `mode`, as a kube-proxy restarted with another
+/// `--proxy-mode` does: the other mode's rules are removed (kube-proxy's
+/// cleanup of leftovers) and the Services are written in the new one.
+pub fn set_mode(mode: ProxyMode) -> Result<()> {
+    {
+        let _lock = NodeLock::acquire_at(&paths::kube_proxy_lock())?;
+        let file = paths::kube_proxy_mode();
+        std::fs::write(&file, mode.as_str()).ctx(|| format!("cannot write {}", file.display()))?;
+        match mode {
+            ProxyMode::Nftables => remove_iptables_rules()?,
+            ProxyMode::Iptables => crate::nftables::remove()?,
+        }
+        // The next sync writes everything anew.
+        let _ = std::fs::remove_file(paths::kube_proxy_rules());
+    }
+    sync().map(|_| ())
+}
+
+/// Removes kube-proxy's iptables chains and the jumps into them.
+fn remove_iptables_rules() -> Result<()> {
+    for (table, chain, new_only, comment, target) in JUMPS {
+        let _ = in_node("iptables")
+            .args(["-w", "-t", table, "-D", chain])
+            .args(jump_rule(*new_only, comment, target))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    let saved = run(&mut in_node("iptables-save"))?;
+    let mut text = String::new();
+    let mut table = "";
+    let mut chains: Vec<&str> = vec![];
+    let flush = |table: &str, chains: &mut Vec<&str>, text: &mut String| {
+        if !chains.is_empty() {
+            let _ = writeln!(text, "*{table}");
+            // Declaring a chain flushes it; then none is in use.
+            for c in chains.iter() {
+                let _ = writeln!(text, ":{c} - [0:0]");
+            }
+            for c in chains.iter() {
+                let _ = writeln!(text, "-X {c}");
+            }
+            text.push_str("COMMIT\n");
+            chains.clear();
+        }
+    };
+    for l in saved.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            flush(table, &mut chains, &mut text);
+            table = t;
+        } else if l.starts_with(":KUBE-")
+            && let Some(c) = l[1..].split_whitespace().next()
+        {
+            chains.push(c);
+        }
+    }
+    flush(table, &mut chains, &mut text);
+    if !text.is_empty() {
+        restore(&text)?;
+    }
+    Ok(())
+}
+
+/// Writes the rules for the stored Services and the ready pods in the
+/// node's mode, unless the last sync wrote exactly these. True when it wrote.
 pub fn sync() -> Result<bool> {
     let _lock = NodeLock::acquire_at(&paths::kube_proxy_lock())?;
     let services = service::list();
@@ -531,24 +679,33 @@ pub fn sync() -> Result<bool> {
         ensure_service_route();
     }
     let ports = plan(&services, &ready_pods());
-    let wanted = render(&ports, &BTreeSet::new());
+    let mode = mode();
+    let wanted = match mode {
+        ProxyMode::Iptables => render(&ports, &BTreeSet::new()),
+        ProxyMode::Nftables => crate::nftables::render(&ports),
+    };
     let last = paths::kube_proxy_rules();
     if std::fs::read_to_string(&last).is_ok_and(|t| t == wanted) {
         return Ok(false);
     }
-    let wanted_chains: BTreeSet<String> = wanted
-        .lines()
-        .filter_map(|l| l.strip_prefix(':'))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect();
-    let stale: BTreeSet<String> = existing_chains()?
-        .difference(&wanted_chains)
-        .cloned()
-        .collect();
-    restore(&render(&ports, &stale))?;
-    // After the restore: a jump needs its target chain to exist.
-    ensure_jumps()?;
+    match mode {
+        ProxyMode::Iptables => {
+            let wanted_chains: BTreeSet<String> = wanted
+                .lines()
+                .filter_map(|l| l.strip_prefix(':'))
+                .filter_map(|l| l.split_whitespace().next())
+                .map(str::to_string)
+                .collect();
+            let stale: BTreeSet<String> = existing_chains()?
+                .difference(&wanted_chains)
+                .cloned()
+                .collect();
+            restore(&render(&ports, &stale))?;
+            // After the restore: a jump needs its target chain to exist.
+            ensure_jumps()?;
+        }
+        ProxyMode::Nftables => crate::nftables::load(&wanted)?,
+    }
     std::fs::write(&last, &wanted).ctx(|| format!("cannot write {}", last.display()))?;
     Ok(true)
 }

@@ -17,7 +17,7 @@
 //! - [`netns`]: the node's network namespace.
 //! - [`containerd`]: containerd's config and life cycle.
 //! - [`kubelet`]: the reconciling daemon (one task per pod).
-//! - [`service`] and [`kubeproxy`]: Service manifests, and kube-proxy's iptables rules for them.
+//! - [`service`], [`kubeproxy`] and [`nftables`]: Service manifests, and kube-proxy's rules for them (iptables or nftables mode).
 //! - [`status`]: the per-pod status files that `status` and `apply --wait` read.
 //! - [`cleanup`]: `down`, which removes everything.
 //! - [`process`]: pid files, daemons and signals, always by recorded PID.
@@ -31,6 +31,7 @@ pub mod kubelet;
 pub mod kubeproxy;
 pub mod manifest;
 pub mod netns;
+pub mod nftables;
 pub mod paths;
 pub mod podconfig;
 pub mod prober;

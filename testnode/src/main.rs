@@ -35,8 +35,34 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create the node (netns, containerd, images, kubelet daemon); idempotent.
-    Up,
-    /// Run a Pod manifest, or serve a ClusterIP Service (kube-proxy's iptables rules).
+    Up {
+        /// kube-proxy's mode the node plays for Services (default: the mode it has, iptables at first).
+        #[arg(long, value_enum)]
+        proxy_mode: Option<kubeproxy::ProxyMode>,
+    },
+    /// How long a terminating pod stays a Service endpoint (0 s unless set),
+    /// as EndpointSlice propagation delays its removal in a cluster.
+    EndpointDelay {
+        #[arg(value_parser = humantime::parse_duration)]
+        delay: Duration,
+    },
+    /// Print the rules kube-proxy would write for N synthetic Services (two
+    /// endpoints each; for the rules-read benchmark): `iptables-restore`
+    /// input or `nft -f` input.
+    #[command(hide = true)]
+    RenderRules {
+        #[arg(long, value_enum)]
+        proxy_mode: kubeproxy::ProxyMode,
+        #[arg(long)]
+        services: u32,
+    },
+    /// Switch the running node's Services to another kube-proxy mode (the
+    /// other mode's rules are removed, as kube-proxy does on a mode change).
+    ProxyMode {
+        #[arg(value_enum)]
+        mode: kubeproxy::ProxyMode,
+    },
+    /// Run a Pod manifest, or serve a ClusterIP Service (kube-proxy's rules, in the node's mode).
     Apply {
         /// The manifest file (`-` reads stdin).
         #[arg(short = 'f', long = "filename")]
@@ -162,13 +188,43 @@ fn main() -> ExitCode {
 }
 
 async fn run(cmd: Cmd) -> Result<ExitCode> {
+    if let Cmd::RenderRules {
+        proxy_mode,
+        services,
+    } = cmd
+    {
+        print!("{}", kubeproxy::render_synthetic(proxy_mode, services));
+        return Ok(ExitCode::SUCCESS);
+    }
     if !process::is_root() {
         bail!(
             "the test node needs root (it creates network namespaces, cgroups and runs containerd): run it with sudo"
         );
     }
     match cmd {
-        Cmd::Up => up().await,
+        Cmd::Up { proxy_mode } => {
+            let code = up().await?;
+            if let Some(m) = proxy_mode {
+                kubeproxy::set_mode(m)?;
+            }
+            Ok(code)
+        }
+        Cmd::RenderRules { .. } => unreachable!("handled above"),
+        Cmd::EndpointDelay { delay } => {
+            require_up()?;
+            kubeproxy::set_endpoint_delay(delay)?;
+            println!(
+                "endpoint propagation delay: {}",
+                humantime::format_duration(delay)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::ProxyMode { mode } => {
+            require_up()?;
+            kubeproxy::set_mode(mode)?;
+            println!("kube-proxy mode: {}", mode.as_str());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Apply {
             file,
             wait,

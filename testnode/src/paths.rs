@@ -70,9 +70,18 @@ pub fn manifests_dir() -> PathBuf {
 pub fn services_dir() -> PathBuf {
     state("services")
 }
-/// The iptables rules last written for the Services (what `iptables-restore` was given).
+/// The rules last written for the Services (what `iptables-restore` or `nft -f` was given).
 pub fn kube_proxy_rules() -> PathBuf {
     state("kube-proxy.rules")
+}
+/// The kube-proxy mode the node plays (`iptables` or `nftables`; absent: iptables).
+pub fn kube_proxy_mode() -> PathBuf {
+    state("kube-proxy.mode")
+}
+/// How long a terminating pod stays an endpoint (as a humantime duration;
+/// absent: 0), as EndpointSlice propagation delays it in a cluster.
+pub fn endpoint_delay() -> PathBuf {
+    state("endpoint-propagation-delay")
 }
 /// Serialises rule syncs between the daemon and `apply`/`delete` (flock).
 pub fn kube_proxy_lock() -> PathBuf {

@@ -54,6 +54,10 @@ pub struct PodStatus {
     pub containers: Vec<ContainerStatus>,
     /// RFC 3339.
     pub updated_at: String,
+    /// When the pod started terminating (RFC 3339): kube-proxy keeps its
+    /// endpoint until the node's endpoint propagation delay has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminating_since: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

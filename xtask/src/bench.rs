@@ -15,6 +15,7 @@ mod net;
 mod node;
 mod peers;
 mod pods;
+mod rules;
 mod soak;
 mod storm;
 mod terminations;
@@ -35,13 +36,14 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("agent") => agent::agent(),
         Some("terminations") => terminations::terminations(),
         Some("net") => net::run(),
+        Some("rules") => rules::standalone(),
         Some("throttle") => throttle::throttle(),
         Some("faults") => faults::run(),
         Some("peers") => peers::run(),
         Some("soak") => soak::run(&args[1..]),
         _ => {
             bail!(
-                "usage: cargo xtask bench <exits | pods | agent | terminations | net | throttle | faults | peers | soak [--minutes N]>"
+                "usage: cargo xtask bench <exits | pods | agent | terminations | net | rules | throttle | faults | peers | soak [--minutes N]>"
             )
         }
     }

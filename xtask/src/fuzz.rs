@@ -29,6 +29,7 @@ use crate::{root, status};
 /// Every target, in the order they run (fuzz/Cargo.toml lists the same).
 pub const TARGETS: &[&str] = &[
     "iptables_save",
+    "nft_json",
     "journal_frames",
     "btf",
     "cgroup_path",

@@ -48,6 +48,9 @@ const APT_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "busybox-static",
     "iptables",
+    // kube-proxy's nftables mode: the agent reads it with `nft -j`, the test
+    // node writes it with `nft -f`.
+    "nftables",
     // Also deploy/'s tests: `promtool check rules` / `test rules` on the alert
     // rules and the dashboard's queries.
     "prometheus",

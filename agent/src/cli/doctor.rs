@@ -219,7 +219,7 @@ pub fn diagnose() -> Report {
     }
 
     checks.push(cri_check());
-    checks.push(kube_proxy_rules_check());
+    checks.extend(kube_proxy_checks());
 
     checks.push({
         let layout = CgroupLayout::current();
@@ -303,20 +303,28 @@ fn cri_check() -> Check {
 
 /// Whether kube-proxy's rules can be read here, as the agent reads them
 /// (in this process's network namespace: the node's, for a hostNetwork
-/// pod), with the agent's deadline.
-fn kube_proxy_rules_check() -> Check {
-    use crate::deps::rules::{RulesOptions, SAVE_COMMANDS, SaveError, read};
+/// pod), with the agent's deadline; and which mode kube-proxy is in.
+fn kube_proxy_checks() -> [Check; 2] {
+    use crate::deps::rules::{ProxyMode, RulesOptions, SaveError, no_rules_meaning, read};
     let answer = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| SaveError::Failed(e.to_string()))
-        .and_then(|rt| rt.block_on(read(SAVE_COMMANDS[0], &RulesOptions::default())));
-    match answer {
+        .and_then(|rt| rt.block_on(read("", &RulesOptions::default())));
+    let mode = match &answer {
+        Ok(r) => r.mode,
+        Err(_) => ProxyMode::None,
+    };
+    let rules = match answer {
         Ok(r) if r.map.is_empty() => check(
             "kube_proxy_rules",
             Status::Missing,
             format!("{} works but shows no kube-proxy Services", r.program),
-            "no Service attribution: kube-proxy is not in iptables mode here (ipvs, nftables or a kube-proxy replacement), or this is not the node's network namespace (run the agent with hostNetwork)",
+            if r.has_kube_chains {
+                "kube-proxy's rules are there but name no Service yet: connections are attributed once Services have ClusterIPs"
+            } else {
+                no_rules_meaning(r.mode)
+            },
         ),
         Ok(r) => check(
             "kube_proxy_rules",
@@ -327,16 +335,40 @@ fn kube_proxy_rules_check() -> Check {
         Err(e @ SaveError::NotInstalled) => check(
             "kube_proxy_rules",
             Status::Missing,
-            "iptables-save not found on PATH",
-            format!("{e} (install Debian's iptables package; the agent's image has it)"),
+            "neither iptables-save nor nft found on PATH",
+            format!(
+                "{e} (install Debian's iptables and nftables packages; the agent's image has them)"
+            ),
         ),
         Err(e) => check(
             "kube_proxy_rules",
             Status::Missing,
             e.to_string(),
-            "no Service attribution until the rules can be read (the agent needs CAP_NET_ADMIN for iptables-save); drops are still reported",
+            "no Service attribution until the rules can be read (the agent needs CAP_NET_ADMIN for iptables-save and nft); drops are still reported",
         ),
-    }
+    };
+    let (status, meaning) = match mode {
+        ProxyMode::Iptables => (
+            Status::Ok,
+            "kube-proxy writes iptables chains (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-*): Services, endpoint splits and no-endpoint rejects are read from iptables-save",
+        ),
+        ProxyMode::Nftables => (
+            Status::Ok,
+            "kube-proxy writes nftables (table ip/ip6 kube-proxy: service-ips and service-nodeports maps, service-*/endpoint-* chains): Services, endpoint splits and no-endpoint rejects are read from nft -j",
+        ),
+        ProxyMode::Ipvs => (
+            Status::Missing,
+            "kube-proxy balances Services with IPVS (deprecated upstream): podscope still sees each connection and the endpoint IPVS chose, and drops, but not which Service it was for, nor rejects of Services without endpoints (IPVS virtual servers are not listed)",
+        ),
+        ProxyMode::None => (
+            Status::Missing,
+            "no kube-proxy rules in iptables or nftables here: kube-proxy is not running, a replacement (eBPF dataplane) handles Services, or this is not the node's network namespace; connections and drops are shown without Services",
+        ),
+    };
+    [
+        rules,
+        check("kube_proxy_mode", status, mode.as_str(), meaning),
+    ]
 }
 
 /// What the agent running on this node (if any) says of its dependencies.

@@ -2,6 +2,7 @@
 
 pub mod doctor;
 pub mod escape;
+mod rules_read;
 mod top;
 mod trace;
 pub mod why;
@@ -43,6 +44,9 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     /// Containers sorted by CPU throttling, refreshed like top (no daemon needed).
     Top(top::TopArgs),
+    /// One read of kube-proxy's rules here, timed (for the benchmarks).
+    #[command(hide = true)]
+    RulesRead,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -101,6 +105,7 @@ pub fn main() -> ExitCode {
         Command::Why(args) => why::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Top(args) => top::run(args),
+        Command::RulesRead => rules_read::run(),
     };
     match result {
         Ok(code) => code,

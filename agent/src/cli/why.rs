@@ -171,6 +171,24 @@ fn trigger_lines(r: &TerminationRecord) -> String {
             ));
         }
     }
+    if let Some(l) = &r.late_connections {
+        let pre_stop = match &r.pre_stop {
+            Some(h) if h.ran => "preStop ran".to_string(),
+            Some(h) => match &h.declared {
+                Some(d) => {
+                    format!("preStop {d} declared, run by kubelet (not seen in the container)")
+                }
+                None => "preStop did not run".to_string(),
+            },
+            None => "preStop did not run".to_string(),
+        };
+        s.push_str(&format!(
+            "  {} new connection{} arrived after SIGTERM, the last {:.1} s before exit; {pre_stop} (endpoint removal lagged behind termination)\n",
+            l.count,
+            if l.count == 1 { "" } else { "s" },
+            l.last_before_exit_seconds
+        ));
+    }
     if let Some(h) = &r.pre_stop {
         let line = match (h.ran, &h.started_at) {
             (true, Some(at)) => format!(

@@ -6,8 +6,8 @@ use std::time::Instant;
 use crate::{
     events::Event,
     forensics::{Finding, Forensics},
-    kubeproxy::{self, Seen, ServiceMap},
     metadata::Resolver,
+    net::{self, DyingEndpoints, Seen, ServiceMap},
     probes::{
         cgroups::{CgroupChange, CgroupOp},
         exits::Exit,
@@ -79,10 +79,12 @@ pub fn process(
     forensics: &mut Forensics,
     services: &ServiceMap,
     seen: &mut Seen,
+    dying: &mut DyingEndpoints,
 ) -> Vec<Event> {
     for c in &b.cgroups {
         if let CgroupOp::FirstExec { tgid } = c.op {
             forensics.on_first_exec(resolver, c.id, tgid);
+            dying.on_start(&resolver.identify(c.id));
         }
     }
     for oom in b.ooms {
@@ -93,6 +95,9 @@ pub fn process(
         sig.sender.pod = resolver.identify(sig.sender.cgroup_id);
         sig.target.pod = resolver.identify(sig.target.cgroup_id);
         forensics.on_signal(&sig);
+        if sig.signo == 15 {
+            dying.on_sigterm(&sig.target.pod, sig.ts);
+        }
         events.push(Event::Signal(sig));
     }
     for mut exit in b.exits {
@@ -110,8 +115,17 @@ pub fn process(
             forensics.on_removed(c.id);
         }
     }
-    net(&b.conns, &b.drops, resolver, services, seen, &mut events);
-    for f in forensics.take_findings(Instant::now()) {
+    net(
+        &b.conns,
+        &b.drops,
+        resolver,
+        services,
+        seen,
+        dying,
+        &mut events,
+    );
+    for mut f in forensics.take_findings(Instant::now()) {
+        late_connections(&mut f, dying);
         events.push(finding_event(f));
     }
     events
@@ -124,13 +138,15 @@ fn net(
     resolver: &mut Resolver,
     services: &ServiceMap,
     seen: &mut Seen,
+    dying: &mut DyingEndpoints,
     events: &mut Vec<Event>,
 ) {
     let mut by_socket = vec![];
     {
         let pod_of = |ip| resolver.pod_by_ip(ip);
         for c in conns {
-            let conn = kubeproxy::connection(c, services, &pod_of);
+            let mut conn = net::connection(c, services, &pod_of);
+            dying.classify(&mut conn);
             // No pod has the source address (the node's own: a hostNetwork
             // pod): the sending socket's cgroup names the container, below.
             if conn.pod.pod.is_none() && c.cgroup_id != 0 {
@@ -139,7 +155,7 @@ fn net(
             events.push(Event::Connection(conn));
         }
         for d in drops {
-            let (drop, conn) = kubeproxy::drop_events(d, services, &pod_of);
+            let (drop, conn) = net::drop_events(d, services, &pod_of);
             events.push(Event::Drop(drop));
             if let (Some(conn), Some(t)) = (conn, d.tuple)
                 && seen.first(t)
@@ -153,6 +169,15 @@ fn net(
         if let Some(Event::Connection(conn)) = events.get_mut(i) {
             conn.pod = pod;
         }
+    }
+}
+
+/// A container's end marks its pod as dying, and its record gets the
+/// connections the pod received after SIGTERM.
+pub fn late_connections(f: &mut Finding, dying: &mut DyingEndpoints) {
+    if let Finding::Termination(t) = f {
+        dying.on_exit(&t.pod, t.finished_at);
+        t.late_connections = dying.late_connections(&t.pod, t.finished_at);
     }
 }
 

@@ -43,8 +43,8 @@ use crate::{
     families::Kernel,
     forensics::{Forensics, ForensicsStats},
     kernel::{cgroups::CgroupLayout, clock, release_freed_memory},
-    kubeproxy::{Seen, ServiceMap},
     metadata::{Names, PodIdentity, Resolver, ResolverOptions, ResolverStats},
+    net::{DyingEndpoints, Seen, ServiceMap},
     probes::{
         self, AttachType, Attachment, FamilyStats, KernelOffsets, LoadOptions, ProbeError,
         cgroups::CgroupProbe, exits::ExitProbe, net::NetProbe, oom::OomProbe, signals::SignalProbe,
@@ -394,6 +394,7 @@ impl Driver {
             forensics,
             services: Arc::new(ServiceMap::default()),
             seen: Seen::new(16_384, Duration::from_secs(120)),
+            dying: DyingEndpoints::new(4096, Duration::from_secs(600)),
             held: VecDeque::new(),
             held_events: 0,
             names_waited_out: 0,
@@ -528,6 +529,8 @@ struct Drain {
     forensics: Forensics,
     services: Arc<ServiceMap>,
     seen: Seen,
+    /// Pods whose containers got SIGTERM: connections still DNATed to them.
+    dying: DyingEndpoints,
     held: VecDeque<Held>,
     held_events: usize,
     names_waited_out: u64,
@@ -707,6 +710,7 @@ impl Drain {
                 &mut self.forensics,
                 &self.services,
                 &mut self.seen,
+                &mut self.dying,
             );
             for e in events {
                 self.publish(e);
@@ -720,8 +724,9 @@ impl Drain {
         let _ = self.events.send(Arc::new(Published::new(e)));
     }
 
-    fn publish_findings(&self, findings: Vec<crate::forensics::Finding>) {
-        for f in findings {
+    fn publish_findings(&mut self, findings: Vec<crate::forensics::Finding>) {
+        for mut f in findings {
+            batch::late_connections(&mut f, &mut self.dying);
             self.publish(batch::finding_event(f));
         }
     }
@@ -732,6 +737,7 @@ impl Drain {
         self.forensics.gc(now);
         self.resolver.gc(now);
         self.seen.gc();
+        self.dying.gc(std::time::SystemTime::now());
         self.publish_status();
         self.max_lag = Duration::ZERO;
     }

@@ -423,6 +423,7 @@ pub(crate) mod tests {
             previous_deaths: vec![],
             trigger: None,
             pre_stop: None,
+            late_connections: None,
         }
     }
 

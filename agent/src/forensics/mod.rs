@@ -677,6 +677,7 @@ impl Forensics {
             previous_deaths: deaths,
             trigger: probe.clone(),
             pre_stop: (runtime_stop && (hook.ran || hook.declared.is_some())).then_some(hook),
+            late_connections: None,
         };
         match (runtime_stop, probe, pod_uid) {
             (true, None, Some(pod_uid)) => {

@@ -232,6 +232,10 @@ pub struct TerminationRecord {
     /// The preStop hook of a runtime stop, as the kernel saw it.
     #[serde(default)]
     pub pre_stop: Option<super::trigger::PreStopTimeline>,
+    /// New connections its pod received after SIGTERM (endpoint removal
+    /// lagging behind termination), filled by the packet path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_connections: Option<crate::net::dying::LateConnections>,
 }
 
 /// The main process's end, as the exit event tells it.

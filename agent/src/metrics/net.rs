@@ -1,9 +1,13 @@
 //! Packet paths through kube-proxy's rules:
 //! - `podscope_service_connections_total{namespace,pod,service_namespace,service,port,outcome}`
-//!   (outcome `forwarded`, `rejected_no_endpoints`, `dropped`; the client pod;
+//!   (outcome `forwarded`, `forwarded_to_terminating_endpoint`,
+//!   `rejected_no_endpoints`, `dropped`; the client pod;
 //!   empty namespace and pod for the host or an unknown source);
 //! - `podscope_service_endpoint_connections_total{service_namespace,service,endpoint}`
 //!   (the real split among endpoints; `endpoint` is `ip:port`);
+//! - `podscope_service_connections_to_terminating_total{service_namespace,service,namespace,pod}`
+//!   (new connections DNATed to an endpoint pod after one of its containers
+//!   got SIGTERM or exited; namespace and pod are the endpoint's);
 //! - `podscope_packet_drops_total{namespace,pod,reason}` (the kernel's drop
 //!   reason names; drops attributed to a pod by the packet's source address).
 //!
@@ -21,7 +25,7 @@ use prometheus_client::{
 };
 
 use super::{MetricsOptions, SeriesBook};
-use crate::kubeproxy::{Connection, Outcome, PacketDrop};
+use crate::net::{Connection, Outcome, PacketDrop};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceConnLabels {
@@ -41,6 +45,15 @@ pub struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TerminatingLabels {
+    pub service_namespace: String,
+    pub service: String,
+    /// The endpoint pod.
+    pub namespace: String,
+    pub pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DropLabels {
     pub namespace: String,
     pub pod: String,
@@ -51,6 +64,8 @@ pub struct NetMetrics {
     conns: Family<ServiceConnLabels, Counter>,
     endpoints: Family<EndpointLabels, Counter>,
     drops: Family<DropLabels, Counter>,
+    terminating: Family<TerminatingLabels, Counter>,
+    terminating_book: SeriesBook<TerminatingLabels>,
     conn_book: SeriesBook<ServiceConnLabels>,
     endpoint_book: SeriesBook<EndpointLabels>,
     drop_book: SeriesBook<DropLabels>,
@@ -72,6 +87,12 @@ impl NetMetrics {
             "New connections forwarded to each endpoint (ip:port) of a Service: the real split among endpoints",
             endpoints.clone(),
         );
+        let terminating = Family::<TerminatingLabels, Counter>::default();
+        registry.register(
+            "service_connections_to_terminating",
+            "New connections DNATed to an endpoint pod after one of its containers got SIGTERM (or exited): endpoint removal had not caught up with termination (preStop sleep shorter than the propagation)",
+            terminating.clone(),
+        );
         let drops = Family::<DropLabels, Counter>::default();
         registry.register(
             "packet_drops",
@@ -90,6 +111,8 @@ impl NetMetrics {
             conns,
             endpoints,
             drops,
+            terminating,
+            terminating_book: SeriesBook::new(&opts.budget, opts.series_retention),
             conn_book: SeriesBook::new(&opts.budget, opts.series_retention),
             endpoint_book: SeriesBook::new(&opts.budget, opts.series_retention),
             drop_book: SeriesBook::new(&opts.budget, opts.series_retention),
@@ -117,7 +140,18 @@ impl NetMetrics {
         if self.conn_book.admit(&labels, now, refused) {
             self.conns.get_or_create(&labels).inc();
         }
-        if let (Outcome::Forwarded, Some(ep)) = (c.outcome, c.endpoint) {
+        if let (Outcome::ForwardedToTerminating, Some(ep)) = (c.outcome, &c.endpoint_pod) {
+            let labels = TerminatingLabels {
+                service_namespace: svc.namespace.clone(),
+                service: svc.name.clone(),
+                namespace: ep.namespace.clone(),
+                pod: ep.pod.clone(),
+            };
+            if self.terminating_book.admit(&labels, now, refused) {
+                self.terminating.get_or_create(&labels).inc();
+            }
+        }
+        if let (true, Some(ep)) = (c.outcome.forwarded(), c.endpoint) {
             let labels = EndpointLabels {
                 service_namespace: svc.namespace.clone(),
                 service: svc.name.clone(),
@@ -155,12 +189,21 @@ impl NetMetrics {
         {
             self.drops.remove(&l);
         }
+        for l in self
+            .terminating_book
+            .expire(now, |l| gone(&l.namespace, &l.pod))
+        {
+            self.terminating.remove(&l);
+        }
         for l in self.endpoint_book.expire(now, |_| true) {
             self.endpoints.remove(&l);
         }
     }
 
     pub fn series(&self) -> usize {
-        self.conn_book.len() + self.endpoint_book.len() + self.drop_book.len()
+        self.conn_book.len()
+            + self.endpoint_book.len()
+            + self.drop_book.len()
+            + self.terminating_book.len()
     }
 }

@@ -7,7 +7,6 @@
 
 pub mod capabilities;
 pub mod cgroups;
-pub mod conntrack;
 pub mod exits;
 pub mod net;
 pub mod oom;

@@ -320,7 +320,7 @@ pub struct NetProbe {
     conns: Option<(RingBuf<MapData>, PerCpuArray<MapData, u64>)>,
     drops: Option<(RingBuf<MapData>, PerCpuArray<MapData, u64>)>,
     /// The fallback for conns when netfilter links are refused.
-    ct_events: Option<super::conntrack::ConntrackEvents>,
+    ct_events: Option<crate::net::conntrack::ConntrackEvents>,
     reasons: HashMap<u32, String>,
     clock: BootClock,
     // Links first: dropped before the program.
@@ -392,7 +392,7 @@ impl NetProbe {
                 )
             }
             Err(why) => {
-                match super::conntrack::ConntrackEvents::open(netns) {
+                match crate::net::conntrack::ConntrackEvents::open(netns) {
                     Ok(ev) => {
                         attachments.push(Attachment {
                             family: FAMILY_CONNS,

@@ -24,6 +24,16 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(ns: &'static str, state: &Path, env: &[(&str, &str)]) -> Agent {
+        Agent::start_with(ns, state, env, &[])
+    }
+
+    /// With more agent flags (e.g. `--netns` for the packet paths).
+    pub fn start_with(
+        ns: &'static str,
+        state: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Agent {
         let port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_podscope"))
             .args([
@@ -37,6 +47,7 @@ impl Agent {
                 "--state-dir",
                 state.to_str().unwrap(),
             ])
+            .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -56,21 +67,26 @@ impl Agent {
         Agent { child, port, ns }
     }
 
-    /// `podscope why NS/POD -o json` through the CLI, as a user would.
-    pub fn why(&self, pod: &str) -> Value {
+    /// `podscope why NS/POD` through the CLI, as a user would.
+    fn why_cli(&self, pod: &str, extra: &[&str]) -> Vec<u8> {
         let out = Command::new(env!("CARGO_BIN_EXE_podscope"))
-            .args([
-                "why",
-                &format!("{}/{pod}", self.ns),
-                "-o",
-                "json",
-                "--agent",
-                &format!("127.0.0.1:{}", self.port),
-            ])
+            .args(["why", &format!("{}/{pod}", self.ns)])
+            .args(extra)
+            .args(["--agent", &format!("127.0.0.1:{}", self.port)])
             .output()
             .unwrap();
         assert!(out.status.success(), "why failed: {out:?}");
-        serde_json::from_slice(&out.stdout).unwrap()
+        out.stdout
+    }
+
+    /// `podscope why NS/POD -o json`.
+    pub fn why(&self, pod: &str) -> Value {
+        serde_json::from_slice(&self.why_cli(pod, &["-o", "json"])).unwrap()
+    }
+
+    /// `podscope why NS/POD` as a user reads it (the table).
+    pub fn why_table(&self, pod: &str) -> String {
+        String::from_utf8_lossy(&self.why_cli(pod, &[])).into_owned()
     }
 
     /// The newest termination record of a container, waiting for it.

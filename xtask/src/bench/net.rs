@@ -4,7 +4,10 @@
 //! (Debian's iperf3, run inside the pods' network namespaces with nsenter)
 //! and a connect/close loop (podscope-helper in the client pod), each with
 //! the agent attached (netfilter links in the node's namespace, kfree_skb)
-//! and without, alternating rounds, medians compared.
+//! and without, alternating rounds, medians compared; in kube-proxy's
+//! iptables and nftables modes side by side (the test node switches its
+//! Services between them), then the cost of one rules read per mode
+//! ([`super::rules`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -67,6 +70,8 @@ impl Drop for Node {
             let _ = self.run(&["delete", &format!("{NS}/{p}")]);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        // The node's default mode.
+        let _ = self.run(&["proxy-mode", "iptables"]);
         if !self.was_up {
             let _ = self.run(&["down"]);
         }
@@ -213,40 +218,52 @@ pub fn run() -> Result<std::process::ExitCode> {
         .local_addr()?
         .port();
     let state = node.dir.join("agent-state");
-    let (mut tp_off, mut tp_on, mut cr_off, mut cr_on) = (vec![], vec![], vec![], vec![]);
-    let mut agent_cpu = Duration::ZERO;
-    let mut agent_wall = Duration::ZERO;
-    for round in 0..ROUNDS {
-        tp_off.push(Duration::from_secs_f64(1e9 / throughput(&cli_ns)?));
-        cr_off.push(Duration::from_secs_f64(1e6 / connection_rate(&node)?));
-        let agent = start_agent(&podscope, port, &state)?;
-        let (cpu0, t0) = (proc_cpu(agent.id()).unwrap_or_default(), Instant::now());
-        tp_on.push(Duration::from_secs_f64(1e9 / throughput(&cli_ns)?));
-        cr_on.push(Duration::from_secs_f64(1e6 / connection_rate(&node)?));
-        agent_cpu += proc_cpu(agent.id()).unwrap_or_default() - cpu0;
-        agent_wall += t0.elapsed();
-        stop(agent);
-        eprintln!("bench net: round {}/{ROUNDS} done", round + 1);
+    let mut report = vec![];
+    for mode in ["iptables", "nftables"] {
+        node.run(&["proxy-mode", mode])?;
+        // Warm-up in this mode: conntrack, the new rules.
+        throughput(&cli_ns)?;
+        connection_rate(&node)?;
+        let (mut tp_off, mut tp_on, mut cr_off, mut cr_on) = (vec![], vec![], vec![], vec![]);
+        let mut agent_cpu = Duration::ZERO;
+        let mut agent_wall = Duration::ZERO;
+        for round in 0..ROUNDS {
+            tp_off.push(Duration::from_secs_f64(1e9 / throughput(&cli_ns)?));
+            cr_off.push(Duration::from_secs_f64(1e6 / connection_rate(&node)?));
+            let agent = start_agent(&podscope, port, &state)?;
+            let (cpu0, t0) = (proc_cpu(agent.id()).unwrap_or_default(), Instant::now());
+            tp_on.push(Duration::from_secs_f64(1e9 / throughput(&cli_ns)?));
+            cr_on.push(Duration::from_secs_f64(1e6 / connection_rate(&node)?));
+            agent_cpu += proc_cpu(agent.id()).unwrap_or_default() - cpu0;
+            agent_wall += t0.elapsed();
+            stop(agent);
+            eprintln!("bench net: {mode} round {}/{ROUNDS} done", round + 1);
+        }
+        // Medians of the inverse (time per Gbit, per million connections), back to rates.
+        let gbps = |v: &mut Vec<Duration>| 1.0 / median(v).as_secs_f64();
+        let rate = |v: &mut Vec<Duration>| 1e6 / median(v).as_secs_f64();
+        report.push((
+            mode,
+            gbps(&mut tp_off),
+            gbps(&mut tp_on),
+            rate(&mut cr_off),
+            rate(&mut cr_on),
+            agent_cpu.as_secs_f64() / agent_wall.as_secs_f64().max(1e-9) * 100.0,
+        ));
     }
-    // Medians of the inverse (time per Gbit, per million connections), back to rates.
-    let gbps = |v: &mut Vec<Duration>| 1.0 / median(v).as_secs_f64();
-    let rate = |v: &mut Vec<Duration>| 1e6 / median(v).as_secs_f64();
-    let (t_off, t_on) = (gbps(&mut tp_off), gbps(&mut tp_on));
-    let (c_off, c_on) = (rate(&mut cr_off), rate(&mut cr_on));
     println!(
-        "net benchmark: two pods through ClusterIP {CLUSTER_IP} (kube-proxy iptables rules, DNAT), median of {ROUNDS} alternating rounds"
+        "net benchmark: two pods through ClusterIP {CLUSTER_IP} (kube-proxy's rules, DNAT), median of {ROUNDS} alternating rounds per mode, both modes in one run"
     );
     println!(
-        "  iperf3 throughput ({IPERF_SECONDS} s): {t_off:.2} Gbit/s without, {t_on:.2} Gbit/s with the agent: {:+.1}%",
-        (t_on / t_off - 1.0) * 100.0
+        "  mode      iperf3 ({IPERF_SECONDS} s) without / with agent      connect+close ({CONNECTIONS}) without / with agent   agent CPU"
     );
-    println!(
-        "  connect/close ({CONNECTIONS} per round): {c_off:.0}/s without, {c_on:.0}/s with the agent: {:+.1}%",
-        (c_on / c_off - 1.0) * 100.0
-    );
-    println!(
-        "  agent CPU while measured: {:.1}% of one core",
-        agent_cpu.as_secs_f64() / agent_wall.as_secs_f64().max(1e-9) * 100.0
-    );
+    for (mode, t_off, t_on, c_off, c_on, cpu) in report {
+        println!(
+            "  {mode:<9} {t_off:>6.2} / {t_on:>6.2} Gbit/s ({:+.1}%)      {c_off:>6.0} / {c_on:>6.0} per s ({:+.1}%)        {cpu:.1}% of one core",
+            (t_on / t_off - 1.0) * 100.0,
+            (c_on / c_off - 1.0) * 100.0
+        );
+    }
+    super::rules::run(&podscope, &node.bin)?;
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -18,8 +18,8 @@ use std::{
 
 use agent_common::net::IPS_DST_NAT;
 
-use super::net::{RawConn, Tuple};
 use crate::kernel::bpf_sys;
+use crate::probes::net::{RawConn, Tuple};
 
 const NETLINK_NETFILTER: i32 = 12;
 const NFNLGRP_CONNTRACK_NEW: u32 = 1;
