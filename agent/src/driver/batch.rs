@@ -161,5 +161,6 @@ pub fn finding_event(f: Finding) -> Event {
         Finding::Termination(t) => Event::Termination(t),
         Finding::BackgroundDeath(d) => Event::BackgroundDeath(*d),
         Finding::Oom(o) => Event::Oom(*o),
+        Finding::Respawn(r) => Event::Respawn(*r),
     }
 }

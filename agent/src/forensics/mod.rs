@@ -16,6 +16,8 @@
 
 pub mod journal;
 pub mod record;
+pub mod respawn;
+pub mod role;
 pub mod scope;
 pub mod state_dir;
 pub mod store;
@@ -34,6 +36,8 @@ use self::{
         Death, DeathCause, Evidence, MainExit, OomDetails, Reason, Sender, SenderKind,
         StopTimeline, TerminationRecord, decide, explain,
     },
+    respawn::{ChildExit, RespawnReport, Respawns},
+    role::ContainerType,
     scope::ScopeReader,
     trigger::{Aftermath, DeclaredHook, RuntimeExec, StopShape, TRIGGER_WAIT},
 };
@@ -96,6 +100,8 @@ pub enum Finding {
     Termination(Box<TerminationRecord>),
     BackgroundDeath(Box<BackgroundDeath>),
     Oom(Box<OomKill>),
+    /// A command a process of the container restarted again.
+    Respawn(Box<RespawnReport>),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -119,6 +125,8 @@ struct ContainerState {
     deaths: VecDeque<Death>,
     /// Processes the runtime exec'd into it (exec probes and hooks), oldest first.
     execs: VecDeque<RuntimeExec>,
+    /// Commands restarted under a living parent (a supervisor).
+    respawns: Respawns,
     ended: bool,
     removed: Option<Instant>,
 }
@@ -133,6 +141,7 @@ struct Pending {
     /// kubelet's annotations on the container, from CRI.
     pod_grace: Option<i64>,
     pre_stop: DeclaredHook,
+    container_type: Option<ContainerType>,
 }
 
 /// A record of a runtime stop that waits for what the pod does next.
@@ -157,6 +166,8 @@ pub struct Forensics {
     sandbox_ends: HashMap<String, u64>,
     /// Pod uid → when a container of the pod last started (its first exec).
     container_starts: HashMap<String, Instant>,
+    /// Pod uid → when an app (not init) container of the pod last started.
+    app_starts: HashMap<String, Instant>,
     findings: Vec<Finding>,
     /// Containers found at start-up whose main process is not known yet.
     unadopted: Vec<(u64, std::path::PathBuf, u32)>,
@@ -177,6 +188,7 @@ impl Forensics {
             awaiting: vec![],
             sandbox_ends: HashMap::new(),
             container_starts: HashMap::new(),
+            app_starts: HashMap::new(),
             findings: vec![],
             unadopted: vec![],
             scope: ScopeReader::new(layout),
@@ -273,6 +285,13 @@ impl Forensics {
                 r.pod_uid.clone(),
                 Instant::now(),
             );
+            let init = resolver
+                .container_meta(cid)
+                .and_then(|m| ContainerType::from_annotation(m.container_type.as_deref()))
+                .is_some_and(|t| t.is_init());
+            if !init {
+                bounded_insert(&mut self.app_starts, r.pod_uid.clone(), Instant::now());
+            }
         }
         self.state(cgroup_id).main.get_or_insert(tgid);
     }
@@ -385,6 +404,8 @@ impl Forensics {
         let meta = resolver.container_meta(cid);
         let pod_grace = meta.and_then(|m| m.pod_grace_seconds);
         let pre_stop = DeclaredHook::parse(meta.and_then(|m| m.pre_stop_handler.as_deref()));
+        let container_type =
+            ContainerType::from_annotation(meta.and_then(|m| m.container_type.as_deref()));
         // The runtime's own bootstrap (`runc:[1:CHILD]`) is no exec'd command.
         let runtime_exec = !exit.comm.starts_with("runc:[") && is_runtime_comm(&exit.parent_comm);
         let s = self.state(exit.cgroup_id);
@@ -423,6 +444,7 @@ impl Forensics {
                 seen: Instant::now(),
                 pod_grace,
                 pre_stop,
+                container_type,
             });
             return;
         }
@@ -444,6 +466,31 @@ impl Forensics {
             });
             return;
         }
+        let main = s.main;
+        let respawn = s
+            .respawns
+            .on_exit(
+                &ChildExit {
+                    comm: &exit.comm,
+                    ppid: exit.ppid,
+                    parent_comm: &exit.parent_comm,
+                    exit_code: exit.exit_code,
+                    signal: exit.signal.as_deref(),
+                    at: exit.ts,
+                },
+                main,
+            )
+            .cloned();
+        let main_alive = !s.ended;
+        if let Some(respawn) = respawn {
+            self.findings.push(Finding::Respawn(Box::new(RespawnReport {
+                pod: exit.pod.clone(),
+                main_pid: main,
+                main_alive,
+                respawn,
+            })));
+        }
+        let s = self.state(exit.cgroup_id);
         let Some(death) = death_of(exit, s) else {
             return;
         };
@@ -500,6 +547,10 @@ impl Forensics {
         });
         self.container_starts
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+        // An app start is kept while the pod may still have init containers
+        // failing (a pod's init phase can last long; the map is bounded).
+        self.app_starts
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(3600));
     }
 
     /// Decides the waiting records whose pod did something since (its
@@ -656,6 +707,22 @@ impl Forensics {
             pre_stop_seconds: hook.duration_seconds.unwrap_or(0.0),
         };
         let pod_uid = exit.pod.pod_uid.clone();
+        // A failed init container: what it held back, in the same sentence.
+        let explanation = match &p.container_type {
+            Some(t) if t.is_init() && reason != Reason::Completed && !runtime_stop => {
+                let app_started = pod_uid
+                    .as_ref()
+                    .and_then(|u| self.app_starts.get(u))
+                    .is_some_and(|t| *t <= p.seen);
+                let name = exit.pod.container.as_deref().unwrap_or("?");
+                match role::blocked_sentence(app_started) {
+                    Some(blocked) => format!("init container {name}: {explanation}; {blocked}"),
+                    None => format!("init container {name}: {explanation}"),
+                }
+            }
+            _ => explanation,
+        };
+        let respawns = s.respawns.reported();
         let record = TerminationRecord {
             pod: exit.pod.clone(),
             restart_attempt: p.attempt,
@@ -677,6 +744,8 @@ impl Forensics {
             previous_deaths: deaths,
             trigger: probe.clone(),
             pre_stop: (runtime_stop && (hook.ran || hook.declared.is_some())).then_some(hook),
+            container_type: p.container_type.clone(),
+            respawns,
         };
         match (runtime_stop, probe, pod_uid) {
             (true, None, Some(pod_uid)) => {
