@@ -110,7 +110,9 @@ pub fn process(
             forensics.on_removed(c.id);
         }
     }
+    let first_net = events.len();
     net(&b.conns, &b.drops, resolver, services, seen, &mut events);
+    forensics.on_net_events(resolver, &events[first_net..]);
     for f in forensics.take_findings(Instant::now()) {
         events.push(finding_event(f));
     }

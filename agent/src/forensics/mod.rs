@@ -15,6 +15,7 @@
 //! explains an exit may be read just after it.
 
 pub mod journal;
+pub mod netprobe;
 pub mod record;
 pub mod respawn;
 pub mod role;
@@ -32,6 +33,7 @@ use std::{
 use serde::Serialize;
 
 use self::{
+    netprobe::{NetProbes, ProbeConnection},
     record::{
         Death, DeathCause, Evidence, MainExit, OomDetails, Reason, Sender, SenderKind,
         StopTimeline, TerminationRecord, decide, explain,
@@ -42,6 +44,7 @@ use self::{
     trigger::{Aftermath, DeclaredHook, RuntimeExec, StopShape, TRIGGER_WAIT},
 };
 use crate::{
+    events::Event,
     kernel::cgroups::CgroupLayout,
     metadata::{PodIdentity, Resolver},
     probes::{
@@ -142,6 +145,8 @@ struct Pending {
     pod_grace: Option<i64>,
     pre_stop: DeclaredHook,
     container_type: Option<ContainerType>,
+    /// The container's declared TCP ports (kubelet's annotation).
+    ports: Vec<u16>,
 }
 
 /// A record of a runtime stop that waits for what the pod does next.
@@ -152,6 +157,9 @@ struct Awaiting {
     stop_ns: u64,
     shape: StopShape,
     record: TerminationRecord,
+    /// Connections from the node to the pod's probed port before the kill.
+    net: Vec<ProbeConnection>,
+    kill_at: SystemTime,
 }
 
 pub struct Forensics {
@@ -168,6 +176,9 @@ pub struct Forensics {
     container_starts: HashMap<String, Instant>,
     /// Pod uid → when an app (not init) container of the pod last started.
     app_starts: HashMap<String, Instant>,
+    /// Connections to pods' addresses from no pod of this node (kubelet's
+    /// httpGet and tcpSocket probes among them).
+    net: NetProbes,
     findings: Vec<Finding>,
     /// Containers found at start-up whose main process is not known yet.
     unadopted: Vec<(u64, std::path::PathBuf, u32)>,
@@ -189,6 +200,7 @@ impl Forensics {
             sandbox_ends: HashMap::new(),
             container_starts: HashMap::new(),
             app_starts: HashMap::new(),
+            net: NetProbes::default(),
             findings: vec![],
             unadopted: vec![],
             scope: ScopeReader::new(layout),
@@ -406,6 +418,7 @@ impl Forensics {
         let pre_stop = DeclaredHook::parse(meta.and_then(|m| m.pre_stop_handler.as_deref()));
         let container_type =
             ContainerType::from_annotation(meta.and_then(|m| m.container_type.as_deref()));
+        let ports = netprobe::declared_ports(meta.and_then(|m| m.ports.as_deref()));
         // The runtime's own bootstrap (`runc:[1:CHILD]`) is no exec'd command.
         let runtime_exec = !exit.comm.starts_with("runc:[") && is_runtime_comm(&exit.parent_comm);
         let s = self.state(exit.cgroup_id);
@@ -445,6 +458,7 @@ impl Forensics {
                 pod_grace,
                 pre_stop,
                 container_type,
+                ports,
             });
             return;
         }
@@ -513,6 +527,36 @@ impl Forensics {
         }
     }
 
+    /// Published packet events: TCP connections to a pod's address from a
+    /// source that is no pod of this node, and their refusals or drops
+    /// (see [`netprobe`]).
+    pub fn on_net_events(&mut self, resolver: &Resolver, events: &[Event]) {
+        // The pod a connection from outside the node's pods goes to.
+        let target = |src: std::net::SocketAddr, dst: std::net::SocketAddr| {
+            if resolver.pod_by_ip(src.ip()).is_some() {
+                return None;
+            }
+            resolver.pod_by_ip(dst.ip())?.pod_uid
+        };
+        for e in events {
+            match e {
+                Event::Connection(c) if c.protocol == "tcp" => {
+                    if let Some(uid) = target(c.src, c.dst) {
+                        self.net.connection(&uid, c.ts, c.src, c.dst);
+                    }
+                }
+                Event::Drop(d) if d.protocol == Some("tcp") => {
+                    if let (Some(src), Some(dst)) = (d.src, d.dst)
+                        && let Some(uid) = target(src, dst)
+                    {
+                        self.net.drop(&uid, d.ts, src, dst, &d.reason);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Records that are due, deaths and OOMs found since the last call.
     pub fn take_findings(&mut self, now: Instant) -> Vec<Finding> {
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
@@ -551,6 +595,7 @@ impl Forensics {
         // failing (a pod's init phase can last long; the map is bounded).
         self.app_starts
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(3600));
+        self.net.gc(SystemTime::now());
     }
 
     /// Decides the waiting records whose pod did something since (its
@@ -575,7 +620,21 @@ impl Forensics {
             };
             match aftermath {
                 Some(x) => {
-                    a.record.trigger = Some(trigger::from_aftermath(&x, &a.shape));
+                    let mut t = trigger::from_aftermath(&x, &a.shape);
+                    // A new container in the same pod after the node's
+                    // connections to it: a network probe (see netprobe).
+                    let net = netprobe::trigger(&a.net, a.kill_at);
+                    match (&x, net) {
+                        (Aftermath::NewContainer { .. }, Some(n)) => t = n,
+                        (Aftermath::Nothing, Some(mut n))
+                            if n.basis == trigger::Basis::Observed =>
+                        {
+                            n.decided = false;
+                            t = n;
+                        }
+                        _ => t.probe_connections = std::mem::take(&mut a.net),
+                    }
+                    a.record.trigger = Some(t);
                     self.stats.terminations += 1;
                     self.findings.push(Finding::Termination(Box::new(a.record)));
                 }
@@ -749,7 +808,18 @@ impl Forensics {
         };
         match (runtime_stop, probe, pod_uid) {
             (true, None, Some(pod_uid)) => {
+                // kubelet began the kill with the preStop hook, else SIGTERM.
+                let kill_at = record
+                    .pre_stop
+                    .as_ref()
+                    .and_then(|h| h.started_at)
+                    .or(record.stop.sigterm_at)
+                    .or(record.stop.sigkill_at)
+                    .unwrap_or(record.finished_at);
+                let net = self.net.before(&pod_uid, kill_at, &p.ports);
                 self.awaiting.push(Awaiting {
+                    net,
+                    kill_at,
                     due: Instant::now() + TRIGGER_WAIT,
                     seen: p.seen,
                     pod_uid,

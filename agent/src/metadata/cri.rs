@@ -44,6 +44,8 @@ pub struct ContainerMeta {
     /// kubelet's `io.kubernetes.container.type` annotation: `init`,
     /// `container` or `ephemeral` (absent from older kubelets).
     pub container_type: Option<String>,
+    /// kubelet's `io.kubernetes.container.ports` annotation (JSON).
+    pub ports: Option<String>,
 }
 
 /// What CRI says about one pod sandbox (its pause container's id is the sandbox id).
@@ -205,6 +207,7 @@ fn container_meta(c: v1::Container) -> ContainerMeta {
             .get("io.kubernetes.container.preStopHandler")
             .cloned(),
         container_type: c.annotations.get("io.kubernetes.container.type").cloned(),
+        ports: c.annotations.get("io.kubernetes.container.ports").cloned(),
         id: c.id,
     }
 }
