@@ -394,7 +394,21 @@ impl Forensics {
         }
         let cid = exit.pod.container_id.as_deref().unwrap_or_default();
         if resolver.is_sandbox(cid) || exit.pod.container.as_deref() == Some("POD") {
-            // The pause container: its end is the pod's teardown, not a death to explain.
+            // The pause container: its end is the pod's teardown, not a death
+            // to explain. Only its main process's end is: runc's bootstrap
+            // (`runc:[…]`) and other short processes in its cgroup end at the
+            // pod's creation.
+            let state = self.containers.get_mut(&exit.cgroup_id);
+            if exit.comm.starts_with("runc:[") {
+                // The bootstrap may have been taken for the main process.
+                if let Some(s) = state.filter(|s| s.main == Some(exit.tgid)) {
+                    s.main = None;
+                }
+                return;
+            }
+            if state.and_then(|s| s.main).is_some_and(|m| m != exit.tgid) {
+                return;
+            }
             if let Some(s) = self.containers.get_mut(&exit.cgroup_id) {
                 s.ended = true;
             }

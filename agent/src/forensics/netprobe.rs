@@ -49,6 +49,19 @@ const WINDOW: Duration = Duration::from_secs(30);
 /// The kernel's reason for a segment to a port with no socket: the pod's
 /// kernel answered RST, the client saw "connection refused".
 const REFUSED_REASON: &str = "NO_SOCKET";
+/// Reasons that stop a connection on its way (a rule, no route, no
+/// neighbour): the client waits for its timeout. Other reasons (`TCP_CLOSE`
+/// for a segment that arrives after its socket closed, checksum and
+/// out-of-order drops) happen to connections that were answered, so they
+/// say nothing about the probe.
+const BLOCKING_REASONS: &[&str] = &[
+    "NETFILTER_DROP",
+    "IP_OUTNOROUTES",
+    "IP_INNOROUTES",
+    "NEIGH_FAILED",
+    "NEIGH_QUEUEFULL",
+    "NEIGH_DEAD",
+];
 
 /// What happened to one connection, as far as the kernel events show.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,8 +143,10 @@ impl NetProbes {
     ) {
         let outcome = if reason == REFUSED_REASON {
             ConnOutcome::Refused
-        } else {
+        } else if BLOCKING_REASONS.contains(&reason) {
             ConnOutcome::Dropped
+        } else {
+            return;
         };
         let list = self.list(uid);
         match list.iter_mut().find(|c| c.src == src && c.dst == dst) {
@@ -320,6 +335,8 @@ mod tests {
             }
             p.connection(UID, at(i as u64), src, dst);
         }
+        // A segment after an answered connection closed says nothing.
+        p.drop(UID, at(1), addr("198.18.0.1:40002"), dst, "TCP_CLOSE");
         // Another port of the pod, seen earlier, is not this probe.
         p.connection(
             UID,
