@@ -24,6 +24,7 @@ const ROUNDS: usize = 7;
 
 mod faults;
 mod net;
+mod probes;
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
     match args.first().map(String::as_str) {
@@ -34,9 +35,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("net") => net::run(),
         Some("throttle") => throttle(),
         Some("faults") => faults::run(),
+        Some("probes") => probes::run(),
         _ => {
             bail!(
-                "usage: cargo xtask bench <exits | pods | agent | terminations | net | throttle | faults>"
+                "usage: cargo xtask bench <exits | pods | agent | terminations | net | throttle | faults | probes>"
             )
         }
     }
