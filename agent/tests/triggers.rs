@@ -57,6 +57,23 @@ fn manifest(name: &str, grace: u32, container: &str) -> String {
     )
 }
 
+/// `podscope why NS/POD` as a person reads it.
+fn why_table(agent: &Agent, pod: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_podscope"))
+        .args([
+            "why",
+            &format!("{}/{pod}", ns()),
+            "--agent",
+            &format!("127.0.0.1:{}", agent.port),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "why failed: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    say(&text);
+    text
+}
+
 fn trigger(r: &Value) -> &str {
     r["trigger"]["trigger"].as_str().unwrap_or("none")
 }
@@ -205,17 +222,7 @@ fn runtime_stops_are_explained() {
     assert!(r["trigger"].is_null(), "{r:#}");
 
     // The table view puts the trigger first.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_podscope"))
-        .args([
-            "why",
-            &format!("{ns}/liveness"),
-            "--agent",
-            &format!("127.0.0.1:{}", agent.port),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    say(&text);
+    let text = why_table(&agent, "liveness");
     let lines: Vec<&str> = text.lines().collect();
     assert!(
         lines
@@ -288,6 +295,7 @@ fn network_probes_init_containers_and_respawns_are_explained() {
     );
     let evidence = r["trigger"]["evidence"].as_str().unwrap();
     assert!(evidence.contains("refused"), "{evidence}");
+    why_table(&agent, "http-liveness");
 
     say("an init container that exits 1");
     cleanup.pods.push("init-fails".into());
@@ -321,6 +329,11 @@ fn network_probes_init_containers_and_respawns_are_explained() {
     support::wait_until("Init:Error in the node's status", 30, || {
         node(&["status", &format!("{ns}/init-fails")]).contains("Init:Error")
     });
+    let table = why_table(&agent, "init-fails");
+    assert!(
+        table.contains("container setup (init container): Error"),
+        "{table}"
+    );
 
     say("a supervisor loop respawning a worker that fails");
     cleanup.pods.push("supervisor".into());
@@ -365,6 +378,11 @@ fn network_probes_init_containers_and_respawns_are_explained() {
                 && l.contains("pod=\"supervisor\"")
                 && l.contains("command=\"worker\"")),
         "{metrics}"
+    );
+    let table = why_table(&agent, "supervisor");
+    assert!(
+        table.contains("worker restarted") && table.contains("PID 1 alive"),
+        "{table}"
     );
     // PID 1 still runs: no termination record for it.
     assert!(

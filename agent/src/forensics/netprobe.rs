@@ -114,20 +114,16 @@ impl NetProbes {
     /// A new TCP connection from `src` (no pod of this node) to pod `uid`'s
     /// address `dst`.
     pub fn connection(&mut self, uid: &str, at: SystemTime, src: SocketAddr, dst: SocketAddr) {
-        let list = self.list(uid);
-        if list.iter().any(|c| c.src == src && c.dst == dst) {
-            return;
-        }
-        if list.len() == KEPT_PER_POD {
-            list.pop_front();
-        }
-        list.push_back(ProbeConnection {
-            at,
-            src,
-            dst,
-            outcome: ConnOutcome::NotRefused,
-            reason: None,
-        });
+        self.record(
+            uid,
+            ProbeConnection {
+                at,
+                src,
+                dst,
+                outcome: ConnOutcome::NotRefused,
+                reason: None,
+            },
+        );
     }
 
     /// A TCP segment from `src` to pod `uid`'s `dst` dropped with `reason`:
@@ -148,23 +144,35 @@ impl NetProbes {
         } else {
             return;
         };
+        self.record(
+            uid,
+            ProbeConnection {
+                at,
+                src,
+                dst,
+                outcome,
+                reason: Some(reason.to_string()),
+            },
+        );
+    }
+
+    /// Adds a connection, or marks the one of the same addresses failed.
+    fn record(&mut self, uid: &str, conn: ProbeConnection) {
         let list = self.list(uid);
-        match list.iter_mut().find(|c| c.src == src && c.dst == dst) {
-            Some(c) => {
-                c.outcome = outcome;
-                c.reason = Some(reason.to_string());
+        match list
+            .iter_mut()
+            .find(|c| c.src == conn.src && c.dst == conn.dst)
+        {
+            Some(c) if conn.outcome.failed() => {
+                c.outcome = conn.outcome;
+                c.reason = conn.reason;
             }
+            Some(_) => {}
             None => {
                 if list.len() == KEPT_PER_POD {
                     list.pop_front();
                 }
-                list.push_back(ProbeConnection {
-                    at,
-                    src,
-                    dst,
-                    outcome,
-                    reason: Some(reason.to_string()),
-                });
+                list.push_back(conn);
             }
         }
     }
