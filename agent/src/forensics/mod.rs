@@ -547,7 +547,7 @@ impl Forensics {
     pub fn on_net_events(&mut self, resolver: &Resolver, events: &[Event]) {
         // The pod a connection from outside the node's pods goes to.
         let target = |src: std::net::SocketAddr, dst: std::net::SocketAddr| {
-            if resolver.pod_by_ip(src.ip()).is_some() {
+            if resolver.is_pod_ip(src.ip()) {
                 return None;
             }
             resolver.pod_by_ip(dst.ip())?.pod_uid
