@@ -195,6 +195,19 @@ fn trigger_lines(r: &TerminationRecord) -> String {
                     .unwrap_or_else(|| format!("exit {}", f.exit_code.unwrap_or(0)))
             ));
         }
+        for c in &t.probe_connections {
+            s.push_str(&format!(
+                "    probe connection: {} → {} at {}, {}{}\n",
+                c.src,
+                c.dst,
+                humantime::format_rfc3339_millis(c.at),
+                c.outcome.as_str(),
+                c.reason
+                    .as_ref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ));
+        }
     }
     if let Some(h) = &r.pre_stop {
         let line = match (h.ran, &h.started_at) {

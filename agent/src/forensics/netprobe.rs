@@ -82,7 +82,7 @@ impl ConnOutcome {
         self != ConnOutcome::NotRefused
     }
 
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             ConnOutcome::Refused => "refused",
             ConnOutcome::Dropped => "dropped",
