@@ -114,16 +114,7 @@ impl NetProbes {
     /// A new TCP connection from `src` (no pod of this node) to pod `uid`'s
     /// address `dst`.
     pub fn connection(&mut self, uid: &str, at: SystemTime, src: SocketAddr, dst: SocketAddr) {
-        self.record(
-            uid,
-            ProbeConnection {
-                at,
-                src,
-                dst,
-                outcome: ConnOutcome::NotRefused,
-                reason: None,
-            },
-        );
+        self.record(uid, at, (src, dst), ConnOutcome::NotRefused, None);
     }
 
     /// A TCP segment from `src` to pod `uid`'s `dst` dropped with `reason`:
@@ -144,35 +135,36 @@ impl NetProbes {
         } else {
             return;
         };
-        self.record(
-            uid,
-            ProbeConnection {
-                at,
-                src,
-                dst,
-                outcome,
-                reason: Some(reason.to_string()),
-            },
-        );
+        self.record(uid, at, (src, dst), outcome, Some(reason));
     }
 
     /// Adds a connection, or marks the one of the same addresses failed.
-    fn record(&mut self, uid: &str, conn: ProbeConnection) {
+    fn record(
+        &mut self,
+        uid: &str,
+        at: SystemTime,
+        (src, dst): (SocketAddr, SocketAddr),
+        outcome: ConnOutcome,
+        reason: Option<&str>,
+    ) {
         let list = self.list(uid);
-        match list
-            .iter_mut()
-            .find(|c| c.src == conn.src && c.dst == conn.dst)
-        {
-            Some(c) if conn.outcome.failed() => {
-                c.outcome = conn.outcome;
-                c.reason = conn.reason;
+        match list.iter_mut().find(|c| c.src == src && c.dst == dst) {
+            Some(c) if outcome.failed() => {
+                c.outcome = outcome;
+                c.reason = reason.map(str::to_string);
             }
             Some(_) => {}
             None => {
                 if list.len() == KEPT_PER_POD {
                     list.pop_front();
                 }
-                list.push_back(conn);
+                list.push_back(ProbeConnection {
+                    at,
+                    src,
+                    dst,
+                    outcome,
+                    reason: reason.map(str::to_string),
+                });
             }
         }
     }
