@@ -51,6 +51,8 @@ fn record(n: u32) -> TerminationRecord {
         },
         oom: None,
         previous_deaths: vec![],
+        container_type: None,
+        respawns: vec![],
         trigger: None,
         pre_stop: None,
         late_connections: None,

@@ -8,7 +8,7 @@ use serde::{Serialize, Serializer};
 
 use crate::{
     families::{Kernel, View},
-    forensics::{BackgroundDeath, record::TerminationRecord},
+    forensics::{BackgroundDeath, record::TerminationRecord, respawn::RespawnReport},
     probes::{exits::Exit, oom::OomKill, signals::Signal, throttle::Throttle},
 };
 
@@ -24,6 +24,8 @@ pub enum Event {
     Termination(Box<TerminationRecord>),
     /// A process of a container died while the container lives on.
     BackgroundDeath(BackgroundDeath),
+    /// A command restarted again inside a living container (a supervisor).
+    Respawn(RespawnReport),
     /// A new connection's path through kube-proxy's rules (`trace net`).
     Connection(crate::net::Connection),
     /// A packet the kernel dropped, with its reason (`trace net`).
@@ -41,6 +43,7 @@ impl Event {
             Event::Oom(o) => &o.pod,
             Event::Termination(t) => &t.pod,
             Event::BackgroundDeath(d) => &d.pod,
+            Event::Respawn(r) => &r.pod,
             Event::Connection(c) => &c.pod,
             Event::Drop(d) => &d.pod,
             Event::Throttle(t) => &t.pod,
@@ -53,7 +56,9 @@ impl Event {
             Event::Exit(_) => View::Exits,
             Event::Signal(_) => View::Signals,
             Event::Oom(_) => View::Oom,
-            Event::Termination(_) | Event::BackgroundDeath(_) => View::Terminations,
+            Event::Termination(_) | Event::BackgroundDeath(_) | Event::Respawn(_) => {
+                View::Terminations
+            }
             Event::Connection(_) | Event::Drop(_) => View::Net,
             Event::Throttle(_) => View::Throttle,
         }
@@ -68,6 +73,7 @@ impl Event {
             Event::Oom(_) => Kernel::Oom.name(),
             Event::Termination(_) => "terminations",
             Event::BackgroundDeath(_) => "background_deaths",
+            Event::Respawn(_) => "respawns",
             Event::Connection(_) => Kernel::Netfilter.name(),
             Event::Drop(_) => Kernel::Drops.name(),
             Event::Throttle(_) => Kernel::Throttle.name(),

@@ -57,6 +57,23 @@ fn manifest(name: &str, grace: u32, container: &str) -> String {
     )
 }
 
+/// `podscope why NS/POD` as a person reads it.
+fn why_table(agent: &Agent, pod: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_podscope"))
+        .args([
+            "why",
+            &format!("{}/{pod}", ns()),
+            "--agent",
+            &format!("127.0.0.1:{}", agent.port),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "why failed: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    say(&text);
+    text
+}
+
 fn trigger(r: &Value) -> &str {
     r["trigger"]["trigger"].as_str().unwrap_or("none")
 }
@@ -205,17 +222,7 @@ fn runtime_stops_are_explained() {
     assert!(r["trigger"].is_null(), "{r:#}");
 
     // The table view puts the trigger first.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_podscope"))
-        .args([
-            "why",
-            &format!("{ns}/liveness"),
-            "--agent",
-            &format!("127.0.0.1:{}", agent.port),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    say(&text);
+    let text = why_table(&agent, "liveness");
     let lines: Vec<&str> = text.lines().collect();
     assert!(
         lines
@@ -224,5 +231,163 @@ fn runtime_stops_are_explained() {
         "{text}"
     );
     std::thread::sleep(Duration::from_millis(10));
+    agent.stop();
+}
+
+/// The node's network probes, init containers and a supervisor inside a
+/// container, through the real agent (watching the node's network
+/// namespace, where the test node's prober connects from) and `why -o json`.
+#[test]
+fn network_probes_init_containers_and_respawns_are_explained() {
+    let test = "network_probes_init_containers_and_respawns_are_explained";
+    if !privileged(test) {
+        return;
+    }
+    if testnode().is_none() {
+        assert!(!required(), "podscope-testnode is not built");
+        support::say_skipped(
+            test,
+            "podscope-testnode is not built (cargo build --release -p testnode)",
+        );
+        return;
+    }
+    node(&["up"]);
+    let ns = ns();
+    let state =
+        std::env::temp_dir().join(format!("podscope-trigger-net-state-{}", std::process::id()));
+    let mut cleanup = Cleanup {
+        pods: vec![],
+        state: state.clone(),
+    };
+    let agent = Agent::start(
+        ns,
+        &state,
+        &[("PODSCOPE_NETNS", "/run/netns/podscope-node")],
+    );
+
+    say("an httpGet liveness probe against a server that stops answering");
+    cleanup.pods.push("http-liveness".into());
+    apply(
+        "http-liveness",
+        "running",
+        &manifest(
+            "http-liveness",
+            2,
+            "    command: [sh, -c, \"mkdir -p /www && echo ok > /www/healthz && (httpd -f -p 8080 -h /www & sleep 4; kill $!) & exec sleep 3600\"]\n    ports: [{containerPort: 8080}]\n    livenessProbe:\n      httpGet: {path: /healthz, port: 8080}\n      periodSeconds: 1\n      failureThreshold: 2\n",
+        ),
+    );
+    let r = agent.record("http-liveness", "app");
+    assert_eq!(trigger(&r), "liveness_probe", "{r:#}");
+    assert_eq!(r["trigger"]["basis"], "observed", "{r:#}");
+    let conns = r["trigger"]["probe_connections"]
+        .as_array()
+        .expect("the probe's connections");
+    let last = conns.last().expect("a connection");
+    assert_eq!(last["outcome"], "refused", "{r:#}");
+    assert_eq!(last["reason"], "NO_SOCKET", "{r:#}");
+    assert!(
+        last["dst"].as_str().is_some_and(|d| d.ends_with(":8080")),
+        "{r:#}"
+    );
+    assert!(
+        conns.iter().any(|c| c["outcome"] == "not_refused"),
+        "the probe's connections were taken before the server stopped: {r:#}"
+    );
+    let evidence = r["trigger"]["evidence"].as_str().unwrap();
+    assert!(evidence.contains("refused"), "{evidence}");
+    why_table(&agent, "http-liveness");
+
+    say("an init container that exits 1");
+    cleanup.pods.push("init-fails".into());
+    apply(
+        "init-fails",
+        "none",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: init-fails\n  namespace: {ns}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  initContainers:\n  - name: setup\n    command: [sh, -c, \"exit 1\"]\n  containers:\n  - name: app\n    command: [sleep, \"3600\"]\n"
+        ),
+    );
+    let r = agent.record("init-fails", "setup");
+    assert_eq!(r["container_type"]["type"], "init", "{r:#}");
+    assert_eq!(r["container_type"]["basis"], "observed", "{r:#}");
+    assert_eq!(r["exit_code"], 1, "{r:#}");
+    assert_eq!(r["reason"], "Error", "{r:#}");
+    let explanation = r["explanation"].as_str().unwrap();
+    assert!(
+        explanation.starts_with("init container setup:")
+            && explanation.contains("app containers never started"),
+        "{explanation}"
+    );
+    let all = agent.why("init-fails");
+    assert!(
+        all["terminations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["container"] != "app"),
+        "the app container never ran: {all:#}"
+    );
+    support::wait_until("Init:Error in the node's status", 30, || {
+        node(&["status", &format!("{ns}/init-fails")]).contains("Init:Error")
+    });
+    let table = why_table(&agent, "init-fails");
+    assert!(
+        table.contains("container setup (init container): Error"),
+        "{table}"
+    );
+
+    say("a supervisor loop respawning a worker that fails");
+    cleanup.pods.push("supervisor".into());
+    apply(
+        "supervisor",
+        "running",
+        &manifest(
+            "supervisor",
+            1,
+            "    command: [sh, -c, \"printf '#!/bin/sh\\\\nsleep 0.3\\\\nexit 1\\\\n' > /tmp/worker && chmod +x /tmp/worker && while true; do /tmp/worker; done\"]\n",
+        ),
+    );
+    let want = 5;
+    let mut seen = Value::Null;
+    support::wait_until("the worker's respawns counted", 60, || {
+        let all = agent.why("supervisor");
+        seen = all.clone();
+        all["respawns"].as_array().is_some_and(|rs| {
+            rs.iter().any(|x| {
+                x["container"] == "app"
+                    && x["command"] == "worker"
+                    && x["respawns"].as_u64().is_some_and(|n| n >= want)
+            })
+        })
+    });
+    let x = seen["respawns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["command"] == "worker")
+        .unwrap()
+        .clone();
+    assert_eq!(x["main_alive"], true, "{x:#}");
+    assert_eq!(x["parent_is_main"], true, "{x:#}");
+    assert_eq!(x["last_exit_code"], 1, "{x:#}");
+    assert!(x["failed_exits"].as_u64().unwrap() >= want, "{x:#}");
+    let metrics = agent.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("podscope_container_respawns_total{")
+                && l.contains("pod=\"supervisor\"")
+                && l.contains("command=\"worker\"")),
+        "{metrics}"
+    );
+    let table = why_table(&agent, "supervisor");
+    assert!(
+        table.contains("worker restarted") && table.contains("PID 1 alive"),
+        "{table}"
+    );
+    // PID 1 still runs: no termination record for it.
+    assert!(
+        seen["terminations"].as_array().unwrap().is_empty(),
+        "{seen:#}"
+    );
     agent.stop();
 }

@@ -38,7 +38,7 @@ use crate::{
     error::{Error, IoContext, Result},
     manifest::{Container, Handler, Pod, Probe, RestartPolicy},
     paths,
-    podconfig::PodPlan,
+    podconfig::{ContainerType, PodPlan},
     prober::{self, Backoff, Kind, Outcome},
     status::{self, ContainerStatus, Phase, PodStatus, Termination},
 };
@@ -646,7 +646,12 @@ impl PodWorker {
             let c = self.cs(k);
             (c.attempt, c.restart_count)
         };
-        let config = self.plan.container_config(&spec, attempt, restarts)?;
+        let kind = if self.is_init(k) {
+            ContainerType::Init
+        } else {
+            ContainerType::Container
+        };
+        let config = self.plan.container_config(&spec, kind, attempt, restarts)?;
         let id = self
             .cri
             .runtime

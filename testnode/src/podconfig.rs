@@ -23,6 +23,29 @@ pub const ANNOTATION_RESTART_COUNT: &str = "io.kubernetes.container.restartCount
 pub const ANNOTATION_PRE_STOP: &str = "io.kubernetes.container.preStopHandler";
 pub const ANNOTATION_PORTS: &str = "io.kubernetes.container.ports";
 pub const ANNOTATION_GRACE: &str = "io.kubernetes.pod.terminationGracePeriod";
+pub const ANNOTATION_TERMINATION_MESSAGE_PATH: &str =
+    "io.kubernetes.container.terminationMessagePath";
+pub const ANNOTATION_TERMINATION_MESSAGE_POLICY: &str =
+    "io.kubernetes.container.terminationMessagePolicy";
+/// `init`, `container` or `ephemeral` (kubelet's `containerTypeLabel`).
+pub const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.container.type";
+
+/// Which list of the pod's spec a container comes from, as kubelet
+/// annotates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContainerType {
+    Init,
+    Container,
+}
+
+impl ContainerType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContainerType::Init => "init",
+            ContainerType::Container => "container",
+        }
+    }
+}
 
 /// Everything about a pod that does not change between its containers' attempts.
 #[derive(Debug, Clone)]
@@ -141,6 +164,7 @@ impl PodPlan {
     pub fn container_config(
         &self,
         c: &Container,
+        kind: ContainerType,
         attempt: u32,
         restart_count: u32,
     ) -> Result<api::ContainerConfig, qos::QuantityError> {
@@ -154,6 +178,13 @@ impl PodPlan {
                 ANNOTATION_GRACE,
                 self.pod.grace_period_seconds().to_string(),
             ),
+            // kubelet's defaults (the manifest has no field for them here).
+            (
+                ANNOTATION_TERMINATION_MESSAGE_PATH,
+                "/dev/termination-log".to_string(),
+            ),
+            (ANNOTATION_TERMINATION_MESSAGE_POLICY, "File".to_string()),
+            (ANNOTATION_CONTAINER_TYPE, kind.as_str().to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -278,13 +309,20 @@ mod tests {
     #[test]
     fn container_like_kubelet() {
         let p = plan("  terminationGracePeriodSeconds: 7\n");
-        let c = p.container_config(&p.pod.spec.containers[0], 2, 2).unwrap();
+        let c = p
+            .container_config(&p.pod.spec.containers[0], ContainerType::Container, 2, 2)
+            .unwrap();
         assert_eq!(c.metadata.as_ref().unwrap().attempt, 2);
         assert_eq!(c.labels[LABEL_CONTAINER_NAME], "main");
         assert_eq!(c.labels[LABEL_POD_NAMESPACE], "shop");
         assert_eq!(c.annotations[ANNOTATION_RESTART_COUNT], "2");
         assert_eq!(c.annotations[ANNOTATION_GRACE], "7");
         assert_eq!(c.annotations[ANNOTATION_CONTAINER_HASH].len(), 8);
+        assert_eq!(c.annotations[ANNOTATION_CONTAINER_TYPE], "container");
+        let init = p
+            .container_config(&p.pod.spec.containers[0], ContainerType::Init, 0, 0)
+            .unwrap();
+        assert_eq!(init.annotations[ANNOTATION_CONTAINER_TYPE], "init");
         let r = c.linux.unwrap().resources.unwrap();
         assert_eq!(r.cpu_period, 100_000);
         assert_eq!(r.cpu_quota, 50_000);

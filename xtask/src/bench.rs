@@ -15,6 +15,7 @@ mod net;
 mod node;
 mod peers;
 mod pods;
+mod probes;
 mod rules;
 mod soak;
 mod storm;
@@ -41,9 +42,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("faults") => faults::run(),
         Some("peers") => peers::run(),
         Some("soak") => soak::run(&args[1..]),
+        Some("probes") => probes::run(),
         _ => {
             bail!(
-                "usage: cargo xtask bench <exits | pods | agent | terminations | net | rules | throttle | faults | peers | soak [--minutes N]>"
+                "usage: cargo xtask bench <exits | pods | agent | terminations | net | rules | throttle | faults | peers | probes | soak [--minutes N]>"
             )
         }
     }

@@ -508,6 +508,22 @@ fn table_row(event: &Event) -> String {
                 .map(|s| format!(" from {} ({})", s.comm, s.kind.as_str()))
                 .unwrap_or_default()
         ),
+        Event::Respawn(r) => format!(
+            "{:<12} {:<40} {:<16} {:<22} {:>4}  {} restarted by {} (pid {}): {} respawns, {} failed exits{}",
+            time_column(r.respawn.last_exit_at),
+            pod_column(&r.pod),
+            container_column(&r.pod),
+            "respawn",
+            r.respawn
+                .last_exit_code
+                .map_or_else(|| "-".to_string(), |c| c.to_string()),
+            r.respawn.command,
+            r.respawn.parent_comm,
+            r.respawn.parent_pid,
+            r.respawn.respawns,
+            r.respawn.failed_exits,
+            if r.main_alive { ", PID 1 alive" } else { "" }
+        ),
         Event::Throttle(t) => {
             let ts = humantime::format_rfc3339_millis(t.ts).to_string();
             format!(

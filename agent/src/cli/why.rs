@@ -16,6 +16,7 @@ use clap::Args;
 use super::Output;
 use crate::forensics::{
     record::{SenderKind, TerminationRecord},
+    respawn::{Respawn, RespawnReport},
     trigger::Basis,
 };
 
@@ -40,6 +41,9 @@ pub struct WhyArgs {
 struct Answer {
     terminations: Vec<TerminationRecord>,
     background_deaths: Vec<serde_json::Value>,
+    /// Absent from agents before respawn counting.
+    #[serde(default)]
+    respawns: Vec<RespawnReport>,
 }
 
 pub fn run(args: WhyArgs) -> Result<ExitCode> {
@@ -73,7 +77,7 @@ pub fn run(args: WhyArgs) -> Result<ExitCode> {
 
 fn render(ns: &str, pod: &str, a: &Answer, last: usize) -> String {
     let mut out = String::new();
-    if a.terminations.is_empty() && a.background_deaths.is_empty() {
+    if a.terminations.is_empty() && a.background_deaths.is_empty() && a.respawns.is_empty() {
         out.push_str(&format!(
             "{ns}/{pod}: no container of this pod has ended since the agent's journal began\n"
         ));
@@ -96,8 +100,12 @@ fn render(ns: &str, pod: &str, a: &Answer, last: usize) -> String {
             .take(last.max(1))
             .collect();
         let Some(newest) = recs.first() else { continue };
+        let init = match &newest.container_type {
+            Some(t) if t.is_init() => " (init container)",
+            _ => "",
+        };
         out.push_str(&format!(
-            "{ns}/{pod} container {name}: {}\n",
+            "{ns}/{pod} container {name}{init}: {}\n",
             newest.reason.as_str(),
         ));
         // Why the runtime stopped it comes first: it is the question asked most.
@@ -107,6 +115,23 @@ fn render(ns: &str, pod: &str, a: &Answer, last: usize) -> String {
             out.push_str(&detail(r, i == 0));
         }
         out.push('\n');
+    }
+    if !a.respawns.is_empty() {
+        out.push_str(
+            "Commands restarted inside running containers (Kubernetes does not count these):\n",
+        );
+        for r in &a.respawns {
+            out.push_str(&format!(
+                "  container {}: {}{}\n",
+                r.pod.container.as_deref().unwrap_or("?"),
+                respawn_line(&r.respawn),
+                if r.main_alive {
+                    ", PID 1 alive"
+                } else {
+                    ", PID 1 ended"
+                }
+            ));
+        }
     }
     if !a.background_deaths.is_empty() {
         out.push_str("Processes that died while their container kept running (Kubernetes does not report these):\n");
@@ -170,6 +195,19 @@ fn trigger_lines(r: &TerminationRecord) -> String {
                     .unwrap_or_else(|| format!("exit {}", f.exit_code.unwrap_or(0)))
             ));
         }
+        for c in &t.probe_connections {
+            s.push_str(&format!(
+                "    probe connection: {} → {} at {}, {}{}\n",
+                c.src,
+                c.dst,
+                humantime::format_rfc3339_millis(c.at),
+                c.outcome.as_str(),
+                c.reason
+                    .as_ref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ));
+        }
     }
     if let Some(l) = &r.late_connections {
         let pre_stop = match &r.pre_stop {
@@ -220,6 +258,25 @@ fn trigger_lines(r: &TerminationRecord) -> String {
         s.push_str(&line);
     }
     s
+}
+
+/// One respawning command in a sentence.
+fn respawn_line(r: &Respawn) -> String {
+    format!(
+        "{} restarted {} time{} by {} (pid {}{}), {} of {} exits failed, the last {} at {}",
+        r.command,
+        r.respawns,
+        if r.respawns == 1 { "" } else { "s" },
+        r.parent_comm,
+        r.parent_pid,
+        if r.parent_is_main { ", PID 1" } else { "" },
+        r.failed_exits,
+        r.exits,
+        r.last_signal
+            .clone()
+            .unwrap_or_else(|| format!("exit {}", r.last_exit_code.unwrap_or(0))),
+        humantime::format_rfc3339_millis(r.last_exit_at)
+    )
 }
 
 fn detail(r: &TerminationRecord, newest: bool) -> String {
@@ -297,6 +354,9 @@ fn detail(r: &TerminationRecord, newest: bool) -> String {
                     .map(|c| format!(", limit of {c}"))
                     .unwrap_or_default()
             ));
+        }
+        for x in &r.respawns {
+            s.push_str(&format!("    respawned: {}\n", respawn_line(x)));
         }
         for d in &r.previous_deaths {
             s.push_str(&format!(

@@ -210,23 +210,32 @@ async fn terminations(
         pod: q.pod,
         container: q.container,
     };
-    let (records, deaths) = match s.terminations.lock() {
-        Ok(store) => store.page(&filter, since, limit),
+    let (records, deaths, respawns) = match s.terminations.lock() {
+        Ok(store) => {
+            let (records, deaths) = store.page(&filter, since, limit);
+            (records, deaths, store.respawns(&filter))
+        }
         Err(_) => {
             return (StatusCode::INTERNAL_SERVER_ERROR, "records unavailable\n").into_response();
         }
     };
     (
         [(header::CONTENT_TYPE, "application/json")],
-        Body::from_stream(page_stream(records, deaths)),
+        Body::from_stream(page_stream(records, deaths, respawns)),
     )
         .into_response()
 }
 
-/// `{"terminations": [...], "background_deaths": [...]}`, one chunk per item.
-fn page_stream<R: serde::Serialize + Send + 'static, D: serde::Serialize + Send + 'static>(
+/// `{"terminations": [...], "background_deaths": [...], "respawns": [...]}`,
+/// one chunk per item.
+fn page_stream<
+    R: serde::Serialize + Send + 'static,
+    D: serde::Serialize + Send + 'static,
+    S: serde::Serialize + Send + 'static,
+>(
     records: Vec<R>,
     deaths: Vec<D>,
+    respawns: Vec<S>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
     fn items<T: serde::Serialize>(v: Vec<T>) -> impl Iterator<Item = Bytes> {
         v.into_iter().enumerate().map(|(i, x)| {
@@ -242,6 +251,8 @@ fn page_stream<R: serde::Serialize + Send + 'static, D: serde::Serialize + Send 
             b"],\"background_deaths\":[",
         )))
         .chain(items(deaths))
+        .chain(std::iter::once(Bytes::from_static(b"],\"respawns\":[")))
+        .chain(items(respawns))
         .chain(std::iter::once(Bytes::from_static(b"]}")));
     futures_util::stream::iter(chunks.map(Ok))
 }

@@ -330,6 +330,11 @@ fn spawn_records(
                                 s.add_death(d.clone());
                             }
                         }
+                        Event::Respawn(r) => {
+                            if let Ok(mut s) = state.terminations.lock() {
+                                s.add_respawn(r.clone());
+                            }
+                        }
                         _ => {}
                     }
                     p.fetch_add(1, Ordering::Relaxed);

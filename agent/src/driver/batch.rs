@@ -115,6 +115,7 @@ pub fn process(
             forensics.on_removed(c.id);
         }
     }
+    let first_net = events.len();
     net(
         &b.conns,
         &b.drops,
@@ -124,6 +125,7 @@ pub fn process(
         dying,
         &mut events,
     );
+    forensics.on_net_events(resolver, &events[first_net..]);
     for mut f in forensics.take_findings(Instant::now()) {
         late_connections(&mut f, dying);
         events.push(finding_event(f));
@@ -186,5 +188,6 @@ pub fn finding_event(f: Finding) -> Event {
         Finding::Termination(t) => Event::Termination(t),
         Finding::BackgroundDeath(d) => Event::BackgroundDeath(*d),
         Finding::Oom(o) => Event::Oom(*o),
+        Finding::Respawn(r) => Event::Respawn(*r),
     }
 }

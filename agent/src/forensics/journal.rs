@@ -421,6 +421,8 @@ pub(crate) mod tests {
             stop: StopTimeline::default(),
             oom: None,
             previous_deaths: vec![],
+            container_type: None,
+            respawns: vec![],
             trigger: None,
             pre_stop: None,
             late_connections: None,

@@ -15,7 +15,10 @@
 //! explains an exit may be read just after it.
 
 pub mod journal;
+pub mod netprobe;
 pub mod record;
+pub mod respawn;
+pub mod role;
 pub mod scope;
 pub mod state_dir;
 pub mod store;
@@ -30,14 +33,18 @@ use std::{
 use serde::Serialize;
 
 use self::{
+    netprobe::{NetProbes, ProbeConnection},
     record::{
         Death, DeathCause, Evidence, MainExit, OomDetails, Reason, Sender, SenderKind,
         StopTimeline, TerminationRecord, decide, explain,
     },
+    respawn::{ChildExit, RespawnReport, Respawns},
+    role::ContainerType,
     scope::ScopeReader,
     trigger::{Aftermath, DeclaredHook, RuntimeExec, StopShape, TRIGGER_WAIT},
 };
 use crate::{
+    events::Event,
     kernel::cgroups::CgroupLayout,
     metadata::{PodIdentity, Resolver},
     probes::{
@@ -96,6 +103,8 @@ pub enum Finding {
     Termination(Box<TerminationRecord>),
     BackgroundDeath(Box<BackgroundDeath>),
     Oom(Box<OomKill>),
+    /// A command a process of the container restarted again.
+    Respawn(Box<RespawnReport>),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -119,6 +128,8 @@ struct ContainerState {
     deaths: VecDeque<Death>,
     /// Processes the runtime exec'd into it (exec probes and hooks), oldest first.
     execs: VecDeque<RuntimeExec>,
+    /// Commands restarted under a living parent (a supervisor).
+    respawns: Respawns,
     ended: bool,
     removed: Option<Instant>,
 }
@@ -133,6 +144,9 @@ struct Pending {
     /// kubelet's annotations on the container, from CRI.
     pod_grace: Option<i64>,
     pre_stop: DeclaredHook,
+    container_type: Option<ContainerType>,
+    /// The container's declared TCP ports (kubelet's annotation).
+    ports: Vec<u16>,
 }
 
 /// A record of a runtime stop that waits for what the pod does next.
@@ -143,6 +157,9 @@ struct Awaiting {
     stop_ns: u64,
     shape: StopShape,
     record: TerminationRecord,
+    /// Connections from the node to the pod's probed port before the kill.
+    net: Vec<ProbeConnection>,
+    kill_at: SystemTime,
 }
 
 pub struct Forensics {
@@ -157,6 +174,11 @@ pub struct Forensics {
     sandbox_ends: HashMap<String, u64>,
     /// Pod uid → when a container of the pod last started (its first exec).
     container_starts: HashMap<String, Instant>,
+    /// Pod uid → when an app (not init) container of the pod last started.
+    app_starts: HashMap<String, Instant>,
+    /// Connections to pods' addresses from no pod of this node (kubelet's
+    /// httpGet and tcpSocket probes among them).
+    net: NetProbes,
     findings: Vec<Finding>,
     /// Containers found at start-up whose main process is not known yet.
     unadopted: Vec<(u64, std::path::PathBuf, u32)>,
@@ -177,6 +199,8 @@ impl Forensics {
             awaiting: vec![],
             sandbox_ends: HashMap::new(),
             container_starts: HashMap::new(),
+            app_starts: HashMap::new(),
+            net: NetProbes::default(),
             findings: vec![],
             unadopted: vec![],
             scope: ScopeReader::new(layout),
@@ -273,6 +297,13 @@ impl Forensics {
                 r.pod_uid.clone(),
                 Instant::now(),
             );
+            let init = resolver
+                .container_meta(cid)
+                .and_then(|m| ContainerType::from_annotation(m.container_type.as_deref()))
+                .is_some_and(|t| t.is_init());
+            if !init {
+                bounded_insert(&mut self.app_starts, r.pod_uid.clone(), Instant::now());
+            }
         }
         self.state(cgroup_id).main.get_or_insert(tgid);
     }
@@ -363,7 +394,21 @@ impl Forensics {
         }
         let cid = exit.pod.container_id.as_deref().unwrap_or_default();
         if resolver.is_sandbox(cid) || exit.pod.container.as_deref() == Some("POD") {
-            // The pause container: its end is the pod's teardown, not a death to explain.
+            // The pause container: its end is the pod's teardown, not a death
+            // to explain. Only its main process's end is: runc's bootstrap
+            // (`runc:[…]`) and other short processes in its cgroup end at the
+            // pod's creation.
+            let state = self.containers.get_mut(&exit.cgroup_id);
+            if exit.comm.starts_with("runc:[") {
+                // The bootstrap may have been taken for the main process.
+                if let Some(s) = state.filter(|s| s.main == Some(exit.tgid)) {
+                    s.main = None;
+                }
+                return;
+            }
+            if state.and_then(|s| s.main).is_some_and(|m| m != exit.tgid) {
+                return;
+            }
             if let Some(s) = self.containers.get_mut(&exit.cgroup_id) {
                 s.ended = true;
             }
@@ -385,6 +430,9 @@ impl Forensics {
         let meta = resolver.container_meta(cid);
         let pod_grace = meta.and_then(|m| m.pod_grace_seconds);
         let pre_stop = DeclaredHook::parse(meta.and_then(|m| m.pre_stop_handler.as_deref()));
+        let container_type =
+            ContainerType::from_annotation(meta.and_then(|m| m.container_type.as_deref()));
+        let ports = netprobe::declared_ports(meta.and_then(|m| m.ports.as_deref()));
         // The runtime's own bootstrap (`runc:[1:CHILD]`) is no exec'd command.
         let runtime_exec = !exit.comm.starts_with("runc:[") && is_runtime_comm(&exit.parent_comm);
         let s = self.state(exit.cgroup_id);
@@ -423,6 +471,8 @@ impl Forensics {
                 seen: Instant::now(),
                 pod_grace,
                 pre_stop,
+                container_type,
+                ports,
             });
             return;
         }
@@ -444,6 +494,31 @@ impl Forensics {
             });
             return;
         }
+        let main = s.main;
+        let respawn = s
+            .respawns
+            .on_exit(
+                &ChildExit {
+                    comm: &exit.comm,
+                    ppid: exit.ppid,
+                    parent_comm: &exit.parent_comm,
+                    exit_code: exit.exit_code,
+                    signal: exit.signal.as_deref(),
+                    at: exit.ts,
+                },
+                main,
+            )
+            .cloned();
+        let main_alive = !s.ended;
+        if let Some(respawn) = respawn {
+            self.findings.push(Finding::Respawn(Box::new(RespawnReport {
+                pod: exit.pod.clone(),
+                main_pid: main,
+                main_alive,
+                respawn,
+            })));
+        }
+        let s = self.state(exit.cgroup_id);
         let Some(death) = death_of(exit, s) else {
             return;
         };
@@ -463,6 +538,36 @@ impl Forensics {
                     pod: exit.pod.clone(),
                     death,
                 })));
+        }
+    }
+
+    /// Published packet events: TCP connections to a pod's address from a
+    /// source that is no pod of this node, and their refusals or drops
+    /// (see [`netprobe`]).
+    pub fn on_net_events(&mut self, resolver: &Resolver, events: &[Event]) {
+        // The pod a connection from outside the node's pods goes to.
+        let target = |src: std::net::SocketAddr, dst: std::net::SocketAddr| {
+            if resolver.is_pod_ip(src.ip()) {
+                return None;
+            }
+            resolver.pod_by_ip(dst.ip())?.pod_uid
+        };
+        for e in events {
+            match e {
+                Event::Connection(c) if c.protocol == "tcp" => {
+                    if let Some(uid) = target(c.src, c.dst) {
+                        self.net.connection(&uid, c.ts, c.src, c.dst);
+                    }
+                }
+                Event::Drop(d) if d.protocol == Some("tcp") => {
+                    if let (Some(src), Some(dst)) = (d.src, d.dst)
+                        && let Some(uid) = target(src, dst)
+                    {
+                        self.net.drop(&uid, d.ts, src, dst, &d.reason);
+                    }
+                }
+                _ => {}
+            }
         }
     }
 
@@ -500,6 +605,11 @@ impl Forensics {
         });
         self.container_starts
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+        // An app start is kept while the pod may still have init containers
+        // failing (a pod's init phase can last long; the map is bounded).
+        self.app_starts
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(3600));
+        self.net.gc(SystemTime::now());
     }
 
     /// Decides the waiting records whose pod did something since (its
@@ -524,7 +634,21 @@ impl Forensics {
             };
             match aftermath {
                 Some(x) => {
-                    a.record.trigger = Some(trigger::from_aftermath(&x, &a.shape));
+                    let mut t = trigger::from_aftermath(&x, &a.shape);
+                    // A new container in the same pod after the node's
+                    // connections to it: a network probe (see netprobe).
+                    let net = netprobe::trigger(&a.net, a.kill_at);
+                    match (&x, net) {
+                        (Aftermath::NewContainer { .. }, Some(n)) => t = n,
+                        (Aftermath::Nothing, Some(mut n))
+                            if n.basis == trigger::Basis::Observed =>
+                        {
+                            n.decided = false;
+                            t = n;
+                        }
+                        _ => t.probe_connections = std::mem::take(&mut a.net),
+                    }
+                    a.record.trigger = Some(t);
                     self.stats.terminations += 1;
                     self.findings.push(Finding::Termination(Box::new(a.record)));
                 }
@@ -656,6 +780,22 @@ impl Forensics {
             pre_stop_seconds: hook.duration_seconds.unwrap_or(0.0),
         };
         let pod_uid = exit.pod.pod_uid.clone();
+        // A failed init container: what it held back, in the same sentence.
+        let explanation = match &p.container_type {
+            Some(t) if t.is_init() && reason != Reason::Completed && !runtime_stop => {
+                let app_started = pod_uid
+                    .as_ref()
+                    .and_then(|u| self.app_starts.get(u))
+                    .is_some_and(|t| *t <= p.seen);
+                let name = exit.pod.container.as_deref().unwrap_or("?");
+                match role::blocked_sentence(app_started) {
+                    Some(blocked) => format!("init container {name}: {explanation}; {blocked}"),
+                    None => format!("init container {name}: {explanation}"),
+                }
+            }
+            _ => explanation,
+        };
+        let respawns = s.respawns.reported();
         let record = TerminationRecord {
             pod: exit.pod.clone(),
             restart_attempt: p.attempt,
@@ -678,10 +818,23 @@ impl Forensics {
             trigger: probe.clone(),
             pre_stop: (runtime_stop && (hook.ran || hook.declared.is_some())).then_some(hook),
             late_connections: None,
+            container_type: p.container_type.clone(),
+            respawns,
         };
         match (runtime_stop, probe, pod_uid) {
             (true, None, Some(pod_uid)) => {
+                // kubelet began the kill with the preStop hook, else SIGTERM.
+                let kill_at = record
+                    .pre_stop
+                    .as_ref()
+                    .and_then(|h| h.started_at)
+                    .or(record.stop.sigterm_at)
+                    .or(record.stop.sigkill_at)
+                    .unwrap_or(record.finished_at);
+                let net = self.net.before(&pod_uid, kill_at, &p.ports);
                 self.awaiting.push(Awaiting {
+                    net,
+                    kill_at,
                     due: Instant::now() + TRIGGER_WAIT,
                     seen: p.seen,
                     pod_uid,

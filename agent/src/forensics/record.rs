@@ -236,6 +236,13 @@ pub struct TerminationRecord {
     /// lagging behind termination), filled by the packet path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub late_connections: Option<crate::net::dying::LateConnections>,
+    /// Init, app or ephemeral container, and how that is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_type: Option<super::role::ContainerType>,
+    /// Commands that a process of the container kept restarting while PID 1
+    /// lived (a supervisor, a shell loop), over the container's life.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub respawns: Vec<super::respawn::Respawn>,
 }
 
 /// The main process's end, as the exit event tells it.

@@ -19,12 +19,16 @@ use super::{
     BackgroundDeath,
     journal::{Journal, MAX_PENDING},
     record::TerminationRecord,
+    respawn::RespawnReport,
 };
 use crate::events::Filter;
 
 pub struct TerminationStore {
     records: VecDeque<TerminationRecord>,
     deaths: VecDeque<BackgroundDeath>,
+    /// The latest count of each respawning command (container, parent,
+    /// command), least recently updated first.
+    respawns: VecDeque<RespawnReport>,
     cap: usize,
 }
 
@@ -43,6 +47,7 @@ impl TerminationStore {
         TerminationStore {
             records: VecDeque::new(),
             deaths: VecDeque::new(),
+            respawns: VecDeque::new(),
             cap: cap.max(1),
         }
     }
@@ -59,6 +64,30 @@ impl TerminationStore {
             self.deaths.pop_front();
         }
         self.deaths.push_back(d);
+    }
+
+    /// A respawn's latest count replaces the one it updates.
+    pub fn add_respawn(&mut self, r: RespawnReport) {
+        let same = |x: &RespawnReport| {
+            x.pod.container_id == r.pod.container_id
+                && x.respawn.parent_pid == r.respawn.parent_pid
+                && x.respawn.command == r.respawn.command
+        };
+        if let Some(i) = self.respawns.iter().position(same) {
+            self.respawns.remove(i);
+        } else if self.respawns.len() == self.cap {
+            self.respawns.pop_front();
+        }
+        self.respawns.push_back(r);
+    }
+
+    /// The respawning commands of the containers that match, latest counts.
+    pub fn respawns(&self, f: &Filter) -> Vec<RespawnReport> {
+        self.respawns
+            .iter()
+            .filter(|r| f.matches(&r.pod))
+            .cloned()
+            .collect()
     }
 
     pub fn query(&self, f: &Filter) -> Answer<'_> {

@@ -103,6 +103,10 @@ pub struct TriggerInfo {
     /// The failing exec probe runs before the stop, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probe_failures: Vec<RuntimeExec>,
+    /// The connections from the node to the pod's probed port before the
+    /// stop (httpGet and tcpSocket probes), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probe_connections: Vec<super::netprobe::ProbeConnection>,
     /// False when the record was written after [`TRIGGER_WAIT`] without the
     /// evidence that decides (the sandbox's fate or a new container).
     pub decided: bool,
@@ -308,6 +312,7 @@ pub fn probe_trigger(
             if n == 1 { "" } else { "s" }
         ),
         probe_failures: trailing,
+        probe_connections: vec![],
         decided: true,
     })
 }
@@ -348,6 +353,7 @@ pub fn from_aftermath(a: &Aftermath, shape: &StopShape) -> TriggerInfo {
                 -after_seconds
             ),
             probe_failures: vec![],
+            probe_connections: vec![],
             decided: true,
         },
         Aftermath::SandboxEnded { after_seconds } => {
@@ -373,6 +379,7 @@ pub fn from_aftermath(a: &Aftermath, shape: &StopShape) -> TriggerInfo {
                         "the pod's sandbox stopped {after_seconds:.1} s later and {why}: a deletion with a grace override, as kubelet's eviction does"
                     ),
                     probe_failures: vec![],
+                    probe_connections: vec![],
                     decided: true,
                 }
             } else {
@@ -383,6 +390,7 @@ pub fn from_aftermath(a: &Aftermath, shape: &StopShape) -> TriggerInfo {
                         "the pod's sandbox was stopped {after_seconds:.1} s after the container"
                     ),
                     probe_failures: vec![],
+                    probe_connections: vec![],
                     decided: true,
                 }
             }
@@ -395,6 +403,7 @@ pub fn from_aftermath(a: &Aftermath, shape: &StopShape) -> TriggerInfo {
                 name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default()
             ),
             probe_failures: vec![],
+            probe_connections: vec![],
             decided: true,
         },
         Aftermath::Nothing => TriggerInfo {
@@ -405,6 +414,7 @@ pub fn from_aftermath(a: &Aftermath, shape: &StopShape) -> TriggerInfo {
                 TRIGGER_WAIT.as_secs()
             ),
             probe_failures: vec![],
+            probe_connections: vec![],
             decided: false,
         },
     }

@@ -41,6 +41,11 @@ pub struct ContainerMeta {
     pub pod_grace_seconds: Option<i64>,
     /// kubelet's `io.kubernetes.container.preStopHandler` annotation (JSON).
     pub pre_stop_handler: Option<String>,
+    /// kubelet's `io.kubernetes.container.type` annotation: `init`,
+    /// `container` or `ephemeral` (absent from older kubelets).
+    pub container_type: Option<String>,
+    /// kubelet's `io.kubernetes.container.ports` annotation (JSON).
+    pub ports: Option<String>,
 }
 
 /// What CRI says about one pod sandbox (its pause container's id is the sandbox id).
@@ -201,6 +206,8 @@ fn container_meta(c: v1::Container) -> ContainerMeta {
             .annotations
             .get("io.kubernetes.container.preStopHandler")
             .cloned(),
+        container_type: c.annotations.get("io.kubernetes.container.type").cloned(),
+        ports: c.annotations.get("io.kubernetes.container.ports").cloned(),
         id: c.id,
     }
 }

@@ -345,6 +345,11 @@ impl Resolver {
         self.cgroups.gc(now);
     }
 
+    /// Whether an IP is a pod's of this node (without copying its names).
+    pub fn is_pod_ip(&self, ip: IpAddr) -> bool {
+        self.names.pod_ips.contains_key(&ip)
+    }
+
     /// The pod an IP belongs to (namespace, name, uid), from CRI.
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<PodIdentity> {
         let id = self.names.pod_ips.get(&ip)?;

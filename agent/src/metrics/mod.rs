@@ -361,6 +361,7 @@ impl Metrics {
             Event::Oom(o) => self.terminations.oom(o, now, refused),
             Event::Termination(t) => self.terminations.termination(t, now, refused),
             Event::BackgroundDeath(d) => self.terminations.background_death(d, now, refused),
+            Event::Respawn(r) => self.terminations.respawn(r, now, refused),
             Event::Connection(c) => self.net.observe_connection(c, now, refused),
             Event::Drop(d) => self.net.observe_drop(d, now, refused),
             Event::Throttle(t) => self.throttle.observe(t, now, refused),

@@ -9,6 +9,11 @@
 //! - `podscope_container_background_deaths_total{…,cause}`: processes other
 //!   than PID 1 that were killed, crashed or OOM-killed while the container
 //!   lived on — deaths Kubernetes never reports.
+//! - `podscope_container_respawns_total{…,command}`: a command a process of
+//!   the container (a supervisor, a shell loop) started again after it
+//!   failed, while PID 1 lived — restarts Kubernetes never counts. `command`
+//!   is the kernel's comm (15 bytes), at most 8 per container
+//!   (`forensics::respawn::COMMANDS_KEPT`), under the shared series budget.
 
 use std::time::{Instant, UNIX_EPOCH};
 
@@ -20,7 +25,7 @@ use prometheus_client::{
 
 use super::{MetricsOptions, SeriesBook};
 use crate::{
-    forensics::{BackgroundDeath, record::TerminationRecord},
+    forensics::{BackgroundDeath, record::TerminationRecord, respawn::RespawnReport},
     metadata::PodIdentity,
     probes::oom::OomKill,
 };
@@ -50,6 +55,14 @@ pub struct ScopeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub command: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CauseLabels {
     pub namespace: String,
     pub pod: String,
@@ -63,6 +76,8 @@ pub struct TerminationMetrics {
     ooms: Family<ScopeLabels, Counter>,
     deaths: Family<CauseLabels, Counter>,
     restarts: Family<TriggerLabels, Counter>,
+    respawns: Family<CommandLabels, Counter>,
+    commands: SeriesBook<CommandLabels>,
     reasons: SeriesBook<ReasonLabels>,
     triggers: SeriesBook<TriggerLabels>,
     scopes: SeriesBook<ScopeLabels>,
@@ -110,7 +125,15 @@ impl TerminationMetrics {
             "Container stops by what made the runtime stop them: liveness_probe, startup_probe, pod_deleted, evicted, container_restart, runtime_or_node; none when the container ended on its own",
             restarts.clone(),
         );
+        let respawns = Family::<CommandLabels, Counter>::default();
+        registry.register(
+            "container_respawns",
+            "Commands a process of the container (a supervisor, a shell loop) started again after they failed, while the container's PID 1 lived: restarts Kubernetes does not count",
+            respawns.clone(),
+        );
         TerminationMetrics {
+            respawns,
+            commands: SeriesBook::new(&opts.budget, opts.series_retention),
             terminations,
             last,
             ooms,
@@ -190,6 +213,21 @@ impl TerminationMetrics {
         }
     }
 
+    pub fn respawn(&mut self, r: &RespawnReport, now: Instant, refused: &Counter) {
+        let Some((namespace, pod, container)) = workload(&r.pod) else {
+            return;
+        };
+        let labels = CommandLabels {
+            namespace,
+            pod,
+            container,
+            command: r.respawn.command.clone(),
+        };
+        if self.commands.admit(&labels, now, refused) {
+            self.respawns.get_or_create(&labels).inc();
+        }
+    }
+
     pub fn gc(&mut self, now: Instant, gone: impl Fn(&str, &str) -> bool) {
         for l in self.reasons.expire(now, |l| gone(&l.namespace, &l.pod)) {
             self.terminations.remove(&l);
@@ -204,9 +242,16 @@ impl TerminationMetrics {
         for l in self.triggers.expire(now, |l| gone(&l.namespace, &l.pod)) {
             self.restarts.remove(&l);
         }
+        for l in self.commands.expire(now, |l| gone(&l.namespace, &l.pod)) {
+            self.respawns.remove(&l);
+        }
     }
 
     pub fn series(&self) -> usize {
-        self.reasons.len() * 2 + self.scopes.len() + self.causes.len() + self.triggers.len()
+        self.reasons.len() * 2
+            + self.scopes.len()
+            + self.causes.len()
+            + self.triggers.len()
+            + self.commands.len()
     }
 }
