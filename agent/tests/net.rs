@@ -283,6 +283,8 @@ fn scenarios() {
             .args(["--cri-socket", SOCKET, "--netns", NETNS])
             .arg("--state-dir")
             .arg(scratch.join("state"))
+            .arg("--api-socket")
+            .arg(scratch.join("api.sock"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
