@@ -40,18 +40,7 @@ fn without_root_trace_says_so_in_one_sentence_and_exits_1() {
     if !privileged("without_root_trace_says_so_in_one_sentence_and_exits_1") {
         return;
     }
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--",
-        ])
-        .arg(env!("CARGO_BIN_EXE_podscope"))
-        .args(["trace", "exits"])
-        .output()
-        .expect("setpriv (util-linux) is needed for this test");
+    let out = support::as_nobody(&["trace", "exits"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("needs root"), "{err}");
@@ -190,6 +179,24 @@ fn why_without_an_agent_says_where_it_looked() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("cannot reach the podscope agent") && err.contains(&port.to_string()),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    // A socket path nothing is at (the default one, without an agent on
+    // this machine, reads the same).
+    let missing =
+        std::env::temp_dir().join(format!("podscope-no-agent-{}.sock", std::process::id()));
+    let out = podscope()
+        .args(["why", "shop/cart", "--agent"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the podscope agent")
+            && err.contains(missing.to_str().unwrap())
+            && err.contains("is `podscope agent` running on this node?"),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");

@@ -12,12 +12,12 @@ mod support;
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc,
     },
     time::{Duration, Instant},
 };
@@ -29,44 +29,45 @@ const STORM: usize = 20_000;
 /// Every storm child exits with this status: how its exits are told apart.
 const STORM_CODE: i32 = 7;
 
-/// A running `podscope agent` on a free loopback port, ended by its PID.
+/// A running `podscope agent` on a free loopback port, its node-wide API
+/// on a socket of its own, ended by its PID.
 struct Agent {
     child: Option<Child>,
     port: u16,
+    socket: PathBuf,
 }
 
 impl Agent {
     fn start(args: &[&str], env: &[(&str, String)], state: &Path) -> Agent {
         let port = free_port();
+        let socket = support::api_socket(state);
         let mut child = Command::new(env!("CARGO_BIN_EXE_podscope"))
             .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--state-dir", state.to_str().unwrap()])
+            .arg("--api-socket")
+            .arg(&socket)
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("agent: {line}");
-                if line.contains("attached") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(30))
-            .expect("the agent attached");
+        support::wait_attached(&mut child, Some("agent: "));
         Agent {
             child: Some(child),
             port,
+            socket,
         }
     }
 
+    /// A GET on the metrics listener: its body.
     fn get(&self, path: &str) -> String {
         get(self.port, path).map(|(_, b)| b).unwrap_or_default()
+    }
+
+    /// A GET of the node-wide API, on the agent's socket: (status, body).
+    fn api(&self, path: &str) -> (u16, String) {
+        support::get_unix(&self.socket, path).unwrap_or_default()
     }
 
     /// The sum of a metric's samples whose line contains every `filter`.
@@ -115,7 +116,7 @@ impl Agent {
                 "-o",
                 "json",
                 "--agent",
-                &format!("127.0.0.1:{}", self.port),
+                self.socket.to_str().unwrap(),
             ])
             .output()
             .unwrap();
@@ -155,6 +156,8 @@ impl Drop for Agent {
         if let Some(c) = &mut self.child {
             let _ = c.kill();
             let _ = c.wait();
+            // A killed agent leaves its socket.
+            let _ = std::fs::remove_file(&self.socket);
         }
     }
 }
@@ -217,17 +220,17 @@ fn healthz(port: u16) -> bool {
     out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
 }
 
-/// Reads `/api/v1/events` and counts the storm's exits (children of this
-/// process that exited with [`STORM_CODE`]).
+/// Reads `/api/v1/events` (on the agent's socket) and counts the storm's
+/// exits (children of this process that exited with [`STORM_CODE`]).
 struct StormReader {
     seen: Arc<AtomicU64>,
 }
 
 impl StormReader {
-    fn open(port: u16) -> StormReader {
+    fn open(socket: &Path) -> StormReader {
         let seen = Arc::new(AtomicU64::new(0));
         let s = seen.clone();
-        let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut conn = UnixStream::connect(socket).unwrap();
         write!(conn, "GET /api/v1/events HTTP/1.0\r\n\r\n").unwrap();
         // The handler subscribes before it answers: once the headers are
         // here, every later event reaches this reader.
@@ -364,7 +367,7 @@ fn a_hanging_rules_tool_degrades_service_names_only() {
         &state,
     );
     let watch = HealthWatch::start(agent.port);
-    let reader = StormReader::open(agent.port);
+    let reader = StormReader::open(&agent.socket);
     storm_is_seen(&agent, &reader, "hanging iptables-save");
     let body = agent.readyz_until("rules degraded", Duration::from_secs(20), |b| {
         b.contains("[-]kube_proxy_rules degraded")
@@ -414,7 +417,8 @@ fn half_sent_requests_and_a_slow_reader_slow_nobody() {
     }
     let state = state_dir("http");
     let agent = Agent::start(&["--no-cri"], &[], &state);
-    // 200 clients that send half a request and then nothing.
+    // 200 clients that send half a request and then nothing, on the
+    // metrics listener, and 100 more on the API's socket.
     let half: Vec<TcpStream> = (0..200)
         .filter_map(|_| {
             let mut s = TcpStream::connect(("127.0.0.1", agent.port)).ok()?;
@@ -423,8 +427,17 @@ fn half_sent_requests_and_a_slow_reader_slow_nobody() {
         })
         .collect();
     assert_eq!(half.len(), 200);
-    // A reader that takes 1 KiB of the stream every 200 ms.
-    let mut slow = TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+    let half_unix: Vec<UnixStream> = (0..100)
+        .filter_map(|_| {
+            let mut s = UnixStream::connect(&agent.socket).ok()?;
+            s.write_all(b"GET /api/v1/terminations HTTP/1.1\r\nHost: x\r\n")
+                .ok()?;
+            Some(s)
+        })
+        .collect();
+    assert_eq!(half_unix.len(), 100);
+    // A reader on the API's socket that takes 1 KiB of the stream every 200 ms.
+    let mut slow = UnixStream::connect(&agent.socket).unwrap();
     slow.write_all(b"GET /api/v1/events HTTP/1.0\r\n\r\n")
         .unwrap();
     let slow_stop = Arc::new(AtomicBool::new(false));
@@ -439,7 +452,7 @@ fn half_sent_requests_and_a_slow_reader_slow_nobody() {
         }
     });
     let watch = HealthWatch::start(agent.port);
-    let reader = StormReader::open(agent.port);
+    let reader = StormReader::open(&agent.socket);
     storm_is_seen(&agent, &reader, "half-sent requests and a slow reader");
     // The slow reader fell behind: its loss is counted, not anyone's wait.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -451,7 +464,10 @@ fn half_sent_requests_and_a_slow_reader_slow_nobody() {
         storm(2_000);
     }
     watch.check("half-sent requests and a slow reader");
+    // The socket still answers while its half-sent clients wait.
+    assert_eq!(agent.api("/api/v1/terminations?limit=1").0, 200);
     drop(half);
+    drop(half_unix);
     slow_stop.store(true, Ordering::Relaxed);
     let _ = slow_reader.join();
     let took = agent.terminate();
@@ -502,7 +518,7 @@ fn a_frozen_runtime_costs_names_not_events() {
         b.starts_with("ready") && b.contains("[+]cri ok")
     });
     let watch = HealthWatch::start(agent.port);
-    let reader = StormReader::open(agent.port);
+    let reader = StormReader::open(&agent.socket);
     // SAFETY: SIGSTOP to the test node's own containerd; Thaw resumes it.
     unsafe { libc::kill(containerd, libc::SIGSTOP) };
     let thaw = Thaw(containerd);
@@ -591,7 +607,7 @@ fn a_full_state_directory_keeps_records_in_memory() {
     let agent = Agent::start(&["--cri-socket", SOCKET], &[], &fs.0);
     fs.fill();
     let watch = HealthWatch::start(agent.port);
-    let reader = StormReader::open(agent.port);
+    let reader = StormReader::open(&agent.socket);
     // A container that exits 3: its record cannot reach the disk.
     support::apply(
         "faults-full",
@@ -601,7 +617,7 @@ fn a_full_state_directory_keeps_records_in_memory() {
     storm_is_seen(&agent, &reader, "full state directory");
     let deadline = Instant::now() + Duration::from_secs(30);
     let record = loop {
-        let body = agent.get("/api/v1/terminations?namespace=podscope-faults&pod=full");
+        let (_, body) = agent.api("/api/v1/terminations?namespace=podscope-faults&pod=full");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         if let Some(r) = v["terminations"].as_array().and_then(|a| a.last()).cloned() {
             break r;
@@ -611,8 +627,8 @@ fn a_full_state_directory_keeps_records_in_memory() {
     };
     assert_eq!(record["exit_code"], 3, "{record}");
     // Paged: `since` after the record leaves nothing; `limit` caps each list.
-    let later = agent
-        .get("/api/v1/terminations?namespace=podscope-faults&pod=full&since=2099-01-01T00:00:00Z");
+    let (_, later) = agent
+        .api("/api/v1/terminations?namespace=podscope-faults&pod=full&since=2099-01-01T00:00:00Z");
     let v: serde_json::Value = serde_json::from_str(&later).unwrap();
     assert_eq!(
         v["terminations"].as_array().map(Vec::len),
@@ -620,13 +636,13 @@ fn a_full_state_directory_keeps_records_in_memory() {
         "{later}"
     );
     let one: serde_json::Value =
-        serde_json::from_str(&agent.get("/api/v1/terminations?limit=1")).unwrap();
+        serde_json::from_str(&agent.api("/api/v1/terminations?limit=1").1).unwrap();
     assert_eq!(
         one["terminations"].as_array().map(Vec::len),
         Some(1),
         "{one}"
     );
-    let bad = get(agent.port, "/api/v1/terminations?since=yesterday").unwrap();
+    let bad = agent.api("/api/v1/terminations?since=yesterday");
     assert_eq!(bad.0, 400, "{bad:?}");
     agent.readyz_until("journal degraded", Duration::from_secs(10), |b| {
         b.contains("[-]journal degraded")

@@ -14,7 +14,10 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{free_port, get, privileged, required};
+use support::{
+    certs::{curl, issue, new_ca},
+    free_port, get, privileged, required,
+};
 
 struct Cleanup(Vec<Child>, PathBuf);
 
@@ -35,94 +38,6 @@ fn which(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, and `name`.pem/.key signed by it (`san` for a server, none for a client).
-fn issue(dir: &Path, ca: &str, name: &str, san: Option<&str>, serial: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
-    let ext = format!("{name}.ext");
-    std::fs::write(
-        dir.join(&ext),
-        match san {
-            Some(s) => format!("subjectAltName={s}\nextendedKeyUsage=serverAuth\n"),
-            None => "extendedKeyUsage=clientAuth\n".into(),
-        },
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-set_serial",
-            serial,
-            "-days",
-            "2",
-            "-out",
-            &format!("{name}.pem"),
-            "-extfile",
-            &ext,
-        ],
-    );
-}
-
-fn new_ca(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
-}
-
 /// The serial of the certificate the agent serves right now.
 fn served_serial(port: u16) -> String {
     let out = Command::new("sh")
@@ -137,23 +52,11 @@ fn served_serial(port: u16) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// `curl -sk` status code for `path`, with extra curl arguments.
+/// `curl -k` status code for `path`, with extra curl arguments.
 fn curl_status(port: u16, path: &str, extra: &[&str]) -> String {
-    let out = Command::new("curl")
-        .args([
-            "-sk",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "5",
-        ])
-        .args(extra)
-        .arg(format!("https://127.0.0.1:{port}{path}"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut args = vec!["-k"];
+    args.extend_from_slice(extra);
+    curl(Path::new("/"), port, path, &args).0
 }
 
 #[test]
@@ -200,6 +103,8 @@ fn prometheus_scrapes_over_tls_with_a_client_certificate_or_a_token_and_nothing_
             &p("ca.pem"),
             "--metrics-token-file",
             &p("token"),
+            "--api-socket",
+            &p("api.sock"),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -230,6 +135,16 @@ fn prometheus_scrapes_over_tls_with_a_client_certificate_or_a_token_and_nothing_
     );
     assert_ne!(rogue, "200", "a certificate of another CA is refused");
     assert_eq!(curl_status(port, "/api/v1/terminations", &[]), "401");
+    // Even a scraper's credentials get no node-wide data here: that is on
+    // the agent's socket.
+    assert_eq!(
+        curl_status(
+            port,
+            "/api/v1/terminations",
+            &["-H", "Authorization: Bearer s3cret-token"]
+        ),
+        "404"
+    );
 
     let prom_port = free_port();
     let target = format!("['127.0.0.1:{port}']");

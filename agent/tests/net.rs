@@ -492,6 +492,8 @@ fn traced_and_counted(mode: &str, a_ip: &str, b_ip: &str, g_ip: &str) {
             .args(["--cri-socket", SOCKET, "--netns", NETNS])
             .arg("--state-dir")
             .arg(scratch.join("state"))
+            .arg("--api-socket")
+            .arg(scratch.join("api.sock"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -118,6 +118,8 @@ fn prometheus_scrapes_per_pod_exit_counts() {
         ])
         .arg("--state-dir")
         .arg(scratch.join("state"))
+        .arg("--api-socket")
+        .arg(scratch.join("api.sock"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -6,11 +6,9 @@
 mod support;
 
 use std::{
-    io::{BufRead, BufReader},
     os::unix::fs::PermissionsExt,
     path::Path,
     process::{Child, Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -35,7 +33,14 @@ fn agent(state: &Path, port: u16) -> Command {
         "--state-dir",
         state.to_str().unwrap(),
     ]);
+    // A socket of its own for each: the second agent meets the state
+    // directory's lock first, whatever its socket.
+    c.arg("--api-socket").arg(socket(state, port));
     c
+}
+
+fn socket(state: &Path, port: u16) -> std::path::PathBuf {
+    support::api_socket(state).with_extension(port.to_string())
 }
 
 #[test]
@@ -51,18 +56,8 @@ fn a_second_agent_on_the_same_state_directory_is_refused() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = first.stderr.take().unwrap();
+    support::wait_attached(&mut first, None);
     let first = Agent(first);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("attached") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("the first agent attached");
 
     let second = agent(&state, free_port()).output().unwrap();
     let msg = String::from_utf8_lossy(&second.stderr);
@@ -87,4 +82,6 @@ fn a_second_agent_on_the_same_state_directory_is_refused() {
     }
     drop(first);
     let _ = std::fs::remove_dir_all(&state);
+    // Left by the first agent, killed above.
+    let _ = std::fs::remove_file(socket(&state, port));
 }

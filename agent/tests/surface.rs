@@ -40,20 +40,29 @@ fn pod(name: &str, extra: &str, containers: &[(&str, &str)]) -> String {
     m
 }
 
-/// A `podscope agent` on loopback, ended by SIGTERM (or killed on drop).
+/// A `podscope agent` on loopback, its node-wide API on a socket of its
+/// own, ended by SIGTERM (or killed on drop).
 struct Agent {
     child: Child,
     port: u16,
+    socket: PathBuf,
 }
 
 impl Agent {
-    fn start(cmd: &mut Command, port: u16) -> Agent {
+    fn start(cmd: &mut Command, port: u16, state: &Path) -> Agent {
+        let socket = support::api_socket(state);
         let child = cmd
+            .arg("--api-socket")
+            .arg(&socket)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let agent = Agent { child, port };
+        let agent = Agent {
+            child,
+            port,
+            socket,
+        };
         wait_until("the agent is ready", 60, || {
             get(port, "/readyz").is_some_and(|r| r.0 == 200)
         });
@@ -68,7 +77,8 @@ impl Agent {
     fn why(&self, pod: &str, json: bool) -> String {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_podscope"));
         cmd.args(["why", &format!("{NS}/{pod}")])
-            .args(["--agent", &format!("127.0.0.1:{}", self.port)]);
+            .arg("--agent")
+            .arg(&self.socket);
         if json {
             cmd.args(["-o", "json"]);
         }
@@ -131,12 +141,13 @@ fn get_with(port: u16, path: &str, headers: &str) -> (u16, String, String) {
     (status, head.to_lowercase(), body.to_string())
 }
 
-/// A streaming GET of /api/v1/events: its NDJSON lines on a channel.
-fn stream(port: u16, query: &str) -> mpsc::Receiver<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+/// A streaming GET of /api/v1/events over the agent's socket: its NDJSON
+/// lines on a channel.
+fn stream(socket: &Path, query: &str) -> mpsc::Receiver<String> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
     write!(
         s,
-        "GET /api/v1/events?{query} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+        "GET /api/v1/events?{query} HTTP/1.0\r\nHost: localhost\r\n\r\n"
     )
     .unwrap();
     let (tx, rx) = mpsc::channel();
@@ -311,18 +322,23 @@ fn the_agent_surface_on_real_pods() {
             // (checked below, when a deleted pod's series go away).
             .env("PODSCOPE_SERIES_RETENTION", "3s"),
         env_port,
+        &dir.join("state"),
     );
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", file_port)).is_err(),
         "the agent listens on the file's port though PODSCOPE_LISTEN is set"
     );
 
-    say("the events stream, filtered by pod and by container");
-    let by_pod = stream(env_port, &format!("namespace={NS}&pod=ev-a"));
-    let by_container = stream(env_port, &format!("namespace={NS}&container=victim"));
-    let (status, _, body) = get_with(env_port, "/api/v1/events?podname=x", "");
+    say("the events stream, filtered by pod and by container, on the agent's socket");
+    let by_pod = stream(&agent.socket, &format!("namespace={NS}&pod=ev-a"));
+    let by_container = stream(&agent.socket, &format!("namespace={NS}&container=victim"));
+    let (status, body) = support::get_unix(&agent.socket, "/api/v1/events?podname=x").unwrap();
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("namespace, pod, container"), "{body}");
+    // Not on the metrics listener (tests/api.rs: from another address too).
+    let (status, _, body) = get_with(env_port, &format!("/api/v1/events?namespace={NS}"), "");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains(agent.socket.to_str().unwrap()), "{body}");
     let traces = [
         Trace::start("signals"),
         Trace::start("oom"),
@@ -618,6 +634,7 @@ fn the_agent_surface_on_real_pods() {
             .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
             .arg(dir.join("state-2")),
         port,
+        &dir.join("state-2"),
     );
     for (name, code) in [("cap-a", 5), ("cap-b", 6)] {
         cleanup.0.push(name.into());

@@ -42,6 +42,8 @@ impl Drop for Cleanup {
             }
         }
         let _ = std::fs::remove_dir_all(&self.state);
+        // Left by an agent the test killed on purpose.
+        let _ = std::fs::remove_file(support::api_socket(&self.state));
     }
 }
 

@@ -328,6 +328,8 @@ fn scenarios() {
         ])
         .arg("--state-dir")
         .arg(&state)
+        .arg("--api-socket")
+        .arg(support::api_socket(&state))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -47,6 +47,8 @@ impl Drop for Cleanup {
             }
         }
         let _ = std::fs::remove_dir_all(&self.state);
+        // Left by an agent the test killed on purpose.
+        let _ = std::fs::remove_file(support::api_socket(&self.state));
     }
 }
 
@@ -64,7 +66,7 @@ fn why_table(agent: &Agent, pod: &str) -> String {
             "why",
             &format!("{}/{pod}", ns()),
             "--agent",
-            &format!("127.0.0.1:{}", agent.port),
+            agent.socket.to_str().unwrap(),
         ])
         .output()
         .unwrap();

@@ -13,7 +13,8 @@
 //! - every YAML file with `yamllint --strict` and deploy/.yamllint;
 //! - the base and the patch overlays with real kustomize, where kubectl is;
 //! - as root, the real agent run with the DaemonSet's arguments and
-//!   environment (health, readiness, metrics, JSON logs, SIGTERM);
+//!   environment (health, readiness, metrics, the API on its socket only,
+//!   JSON logs, SIGTERM);
 //! - the DaemonSet, Service, ServiceMonitor and Dockerfile against the agent's
 //!   contracts (binary, flags, environment, port, probe paths, capabilities,
 //!   mounts), so that a rename on either side breaks a test.
@@ -45,6 +46,10 @@ const PORT: i64 = 9811;
 /// kube-rbac-proxy's port on the node, which the Service and ServiceMonitor name.
 const PORT_NAME: &str = "https";
 const STATE_DIR: &str = "/var/lib/podscope";
+/// The node-wide API's socket (the agent's default), in the node's
+/// /run/podscope mounted read-write at the same path.
+const API_SOCKET: &str = "/run/podscope/api.sock";
+const RUN_DIR: &str = "/run/podscope";
 const CRI_SOCKET: &str = "/run/containerd/containerd.sock";
 /// BPF loads programs and maps, PERFMON attaches tracing programs,
 /// NET_ADMIN reads kube-proxy's rules (iptables-save) and loads the BPF
@@ -627,6 +632,13 @@ fn daemonset_matches_the_agent_contract() {
     assert_eq!(value("PODSCOPE_STATE_DIR"), STATE_DIR);
     assert_eq!(value("PODSCOPE_CRI_SOCKET"), CRI_SOCKET);
     assert_eq!(value("PODSCOPE_LOG_FORMAT"), "json");
+    assert_eq!(value("PODSCOPE_API_SOCKET"), API_SOCKET);
+    assert!(
+        API_SOCKET.starts_with(&format!("{RUN_DIR}/")),
+        "the API socket must be inside the run mount"
+    );
+    // Nothing puts the node-wide API on TCP.
+    assert!(!env.contains_key("PODSCOPE_API_LISTEN"));
     assert_eq!(
         s(&env["PODSCOPE_NODE_NAME"], "valueFrom.fieldRef.fieldPath"),
         "spec.nodeName"
@@ -635,7 +647,8 @@ fn daemonset_matches_the_agent_contract() {
         assert!(k.starts_with("PODSCOPE_"), "unexpected env {k}");
     }
 
-    // Mounts: each host path at the same path, read-only except the state.
+    // Mounts: each host path at the same path, read-only except the state
+    // and the API socket's directory.
     let volumes: BTreeMap<&str, &str> = seq(pod, "volumes")
         .iter()
         .filter(|v| v.get("hostPath").is_some())
@@ -653,6 +666,7 @@ fn daemonset_matches_the_agent_contract() {
         .map(|p| (*p, (*p, true)))
         .collect();
     expected.insert(STATE_DIR, (STATE_DIR, false));
+    expected.insert(RUN_DIR, (RUN_DIR, false));
     assert_eq!(mounts, expected);
     assert!(
         READ_ONLY_HOST_PATHS
@@ -1485,10 +1499,12 @@ fn the_agent_implements_what_the_deployment_uses() {
 }
 
 /// The real agent, started with the DaemonSet's arguments and environment
-/// (only the listen address, state directory and node name adapted to this
-/// machine), accepts them, logs JSON, serves /healthz, /readyz and /metrics
-/// with every metric the alerts and the dashboard use, and exits 0 on
-/// SIGTERM well within terminationGracePeriodSeconds.
+/// (only the listen address, state directory, API socket and node name
+/// adapted to this machine), accepts them, logs JSON, serves /healthz,
+/// /readyz and /metrics with every metric the alerts and the dashboard use,
+/// serves the node-wide API on its 0600 socket and not on the port, and
+/// exits 0 on SIGTERM well within terminationGracePeriodSeconds, removing
+/// the socket.
 #[test]
 fn the_agent_runs_with_the_daemonsets_settings() {
     use std::{
@@ -1527,10 +1543,9 @@ fn the_agent_runs_with_the_daemonsets_settings() {
         skipped(test, &why);
         return;
     }
-    let get = |port: u16, path: &str| -> Option<(u16, String)> {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    // A plain HTTP/1.0 GET on a stream: (status, body).
+    fn exchange(mut s: impl Read + Write, path: &str) -> Option<(u16, String)> {
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
         let mut raw = String::new();
         s.read_to_string(&mut raw).ok()?;
         let (head, body) = raw.split_once("\r\n\r\n")?;
@@ -1538,6 +1553,11 @@ fn the_agent_runs_with_the_daemonsets_settings() {
             head.split_whitespace().nth(1)?.parse().ok()?,
             body.to_string(),
         ))
+    }
+    let get = |port: u16, path: &str| -> Option<(u16, String)> {
+        let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        exchange(s, path)
     };
 
     let ds = resource("DaemonSet");
@@ -1559,6 +1579,7 @@ fn the_agent_runs_with_the_daemonsets_settings() {
         let v = match k.as_str() {
             "PODSCOPE_LISTEN" => format!("127.0.0.1:{port}"),
             "PODSCOPE_STATE_DIR" => dir.join("state").display().to_string(),
+            "PODSCOPE_API_SOCKET" => dir.join("run/api.sock").display().to_string(),
             "PODSCOPE_NODE_NAME" => "deploy-test-node".to_string(),
             _ => s(&e, "value").to_string(),
         };
@@ -1626,6 +1647,33 @@ fn the_agent_runs_with_the_daemonsets_settings() {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    // The node-wide API: on the socket, not on the port.
+    let socket = dir.join("run/api.sock");
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        fs::symlink_metadata(&socket)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", socket.display(), log()))
+    };
+    assert_eq!(mode, 0o600, "the API socket is root's alone");
+    let unix_get = |path: &str| -> Option<(u16, String)> {
+        let s = std::os::unix::net::UnixStream::connect(&socket).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        exchange(s, path)
+    };
+    assert_eq!(
+        unix_get("/api/v1/terminations").map(|r| r.0),
+        Some(200),
+        "the API answers on its socket"
+    );
+    for path in ["/api/v1/terminations", "/api/v1/events"] {
+        assert_eq!(
+            get(port, path).map(|r| r.0),
+            Some(404),
+            "{path} must not be served on the port"
+        );
+    }
+
     let stopped = Instant::now();
     let _ = Command::new("kill")
         .args(["-TERM", &agent.0.id().to_string()])
@@ -1644,6 +1692,7 @@ fn the_agent_runs_with_the_daemonsets_settings() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit on SIGTERM: {status}\n{}", log());
+    assert!(!socket.exists(), "the API socket is removed on SIGTERM");
     // PODSCOPE_LOG_FORMAT=json: every log line is a JSON object.
     let log = log();
     assert!(!log.trim().is_empty(), "the agent logged nothing");

@@ -1,6 +1,7 @@
-//! The agent's HTTP router over arbitrary paths, queries and Accept
+//! The agent's HTTP routers over arbitrary paths, queries and Accept
 //! headers: every request gets an answer (a 4xx for nonsense), never a
-//! panic. The event stream is only opened (it never ends by itself).
+//! panic. The event stream is only opened (it never ends by itself). The
+//! metrics listener's router never answers a node-wide path with data.
 #![no_main]
 
 use std::sync::{Arc, Mutex, OnceLock};
@@ -8,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use axum::{body::Body, http::Request};
 use libfuzzer_sys::fuzz_target;
 use podscope::{
-    daemon::http::{AppState, MAX_STREAMS, router},
+    daemon::http::{AppState, MAX_STREAMS, metrics_router, router},
     deps::Health,
     driver::DriverLink,
     forensics::store::TerminationStore,
@@ -54,6 +55,10 @@ fuzz_target!(|data: &[u8]| {
         .enable_all()
         .build()
         .unwrap();
+    let metrics_req = Request::get(target)
+        .header("accept", accept)
+        .body(Body::empty())
+        .ok();
     rt.block_on(async {
         let Ok(resp) = router(state()).oneshot(req).await;
         let status = resp.status();
@@ -61,5 +66,17 @@ fuzz_target!(|data: &[u8]| {
         if !target.starts_with("/api/v1/events") {
             let _ = axum::body::to_bytes(resp.into_body(), 1 << 20).await;
         }
+        let Some(req) = metrics_req else { return };
+        let path = req.uri().path().to_string();
+        let Ok(resp) = metrics_router(state(), std::path::Path::new("/run/podscope/api.sock"))
+            .oneshot(req)
+            .await;
+        let status = resp.status();
+        assert!(!status.is_server_error(), "{target:?}: {status}");
+        let served = matches!(path.as_str(), "/metrics" | "/healthz" | "/readyz");
+        assert!(
+            served || !status.is_success(),
+            "the metrics listener answered {target:?} with {status}"
+        );
     });
 });

@@ -25,7 +25,7 @@ mod tracer;
 
 // The names the capability modules share, at the root so that each can say
 // `super::name`.
-use agent::{http_get, metric_sum};
+use agent::{api_socket, http_get, metric_sum};
 use node::BenchNode;
 pub use storm::{pingpong, storm};
 use tracer::{median, proc_cpu, workload};

@@ -127,7 +127,8 @@ fn run(rest: &[String]) -> Result<ExitCode> {
     eprintln!("xtask: running {} {}", bin.display(), args.join(" "));
     if args.first().is_some_and(|a| a == "agent") {
         eprintln!(
-            "xtask: try `curl -s localhost:9811/metrics | grep process_exits` and `curl -sN localhost:9811/api/v1/events`; \
+            "xtask: try `curl -s localhost:9811/metrics | grep process_exits`, `target/release/podscope why examples/ignores-sigterm` \
+             and `curl -sN --unix-socket /run/podscope/api.sock http://localhost/api/v1/events` (as root: the node-wide API is on that socket); \
              Ctrl-C stops the agent; `cargo xtask node down` removes the test node"
         );
     }

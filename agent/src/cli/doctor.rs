@@ -21,9 +21,9 @@ pub struct DoctorArgs {
     /// Output format: a table, or one JSON object.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-    /// The local agent's address, asked for its dependencies' state.
-    #[arg(long, default_value = "127.0.0.1:9811")]
-    pub agent: std::net::SocketAddr,
+    /// The local agent, asked for its dependencies' state.
+    #[command(flatten)]
+    pub agent: super::client::AgentFlags,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -80,7 +80,7 @@ fn check(
 
 pub fn run(args: DoctorArgs) -> Result<ExitCode> {
     let mut report = diagnose();
-    report.checks.push(agent_check(args.agent));
+    report.checks.push(agent_check(&args.agent));
     let mut out = std::io::stdout().lock();
     match args.output {
         Output::Json => writeln!(out, "{}", serde_json::to_string(&report)?)?,
@@ -372,15 +372,17 @@ fn kube_proxy_checks() -> [Check; 2] {
 }
 
 /// What the agent running on this node (if any) says of its dependencies.
-fn agent_check(addr: std::net::SocketAddr) -> Check {
-    let body = match crate::cli::why::get(addr, "/readyz?format=json") {
+fn agent_check(agent: &super::client::AgentFlags) -> Check {
+    let addr = &agent.agent;
+    let body = match agent.get("/readyz?format=json") {
         Ok(b) => b,
-        Err(_) => {
+        Err(e) => {
             return check(
                 "agent",
                 Status::Untested,
-                format!("no podscope agent answers at {addr}"),
-                "start `podscope agent` (or pass --agent ADDR) to see which of its dependencies are degraded",
+                // Already one sentence naming the agent's address.
+                format!("{e:#}"),
+                "start `podscope agent` (or pass --agent SOCKET|https://HOST:PORT) to see which of its dependencies are degraded",
             );
         }
     };

@@ -1,5 +1,6 @@
 //! The `podscope` command line: one module per subcommand.
 
+pub mod client;
 pub mod doctor;
 pub mod escape;
 mod rules_read;
@@ -34,11 +35,13 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// The node agent (the DaemonSet's daemon): metrics, HTTP API, event stream.
-    Agent(crate::daemon::config::AgentArgs),
+    /// The node agent (the DaemonSet's daemon): metrics on --listen, the
+    /// node-wide API and event stream on its unix socket (--api-socket).
+    Agent(Box<crate::daemon::config::AgentArgs>),
     /// Live view of one event family, straight from the kernel (no daemon needed).
     Trace(trace::TraceArgs),
-    /// Why a pod's containers ended: reason, sender, OOM, grace period (asks the local agent).
+    /// Why a pod's containers ended: reason, sender, OOM, grace period (asks
+    /// the local agent over its unix socket: run it as root on the node).
     Why(why::WhyArgs),
     /// What this kernel and node support, and what that means for podscope.
     Doctor(doctor::DoctorArgs),
@@ -100,7 +103,7 @@ pub fn main() -> ExitCode {
         crate::kernel::btf::set_kernel_btf_path(path.clone());
     }
     let result = match cli.command {
-        Command::Agent(args) => crate::daemon::run(args),
+        Command::Agent(args) => crate::daemon::run(*args),
         Command::Trace(args) => trace::run(args),
         Command::Why(args) => why::run(args),
         Command::Doctor(args) => doctor::run(args),

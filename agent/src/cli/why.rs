@@ -1,16 +1,11 @@
 //! `podscope why NAMESPACE/POD`: the last terminations of a pod's containers,
 //! explained, and the deaths of other processes Kubernetes never saw — asked
-//! of the local agent (`/api/v1/terminations`), which keeps them across its
-//! own restarts.
+//! of the local agent (`/api/v1/terminations` on its unix socket), which
+//! keeps them across its own restarts.
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    process::ExitCode,
-    time::Duration,
-};
+use std::process::ExitCode;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 
 use super::Output;
@@ -29,9 +24,8 @@ pub struct WhyArgs {
     pub container: Option<String>,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-    /// The agent's address (its --listen).
-    #[arg(long, default_value = "127.0.0.1:9811", env = "PODSCOPE_AGENT")]
-    pub agent: SocketAddr,
+    #[command(flatten)]
+    pub agent: super::client::AgentFlags,
     /// How many terminations per container to show, newest first.
     #[arg(long, default_value_t = 3)]
     pub last: usize,
@@ -59,18 +53,26 @@ pub fn run(args: WhyArgs) -> Result<ExitCode> {
     if let Some(c) = &args.container {
         query.push_str(&format!("&container={}", encode(c)));
     }
-    let body = get(args.agent, &format!("/api/v1/terminations?{query}"))?;
+    let body = args.agent.get(&format!("/api/v1/terminations?{query}"))?;
     if args.output == Output::Json {
         println!("{body}");
         return Ok(ExitCode::SUCCESS);
     }
     // Everything in the answer came from outside (comm, names): escaped
     // before any of it reaches the terminal.
-    let mut value: serde_json::Value = serde_json::from_str(&body)
-        .with_context(|| format!("the agent at {} answered something unexpected", args.agent))?;
+    let mut value: serde_json::Value = serde_json::from_str(&body).with_context(|| {
+        format!(
+            "the agent at {} answered something unexpected",
+            args.agent.agent
+        )
+    })?;
     super::escape::escape_json_strings(&mut value);
-    let answer: Answer = serde_json::from_value(value)
-        .with_context(|| format!("the agent at {} answered something unexpected", args.agent))?;
+    let answer: Answer = serde_json::from_value(value).with_context(|| {
+        format!(
+            "the agent at {} answered something unexpected",
+            args.agent.agent
+        )
+    })?;
     print!("{}", render(ns, pod, &answer, args.last));
     Ok(ExitCode::SUCCESS)
 }
@@ -391,35 +393,4 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// A plain HTTP/1.0 GET: the agent is local and the answer small, so no
-/// HTTP client library is needed.
-pub(crate) fn get(addr: SocketAddr, path: &str) -> Result<String> {
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| {
-        anyhow!(
-            "cannot reach the podscope agent at {addr} ({e}): is `podscope agent` running on this node? (--agent ADDR)"
-        )
-    })?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        conn,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n"
-    )?;
-    let mut raw = vec![];
-    conn.read_to_end(&mut raw)
-        .with_context(|| format!("reading the agent's answer from {addr}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("the agent at {addr} sent an incomplete answer"))?;
-    let status = head.split(' ').nth(1).unwrap_or("");
-    if status != "200" {
-        bail!(
-            "the agent at {addr} answered {}: {}",
-            head.lines().next().unwrap_or(""),
-            body.trim()
-        );
-    }
-    Ok(body.to_string())
 }

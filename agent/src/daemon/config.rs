@@ -18,9 +18,34 @@ pub struct AgentArgs {
     /// A TOML file with any of the settings below (flags and environment win).
     #[arg(long, env = "PODSCOPE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Where to serve /metrics, /healthz, /readyz and /api/v1 [default: 0.0.0.0:9811].
+    /// Where to serve /metrics, /healthz and /readyz [default: 0.0.0.0:9811].
+    /// The node-wide API (/api/v1/…) is not served here: see --api-socket.
     #[arg(long, env = "PODSCOPE_LISTEN")]
     pub listen: Option<String>,
+    /// The unix socket (0600, in a 0700 directory, root's) that serves the
+    /// node-wide API (/api/v1/events, /api/v1/terminations) to `podscope
+    /// why` and `doctor` on the node [default: /run/podscope/api.sock].
+    #[arg(long, value_name = "PATH", env = "PODSCOPE_API_SOCKET")]
+    pub api_socket: Option<PathBuf>,
+    /// Also serve the node-wide API on TCP at this address: only over TLS
+    /// (--api-tls-cert, --api-tls-key) and with authentication
+    /// (--api-token-file or --api-client-ca) [default: not on TCP].
+    #[arg(long, value_name = "ADDR", env = "PODSCOPE_API_LISTEN")]
+    pub api_listen: Option<String>,
+    /// The certificate chain (PEM) of --api-listen, reloaded when it changes.
+    #[arg(long, env = "PODSCOPE_API_TLS_CERT")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// The TLS private key (PEM) for --api-tls-cert.
+    #[arg(long, env = "PODSCOPE_API_TLS_KEY")]
+    pub api_tls_key: Option<PathBuf>,
+    /// Clients of --api-listen must present a certificate signed by a CA in
+    /// this PEM file (or the bearer token of --api-token-file).
+    #[arg(long, env = "PODSCOPE_API_CLIENT_CA")]
+    pub api_client_ca: Option<PathBuf>,
+    /// Clients of --api-listen must send `Authorization: Bearer <the file's
+    /// content>` (or a certificate of --api-client-ca); reread when it changes.
+    #[arg(long, env = "PODSCOPE_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
     /// The container runtime's CRI socket [default: the first of the usual places that exists].
     #[arg(long, env = "PODSCOPE_CRI_SOCKET")]
     pub cri_socket: Option<PathBuf>,
@@ -77,6 +102,12 @@ pub struct AgentArgs {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileConfig {
     listen: Option<String>,
+    api_socket: Option<PathBuf>,
+    api_listen: Option<String>,
+    api_tls_cert: Option<PathBuf>,
+    api_tls_key: Option<PathBuf>,
+    api_client_ca: Option<PathBuf>,
+    api_token_file: Option<PathBuf>,
     cri_socket: Option<PathBuf>,
     no_cri: Option<bool>,
     state_dir: Option<PathBuf>,
@@ -96,6 +127,11 @@ struct FileConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentConfig {
     pub listen: SocketAddr,
+    /// The node-wide API's unix socket.
+    pub api_socket: PathBuf,
+    /// The node-wide API on TCP, with its TLS and authentication (None: the
+    /// socket only).
+    pub api_listen: Option<(SocketAddr, super::tls::TlsConfig)>,
     pub cri_socket: Option<PathBuf>,
     pub use_cri: bool,
     pub state_dir: PathBuf,
@@ -107,7 +143,7 @@ pub struct AgentConfig {
     pub netns: Option<PathBuf>,
     pub rules_timeout: Duration,
     /// TLS and authentication of the metrics listener (None: plain HTTP).
-    pub metrics_tls: Option<super::tls::MetricsTlsConfig>,
+    pub metrics_tls: Option<super::tls::TlsConfig>,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -182,7 +218,8 @@ impl AgentConfig {
                 detail: format!("{rules_timeout:?} is too short: use 100ms or more"),
             });
         }
-        let metrics_tls = super::tls::MetricsTlsConfig::resolve(
+        let metrics_tls = super::tls::TlsConfig::resolve(
+            super::tls::Listener::Metrics,
             args.metrics_tls_cert.clone().or(file.metrics_tls_cert),
             args.metrics_tls_key.clone().or(file.metrics_tls_key),
             args.metrics_client_ca.clone().or(file.metrics_client_ca),
@@ -192,7 +229,61 @@ impl AgentConfig {
             key: "metrics-tls",
             detail,
         })?;
+        let api_socket = args
+            .api_socket
+            .clone()
+            .or(file.api_socket)
+            .unwrap_or_else(|| DEFAULT_API_SOCKET.into());
+        check_socket_path(&api_socket).map_err(|detail| ConfigError::Invalid {
+            key: "api-socket",
+            detail,
+        })?;
+        let api_tls = super::tls::TlsConfig::resolve(
+            super::tls::Listener::Api,
+            args.api_tls_cert.clone().or(file.api_tls_cert),
+            args.api_tls_key.clone().or(file.api_tls_key),
+            args.api_client_ca.clone().or(file.api_client_ca),
+            args.api_token_file.clone().or(file.api_token_file),
+        )
+        .map_err(|detail| ConfigError::Invalid {
+            key: "api-listen",
+            detail,
+        })?;
+        let api_listen = match (args.api_listen.clone().or(file.api_listen), api_tls) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "api-listen",
+                    detail: "--api-tls-cert, --api-tls-key, --api-client-ca and --api-token-file apply to --api-listen, which is not set".into(),
+                });
+            }
+            (Some(addr), tls) => {
+                let parsed: SocketAddr = addr.parse().map_err(|_| ConfigError::Invalid {
+                    key: "api-listen",
+                    detail: format!("{addr:?} is not an address:port such as 0.0.0.0:9812"),
+                })?;
+                let Some(tls) = tls else {
+                    return Err(ConfigError::Invalid {
+                        key: "api-listen",
+                        detail: format!(
+                            "{addr} would serve every pod's events and terminations to anyone who reaches it, so it needs authentication: give --api-token-file or --api-client-ca, with --api-tls-cert and --api-tls-key"
+                        ),
+                    });
+                };
+                if parsed == listen {
+                    return Err(ConfigError::Invalid {
+                        key: "api-listen",
+                        detail: format!(
+                            "{addr} is the metrics listener's address (--listen): give the API a port of its own"
+                        ),
+                    });
+                }
+                Some((parsed, tls))
+            }
+        };
         Ok(AgentConfig {
+            api_socket,
+            api_listen,
             rules_timeout,
             metrics_tls,
             journal_max_bytes,
@@ -215,6 +306,33 @@ impl AgentConfig {
             netns: args.netns.clone().or(file.netns),
         })
     }
+}
+
+/// Where the node-wide API's socket is unless `--api-socket` says
+/// otherwise; `podscope why` and `doctor` look there without flags.
+pub const DEFAULT_API_SOCKET: &str = "/run/podscope/api.sock";
+
+/// The longest path a unix socket address holds (sun_path, with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// An absolute path that fits a unix socket address.
+fn check_socket_path(p: &Path) -> Result<(), String> {
+    if !p.is_absolute() {
+        return Err(format!("{} must be an absolute path", p.display()));
+    }
+    if p.file_name().is_none() {
+        return Err(format!("{} names no file", p.display()));
+    }
+    let len = p.as_os_str().len();
+    let dir = p.parent().map_or(0, |d| d.as_os_str().len());
+    if len > MAX_SOCKET_PATH || dir + super::socket::TEMP_NAME_LEN > MAX_SOCKET_PATH {
+        return Err(format!(
+            "{} is too long for a unix socket: at most {MAX_SOCKET_PATH} bytes, {} of them for the directory",
+            p.display(),
+            MAX_SOCKET_PATH - super::socket::TEMP_NAME_LEN
+        ));
+    }
+    Ok(())
 }
 
 fn hostname() -> String {
@@ -290,5 +408,76 @@ mod tests {
             AgentConfig::resolve(&bad),
             Err(ConfigError::File { .. })
         ));
+    }
+
+    #[test]
+    fn the_api_is_on_its_socket_and_on_tcp_only_with_tls_and_credentials() {
+        let c = AgentConfig::resolve(&AgentArgs::default()).unwrap();
+        assert_eq!(c.api_socket, PathBuf::from(DEFAULT_API_SOCKET));
+        assert_eq!(c.api_listen, None, "no TCP for the API by default");
+        let err = |args: AgentArgs| AgentConfig::resolve(&args).unwrap_err().to_string();
+        let listen = Some("0.0.0.0:9812".to_string());
+        // No authentication at all: refused, in one sentence.
+        let e = err(AgentArgs {
+            api_listen: listen.clone(),
+            ..Default::default()
+        });
+        assert!(
+            e.contains("needs authentication")
+                && e.contains("--api-token-file")
+                && !e.contains('\n'),
+            "{e}"
+        );
+        // A token without TLS: never over plain HTTP.
+        let e = err(AgentArgs {
+            api_listen: listen.clone(),
+            api_token_file: Some("t".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("plain HTTP"), "{e}");
+        // TLS without a token or CA.
+        let e = err(AgentArgs {
+            api_listen: listen.clone(),
+            api_tls_cert: Some("c".into()),
+            api_tls_key: Some("k".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("--api-client-ca or --api-token-file"), "{e}");
+        // API settings without --api-listen say so.
+        let e = err(AgentArgs {
+            api_token_file: Some("t".into()),
+            api_tls_cert: Some("c".into()),
+            api_tls_key: Some("k".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("which is not set"), "{e}");
+        // The metrics listener's address is taken.
+        let e = err(AgentArgs {
+            api_listen: Some("0.0.0.0:9811".into()),
+            api_token_file: Some("t".into()),
+            api_tls_cert: Some("c".into()),
+            api_tls_key: Some("k".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("port of its own"), "{e}");
+        let ok = AgentConfig::resolve(&AgentArgs {
+            api_listen: listen,
+            api_token_file: Some("t".into()),
+            api_tls_cert: Some("c".into()),
+            api_tls_key: Some("k".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let (addr, tls) = ok.api_listen.unwrap();
+        assert_eq!(addr, "0.0.0.0:9812".parse().unwrap());
+        assert_eq!(tls.token_file, Some(PathBuf::from("t")));
+        // Socket paths a unix socket cannot have.
+        for bad in ["relative.sock", &format!("/{}", "x".repeat(120))] {
+            let e = err(AgentArgs {
+                api_socket: Some(bad.into()),
+                ..Default::default()
+            });
+            assert!(e.starts_with("invalid setting api-socket"), "{e}");
+        }
     }
 }

@@ -1,7 +1,13 @@
-//! The agent's HTTP surface: `/metrics`, `/healthz`, `/readyz`, and
-//! `/api/v1/events` (NDJSON, the schema of `trace -o json`, filtered by the
-//! same `namespace`, `pod`, `container` query parameters) and
-//! `/api/v1/terminations` (paged with `limit` and `since`, streamed).
+//! The agent's HTTP surface: `/metrics`, `/healthz`, `/readyz`, and the
+//! node-wide API: `/api/v1/events` (NDJSON, the schema of `trace -o json`,
+//! filtered by the same `namespace`, `pod`, `container` query parameters)
+//! and `/api/v1/terminations` (paged with `limit` and `since`, streamed).
+//!
+//! Two routers: [`metrics_router`] for the metrics listener (`--listen`,
+//! where Prometheus and the kubelet reach it), which answers the API's paths
+//! with 404 and a sentence naming the socket; and [`router`], everything,
+//! for the API's unix socket (root on the node) and `--api-listen` (TLS and
+//! authentication).
 //!
 //! Every handler answers from memory: a lock is held only to copy out what
 //! is needed, never across I/O, and never by the drain thread.
@@ -49,6 +55,7 @@ pub struct AppState {
 /// Most `/api/v1/events` readers at once.
 pub const MAX_STREAMS: usize = 64;
 
+/// Everything: the API's socket and `--api-listen`.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -57,6 +64,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/terminations", get(terminations))
         .with_state(state)
+}
+
+/// The metrics listener: `/metrics`, `/healthz`, `/readyz`; the node-wide
+/// API is not there, and asking for it says where it is.
+pub fn metrics_router(state: Arc<AppState>, api_socket: &std::path::Path) -> Router {
+    let flag = if api_socket == std::path::Path::new(super::config::DEFAULT_API_SOCKET) {
+        String::new()
+    } else {
+        format!(" --agent {}", api_socket.display())
+    };
+    let not_here: Arc<str> = format!(
+        "the node-wide API is not served here: on the node, as root, use the agent's unix socket {0} (podscope why NAMESPACE/POD{flag}, or curl --unix-socket {0} http://localhost/api/v1/…), or start the agent with --api-listen and authentication\n",
+        api_socket.display()
+    )
+    .into();
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(move |uri: axum::http::Uri| {
+            let not_here = not_here.clone();
+            async move {
+                if is_api(uri.path()) {
+                    (StatusCode::NOT_FOUND, not_here.to_string())
+                } else {
+                    (StatusCode::NOT_FOUND, "not found\n".to_string())
+                }
+            }
+        })
+        .with_state(state)
+}
+
+/// A path of the node-wide API (any version, anything under it).
+fn is_api(path: &str) -> bool {
+    path == "/api" || path.starts_with("/api/")
 }
 
 /// OpenMetrics for clients that ask for it (Prometheus does), the classic
@@ -314,4 +356,65 @@ async fn events(State(s): State<Arc<AppState>>, q: FilterQuery) -> Response {
         Body::from_stream(stream),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    fn state() -> Arc<AppState> {
+        let metrics = Metrics::new(&crate::metrics::MetricsOptions {
+            budget: crate::metrics::SeriesBudget::new(100),
+            series_retention: std::time::Duration::from_secs(60),
+            node_name: "test".into(),
+        });
+        Arc::new(AppState {
+            stream_dropped: metrics.stream_dropped.clone(),
+            metrics: Mutex::new(metrics),
+            ready: AtomicBool::new(true),
+            driver: DriverLink::detached(),
+            terminations: Mutex::new(TerminationStore::new(10)),
+            health: Arc::new(Health::new()),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        })
+    }
+
+    async fn get(r: Router, path: &str) -> (StatusCode, String) {
+        let req = axum::http::Request::get(path).body(Body::empty()).unwrap();
+        let Ok(resp) = r.oneshot(req).await;
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn the_metrics_listener_serves_no_node_wide_data_and_says_where_it_is() {
+        let sock = std::path::Path::new("/run/podscope/api.sock");
+        let m = || metrics_router(state(), sock);
+        for path in [
+            "/api/v1/events",
+            "/api/v1/terminations",
+            "/api/v1/terminations?namespace=a&pod=b",
+            "/api/v2/anything",
+            "/api",
+        ] {
+            let (status, body) = get(m(), path).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+            assert!(
+                body.contains("/run/podscope/api.sock") && body.trim().lines().count() == 1,
+                "{path}: {body}"
+            );
+        }
+        assert_eq!(get(m(), "/nothing").await.0, StatusCode::NOT_FOUND);
+        assert_eq!(get(m(), "/metrics").await.0, StatusCode::OK);
+        assert_eq!(get(m(), "/healthz").await.0, StatusCode::OK);
+        assert_eq!(get(m(), "/readyz").await.0, StatusCode::OK);
+        // The socket's router has it all.
+        let (status, body) = get(router(state()), "/api/v1/terminations").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, r#"{"terminations":[],"background_deaths":[]}"#);
+    }
 }

@@ -1,15 +1,19 @@
 //! `podscope agent`: the DaemonSet's daemon. Starts the [`Driver`] (the
 //! drain thread), the dependency tasks that feed it (CRI, kube-proxy's
 //! rules, cgroupfs), the consumers that read its events (metrics,
-//! termination records and their journal, HTTP streams), and serves
-//! Prometheus. Nothing here can stall the drain: see [`crate::deps`].
+//! termination records and their journal, HTTP streams), serves
+//! Prometheus on `--listen`, and the node-wide API on its unix socket
+//! (`--api-socket`; on TCP only with `--api-listen`, TLS and
+//! authentication). Nothing here can stall the drain: see [`crate::deps`].
 
 pub mod config;
 pub mod http;
 pub mod server;
+pub mod socket;
 pub mod tls;
 
 use std::{
+    path::Path,
     process::ExitCode,
     sync::{
         Arc, Mutex,
@@ -59,6 +63,16 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
+    // After the state directory's lock: a second agent on the same state
+    // directory is named by that lock, whatever its socket.
+    let own_dir = Path::new(config::DEFAULT_API_SOCKET).parent() == cfg.api_socket.parent();
+    let api_socket = match socket::ApiSocket::bind(&cfg.api_socket, own_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("podscope: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
     // Two workers: HTTP, consumers and dependency tasks share them; the
     // drain runs on a thread of its own.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -66,19 +80,36 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let code = rt.block_on(serve(cfg));
+    // The socket file goes with `api_socket`, when serve is done with it.
+    let code = rt.block_on(serve(cfg, api_socket));
     // A dependency stuck in a blocking read must not hold the exit.
     rt.shutdown_timeout(Duration::from_millis(100));
     code
 }
 
-async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
+async fn serve(cfg: AgentConfig, mut api_socket: socket::ApiSocket) -> Result<ExitCode> {
     // Bind first: a port clash fails before anything is loaded into the kernel.
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
     let metrics_tls = match &cfg.metrics_tls {
-        Some(t) => Some(tls::MetricsTls::load(t).map_err(|e| anyhow!(e))?),
+        Some(t) => Some(tls::ListenerTls::load(t).map_err(|e| anyhow!(e))?),
+        None => None,
+    };
+    let unix = api_socket
+        .take_listener()
+        .context("the API socket was already taken")?;
+    let unix = unix
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixListener::from_std(unix))
+        .with_context(|| format!("cannot serve on {}", api_socket.path().display()))?;
+    let api_tcp = match &cfg.api_listen {
+        Some((addr, t)) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--api-listen)"))?;
+            Some((l, tls::ListenerTls::load(t).map_err(|e| anyhow!(e))?))
+        }
         None => None,
     };
     let opts = DriverOptions {
@@ -141,18 +172,53 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
         .lock()
         .map(|m| m.http_refused.clone())
         .unwrap_or_default();
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(
-        listener,
-        http::router(state.clone()),
-        metrics_tls,
-        server::Limits::default(),
-        refused,
-        async {
-            let _ = http_stopped.await;
-        },
-    ));
-    tracing::info!(listen = %cfg.listen, "attached; serving /metrics, /healthz, /readyz, /api/v1/events, /api/v1/terminations");
+    // Every listener stops when this turns true.
+    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = http_stopped.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let limits = server::Limits::default();
+    let mut servers = vec![
+        tokio::spawn(server::serve(
+            listener,
+            http::metrics_router(state.clone(), api_socket.path()),
+            metrics_tls,
+            limits.clone(),
+            refused.clone(),
+            stopped(),
+        )),
+        tokio::spawn(server::serve(
+            unix,
+            http::router(state.clone()),
+            None,
+            limits.clone(),
+            refused.clone(),
+            stopped(),
+        )),
+    ];
+    if let Some((l, t)) = api_tcp {
+        servers.push(tokio::spawn(server::serve(
+            l,
+            http::router(state.clone()),
+            Some(t),
+            limits,
+            refused,
+            stopped(),
+        )));
+    }
+    let api_tcp = cfg
+        .api_listen
+        .as_ref()
+        .map(|(a, _)| format!(" and on {a} (TLS, authenticated)"))
+        .unwrap_or_default();
+    tracing::info!(
+        "attached; serving /metrics, /healthz, /readyz on {}; the node-wide API (/api/v1/events, /api/v1/terminations) on {}{api_tcp}",
+        cfg.listen,
+        api_socket.path().display()
+    );
 
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
@@ -195,8 +261,14 @@ async fn serve(cfg: AgentConfig) -> Result<ExitCode> {
             "the journal did not finish writing in time; the last records may be missing on disk"
         );
     }
-    let _ = stop_http.send(());
-    let _ = tokio::time::timeout(Duration::from_millis(200), server).await;
+    let _ = stop_http.send(true);
+    let _ = tokio::time::timeout(
+        Duration::from_millis(200),
+        futures_util::future::join_all(servers),
+    )
+    .await;
+    // Nothing listens any more: the socket file goes.
+    drop(api_socket);
     tracing::info!("probes detached; bye");
     Ok(ExitCode::SUCCESS)
 }

@@ -1,8 +1,10 @@
-//! The HTTP listener, hardened for a node agent: a cap on open connections
+//! The HTTP listeners, hardened for a node agent: a cap on open connections
 //! (beyond it new ones are closed at once, counted), a deadline for a
 //! request's headers (a client that sends half a request is dropped), and a
 //! deadline on every write (a reader that stops reading is disconnected).
-//! It runs on the async runtime beside the drain thread, never on it.
+//! The same code serves TCP (`/metrics`; the API with `--api-listen`) and
+//! the API's unix socket. It runs on the async runtime beside the drain
+//! thread, never on it.
 
 use std::{
     future::Future,
@@ -20,10 +22,44 @@ use hyper_util::{
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
     sync::Semaphore,
     time::Sleep,
 };
+
+/// A listener the server accepts connections from.
+pub trait Accept: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection to serve.
+    fn next(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Io = TcpStream;
+    async fn next(&self) -> std::io::Result<TcpStream> {
+        let (s, _) = self.accept().await?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+}
+
+impl Accept for UnixListener {
+    type Io = UnixStream;
+    /// Only this process's user (and root) get past here, whatever the
+    /// socket file's mode became: a second lock behind its 0600.
+    async fn next(&self) -> std::io::Result<UnixStream> {
+        // SAFETY: geteuid(2) cannot fail.
+        let me = unsafe { libc::geteuid() };
+        loop {
+            let (s, _) = self.accept().await?;
+            match s.peer_cred() {
+                Ok(c) if c.uid() == 0 || c.uid() == me => return Ok(s),
+                Ok(c) => tracing::debug!("API socket: refused a client of uid {}", c.uid()),
+                Err(e) => tracing::debug!("API socket: no peer credentials: {e}"),
+            }
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -47,10 +83,10 @@ impl Default for Limits {
 
 /// Serves `router` until `shutdown` resolves; then open connections are
 /// dropped (the caller has a deadline to keep).
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L: Accept>(
+    listener: L,
     router: Router,
-    tls: Option<Arc<super::tls::MetricsTls>>,
+    tls: Option<Arc<super::tls::ListenerTls>>,
     limits: Limits,
     refused: Counter,
     shutdown: impl Future<Output = ()>,
@@ -59,8 +95,8 @@ pub async fn serve(
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
+        let stream = tokio::select! {
+            r = listener.next() => match r {
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and the like: wait a little rather than spin.
@@ -77,7 +113,6 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let _ = stream.set_nodelay(true);
         let router = router.clone();
         let limits = limits.clone();
         let tls = tls.clone();
@@ -104,14 +139,14 @@ pub async fn serve(
 }
 
 /// A stream whose writes fail once one has waited `timeout` without progress.
-struct WriteDeadline {
-    inner: TcpStream,
+struct WriteDeadline<S> {
+    inner: S,
     timeout: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
-impl WriteDeadline {
-    fn new(inner: TcpStream, timeout: Duration) -> WriteDeadline {
+impl<S: AsyncRead + AsyncWrite + Unpin> WriteDeadline<S> {
+    fn new(inner: S, timeout: Duration) -> WriteDeadline<S> {
         WriteDeadline {
             inner,
             timeout,
@@ -146,7 +181,7 @@ impl WriteDeadline {
     }
 }
 
-impl AsyncRead for WriteDeadline {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WriteDeadline<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -156,7 +191,7 @@ impl AsyncRead for WriteDeadline {
     }
 }
 
-impl AsyncWrite for WriteDeadline {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,7 +1,9 @@
-//! Metrics only Prometheus reads: native TLS on the metrics listener, with
-//! a client certificate (`--metrics-client-ca`) or a bearer token
-//! (`--metrics-token-file`) required for everything but the kubelet's
-//! probes (`/healthz`, `/readyz`, which tell nothing about the node).
+//! TLS with authentication for the agent's TCP listeners: the metrics
+//! listener (`--metrics-tls-*`, optional) and the node-wide API on TCP
+//! (`--api-listen` with `--api-tls-*`, mandatory there). A client
+//! certificate (`--…-client-ca`) or a bearer token (`--…-token-file`) is
+//! required for everything but the kubelet's probes (`/healthz`, `/readyz`,
+//! which tell nothing about the node).
 //!
 //! The certificate, key, CA and token files are re-read when they change
 //! (cert-manager and Kubernetes Secrets replace them in place), checked at
@@ -11,11 +13,11 @@
 //!
 //! A client certificate is asked for but not required during the
 //! handshake, so that a kubelet probe without one still reaches /healthz;
-//! /metrics then answers 401 unless the handshake verified a certificate
-//! against the CA or the request carries the token.
+//! anything else then answers 401 unless the handshake verified a
+//! certificate against the CA or the request carries the token.
 //!
-//! The daemon's only hook is [`serve_metrics`], called where the metrics
-//! listener is bound.
+//! The daemon's hook is [`serve_connection`], called by the listener
+//! (`server::serve`) for each accepted connection.
 
 use std::{
     convert::Infallible,
@@ -37,42 +39,73 @@ use rustls::{
 use subtle::ConstantTimeEq;
 use tower::ServiceExt;
 
+/// Which listener a TLS configuration is for: it names the flags in
+/// messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// `--listen`: `/metrics` (TLS optional).
+    Metrics,
+    /// `--api-listen`: the node-wide API on TCP (TLS required).
+    Api,
+}
+
+impl Listener {
+    /// The flags' prefix: `--metrics-tls-cert`, `--api-token-file`, …
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Listener::Metrics => "metrics",
+            Listener::Api => "api",
+        }
+    }
+
+    /// What anyone could do without authentication.
+    fn exposure(self) -> &'static str {
+        match self {
+            Listener::Metrics => "anyone could scrape",
+            Listener::Api => "anyone who reaches it could read every pod's events and terminations",
+        }
+    }
+}
+
 /// The files, as configured (flags, environment or config file).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MetricsTlsConfig {
+pub struct TlsConfig {
+    pub listener: Listener,
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
 }
 
-impl MetricsTlsConfig {
+impl TlsConfig {
     /// Checks that the settings make sense together: TLS needs both a
     /// certificate and a key, and an authentication method; credentials are
-    /// never accepted over plain HTTP.
+    /// never accepted over plain HTTP. None: no TLS settings at all.
     pub fn resolve(
+        listener: Listener,
         cert: Option<PathBuf>,
         key: Option<PathBuf>,
         client_ca: Option<PathBuf>,
         token_file: Option<PathBuf>,
-    ) -> Result<Option<MetricsTlsConfig>, String> {
+    ) -> Result<Option<TlsConfig>, String> {
+        let p = listener.prefix();
         match (cert, key) {
             (None, None) if client_ca.is_none() && token_file.is_none() => Ok(None),
-            (None, None) => Err(
-                "--metrics-client-ca and --metrics-token-file need --metrics-tls-cert and --metrics-tls-key: credentials are never taken over plain HTTP"
-                    .into(),
-            ),
+            (None, None) => Err(format!(
+                "--{p}-client-ca and --{p}-token-file need --{p}-tls-cert and --{p}-tls-key: credentials are never taken over plain HTTP"
+            )),
             (Some(_), None) | (None, Some(_)) => {
-                Err("--metrics-tls-cert and --metrics-tls-key go together".into())
+                Err(format!("--{p}-tls-cert and --{p}-tls-key go together"))
             }
             (Some(cert), Some(key)) => {
                 if client_ca.is_none() && token_file.is_none() {
-                    return Err(
-                        "TLS on the metrics listener needs --metrics-client-ca or --metrics-token-file (or both): without one anyone could scrape"
-                            .into(),
-                    );
+                    return Err(format!(
+                        "TLS on the {p} listener needs --{p}-client-ca or --{p}-token-file (or both): without one {}",
+                        listener.exposure()
+                    ));
                 }
-                Ok(Some(MetricsTlsConfig {
+                Ok(Some(TlsConfig {
+                    listener,
                     cert,
                     key,
                     client_ca,
@@ -111,18 +144,18 @@ fn stamp(p: &Path) -> Option<Stamp> {
     })
 }
 
-/// The metrics listener's TLS and authentication, reloaded as files change.
-pub struct MetricsTls {
-    cfg: MetricsTlsConfig,
+/// A listener's TLS and authentication, reloaded as files change.
+pub struct ListenerTls {
+    cfg: TlsConfig,
     loaded: Mutex<Loaded>,
 }
 
-impl MetricsTls {
+impl ListenerTls {
     /// Reads every file once; an error here is one sentence and the agent
     /// does not start.
-    pub fn load(cfg: &MetricsTlsConfig) -> Result<Arc<MetricsTls>, String> {
+    pub fn load(cfg: &TlsConfig) -> Result<Arc<ListenerTls>, String> {
         let loaded = load(cfg)?;
-        Ok(Arc::new(MetricsTls {
+        Ok(Arc::new(ListenerTls {
             cfg: cfg.clone(),
             loaded: Mutex::new(loaded),
         }))
@@ -143,13 +176,17 @@ impl MetricsTls {
                 match load(&self.cfg) {
                     Ok(new) => {
                         tracing::info!(
-                            "metrics TLS: reloaded the changed certificate, key, CA or token file"
+                            "{} TLS: reloaded the changed certificate, key, CA or token file",
+                            self.cfg.listener.prefix()
                         );
                         *l = new;
                     }
                     Err(e) => {
                         // Keep serving with what worked; retry at the next change.
-                        tracing::warn!("metrics TLS: {e}; still using the previous files");
+                        tracing::warn!(
+                            "{} TLS: {e}; still using the previous files",
+                            self.cfg.listener.prefix()
+                        );
                         l.stamps = now;
                     }
                 }
@@ -159,14 +196,14 @@ impl MetricsTls {
     }
 }
 
-fn files(cfg: &MetricsTlsConfig) -> Vec<&Path> {
+fn files(cfg: &TlsConfig) -> Vec<&Path> {
     let mut f = vec![cfg.cert.as_path(), cfg.key.as_path()];
     f.extend(cfg.client_ca.as_deref());
     f.extend(cfg.token_file.as_deref());
     f
 }
 
-fn load(cfg: &MetricsTlsConfig) -> Result<Loaded, String> {
+fn load(cfg: &TlsConfig) -> Result<Loaded, String> {
     // Stamps first: a change while reading is seen at the next check.
     let stamps = files(cfg).iter().map(|p| stamp(p)).collect();
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
@@ -174,8 +211,9 @@ fn load(cfg: &MetricsTlsConfig) -> Result<Loaded, String> {
         .map_err(|e| format!("cannot read the certificate {}: {e}", cfg.cert.display()))?;
     if certs.is_empty() {
         return Err(format!(
-            "{} holds no PEM certificate (--metrics-tls-cert)",
-            cfg.cert.display()
+            "{} holds no PEM certificate (--{}-tls-cert)",
+            cfg.cert.display(),
+            cfg.listener.prefix()
         ));
     }
     let key = PrivateKeyDer::from_pem_file(&cfg.key)
@@ -262,7 +300,7 @@ fn unauthorized() -> Response<Body> {
 /// verified client certificate or the bearer token.
 pub async fn serve_connection<IO>(
     io: IO,
-    tls: &MetricsTls,
+    tls: &ListenerTls,
     router: Router,
     header_timeout: Duration,
 ) where
@@ -305,26 +343,33 @@ mod tests {
     #[test]
     fn settings_that_would_leak_or_cannot_work_are_refused() {
         let p = |s: &str| Some(PathBuf::from(s));
-        assert_eq!(MetricsTlsConfig::resolve(None, None, None, None), Ok(None));
+        let m = Listener::Metrics;
+        assert_eq!(TlsConfig::resolve(m, None, None, None, None), Ok(None));
         assert!(
-            MetricsTlsConfig::resolve(None, None, None, p("t"))
+            TlsConfig::resolve(m, None, None, None, p("t"))
                 .unwrap_err()
                 .contains("plain HTTP")
         );
         assert!(
-            MetricsTlsConfig::resolve(p("c"), None, p("ca"), None)
+            TlsConfig::resolve(m, p("c"), None, p("ca"), None)
                 .unwrap_err()
                 .contains("go together")
         );
         assert!(
-            MetricsTlsConfig::resolve(p("c"), p("k"), None, None)
+            TlsConfig::resolve(m, p("c"), p("k"), None, None)
                 .unwrap_err()
                 .contains("anyone could scrape")
         );
         assert!(
-            MetricsTlsConfig::resolve(p("c"), p("k"), None, p("t"))
+            TlsConfig::resolve(m, p("c"), p("k"), None, p("t"))
                 .unwrap()
                 .is_some()
+        );
+        // The API's flags are named as the API's.
+        let err = TlsConfig::resolve(Listener::Api, None, None, None, p("t")).unwrap_err();
+        assert!(
+            err.starts_with("--api-client-ca and --api-token-file need --api-tls-cert"),
+            "{err}"
         );
     }
 

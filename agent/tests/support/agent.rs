@@ -1,23 +1,23 @@
 //! A real `podscope agent` for the pod tests, and `podscope why` asked of it.
 
 use std::{
-    io::{BufRead, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-use super::{free_port, get};
+use super::{api_socket, free_port, get, get_unix};
 
 const SOCKET: &str = "/run/podscope-node/containerd.sock";
 
-/// A running `podscope agent` on a free loopback port.
+/// A running `podscope agent` on a free loopback port, its node-wide API
+/// on a socket of its own.
 pub struct Agent {
     child: Child,
     pub port: u16,
+    pub socket: PathBuf,
     /// The namespace `why` asks about.
     ns: &'static str,
 }
@@ -35,6 +35,7 @@ impl Agent {
         args: &[&str],
     ) -> Agent {
         let port = free_port();
+        let socket = api_socket(state);
         let mut child = Command::new(env!("CARGO_BIN_EXE_podscope"))
             .args([
                 "--log",
@@ -48,23 +49,20 @@ impl Agent {
                 state.to_str().unwrap(),
             ])
             .args(args)
+            .arg("--api-socket")
+            .arg(&socket)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("attached") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(30))
-            .expect("the agent attached");
-        Agent { child, port, ns }
+        super::wait_attached(&mut child, None);
+        Agent {
+            child,
+            port,
+            socket,
+            ns,
+        }
     }
 
     /// `podscope why NS/POD` through the CLI, as a user would.
@@ -72,7 +70,7 @@ impl Agent {
         let out = Command::new(env!("CARGO_BIN_EXE_podscope"))
             .args(["why", &format!("{}/{pod}", self.ns)])
             .args(extra)
-            .args(["--agent", &format!("127.0.0.1:{}", self.port)])
+            .args(["--agent", self.socket.to_str().unwrap()])
             .output()
             .unwrap();
         assert!(out.status.success(), "why failed: {out:?}");
@@ -130,6 +128,11 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// A GET of the node-wide API, over the agent's socket: (status, body).
+    pub fn api(&self, path: &str) -> (u16, String) {
+        get_unix(&self.socket, path).expect("the API socket answers")
     }
 
     pub fn metrics(&self) -> String {

@@ -1,9 +1,16 @@
 //! Shared by the kernel tests: say clearly why a test cannot run.
 #![allow(dead_code)]
 
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Child, Command, Output},
+    time::Duration,
+};
+
 use podscope::kernel::privilege::Privileges;
 
 pub mod agent;
+pub mod certs;
 
 /// Set by `cargo xtask test` when running as root: a kernel test that cannot
 /// run is then a failure, not a skip.
@@ -58,16 +65,79 @@ pub fn free_port() -> u16 {
 
 /// A plain HTTP/1.0 GET on loopback: (status, body).
 pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    exchange(s, path)
+}
+
+/// A plain HTTP/1.0 GET over the agent's unix socket: (status, body).
+pub fn get_unix(socket: &std::path::Path, path: &str) -> Option<(u16, String)> {
+    let s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    exchange(s, path)
+}
+
+/// Sends a GET of `path` and reads the answer to the end: (status, body).
+fn exchange(mut s: impl std::io::Read + std::io::Write, path: &str) -> Option<(u16, String)> {
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).ok()?;
     let (head, body) = raw.split_once("\r\n\r\n")?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, body.to_string()))
+}
+
+/// Where a test agent with state directory `state` serves its node-wide
+/// API: a socket of its own beside the state directory (the default one,
+/// /run/podscope/api.sock, is for tests/api.rs's no-flags test only; two
+/// agents cannot share a socket).
+pub fn api_socket(state: &std::path::Path) -> std::path::PathBuf {
+    let s = state.to_str().unwrap().trim_end_matches('/');
+    std::path::PathBuf::from(format!("{s}.api.sock"))
+}
+
+/// Waits until a starting `podscope agent` logs that it attached (its
+/// probes are in and it serves); its stderr goes on being read, each line
+/// echoed with `echo` before it when given. Fails the test if the agent
+/// ends or takes a minute.
+pub fn wait_attached(child: &mut Child, echo: Option<&'static str>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("the agent's stderr is piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(prefix) = echo {
+                let _ = writeln!(std::io::stderr(), "{prefix}{line}");
+            }
+            if line.contains("attached") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        let st = child.try_wait();
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the agent did not attach within 60 s ({st:?})");
+    }
+}
+
+/// `podscope ARGS` as nobody, without capabilities (needs root to drop to it).
+pub fn as_nobody(args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_podscope"))
+        .args(args)
+        .env_remove("PODSCOPE_AGENT")
+        .output()
+        .expect("setpriv (util-linux) is needed for this test")
 }
 
 /// Runs `podscope-testnode ARGS`, failing the test with its output if it fails.

@@ -34,9 +34,16 @@ pub(crate) fn metric_sum(exposition: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// A benchmark agent's API socket, beside its state directory (the
+/// default one is for an agent a person runs).
+pub(crate) fn api_socket(state: &std::path::Path) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("{}.api.sock", state.display()))
+}
+
 /// `cargo xtask bench agent`: `podscope agent` on the test node with 100
 /// pods: idle CPU and memory, /metrics render time with 300 containers'
-/// series, and the events per second it carries to an HTTP stream reader.
+/// series, and the events per second it carries to an HTTP stream reader
+/// on its API socket.
 pub fn agent() -> Result<ExitCode> {
     setup::run()?;
     let podscope = build_podscope()?;
@@ -45,6 +52,7 @@ pub fn agent() -> Result<ExitCode> {
         .local_addr()?
         .port();
     let state = std::env::temp_dir().join(format!("podscope-bench-agent-{}", std::process::id()));
+    let socket = api_socket(&state);
     let mut agent = Command::new(&podscope)
         .args([
             "agent",
@@ -58,6 +66,8 @@ pub fn agent() -> Result<ExitCode> {
         ])
         .arg("--state-dir")
         .arg(&state)
+        .arg("--api-socket")
+        .arg(&socket)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
@@ -113,12 +123,13 @@ pub fn agent() -> Result<ExitCode> {
             scrape.as_secs_f64() * 1000.0
         );
 
-        // Throughput: a reader on /api/v1/events while both cores fork and exit.
+        // Throughput: a reader on /api/v1/events (the API's socket) while
+        // both cores fork and exit.
         let before = http_get(port, "/metrics")?;
         let reader = {
             use std::io::{BufRead, Write};
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-            write!(s, "GET /api/v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+            let mut s = std::os::unix::net::UnixStream::connect(&socket)?;
+            write!(s, "GET /api/v1/events HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
             let closer = s.try_clone()?;
             let handle = std::thread::spawn(move || {
                 let mut n = 0u64;

@@ -148,11 +148,14 @@ fn one(fault: Fault, podscope: &Path, tools: &Path, containerd: i32) -> Result<R
         .local_addr()?
         .port();
     let state = std::env::temp_dir().join(format!("podscope-bench-faults-state-{port}"));
+    let socket = super::api_socket(&state);
     let mut cmd = Command::new(podscope);
     cmd.args(["agent", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--cri-socket", NODE_SOCKET])
         .arg("--state-dir")
         .arg(&state)
+        .arg("--api-socket")
+        .arg(&socket)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     if fault == Fault::HangingRules {
@@ -192,7 +195,8 @@ fn one(fault: Fault, podscope: &Path, tools: &Path, containerd: i32) -> Result<R
             }
         }
         Fault::SlowReader => {
-            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            // The stream is on the API's socket.
+            let mut s = std::os::unix::net::UnixStream::connect(&socket)?;
             s.write_all(b"GET /api/v1/events HTTP/1.0\r\n\r\n")?;
             let st = stop.clone();
             slow = Some(std::thread::spawn(move || {

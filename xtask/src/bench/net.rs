@@ -139,6 +139,8 @@ fn start_agent(podscope: &Path, port: u16, state: &Path) -> Result<Child> {
         .args(["--cri-socket", NODE_SOCKET, "--netns", NETNS])
         .arg("--state-dir")
         .arg(state)
+        .arg("--api-socket")
+        .arg(super::api_socket(state))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;

@@ -264,6 +264,8 @@ pub fn run() -> Result<ExitCode> {
         ])
         .arg("--state-dir")
         .arg(&state)
+        .arg("--api-socket")
+        .arg(super::api_socket(&state))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;

@@ -269,6 +269,8 @@ impl Soak {
             ])
             .arg("--state-dir")
             .arg(&state)
+            .arg("--api-socket")
+            .arg(super::api_socket(&state))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
