@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 
 mod agent;
+mod daemon;
 mod exits;
 mod faults;
 mod net;
@@ -25,7 +26,8 @@ mod tracer;
 
 // The names the capability modules share, at the root so that each can say
 // `super::name`.
-use agent::{api_socket, http_get, metric_sum};
+use agent::{http_get, metric_sum};
+use daemon::api_socket;
 use node::BenchNode;
 pub use storm::{pingpong, storm};
 use tracer::{median, proc_cpu, workload};

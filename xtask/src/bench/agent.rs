@@ -1,17 +1,18 @@
 //! `cargo xtask bench agent`: `podscope agent` on a full test node.
 
 use std::{
-    process::{Command, ExitCode, Stdio},
+    process::ExitCode,
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use super::{
+    daemon::BenchAgent,
     node::{BENCH_PODS, BenchNode},
     tracer::{median, proc_cpu, proc_status_kib, workload},
 };
-use crate::{NODE_SOCKET, build_podscope, setup};
+use crate::{build_podscope, setup};
 
 /// A plain HTTP/1.0 GET on loopback, returning the body.
 pub(crate) fn http_get(port: u16, path: &str) -> Result<String> {
@@ -34,12 +35,6 @@ pub(crate) fn metric_sum(exposition: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// A benchmark agent's API socket, beside its state directory (the
-/// default one is for an agent a person runs).
-pub(crate) fn api_socket(state: &std::path::Path) -> std::path::PathBuf {
-    std::path::PathBuf::from(format!("{}.api.sock", state.display()))
-}
-
 /// `cargo xtask bench agent`: `podscope agent` on the test node with 100
 /// pods: idle CPU and memory, /metrics render time with 300 containers'
 /// series, and the events per second it carries to an HTTP stream reader
@@ -48,40 +43,9 @@ pub fn agent() -> Result<ExitCode> {
     setup::run()?;
     let podscope = build_podscope()?;
     let node = BenchNode::up()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let state = std::env::temp_dir().join(format!("podscope-bench-agent-{}", std::process::id()));
-    let socket = api_socket(&state);
-    let mut agent = Command::new(&podscope)
-        .args([
-            "agent",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--cri-socket",
-            NODE_SOCKET,
-            // The packet probes watch the node's namespace, not the machine's.
-            "--netns",
-            "/run/netns/podscope-node",
-        ])
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--api-socket")
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let agent = BenchAgent::start(&podscope, "agent")?;
+    let port = agent.port;
     let result = (|| -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(port, "/readyz")
-            .map(|b| !b.starts_with("ready"))
-            .unwrap_or(true)
-        {
-            if Instant::now() > deadline {
-                bail!("the agent did not become ready");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
         // The pods start under the agent, so every container has exit series.
         let took = node.fill()?;
         println!(
@@ -90,7 +54,7 @@ pub fn agent() -> Result<ExitCode> {
         );
         // Idle: the pods sleep; nothing but the agent's own upkeep runs.
         std::thread::sleep(Duration::from_secs(3));
-        let pid = agent.id();
+        let pid = agent.pid();
         let (cpu0, t0) = (proc_cpu(pid).unwrap_or_default(), Instant::now());
         std::thread::sleep(Duration::from_secs(20));
         let idle =
@@ -127,9 +91,8 @@ pub fn agent() -> Result<ExitCode> {
         // both cores fork and exit.
         let before = http_get(port, "/metrics")?;
         let reader = {
-            use std::io::{BufRead, Write};
-            let mut s = std::os::unix::net::UnixStream::connect(&socket)?;
-            write!(s, "GET /api/v1/events HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            use std::io::BufRead;
+            let s = agent.events()?;
             let closer = s.try_clone()?;
             let handle = std::thread::spawn(move || {
                 let mut n = 0u64;
@@ -170,9 +133,7 @@ pub fn agent() -> Result<ExitCode> {
         );
         Ok(())
     })();
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let _ = agent.wait();
-    let _ = std::fs::remove_dir_all(&state);
+    drop(agent);
     drop(node);
     result.map(|_| ExitCode::SUCCESS)
 }

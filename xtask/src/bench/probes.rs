@@ -15,9 +15,9 @@
 //! `PODSCOPE_BENCH_PROBE_PODS` (default 100) sets the number of pods.
 
 use std::{
-    io::{BufRead, Write},
+    io::BufRead,
     path::{Path, PathBuf},
-    process::{Command, ExitCode, Stdio},
+    process::{Command, ExitCode},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use super::{http_get, proc_cpu};
+use super::{daemon::BenchAgent, proc_cpu};
 use crate::{NODE_SOCKET, build_podscope, setup};
 
 const NS: &str = "podscope-bench-probes";
@@ -183,9 +183,8 @@ struct Counts {
 }
 
 /// Reads the agent's event stream until the connection is shut down.
-fn read_stream(port: u16) -> Result<(Arc<Counts>, std::net::TcpStream)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    write!(s, "GET /api/v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+fn read_stream(agent: &BenchAgent) -> Result<(Arc<Counts>, std::os::unix::net::UnixStream)> {
+    let s = agent.events()?;
     let closer = s.try_clone()?;
     let counts = Arc::new(Counts::default());
     let c = counts.clone();
@@ -247,40 +246,9 @@ pub fn run() -> Result<ExitCode> {
         .unwrap_or(100);
     let podscope = build_podscope()?;
     let mut node = Node::up()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let state = std::env::temp_dir().join(format!("podscope-bench-probes-{}", std::process::id()));
-    let mut agent = Command::new(&podscope)
-        .args([
-            "agent",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--cri-socket",
-            NODE_SOCKET,
-            // The node's prober connects from the node's namespace.
-            "--netns",
-            "/run/netns/podscope-node",
-        ])
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--api-socket")
-        .arg(super::api_socket(&state))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let agent = BenchAgent::start(&podscope, "probes")?;
     let result = (|| -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(port, "/readyz")
-            .map(|b| !b.starts_with("ready"))
-            .unwrap_or(true)
-        {
-            if Instant::now() > deadline {
-                bail!("the agent did not become ready");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let (counts, closer) = read_stream(port)?;
+        let (counts, closer) = read_stream(&agent)?;
         let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
         println!(
             "probes benchmark: {pods} pods (busybox httpd), {cpus} CPUs, {} s windows",
@@ -290,7 +258,7 @@ pub fn run() -> Result<ExitCode> {
         for phase in [Phase::Plain, Phase::Probed] {
             let took = node.fill(phase, pods)?;
             std::thread::sleep(SETTLE);
-            let m = measure(agent.id(), &counts);
+            let m = measure(agent.pid(), &counts);
             let label = match phase {
                 Phase::Plain => "without probes",
                 Phase::Probed => "with probes (exec + httpGet, every 1 s)",
@@ -331,9 +299,7 @@ pub fn run() -> Result<ExitCode> {
         }
         Ok(())
     })();
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let _ = agent.wait();
-    let _ = std::fs::remove_dir_all(&state);
+    drop(agent);
     drop(node);
     result.map(|_| ExitCode::SUCCESS)
 }

@@ -18,11 +18,12 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::{
+    daemon::BenchAgent,
     http_get, metric_sum,
     node::BenchNode,
     tracer::{proc_cpu, proc_status_kib},
 };
-use crate::{NODE_SOCKET, build_podscope, setup};
+use crate::{build_podscope, setup};
 
 const NS: &str = "podscope-soak";
 /// kubelet's default `maxPods`.
@@ -255,29 +256,11 @@ impl Soak {
     }
 
     fn run(&mut self, podscope: &Path, minutes: u64, out_dir: &Path) -> Result<ExitCode> {
-        let port = free_port()?;
-        let state = self.dir.join("state");
-        let mut agent = Command::new(podscope)
-            .args([
-                "agent",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--cri-socket",
-                NODE_SOCKET,
-                "--netns",
-                "/run/netns/podscope-node",
-            ])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--api-socket")
-            .arg(super::api_socket(&state))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+        let agent = BenchAgent::start(podscope, "soak")?;
+        let port = agent.port;
         let prom = Prometheus::start(&self.dir, port);
         let result = (|| -> Result<Vec<Sample>> {
             let prom = prom?;
-            wait_ready(port)?;
             let t = Instant::now();
             self.fill()?;
             println!(
@@ -291,7 +274,7 @@ impl Soak {
             let mut next_sample = start + SAMPLE_EVERY;
             let mut next_churn = start + CHURN_EVERY;
             let mut slot = 0;
-            let mut cpu_prev = (proc_cpu(agent.id()).unwrap_or_default(), Instant::now());
+            let mut cpu_prev = (proc_cpu(agent.pid()).unwrap_or_default(), Instant::now());
             while Instant::now() < end {
                 if Instant::now() >= next_churn {
                     self.churn(slot % CHURN_SLOTS)?;
@@ -299,7 +282,7 @@ impl Soak {
                     next_churn += CHURN_EVERY;
                 }
                 if Instant::now() >= next_sample {
-                    let cpu = proc_cpu(agent.id()).unwrap_or_default();
+                    let cpu = proc_cpu(agent.pid()).unwrap_or_default();
                     let now = Instant::now();
                     let cpu_pct = (cpu - cpu_prev.0).as_secs_f64()
                         / (now - cpu_prev.1).as_secs_f64().max(0.001)
@@ -308,14 +291,15 @@ impl Soak {
                     let metrics = http_get(port, "/metrics").unwrap_or_default();
                     samples.push(Sample {
                         at: start.elapsed(),
-                        rss_mib: proc_status_kib(agent.id(), "VmRSS:").unwrap_or(0) as f64 / 1024.0,
+                        rss_mib: proc_status_kib(agent.pid(), "VmRSS:").unwrap_or(0) as f64
+                            / 1024.0,
                         cpu_pct,
                         series: metrics
                             .lines()
                             .filter(|l| !l.starts_with('#') && !l.is_empty())
                             .count(),
                         lost: metric_sum(&metrics, "podscope_events_lost_total"),
-                        journal_kib: dir_size(&state) as f64 / 1024.0,
+                        journal_kib: dir_size(agent.state()) as f64 / 1024.0,
                         scrape_ms: prom.scrape_seconds().unwrap_or(f64::NAN) * 1000.0,
                     });
                     next_sample += SAMPLE_EVERY;
@@ -326,9 +310,7 @@ impl Soak {
             print_series_by_family(&metrics, self.live.len());
             Ok(samples)
         })();
-        // SAFETY: our own child.
-        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-        let _ = agent.wait();
+        drop(agent);
         let samples = result?;
         let hwm = samples.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
         report(&samples, out_dir)?;
@@ -437,20 +419,6 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-fn wait_ready(port: u16) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(port, "/readyz")
-        .map(|b| !b.starts_with("ready"))
-        .unwrap_or(true)
-    {
-        if Instant::now() > deadline {
-            bail!("the agent did not become ready within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
 }
 
 fn dir_size(dir: &Path) -> u64 {
