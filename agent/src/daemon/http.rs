@@ -415,6 +415,9 @@ mod tests {
         // The socket's router has it all.
         let (status, body) = get(router(state()), "/api/v1/terminations").await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(body, r#"{"terminations":[],"background_deaths":[]}"#);
+        assert_eq!(
+            body,
+            r#"{"terminations":[],"background_deaths":[],"respawns":[]}"#
+        );
     }
 }
