@@ -485,7 +485,14 @@ impl Drop for Thaw {
     }
 }
 
-fn test_node_up(test: &str) -> Option<i32> {
+/// The test node is one per machine, and one of these tests freezes its
+/// runtime: the tests that use it take turns (libtest runs the others
+/// beside them), or a frozen containerd leaves another test's pod unnamed.
+static NODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The node up, its containerd's PID, and this test's turn on it.
+fn test_node_up(test: &str) -> Option<(i32, std::sync::MutexGuard<'static, ()>)> {
+    let turn = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(node) = testnode() else {
         assert!(!required(), "{test}: podscope-testnode is not built");
         support::say_skipped(test, "podscope-testnode is not built");
@@ -500,7 +507,7 @@ fn test_node_up(test: &str) -> Option<i32> {
         pid.is_some(),
         "{test}: the test node records no containerd PID"
     );
-    pid
+    pid.map(|p| (p, turn))
 }
 
 #[test]
@@ -509,7 +516,7 @@ fn a_frozen_runtime_costs_names_not_events() {
     if !privileged(test) {
         return;
     }
-    let Some(containerd) = test_node_up(test) else {
+    let Some((containerd, _turn)) = test_node_up(test) else {
         return;
     };
     let state = state_dir("cri");
@@ -600,9 +607,9 @@ fn a_full_state_directory_keeps_records_in_memory() {
     if !privileged(test) {
         return;
     }
-    if test_node_up(test).is_none() {
+    let Some((_, _turn)) = test_node_up(test) else {
         return;
-    }
+    };
     let fs = Tmpfs::mount(1 << 20);
     let agent = Agent::start(&["--cri-socket", SOCKET], &[], &fs.0);
     fs.fill();
