@@ -844,11 +844,12 @@ mod tests {
             port("ns6/svc6", 46, None, vec![]),
         ];
         let mut ours = render(&ports, &BTreeSet::new());
-        // KUBE-SEP names hash the endpoint as kube-proxy saw it (10.180.0.N):
-        // computed from the original address, they must be kube-proxy's.
+        // KUBE-SEP names hash the endpoint as kube-proxy saw it (its
+        // original address, from the fixture's header): computed from it,
+        // they must be kube-proxy's.
         for p in &ports {
             for e in &p.endpoints {
-                let original = e.replace("198.18.180.", "10.180.0.");
+                let original = crate::upstream::as_kube_proxy_saw_it(UPSTREAM, e);
                 ours = ours.replace(
                     &endpoint_chain(&p.port_name, "TCP", e),
                     &endpoint_chain(&p.port_name, "TCP", &original),

@@ -39,3 +39,5 @@ pub mod process;
 pub mod qos;
 pub mod service;
 pub mod status;
+#[cfg(test)]
+mod upstream;

@@ -288,14 +288,21 @@ mod tests {
             external_chain("ns2/svc2:p80", "TCP"),
             "external-42NFTM6N-ns2/svc2/tcp/p80"
         );
-        assert_eq!(
-            endpoint_chain("ns1/svc1:p80", "TCP", "10.180.0.1:80"),
-            "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
-        );
-        assert_eq!(
-            endpoint_chain("ns4/svc4:p80", "TCP", "10.180.0.5:80"),
-            "endpoint-5RFCDDV7-ns4/svc4/tcp/p80__10.180.0.5/80"
-        );
+        // Endpoint chains hash kube-proxy's original address: computed from
+        // it and renumbered, they are the names in its expected rules.
+        for (port, ip) in [("ns1/svc1:p80", 1), ("ns4/svc4:p80", 5)] {
+            let original =
+                crate::upstream::as_kube_proxy_saw_it(UPSTREAM, &format!("198.18.180.{ip}:80"));
+            let name =
+                crate::upstream::renumbered(UPSTREAM, &endpoint_chain(port, "TCP", &original));
+            assert!(
+                name.ends_with(&format!("__198.18.180.{ip}/80"))
+                    && UPSTREAM
+                        .lines()
+                        .any(|l| l == format!("add chain ip kube-proxy {name}")),
+                "{name} is not among kube-proxy's chains"
+            );
+        }
     }
 
     /// kube-proxy's own expected rules (TestOverallNFTablesRules, renumbered;
@@ -324,12 +331,15 @@ mod tests {
             port("ns6/svc6", 46, None, vec![]),
         ];
         let mut ours = render(&ports);
-        // Chain names hash the endpoint as kube-proxy saw it (10.180.0.N).
+        // Chain names hash the endpoint as kube-proxy saw it (its original
+        // address, from the fixture's header).
         for p in &ports {
             for e in &p.endpoints {
-                let original = e.replace("198.18.180.", "10.180.0.");
-                let renumbered_name = endpoint_chain(&p.port_name, "TCP", &original)
-                    .replace("10.180.0.", "198.18.180.");
+                let original = crate::upstream::as_kube_proxy_saw_it(UPSTREAM, e);
+                let renumbered_name = crate::upstream::renumbered(
+                    UPSTREAM,
+                    &endpoint_chain(&p.port_name, "TCP", &original),
+                );
                 ours = ours.replace(&endpoint_chain(&p.port_name, "TCP", e), &renumbered_name);
             }
         }
