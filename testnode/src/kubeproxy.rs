@@ -11,7 +11,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    io::Write as _,
     net::Ipv4Addr,
     process::{Command, Stdio},
 };
@@ -19,8 +18,9 @@ use std::{
 use sha2::{Digest, Sha256};
 
 use crate::{
-    error::{Error, IoContext, Result, run},
+    error::{IoContext, Result, run},
     manifest::Pod,
+    netns::in_node,
     paths,
     process::NodeLock,
     service::{self, Service},
@@ -395,13 +395,6 @@ fn jump_rule(new_only: bool, comment: &'static str, target: &'static str) -> Vec
     rule
 }
 
-/// A command run inside the node's network namespace.
-fn in_node(program: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", paths::NETNS, program]);
-    c
-}
-
 /// How long a terminating pod's endpoint outlives the start of its
 /// termination on this node (`podscope-testnode endpoint-delay`; 0 unless set).
 pub fn endpoint_delay() -> std::time::Duration {
@@ -508,28 +501,7 @@ fn ensure_jumps() -> Result<()> {
 }
 
 fn restore(text: &str) -> Result<()> {
-    let mut child = in_node("iptables-restore")
-        .args(["-w", "--noflush"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ctx(|| "cannot run iptables-restore in the node's namespace".into())?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(text.as_bytes())
-            .ctx(|| "cannot write to iptables-restore".into())?;
-    }
-    let out = child
-        .wait_with_output()
-        .ctx(|| "cannot wait for iptables-restore".into())?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            what: "iptables-restore --noflush".into(),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    crate::netns::feed_in_node("iptables-restore", &["-w", "--noflush"], text)
 }
 
 /// A route for the Service range, as a node's default route would take it: a

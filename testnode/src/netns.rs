@@ -3,18 +3,54 @@
 //! never touched (docs/architecture.md, "The test node").
 
 use std::{
+    io::Write,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use crate::{
-    error::{IoContext, Result, run},
+    error::{Error, IoContext, Result, run},
     paths::NETNS,
 };
 
 /// Where `ip netns` keeps named namespaces.
 pub const NETNS_DIR: &str = "/run/netns";
 const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// `program` run inside the node's namespace.
+pub fn in_node(program: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", NETNS, program]);
+    c
+}
+
+/// Runs `program args` in the node's namespace with `script` on its stdin
+/// (`iptables-restore`, `nft -f -`); its stderr is the error.
+pub fn feed_in_node(program: &str, args: &[&str], script: &str) -> Result<()> {
+    let what = format!("{program} {}", args.join(" "));
+    let mut child = in_node(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ctx(|| format!("cannot run {program} in the node's namespace (Debian's package: `cargo xtask setup`)"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .ctx(|| format!("cannot write to {program}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .ctx(|| format!("cannot wait for {program}"))?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            what,
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
 
 pub fn path() -> PathBuf {
     Path::new(NETNS_DIR).join(NETNS)

@@ -14,19 +14,11 @@
 //! Each sync replaces the whole table in one `nft -f` transaction (what
 //! kube-proxy's full resync amounts to).
 
-use std::{
-    fmt::Write as _,
-    io::Write as _,
-    process::{Command, Stdio},
-};
+use std::fmt::Write as _;
 
 use sha2::{Digest, Sha256};
 
-use crate::{
-    error::{Error, IoContext, Result},
-    kubeproxy::ServicePortRules,
-    paths,
-};
+use crate::{error::Result, kubeproxy::ServicePortRules, paths};
 
 /// kube-proxy's masquerade mark (`--masquerade-bit` 14).
 const MASQ_MARK: &str = "0x4000";
@@ -232,36 +224,9 @@ pub fn render(ports: &[ServicePortRules]) -> String {
     out
 }
 
-fn in_node(program: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", paths::NETNS, program]);
-    c
-}
-
 /// Loads a script with `nft -f -` in the node's namespace.
 pub fn load(script: &str) -> Result<()> {
-    let mut child = in_node("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ctx(|| "cannot run nft in the node's namespace (Debian's nftables package: `cargo xtask setup`)".into())?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .ctx(|| "cannot write to nft".into())?;
-    }
-    let out = child
-        .wait_with_output()
-        .ctx(|| "cannot wait for nft".into())?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            what: "nft -f".into(),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    crate::netns::feed_in_node("nft", &["-f", "-"], script)
 }
 
 /// Removes kube-proxy's nftables table (kube-proxy's CleanupLeftovers when
