@@ -42,7 +42,7 @@ pub(crate) fn metric_sum(exposition: &str, name: &str) -> f64 {
 pub fn agent() -> Result<ExitCode> {
     setup::run()?;
     let podscope = build_podscope()?;
-    let node = BenchNode::up()?;
+    let mut node = BenchNode::up()?;
     let agent = BenchAgent::start(&podscope, "agent")?;
     let port = agent.port;
     let result = (|| -> Result<()> {

@@ -23,7 +23,7 @@ use crate::{NODE_SOCKET, build_podscope, setup};
 pub fn pods() -> Result<ExitCode> {
     setup::run()?;
     let podscope = build_podscope()?;
-    let node = BenchNode::up()?;
+    let mut node = BenchNode::up()?;
     let rss_empty = tracer_rss(&podscope)?;
     println!("pods benchmark: {BENCH_PODS} pods x 3 containers on the test node");
     let took = node.fill()?;

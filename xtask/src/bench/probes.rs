@@ -16,8 +16,7 @@
 
 use std::{
     io::BufRead,
-    path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::ExitCode,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -25,10 +24,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
-use super::{daemon::BenchAgent, proc_cpu};
-use crate::{NODE_SOCKET, build_podscope, setup};
+use super::{BenchNode, daemon::BenchAgent, proc_cpu};
+use crate::{build_podscope, setup};
 
 const NS: &str = "podscope-bench-probes";
 const WINDOW: Duration = Duration::from_secs(30);
@@ -50,128 +49,29 @@ impl Phase {
     }
 }
 
-/// The test node, and the pods this benchmark made (deleted on drop).
-struct Node {
-    testnode: PathBuf,
-    was_up: bool,
-    dir: PathBuf,
-    made: Vec<String>,
-}
-
-impl Node {
-    fn run(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.testnode).args(args).output()?;
-        if !out.status.success() {
-            bail!(
-                "podscope-testnode {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+/// `pods` pods of the phase, each one container: busybox httpd as PID 1
+/// (the node's own image: the smallest container there is here).
+fn fill(node: &mut BenchNode, phase: Phase, pods: usize) -> Result<Duration> {
+    let t = Instant::now();
+    let probes = match phase {
+        Phase::Plain => "",
+        // A high failure threshold: an overloaded node must not turn the
+        // benchmark into a restart storm.
+        Phase::Probed => {
+            "    livenessProbe: {exec: {command: [cat, /www/healthz]}, periodSeconds: 1, timeoutSeconds: 10, failureThreshold: 1000}\n    readinessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 1, timeoutSeconds: 5}\n"
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    for i in 0..pods {
+        let name = format!("{}-{i}", phase.prefix());
+        node.apply(
+            &format!("{NS}/{name}"),
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: web\n    command: [sh, -c, \"mkdir -p /www && echo ok > /www/healthz && exec httpd -f -p 8080 -h /www\"]\n    ports: [{{containerPort: 8080}}]\n{probes}"
+            ),
+        )?;
     }
-
-    fn up() -> Result<Node> {
-        crate::status(crate::cargo().args(["build", "--release", "--quiet", "-p", "testnode"]))?;
-        let n = Node {
-            testnode: crate::root().join("target/release/podscope-testnode"),
-            was_up: Path::new(NODE_SOCKET).exists(),
-            dir: std::env::temp_dir().join(format!("podscope-bench-probes-{}", std::process::id())),
-            made: vec![],
-        };
-        n.run(&["up"])?;
-        std::fs::create_dir_all(&n.dir)?;
-        Ok(n)
-    }
-
-    /// `pods` pods of the phase, each one container: busybox httpd as PID 1
-    /// (the node's own image: the smallest container there is here).
-    fn fill(&mut self, phase: Phase, pods: usize) -> Result<Duration> {
-        let t = Instant::now();
-        let probes = match phase {
-            Phase::Plain => "",
-            // A high failure threshold: an overloaded node must not turn the
-            // benchmark into a restart storm.
-            Phase::Probed => {
-                "    livenessProbe: {exec: {command: [cat, /www/healthz]}, periodSeconds: 1, timeoutSeconds: 10, failureThreshold: 1000}\n    readinessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 1, timeoutSeconds: 5}\n"
-            }
-        };
-        for i in 0..pods {
-            let name = format!("{}-{i}", phase.prefix());
-            let file = self.dir.join(format!("{name}.yaml"));
-            std::fs::write(
-                &file,
-                format!(
-                    "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: web\n    command: [sh, -c, \"mkdir -p /www && echo ok > /www/healthz && exec httpd -f -p 8080 -h /www\"]\n    ports: [{{containerPort: 8080}}]\n{probes}"
-                ),
-            )?;
-            self.made.push(name);
-            self.run(&["apply", "-f", file.to_str().unwrap_or_default()])?;
-        }
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let running = self.running(phase)?;
-            if running >= pods {
-                return Ok(t.elapsed());
-            }
-            if Instant::now() > deadline {
-                bail!("only {running} of {pods} pods ran within 600 s");
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-
-    fn running(&self, phase: Phase) -> Result<usize> {
-        let status: serde_json::Value =
-            serde_json::from_str(&self.run(&["status", "-o", "json"])?).unwrap_or_default();
-        Ok(status
-            .as_array()
-            .map(|pods| {
-                pods.iter()
-                    .filter(|p| {
-                        p["namespace"] == NS
-                            && p["name"]
-                                .as_str()
-                                .is_some_and(|n| n.starts_with(phase.prefix()))
-                    })
-                    .flat_map(|p| p["containers"].as_array().cloned().unwrap_or_default())
-                    .filter(|c| c["state"] == "running")
-                    .count()
-            })
-            .unwrap_or(0))
-    }
-
-    /// Deletes the pods made so far and waits until they are gone.
-    fn clear(&mut self) -> Result<()> {
-        for name in std::mem::take(&mut self.made) {
-            let _ = self.run(&["delete", &format!("{NS}/{name}"), "--grace-period", "0"]);
-        }
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let status: serde_json::Value =
-                serde_json::from_str(&self.run(&["status", "-o", "json"])?).unwrap_or_default();
-            let left = status
-                .as_array()
-                .map(|p| p.iter().filter(|p| p["namespace"] == NS).count())
-                .unwrap_or(0);
-            if left == 0 {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("{left} pods still there after 300 s");
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
-        if !self.was_up {
-            let _ = self.run(&["down"]);
-        }
-    }
+    node.wait_running(NS, phase.prefix(), pods, Duration::from_secs(600))?;
+    Ok(t.elapsed())
 }
 
 /// Counts of one `/api/v1/events` reader.
@@ -245,7 +145,7 @@ pub fn run() -> Result<ExitCode> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     let podscope = build_podscope()?;
-    let mut node = Node::up()?;
+    let mut node = BenchNode::up()?;
     let agent = BenchAgent::start(&podscope, "probes")?;
     let result = (|| -> Result<()> {
         let (counts, closer) = read_stream(&agent)?;
@@ -256,7 +156,7 @@ pub fn run() -> Result<ExitCode> {
         );
         let mut phases = vec![];
         for phase in [Phase::Plain, Phase::Probed] {
-            let took = node.fill(phase, pods)?;
+            let took = fill(&mut node, phase, pods)?;
             std::thread::sleep(SETTLE);
             let m = measure(agent.pid(), &counts);
             let label = match phase {
@@ -279,7 +179,7 @@ pub fn run() -> Result<ExitCode> {
                 }
             );
             phases.push(m);
-            node.clear()?;
+            node.clear(NS)?;
         }
         let _ = closer.shutdown(std::net::Shutdown::Both);
         if let [plain, probed] = &phases[..] {

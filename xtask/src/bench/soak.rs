@@ -54,20 +54,22 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let mut soak = Soak {
         node,
         dir: std::env::temp_dir().join(format!("podscope-soak-{}", std::process::id())),
-        live: vec![],
+        slots: vec![None; CHURN_SLOTS],
         generation: 0,
     };
     std::fs::create_dir_all(&soak.dir)?;
     let result = soak.run(&podscope, minutes, &out_dir);
-    soak.clean();
+    // The node's drop deletes the pods and the Service.
+    let _ = std::fs::remove_dir_all(&soak.dir);
     result
 }
 
 struct Soak {
     node: BenchNode,
+    /// Prometheus' configuration and data.
     dir: PathBuf,
-    /// Names of the pods this run created and has not deleted.
-    live: Vec<String>,
+    /// Each churn slot's current pod.
+    slots: Vec<Option<String>>,
     generation: u64,
 }
 
@@ -84,30 +86,12 @@ struct Sample {
 
 impl Soak {
     fn apply(&mut self, name: &str, manifest: &str) -> Result<()> {
-        let file = self.dir.join(format!("{name}.yaml"));
-        std::fs::write(&file, manifest)?;
-        self.node
-            .node(&["apply", "-f", file.to_str().unwrap_or_default()])?;
-        let _ = std::fs::remove_file(&file);
-        if !self.live.iter().any(|n| n == name) {
-            self.live.push(name.to_string());
-        }
-        Ok(())
+        self.node.apply(&format!("{NS}/{name}"), manifest)
     }
 
-    fn delete(&mut self, name: &str) {
-        let _ = self.node.node(&["delete", &format!("{NS}/{name}")]);
-        self.live.retain(|n| n != name);
-    }
-
-    fn clean(&mut self) {
-        for name in self.live.clone() {
-            self.delete(&name);
-        }
-        let _ = self
-            .node
-            .node(&["delete", &format!("service/{NS}/soak-web")]);
-        let _ = std::fs::remove_dir_all(&self.dir);
+    /// Pods of the run that exist now.
+    fn live(&self) -> usize {
+        self.node.made(NS)
     }
 
     /// The node's pods: steady ones, exit storms, crash loops, throttled
@@ -193,54 +177,25 @@ impl Soak {
         let service = format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: soak-web, namespace: {NS}}}\nspec:\n  clusterIP: {SERVICE_IP}\n  selector: {{app: soak-web}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n"
         );
-        let file = self.dir.join("service.yaml");
-        std::fs::write(&file, service)?;
         self.node
-            .node(&["apply", "-f", file.to_str().unwrap_or_default()])?;
+            .apply(&format!("service/{NS}/soak-web"), &service)?;
         // The clock starts with the node full: every container but the
         // crash-looping ones running.
-        let want = (PODS - CRASHERS) * 3;
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let running = self.running_containers();
-            if running >= want {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("only {running} of {want} containers ran within 600 s");
-            }
-            std::thread::sleep(Duration::from_secs(2));
-        }
-    }
-
-    fn running_containers(&self) -> usize {
-        let status: serde_json::Value = self
-            .node
-            .node(&["status", "-o", "json"])
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or_default();
-        status
-            .as_array()
-            .map(|pods| {
-                pods.iter()
-                    .filter(|p| p["namespace"] == NS)
-                    .flat_map(|p| p["containers"].as_array().cloned().unwrap_or_default())
-                    .filter(|c| c["state"] == "running")
-                    .count()
-            })
-            .unwrap_or(0)
+        self.node
+            .wait_running(NS, "", (PODS - CRASHERS) * 3, Duration::from_secs(600))?;
+        Ok(())
     }
 
     /// Replaces a churn slot's pod with one under a new name: new pod,
     /// container and cgroup ids, as a Deployment's rollout makes them.
     fn churn(&mut self, slot: usize) -> Result<()> {
-        let prefix = format!("churn-{slot}-");
-        if let Some(old) = self.live.iter().find(|n| n.starts_with(&prefix)).cloned() {
-            self.delete(&old);
+        if let Some(old) = self.slots[slot].take() {
+            // A graceful deletion, as a rollout's.
+            self.node.delete(&format!("{NS}/{old}"), &[]);
         }
         self.generation += 1;
-        let name = format!("{prefix}{}", self.generation);
+        let name = format!("churn-{slot}-{}", self.generation);
+        self.slots[slot] = Some(name.clone());
         let idle = "true; exec sleep 86400";
         let m = pod(
             &name,
@@ -265,7 +220,7 @@ impl Soak {
             self.fill()?;
             println!(
                 "soak: {} pods x 3 containers running after {:.0} s; soaking {minutes} min",
-                self.live.len(),
+                self.live(),
                 t.elapsed().as_secs_f64()
             );
             let start = Instant::now();
@@ -307,7 +262,7 @@ impl Soak {
                 std::thread::sleep(Duration::from_millis(200));
             }
             let metrics = http_get(port, "/metrics").unwrap_or_default();
-            print_series_by_family(&metrics, self.live.len());
+            print_series_by_family(&metrics, self.live());
             Ok(samples)
         })();
         drop(agent);
