@@ -27,7 +27,6 @@ mod tracer;
 // The names the capability modules share, at the root so that each can say
 // `super::name`.
 use agent::{http_get, metric_sum};
-use daemon::api_socket;
 use node::BenchNode;
 pub use storm::{pingpong, storm};
 use tracer::{median, proc_cpu, workload};

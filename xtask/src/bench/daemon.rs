@@ -26,6 +26,16 @@ pub(crate) struct BenchAgent {
 impl BenchAgent {
     /// `name` tells this benchmark's state directory from another's.
     pub(crate) fn start(podscope: &Path, name: &str) -> Result<BenchAgent> {
+        BenchAgent::start_with_env(podscope, name, &[])
+    }
+
+    /// With environment variables set for the agent (e.g. a PATH that
+    /// finds a fake rules tool first).
+    pub(crate) fn start_with_env(
+        podscope: &Path,
+        name: &str,
+        env: &[(&str, String)],
+    ) -> Result<BenchAgent> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -49,6 +59,7 @@ impl BenchAgent {
             .arg(&state)
             .arg("--api-socket")
             .arg(&socket)
+            .envs(env.iter().map(|(k, v)| (*k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;

@@ -8,8 +8,7 @@
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -17,10 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
-use super::{BenchNode, http_get, metric_sum, workload};
-use crate::{NODE_SOCKET, build_podscope, setup};
+use super::{BenchNode, daemon::BenchAgent, http_get, metric_sum, workload};
+use crate::{build_podscope, setup};
 
 const STORM: u32 = 20_000;
 
@@ -122,17 +121,6 @@ fn hanging_tools(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-struct Agent(Child, PathBuf);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the agent this benchmark started.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
-
 /// Resumes containerd whatever happens.
 struct Thaw(i32);
 
@@ -144,39 +132,20 @@ impl Drop for Thaw {
 }
 
 fn one(fault: Fault, podscope: &Path, tools: &Path, containerd: i32) -> Result<Row> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let state = std::env::temp_dir().join(format!("podscope-bench-faults-state-{port}"));
-    let socket = super::api_socket(&state);
-    let mut cmd = Command::new(podscope);
-    cmd.args(["agent", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--cri-socket", NODE_SOCKET])
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--api-socket")
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if fault == Fault::HangingRules {
-        let path = format!(
-            "{}:{}",
-            tools.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        cmd.env("PATH", path);
-    }
-    let agent = Agent(cmd.spawn()?, state);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(port, "/readyz")
-        .map(|b| !b.starts_with("ready"))
-        .unwrap_or(true)
-    {
-        if Instant::now() > deadline {
-            bail!("the agent did not become ready");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let env = if fault == Fault::HangingRules {
+        vec![(
+            "PATH",
+            format!(
+                "{}:{}",
+                tools.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )]
+    } else {
+        vec![]
+    };
+    let agent = BenchAgent::start_with_env(podscope, "faults", &env)?;
+    let port = agent.port;
     let mut held: Vec<TcpStream> = vec![];
     let mut _thaw = None;
     let stop = Arc::new(AtomicBool::new(false));
@@ -196,8 +165,7 @@ fn one(fault: Fault, podscope: &Path, tools: &Path, containerd: i32) -> Result<R
         }
         Fault::SlowReader => {
             // The stream is on the API's socket.
-            let mut s = std::os::unix::net::UnixStream::connect(&socket)?;
-            s.write_all(b"GET /api/v1/events HTTP/1.0\r\n\r\n")?;
+            let mut s = agent.events()?;
             let st = stop.clone();
             slow = Some(std::thread::spawn(move || {
                 let mut buf = [0u8; 1024];

@@ -17,12 +17,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{median, proc_cpu};
+use super::{daemon::BenchAgent, median, proc_cpu};
 use crate::{NODE_SOCKET, build_podscope, setup};
 
 const NS: &str = "podscope-bench-net";
 const CLUSTER_IP: &str = "198.19.99.10";
-const NETNS: &str = "/run/netns/podscope-node";
 const ROUNDS: usize = 5;
 const CONNECTIONS: u32 = 1500;
 const IPERF_SECONDS: u32 = 4;
@@ -133,36 +132,6 @@ fn connection_rate(node: &Node) -> Result<f64> {
     Ok(f64::from(CONNECTIONS) / took.as_secs_f64())
 }
 
-fn start_agent(podscope: &Path, port: u16, state: &Path) -> Result<Child> {
-    let child = Command::new(podscope)
-        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--cri-socket", NODE_SOCKET, "--netns", NETNS])
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--api-socket")
-        .arg(super::api_socket(state))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while super::http_get(port, "/readyz")
-        .map(|b| !b.starts_with("ready"))
-        .unwrap_or(true)
-    {
-        if Instant::now() > deadline {
-            bail!("the agent did not become ready");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(child)
-}
-
-fn stop(mut child: Child) {
-    // SAFETY: the agent this benchmark started, by its PID.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
-}
-
 pub fn run() -> Result<std::process::ExitCode> {
     setup::run()?;
     let podscope = build_podscope()?;
@@ -216,10 +185,6 @@ pub fn run() -> Result<std::process::ExitCode> {
     throughput(&cli_ns)?;
     connection_rate(&node)?;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let state = node.dir.join("agent-state");
     let mut report = vec![];
     for mode in ["iptables", "nftables"] {
         node.run(&["proxy-mode", mode])?;
@@ -232,13 +197,13 @@ pub fn run() -> Result<std::process::ExitCode> {
         for round in 0..ROUNDS {
             tp_off.push(Duration::from_secs_f64(1e9 / throughput(&cli_ns)?));
             cr_off.push(Duration::from_secs_f64(1e6 / connection_rate(&node)?));
-            let agent = start_agent(&podscope, port, &state)?;
-            let (cpu0, t0) = (proc_cpu(agent.id()).unwrap_or_default(), Instant::now());
+            let agent = BenchAgent::start(&podscope, "net")?;
+            let (cpu0, t0) = (proc_cpu(agent.pid()).unwrap_or_default(), Instant::now());
             tp_on.push(Duration::from_secs_f64(1e9 / throughput(&cli_ns)?));
             cr_on.push(Duration::from_secs_f64(1e6 / connection_rate(&node)?));
-            agent_cpu += proc_cpu(agent.id()).unwrap_or_default() - cpu0;
+            agent_cpu += proc_cpu(agent.pid()).unwrap_or_default() - cpu0;
             agent_wall += t0.elapsed();
-            stop(agent);
+            drop(agent);
             eprintln!("bench net: {mode} round {}/{ROUNDS} done", round + 1);
         }
         // Medians of the inverse (time per Gbit, per million connections), back to rates.
