@@ -261,19 +261,21 @@ impl Driver {
     /// and cgroupfs), then starts the drain thread. Only a family every
     /// other depends on (exits, today) failing is an error.
     pub fn start(opts: &DriverOptions) -> Result<Driver, ProbeError> {
-        let before = crate::kernel::resident_kib();
+        // Start-up memory by stage, read only when debug logging asks.
+        let mem = || tracing::enabled!(tracing::Level::DEBUG).then(crate::kernel::resident_kib);
+        let before = mem();
         let offsets = KernelOffsets::from_sys_fs()?;
         // The parse's small allocations would otherwise stay resident (2.4
         // MiB measured) under aya's own parse of the same BTF, which comes
         // next and sets the start-up peak.
         release_freed_memory();
-        let after_offsets = crate::kernel::resident_kib();
+        let after_offsets = mem();
         let mut ebpf = probes::load_object(&offsets, &opts.load)?;
-        let after_load = crate::kernel::resident_kib();
+        let after_load = mem();
         let btf = probes::attach_btf();
         tracing::debug!(
             "start-up memory (RSS/peak KiB): before {before:?}, offsets {after_offsets:?}, object loaded {after_load:?}, attach BTF parsed {:?}",
-            crate::kernel::resident_kib()
+            mem()
         );
         let mut unavailable = vec![];
         let mut attachments = vec![];
@@ -357,10 +359,7 @@ impl Driver {
         // BTF is only needed to attach: give its memory back to the system.
         drop(btf);
         release_freed_memory();
-        tracing::debug!(
-            "start-up memory (RSS/peak KiB): attached {:?}",
-            crate::kernel::resident_kib()
-        );
+        tracing::debug!("start-up memory (RSS/peak KiB): attached {:?}", mem());
         let resolver = Resolver::new(&opts.resolver);
         let layout = CgroupLayout::current();
         let mut forensics = Forensics::new(&layout, opts.resolver.max_cgroups);
