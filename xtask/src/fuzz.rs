@@ -130,7 +130,11 @@ pub fn smoke(total_seconds: u64) -> Result<(u64, u64)> {
             .collect();
         workers
             .into_iter()
-            .flat_map(|w| w.join().unwrap_or_default())
+            // A worker that panicked counts as a failure, not as nothing.
+            .flat_map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| vec![Err(anyhow::anyhow!("a fuzz worker panicked"))])
+            })
             .collect()
     });
     let (mut execs, mut passed, mut failed) = (0, 0, 0);
