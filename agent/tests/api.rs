@@ -82,7 +82,8 @@ impl Agent {
         let mut c = self.child.take().unwrap();
         // SAFETY: kill(2) on the PID of the child this test started.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        assert!(c.wait().unwrap().success(), "the agent exits 0 on SIGTERM");
+        let st = c.wait().unwrap();
+        assert!(st.success(), "the agent exits 0 on SIGTERM: {st}");
     }
 
     /// SIGKILL: it leaves its socket behind, as a crash would.
