@@ -82,7 +82,8 @@ impl Agent {
         let mut c = self.child.take().unwrap();
         // SAFETY: kill(2) on the PID of the child this test started.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        assert!(c.wait().unwrap().success(), "the agent exits 0 on SIGTERM");
+        let st = c.wait().unwrap();
+        assert!(st.success(), "the agent exits 0 on SIGTERM: {st}");
     }
 
     /// SIGKILL: it leaves its socket behind, as a crash would.
@@ -314,6 +315,29 @@ fn another_address_gets_metrics_and_no_node_wide_data() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("permission denied"), "{err}");
+    // A socket whose mode someone widened: the agent itself closes a peer
+    // that is neither root nor its own user.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody(&[
+        "why",
+        "default/x",
+        "-o",
+        "json",
+        "--agent",
+        sock.to_str().unwrap(),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    // It connected (the mode let it), and was closed before any answer:
+    // how the client notices (a broken pipe, a reset, an empty answer)
+    // depends on when.
+    assert!(
+        out.stdout.is_empty()
+            && !err.contains("permission denied")
+            && err.contains(sock.to_str().unwrap()),
+        "{err}"
+    );
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
     agent.stop();
     assert!(!sock.exists(), "the socket goes with a clean end");
     drop(peer);
@@ -382,6 +406,8 @@ fn why_and_doctor_use_the_default_socket_without_flags() {
         "the human form"
     );
     if node {
+        // A pod left by an interrupted run would not exit again.
+        drop(Pods(vec!["exits".into()]));
         let _cleanup = Pods(vec!["exits".into()]);
         support::apply(
             "api-exits",
@@ -536,6 +562,30 @@ fn a_stale_socket_is_replaced_and_a_live_one_names_its_holder() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&sock).unwrap(), "not mine");
+    std::fs::remove_file(&sock).unwrap();
+
+    // An agent killed while it was starting a command (iptables-save)
+    // leaves its socket open in the child until that child execs: a real
+    // listener that forks a child holding it for 1 s, and exits at once.
+    const ORPHAN: &str = "import os, socket, sys, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen()\nif os.fork() == 0:\n    time.sleep(1)\n    os._exit(0)\nos._exit(0)\n";
+    let st = Command::new("python3")
+        .args(["-c", ORPHAN])
+        .arg(&sock)
+        .status()
+        .expect("python3 is needed for this test");
+    assert!(st.success());
+    assert!(
+        std::os::unix::net::UnixStream::connect(&sock).is_ok(),
+        "the orphaned socket still accepts"
+    );
+    // Its listener is gone: the agent waits for the socket to close, then
+    // takes the path.
+    let after = start("e");
+    assert_eq!(
+        get_unix(&sock, "/api/v1/terminations").map(|r| r.0),
+        Some(200)
+    );
+    after.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

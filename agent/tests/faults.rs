@@ -485,14 +485,16 @@ impl Drop for Thaw {
     }
 }
 
-/// The test node is one per machine, and one of these tests freezes its
-/// runtime: the tests that use it take turns (libtest runs the others
-/// beside them), or a frozen containerd leaves another test's pod unnamed.
+/// The tests that use the test node take turns: one freezes containerd,
+/// and a container that ends meanwhile in the other's pod would get a
+/// record without names.
 static NODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// The node up, its containerd's PID, and this test's turn on it.
-fn test_node_up(test: &str) -> Option<(i32, std::sync::MutexGuard<'static, ()>)> {
-    let turn = NODE.lock().unwrap_or_else(|e| e.into_inner());
+fn node_turn() -> std::sync::MutexGuard<'static, ()> {
+    NODE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn test_node_up(test: &str) -> Option<i32> {
     let Some(node) = testnode() else {
         assert!(!required(), "{test}: podscope-testnode is not built");
         support::say_skipped(test, "podscope-testnode is not built");
@@ -507,7 +509,7 @@ fn test_node_up(test: &str) -> Option<(i32, std::sync::MutexGuard<'static, ()>)>
         pid.is_some(),
         "{test}: the test node records no containerd PID"
     );
-    pid.map(|p| (p, turn))
+    pid
 }
 
 #[test]
@@ -516,7 +518,8 @@ fn a_frozen_runtime_costs_names_not_events() {
     if !privileged(test) {
         return;
     }
-    let Some((containerd, _turn)) = test_node_up(test) else {
+    let _turn = node_turn();
+    let Some(containerd) = test_node_up(test) else {
         return;
     };
     let state = state_dir("cri");
@@ -564,6 +567,19 @@ fn a_frozen_runtime_costs_names_not_events() {
     let _ = std::fs::remove_dir_all(&state);
 }
 
+/// Deletes a test node pod (NAMESPACE/POD) when dropped, if it is there.
+struct DeletePod(&'static str);
+
+impl Drop for DeletePod {
+    fn drop(&mut self) {
+        if let Some(node) = testnode() {
+            let _ = Command::new(node)
+                .args(["delete", self.0, "--wait"])
+                .output();
+        }
+    }
+}
+
 /// A small tmpfs, unmounted and removed at the end.
 struct Tmpfs(PathBuf);
 
@@ -607,14 +623,18 @@ fn a_full_state_directory_keeps_records_in_memory() {
     if !privileged(test) {
         return;
     }
-    let Some((_, _turn)) = test_node_up(test) else {
+    let _turn = node_turn();
+    if test_node_up(test).is_none() {
         return;
-    };
+    }
     let fs = Tmpfs::mount(1 << 20);
     let agent = Agent::start(&["--cri-socket", SOCKET], &[], &fs.0);
     fs.fill();
     let watch = HealthWatch::start(agent.port);
     let reader = StormReader::open(&agent.socket);
+    // A pod left by an interrupted run would not exit again.
+    drop(DeletePod("podscope-faults/full"));
+    let _pod = DeletePod("podscope-faults/full");
     // A container that exits 3: its record cannot reach the disk.
     support::apply(
         "faults-full",
@@ -658,5 +678,4 @@ fn a_full_state_directory_keeps_records_in_memory() {
     watch.check("full state directory");
     let took = agent.terminate();
     assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");
-    support::node(&["delete", "podscope-faults/full", "--wait"]);
 }

@@ -361,6 +361,8 @@ fn scenarios() {
     let _ = agent.kill();
     let _ = agent.wait();
     let _ = std::fs::remove_dir_all(&state);
+    // Killed, it leaves its socket.
+    let _ = std::fs::remove_file(support::api_socket(&state));
     let metrics = metrics
         .expect("the agent did not serve ten throttled periods of the spinner from both sources");
     let value = |name: &str, labels: &str| -> f64 {

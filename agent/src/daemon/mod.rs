@@ -172,6 +172,9 @@ async fn serve(cfg: AgentConfig, mut api_socket: socket::ApiSocket) -> Result<Ex
         .lock()
         .map(|m| m.http_refused.clone())
         .unwrap_or_default();
+    // Before "attached" is logged: from then on SIGTERM is a clean stop.
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     // Every listener stops when this turns true.
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -220,8 +223,6 @@ async fn serve(cfg: AgentConfig, mut api_socket: socket::ApiSocket) -> Result<Ex
         api_socket.path().display()
     );
 
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut status = link.status.clone();
     loop {
         tokio::select! {

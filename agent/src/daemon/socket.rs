@@ -82,15 +82,15 @@ impl ApiSocket {
                     path: path.to_path_buf(),
                 });
             }
-            Ok(_) => match UnixStream::connect(path) {
-                Ok(conn) => {
+            Ok(_) => match listener_at(path).map_err(io)? {
+                Some(holder) => {
                     return Err(SocketError::Busy {
                         path: path.to_path_buf(),
-                        holder: peer_pid(&conn).map_or_else(|| "unknown".into(), |p| p.to_string()),
+                        holder,
                     });
                 }
                 // Nobody listens: what a killed agent leaves behind.
-                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                None => {
                     tracing::info!(
                         "removing the stale API socket {} (nothing listens on it)",
                         path.display()
@@ -101,8 +101,6 @@ impl ApiSocket {
                         Err(e) => return Err(io(e)),
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(io(e)),
             },
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(io(e)),
@@ -152,6 +150,41 @@ impl Drop for ApiSocket {
         }
     }
 }
+
+/// Whether a process listens on the socket at `path`: its PID (or
+/// "unknown") when one does. A listener that is gone may leave its socket
+/// open for a moment in a child it was forking (between fork and exec, the
+/// child holds every descriptor): while the PID that listened no longer
+/// exists, this waits up to [`ORPHAN_WAIT`] for the socket to close.
+fn listener_at(path: &Path) -> std::io::Result<Option<String>> {
+    let deadline = std::time::Instant::now() + ORPHAN_WAIT;
+    loop {
+        let conn = match UnixStream::connect(path) {
+            Ok(c) => c,
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let pid = peer_pid(&conn);
+        drop(conn);
+        // SAFETY: kill(2) with signal 0 only checks that the PID exists.
+        let gone = pid.is_some_and(|p| {
+            (unsafe { libc::kill(p, 0) }) != 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+        });
+        if !gone || std::time::Instant::now() >= deadline {
+            return Ok(Some(
+                pid.map_or_else(|| "unknown".into(), |p| p.to_string()),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// How long a socket whose listener is gone may stay open (in a child of
+/// that listener that has not exec'd yet) before it counts as in use.
+const ORPHAN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The length of the directory's path beyond which the socket cannot be
 /// bound: [`bind_private`]'s temporary name is `DIR/.psPID/s`.
