@@ -15,9 +15,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes,
     },
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 
 use crate::{kmem, stats::bump};
@@ -40,15 +40,27 @@ static CGROUP_EVENTS: RingBuf = RingBuf::with_byte_size(256 << 10, 0);
 #[map]
 static CGROUP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
 
+#[raw_tracepoint(tracepoint = "cgroup_mkdir")]
+pub fn cgroup_mkdir_raw_tp(ctx: RawTracePointContext) -> i32 {
+    from_args(ctx.arg(0), ctx.arg(1), CGROUP_MKDIR);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "cgroup_rmdir")]
+pub fn cgroup_rmdir_raw_tp(ctx: RawTracePointContext) -> i32 {
+    from_args(ctx.arg(0), ctx.arg(1), CGROUP_RMDIR);
+    0
+}
+
 #[btf_tracepoint(function = "cgroup_mkdir")]
 pub fn cgroup_mkdir_tp_btf(ctx: BtfTracePointContext) -> i32 {
-    from_btf(&ctx, CGROUP_MKDIR);
+    from_args(ctx.arg(0), ctx.arg(1), CGROUP_MKDIR);
     0
 }
 
 #[btf_tracepoint(function = "cgroup_rmdir")]
 pub fn cgroup_rmdir_tp_btf(ctx: BtfTracePointContext) -> i32 {
-    from_btf(&ctx, CGROUP_RMDIR);
+    from_args(ctx.arg(0), ctx.arg(1), CGROUP_RMDIR);
     0
 }
 
@@ -70,6 +82,12 @@ pub fn cgroup_rmdir_tracepoint(ctx: TracePointContext) -> u32 {
 /// runc's `runc:[0:PARENT]`, enter the cgroup first but never exec).
 #[map]
 static AWAITING_EXEC: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16_384, 0);
+
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn cgroup_exec_raw_tp(_ctx: RawTracePointContext) -> i32 {
+    on_exec();
+    0
+}
 
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn cgroup_exec_tp_btf(_ctx: BtfTracePointContext) -> i32 {
@@ -117,14 +135,12 @@ fn offsets() -> CgroupOffsets {
     unsafe { core::ptr::read_volatile(&CGROUP_OFFSETS) }
 }
 
-/// tp_btf: `(struct cgroup *cgrp, const char *path)`.
+/// raw_tp and tp_btf: the tracepoint's arguments `(struct cgroup *cgrp,
+/// const char *path)`, only read through probe helpers.
 #[inline(always)]
-fn from_btf(ctx: &BtfTracePointContext, op: u32) {
+fn from_args(cgrp: *const u8, path: *const u8, op: u32) {
     bump(&CGROUP_STATS, STAT_HITS);
     let off = offsets();
-    // The tracepoint's first two arguments; only read through probe helpers.
-    let cgrp: *const u8 = ctx.arg(0);
-    let path: *const u8 = ctx.arg(1);
     let hierarchy = kmem::read_ptr(cgrp, off.cgroup_root)
         .and_then(|root| kmem::read::<i32>(root, off.root_hierarchy_id));
     let id = kmem::read_ptr(cgrp, off.cgroup_kn).and_then(|kn| kmem::read::<u64>(kn, off.kn_id));

@@ -71,14 +71,13 @@ fn attach(kind: Option<AttachType>) -> Probes {
     let offsets = KernelOffsets::from_sys_fs().unwrap();
     let mut ebpf = probes::load_object(&offsets, &LoadOptions::default()).unwrap();
     let btf = probes::attach_btf();
-    let cgroups = match kind {
-        Some(AttachType::Tracepoint) => {
-            // Force the fallback: attach without BTF.
-            CgroupProbe::attach(&mut ebpf, None, &offsets.cgroups).unwrap()
-        }
-        _ => CgroupProbe::attach(&mut ebpf, btf.as_ref(), &offsets.cgroups).unwrap(),
-    };
-    let exits = ExitProbe::attach(&mut ebpf, btf.as_ref(), None).unwrap();
+    let cgroups = CgroupProbe::attach(&mut ebpf, &btf, &offsets.cgroups, kind).unwrap();
+    // The default needs no BTF parse by aya (start-up memory).
+    assert_eq!(
+        cgroups.attachment.attach_type,
+        kind.unwrap_or(AttachType::RawTp)
+    );
+    let exits = ExitProbe::attach(&mut ebpf, &btf, None).unwrap();
     Probes {
         exits,
         cgroups,
@@ -143,9 +142,16 @@ fn sees_mkdir_and_rmdir(kind: Option<AttachType>, tag: &str) {
 }
 
 #[test]
+fn cgroup_probe_sees_v2_mkdir_and_rmdir_with_raw_tp() {
+    if privileged("cgroup_probe_sees_v2_mkdir_and_rmdir_with_raw_tp") {
+        sees_mkdir_and_rmdir(None, "raw");
+    }
+}
+
+#[test]
 fn cgroup_probe_sees_v2_mkdir_and_rmdir_with_tp_btf() {
     if privileged("cgroup_probe_sees_v2_mkdir_and_rmdir_with_tp_btf") {
-        sees_mkdir_and_rmdir(None, "btf");
+        sees_mkdir_and_rmdir(Some(AttachType::TpBtf), "btf");
     }
 }
 

@@ -74,8 +74,8 @@ fn the_plain_tracepoint_fallback_works_too() {
 }
 
 #[test]
-fn the_raw_tp_fallback_works_too() {
-    scenario("raw_tp_fallback");
+fn the_tp_btf_fallback_works_too() {
+    scenario("tp_btf_fallback");
 }
 
 #[test]

@@ -518,7 +518,7 @@ fn forensics_checks(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Vec<Chec
         }
     };
     let aya_btf = probes::attach_btf();
-    let signals = match probes::signals::SignalProbe::attach(&mut ebpf, aya_btf.as_ref()) {
+    let signals = match probes::signals::SignalProbe::attach(&mut ebpf, &aya_btf) {
         Ok(p) => check(
             "signals",
             Status::Ok,
@@ -573,25 +573,22 @@ fn forensics_checks(btf: &Result<Btf, crate::kernel::btf::BtfError>) -> Vec<Chec
             "OOM kills show as SIGKILLs from the kernel, without scope or usage",
         ),
     };
-    let throttle = match probes::throttle::ThrottleProbe::attach(
-        &mut ebpf,
-        aya_btf.as_ref(),
-        &offsets.throttle,
-        None,
-    ) {
-        Ok(p) => check(
-            "throttle",
-            Status::Ok,
-            format!("{} {}", p.attachment.attach_type, p.attachment.hook),
-            "every CFS throttle of every container is measured, beside cpu.stat",
-        ),
-        Err(e) => check(
-            "throttle",
-            Status::Fallback,
-            e.to_string(),
-            "CPU throttling comes from cpu.stat only: counts, no per-throttle durations",
-        ),
-    };
+    let throttle =
+        match probes::throttle::ThrottleProbe::attach(&mut ebpf, &aya_btf, &offsets.throttle, None)
+        {
+            Ok(p) => check(
+                "throttle",
+                Status::Ok,
+                format!("{} {}", p.attachment.attach_type, p.attachment.hook),
+                "every CFS throttle of every container is measured, beside cpu.stat",
+            ),
+            Err(e) => check(
+                "throttle",
+                Status::Fallback,
+                e.to_string(),
+                "CPU throttling comes from cpu.stat only: counts, no per-throttle durations",
+            ),
+        };
     vec![signals, oom, throttle]
 }
 

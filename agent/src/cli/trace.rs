@@ -53,8 +53,9 @@ pub struct TraceArgs {
     /// Do not ask the runtime for names: events carry pod uids and container ids only.
     #[arg(long)]
     pub no_cri: bool,
-    /// Ring buffer size in bytes (a power of two, at least 4096).
-    #[arg(long, default_value_t = 1 << 20, value_parser = parse_ring_size)]
+    /// Ring buffer size in bytes (a power of two, at least 4096) [default:
+    /// 512 KiB per CPU, 1 to 8 MiB].
+    #[arg(long, default_value_t = crate::probes::default_ring_buffer_bytes(), hide_default_value = true, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
     /// Force one hook type instead of the best the kernel allows.
     #[arg(long, value_enum, default_value_t = AttachChoice::Auto)]

@@ -61,7 +61,8 @@ pub struct AgentArgs {
     /// Most per-workload series; more are refused and counted [default: 50000].
     #[arg(long, env = "PODSCOPE_MAX_SERIES")]
     pub max_series: Option<usize>,
-    /// Ring buffer size per event family, bytes (a power of two ≥ 4096) [default: 4194304].
+    /// Ring buffer size per busy event family (exits, signals, packets), bytes
+    /// (a power of two ≥ 4096) [default: 512 KiB per CPU, 1 to 8 MiB].
     #[arg(long, env = "PODSCOPE_RING_BUFFER_SIZE")]
     pub ring_buffer_size: Option<u32>,
     /// This node's name, as Kubernetes knows it (the DaemonSet sets it from
@@ -187,7 +188,7 @@ impl AgentConfig {
         let ring_buffer_size = args
             .ring_buffer_size
             .or(file.ring_buffer_size)
-            .unwrap_or(4 << 20);
+            .unwrap_or_else(crate::probes::default_ring_buffer_bytes);
         if ring_buffer_size < 4096 || !ring_buffer_size.is_power_of_two() {
             return Err(ConfigError::Invalid {
                 key: "ring-buffer-size",

@@ -272,11 +272,10 @@ impl Driver {
         let after_offsets = mem();
         let mut ebpf = probes::load_object(&offsets, &opts.load)?;
         let after_load = mem();
-        let btf = probes::attach_btf();
         tracing::debug!(
-            "start-up memory (RSS/peak KiB): before {before:?}, offsets {after_offsets:?}, object loaded {after_load:?}, attach BTF parsed {:?}",
-            mem()
+            "start-up memory (RSS/peak KiB): before {before:?}, offsets {after_offsets:?}, object loaded {after_load:?}"
         );
+        let btf = probes::attach_btf();
         let mut unavailable = vec![];
         let mut attachments = vec![];
         let mut report = Report {
@@ -286,7 +285,7 @@ impl Driver {
         // Attribution: cgroups are learned as they are created. Without this
         // probe, containers started from now on are shown as the host's.
         let cgroups = report.optional(
-            CgroupProbe::attach(&mut ebpf, btf.as_ref(), &offsets.cgroups)
+            CgroupProbe::attach(&mut ebpf, &btf, &offsets.cgroups, None)
                 .map(|p| (p.attachment.clone(), p)),
             Kernel::Cgroups,
             "containers started from now on cannot be attributed to their pods",
@@ -295,7 +294,7 @@ impl Driver {
         // and the SIGTERM → SIGKILL timeline; without OOM, OOM kills read as
         // SIGKILLs of unknown origin.
         let signals = report.optional(
-            SignalProbe::attach(&mut ebpf, btf.as_ref()).map(|p| (p.attachment.clone(), p)),
+            SignalProbe::attach(&mut ebpf, &btf).map(|p| (p.attachment.clone(), p)),
             Kernel::Signals,
             "termination records will not name who sent a signal",
         );
@@ -306,7 +305,7 @@ impl Driver {
         );
         let throttle = if opts.throttle {
             report.optional(
-                ThrottleProbe::attach(&mut ebpf, btf.as_ref(), &offsets.throttle, None)
+                ThrottleProbe::attach(&mut ebpf, &btf, &offsets.throttle, None)
                     .map(|p| (p.attachment.clone(), p)),
                 Kernel::Throttle,
                 "CPU throttling is read from cpu.stat only",
@@ -314,7 +313,7 @@ impl Driver {
         } else {
             None
         };
-        let exits = ExitProbe::attach(&mut ebpf, btf.as_ref(), opts.exits_attach)?;
+        let exits = ExitProbe::attach(&mut ebpf, &btf, opts.exits_attach)?;
         attachments.push(exits.attachment.clone());
         let net = if !opts.net {
             None
@@ -328,7 +327,7 @@ impl Driver {
         } else {
             match NetProbe::attach(
                 &mut ebpf,
-                btf.as_ref(),
+                &btf,
                 offsets.drop_reasons.clone(),
                 opts.netns.as_deref(),
             ) {
@@ -357,9 +356,13 @@ impl Driver {
             }
         }
         // BTF is only needed to attach: give its memory back to the system.
+        let aya_parsed_btf = btf.parsed();
         drop(btf);
         release_freed_memory();
-        tracing::debug!("start-up memory (RSS/peak KiB): attached {:?}", mem());
+        tracing::debug!(
+            "start-up memory (RSS/peak KiB): attached {:?} (aya parsed the kernel's BTF for a fallback hook: {aya_parsed_btf})",
+            mem()
+        );
         let resolver = Resolver::new(&opts.resolver);
         let layout = CgroupLayout::current();
         let mut forensics = Forensics::new(&layout, opts.resolver.max_cgroups);

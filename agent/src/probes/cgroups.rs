@@ -9,7 +9,7 @@ use agent_common::cgroups::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, RawTracePoint, TracePoint},
 };
 
 use super::{
@@ -103,10 +103,15 @@ pub struct CgroupProbe {
 impl CgroupProbe {
     pub fn attach(
         ebpf: &mut Ebpf,
-        btf: Option<&aya::Btf>,
+        btf: &super::AttachBtf,
         offsets: &CgroupOffsets,
+        only: Option<AttachType>,
     ) -> Result<CgroupProbe, ProbeError> {
-        let kinds = [AttachType::TpBtf, AttachType::Tracepoint];
+        // raw_tp first: no BTF parse at attach (see `probes::AttachBtf`).
+        // `only` forces one (tests).
+        let kinds = [AttachType::RawTp, AttachType::TpBtf, AttachType::Tracepoint]
+            .into_iter()
+            .filter(|k| only.is_none_or(|o| o == *k));
         let (maps, attachment) = attach_family(
             ebpf,
             (FAMILY, HOOK),
@@ -133,13 +138,26 @@ impl CgroupProbe {
 
 fn attach_pair(
     ebpf: &mut Ebpf,
-    btf: Option<&aya::Btf>,
+    btf: &super::AttachBtf,
     offsets: &CgroupOffsets,
     kind: AttachType,
 ) -> Result<(), String> {
     match kind {
+        AttachType::RawTp => {
+            for (prog, hook) in [
+                ("cgroup_mkdir_raw_tp", "cgroup_mkdir"),
+                ("cgroup_rmdir_raw_tp", "cgroup_rmdir"),
+                ("cgroup_exec_raw_tp", "sched_process_exec"),
+            ] {
+                let p: &mut RawTracePoint = program(ebpf, prog)?;
+                p.load().map_err(|e| error_chain(&e))?;
+                p.attach(hook).map_err(|e| error_chain(&e))?;
+            }
+        }
         AttachType::TpBtf => {
-            let btf = btf.ok_or("the kernel's BTF could not be read by aya")?;
+            let btf = btf
+                .get()
+                .ok_or("the kernel's BTF could not be read by aya")?;
             for (prog, hook) in [
                 ("cgroup_mkdir_tp_btf", "cgroup_mkdir"),
                 ("cgroup_rmdir_tp_btf", "cgroup_rmdir"),

@@ -34,14 +34,14 @@ const OFFSETS_GLOBAL: &str = "EXIT_OFFSETS";
 
 /// The exit hooks, best first. All three fire at the same point of
 /// `do_exit()` with the same body; they differ in cost and in what the
-/// kernel must allow: tp_btf (no tracepoint record is filled, needs BTF
-/// and BTF-typed programs), raw_tp (same cost, older and more widely
-/// allowed), the plain tracepoint (needs tracefs; the kernel fills its
-/// record first). fentry on `do_exit` is not among them: it runs before
+/// kernel must allow: raw_tp (no tracepoint record is filled; since 4.17),
+/// tp_btf (the same cost, but aya must parse the kernel's BTF to load it,
+/// which raw_tp spares start-up memory), the plain tracepoint (needs
+/// tracefs; the kernel fills its record first). fentry on `do_exit` is not among them: it runs before
 /// `signal->live` is decremented and `exit_code` stored, so it could not
 /// tell a thread's exit from its process's.
 pub const PREFERENCE: [AttachType; 3] =
-    [AttachType::TpBtf, AttachType::RawTp, AttachType::Tracepoint];
+    [AttachType::RawTp, AttachType::TpBtf, AttachType::Tracepoint];
 
 /// Where the exit probe's kernel fields are on this kernel.
 pub fn resolve_offsets(btf: &Btf) -> Result<ExitOffsets, BtfError> {
@@ -162,7 +162,7 @@ impl ExitProbe {
     /// order and keeping each refusal's reason. `only` forces one (tests).
     pub fn attach(
         ebpf: &mut Ebpf,
-        btf: Option<&aya::Btf>,
+        btf: &super::AttachBtf,
         only: Option<AttachType>,
     ) -> Result<ExitProbe, ProbeError> {
         let kinds = PREFERENCE
@@ -204,11 +204,11 @@ impl ExitProbe {
 pub fn probe_selection(offsets: &KernelOffsets) -> Result<Attachment, ProbeError> {
     let mut ebpf = super::load_object(offsets, &LoadOptions::with_ring_buffer(4096))?;
     let btf = super::attach_btf();
-    let probe = ExitProbe::attach(&mut ebpf, btf.as_ref(), None)?;
+    let probe = ExitProbe::attach(&mut ebpf, &btf, None)?;
     Ok(probe.attachment)
 }
 
-fn attach_one(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, kind: AttachType) -> Result<(), String> {
+fn attach_one(ebpf: &mut Ebpf, btf: &super::AttachBtf, kind: AttachType) -> Result<(), String> {
     super::attach_tracepoint(
         ebpf,
         btf,

@@ -13,6 +13,8 @@ pub mod oom;
 pub mod signals;
 pub mod throttle;
 
+mod loader;
+
 use std::fmt;
 
 use aya::{Ebpf, EbpfLoader};
@@ -126,11 +128,30 @@ impl KernelOffsets {
     }
 }
 
-/// aya's view of the running kernel's BTF, which tp_btf and fentry programs
-/// need to find their target at load. Parse it only while attaching: it is
-/// the largest allocation podscope makes.
-pub fn attach_btf() -> Option<aya::Btf> {
-    kernel_btf_for_aya()
+/// aya's parse of the running kernel's BTF, which only tp_btf and fentry
+/// programs need (to find their target at load), made the first time a
+/// family asks for it. Every family tries a hook that needs no BTF first
+/// (raw_tp runs the same code at the same cost), so on a kernel where
+/// those attach the parse never happens: it is the largest allocation
+/// podscope would make (about 25 MiB at its peak on a 6.x kernel).
+#[derive(Default)]
+pub struct AttachBtf(std::cell::OnceCell<Option<aya::Btf>>);
+
+impl AttachBtf {
+    /// The parse, made now if not yet; None if the BTF cannot be read.
+    pub fn get(&self) -> Option<&aya::Btf> {
+        self.0.get_or_init(kernel_btf_for_aya).as_ref()
+    }
+
+    /// Whether some family needed it (for the start-up memory log).
+    pub fn parsed(&self) -> bool {
+        self.0.get().is_some()
+    }
+}
+
+/// A lazy [`AttachBtf`] for one round of attaching.
+pub fn attach_btf() -> AttachBtf {
+    AttachBtf::default()
 }
 
 /// aya's parse of the kernel's BTF, from `--btf PATH` when given.
@@ -161,6 +182,28 @@ impl Default for LoadOptions {
     }
 }
 
+/// The default size of each busy family's ring (exits, signals, packets):
+/// 512 KiB per online CPU, as a power of two between 1 and 8 MiB. Events
+/// arrive at a rate that grows with the CPUs making them: 512 KiB holds
+/// about 6,000 exit events, more than a CPU fully busy forking makes in
+/// half a second here (BENCHMARKS.md), so a reader held up that long loses
+/// nothing. It is also the process's largest memory: the kernel maps each
+/// ring's data twice (for records that wrap), so a ring of N bytes shows
+/// as 2N of resident memory, though it occupies N (charged once to the
+/// agent's memory cgroup): the cap keeps four rings within the DaemonSet's
+/// memory limit on any node.
+pub fn default_ring_buffer_bytes() -> u32 {
+    // SAFETY: sysconf reads a value; no memory is touched.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u64;
+    ring_buffer_bytes_for(cpus)
+}
+
+fn ring_buffer_bytes_for(cpus: u64) -> u32 {
+    (cpus.min(1 << 16) * (512 << 10))
+        .next_power_of_two()
+        .clamp(1 << 20, 8 << 20) as u32
+}
+
 impl LoadOptions {
     pub fn with_ring_buffer(ring_buffer_bytes: u32) -> LoadOptions {
         LoadOptions {
@@ -177,7 +220,7 @@ pub fn load_object(offsets: &KernelOffsets, opts: &LoadOptions) -> Result<Ebpf, 
     if EBPF_OBJECT.is_empty() {
         return Err(ProbeError::NoObject);
     }
-    let mut loader = EbpfLoader::new();
+    let mut loader = loader::without_kernel_btf();
     loader.override_global("RINGBUF_WAKEUP_BYTES", &opts.wakeup_bytes, true);
     exits::configure(&mut loader, &offsets.exits, opts);
     cgroups::configure(&mut loader, &offsets.cgroups);
@@ -202,6 +245,20 @@ pub fn load_object_for_probing(btf: Option<&aya::Btf>) -> Result<Ebpf, ProbeErro
         .btf(btf)
         .load(EBPF_OBJECT)
         .map_err(|e| ProbeError::Load(error_chain(&e)))
+}
+
+#[cfg(test)]
+mod ring_size_tests {
+    #[test]
+    fn the_default_ring_grows_with_the_cpus_within_bounds() {
+        use super::ring_buffer_bytes_for as f;
+        assert_eq!(f(1), 1 << 20);
+        assert_eq!(f(2), 1 << 20);
+        assert_eq!(f(3), 2 << 20);
+        assert_eq!(f(16), 8 << 20);
+        assert_eq!(f(96), 8 << 20);
+        assert_eq!(f(u64::MAX), 8 << 20);
+    }
 }
 
 /// Tries each hook type in order until one attaches: the chosen type and
@@ -353,7 +410,7 @@ where
 /// `<prefix>_tracepoint`; `what` names the family in the refusal.
 pub(crate) fn attach_tracepoint(
     ebpf: &mut Ebpf,
-    btf: Option<&aya::Btf>,
+    btf: &AttachBtf,
     kind: AttachType,
     (prefix, what): (&str, &str),
     (category, name): (&str, &str),
@@ -361,7 +418,9 @@ pub(crate) fn attach_tracepoint(
     use aya::programs::{BtfTracePoint, RawTracePoint, TracePoint};
     match kind {
         AttachType::TpBtf => {
-            let btf = btf.ok_or("the kernel's BTF could not be read by aya")?;
+            let btf = btf
+                .get()
+                .ok_or("the kernel's BTF could not be read by aya")?;
             let prog: &mut BtfTracePoint = program(ebpf, &format!("{prefix}_tp_btf"))?;
             prog.load(name, btf).map_err(|e| error_chain(&e))?;
             prog.attach().map_err(|e| error_chain(&e))?;

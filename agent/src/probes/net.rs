@@ -89,7 +89,9 @@ pub const HOOKS: [(u32, u32, &str); 6] = [
     ),
 ];
 
-pub const DROP_PREFERENCE: [AttachType; 2] = [AttachType::TpBtf, AttachType::RawTp];
+/// raw_tp first: the same program at the same cost as tp_btf, without the
+/// BTF parse at attach (see `probes::AttachBtf`).
+pub const DROP_PREFERENCE: [AttachType; 2] = [AttachType::RawTp, AttachType::TpBtf];
 
 /// Where the packet probes' kernel fields are on this kernel.
 pub fn resolve_offsets(btf: &Btf) -> Result<NetOffsets, BtfError> {
@@ -336,7 +338,7 @@ impl NetProbe {
     /// thread's namespace). Either may fail alone; both failing is an error.
     pub fn attach(
         ebpf: &mut Ebpf,
-        btf: Option<&aya::Btf>,
+        btf: &super::AttachBtf,
         reasons: HashMap<u32, String>,
         netns: Option<&Path>,
     ) -> Result<NetProbe, ProbeError> {
@@ -491,11 +493,11 @@ impl NetProbe {
     }
 }
 
-fn attach_drop(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, kind: AttachType) -> Result<(), String> {
+fn attach_drop(ebpf: &mut Ebpf, btf: &super::AttachBtf, kind: AttachType) -> Result<(), String> {
     let err = |e: &dyn std::error::Error| error_chain(e);
     match kind {
         AttachType::TpBtf => {
-            let btf = btf.ok_or("the kernel exposes no BTF")?;
+            let btf = btf.get().ok_or("the kernel exposes no BTF")?;
             let p: &mut BtfTracePoint = program(ebpf, "net_kfree_skb_btf")?;
             p.load("kfree_skb", btf).map_err(|e| err(&e))?;
             p.attach().map_err(|e| err(&e))?;

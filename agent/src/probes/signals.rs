@@ -24,10 +24,11 @@ const HOOK: &str = "signal:signal_generate";
 const EVENTS_MAP: &str = "SIGNAL_EVENTS";
 const STATS_MAP: &str = "SIGNAL_STATS";
 
-/// tp_btf, then raw_tp: both hand the program the target task. The plain
+/// raw_tp, then tp_btf: both hand the program the target task, at the same
+/// cost; raw_tp needs no BTF parse at attach (see `probes::AttachBtf`). The plain
 /// tracepoint's record has only the target's pid and comm, not its cgroup,
 /// so it cannot say which container was signalled.
-pub const PREFERENCE: [AttachType; 2] = [AttachType::TpBtf, AttachType::RawTp];
+pub const PREFERENCE: [AttachType; 2] = [AttachType::RawTp, AttachType::TpBtf];
 
 /// `_NSIG` on Linux: `sighand_struct.action` has one entry per signal.
 const NSIG: u32 = 64;
@@ -210,7 +211,7 @@ pub struct SignalProbe {
 }
 
 impl SignalProbe {
-    pub fn attach(ebpf: &mut Ebpf, btf: Option<&aya::Btf>) -> Result<SignalProbe, ProbeError> {
+    pub fn attach(ebpf: &mut Ebpf, btf: &super::AttachBtf) -> Result<SignalProbe, ProbeError> {
         let (maps, attachment) = attach_family(
             ebpf,
             (FAMILY, HOOK),
@@ -240,7 +241,7 @@ impl SignalProbe {
     }
 }
 
-fn attach_one(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, kind: AttachType) -> Result<(), String> {
+fn attach_one(ebpf: &mut Ebpf, btf: &super::AttachBtf, kind: AttachType) -> Result<(), String> {
     super::attach_tracepoint(
         ebpf,
         btf,

@@ -26,10 +26,10 @@ const EVENTS_MAP: &str = "THROTTLE_EVENTS";
 const STATS_MAP: &str = "THROTTLE_STATS";
 const OFFSETS_GLOBAL: &str = "THROTTLE_OFFSETS";
 
-/// tp_btf first (BTF-typed arguments, no record filled), raw_tp where it is
-/// refused. The plain tracepoint is no option: its record carries pids, not
+/// raw_tp first (no record filled, no BTF parse at attach: see
+/// `probes::AttachBtf`), tp_btf where it is refused. The plain tracepoint is no option: its record carries pids, not
 /// the task pointers the probe reads the run queue from.
-pub const PREFERENCE: [AttachType; 2] = [AttachType::TpBtf, AttachType::RawTp];
+pub const PREFERENCE: [AttachType; 2] = [AttachType::RawTp, AttachType::TpBtf];
 
 /// Where the probe's kernel fields are. Fails on kernels built without
 /// group scheduling or CFS bandwidth control (no quota can throttle there).
@@ -109,7 +109,7 @@ impl ThrottleProbe {
     /// Attaches the best hook this kernel allows ([`PREFERENCE`]), or exactly `only`.
     pub fn attach(
         ebpf: &mut Ebpf,
-        btf: Option<&aya::Btf>,
+        btf: &super::AttachBtf,
         offsets: &Result<ThrottleOffsets, String>,
         only: Option<AttachType>,
     ) -> Result<ThrottleProbe, ProbeError> {
@@ -154,7 +154,7 @@ impl ThrottleProbe {
     }
 }
 
-fn attach_one(ebpf: &mut Ebpf, btf: Option<&aya::Btf>, kind: AttachType) -> Result<(), String> {
+fn attach_one(ebpf: &mut Ebpf, btf: &super::AttachBtf, kind: AttachType) -> Result<(), String> {
     super::attach_tracepoint(
         ebpf,
         btf,

@@ -39,7 +39,7 @@ pub fn cgroup_mkdir_rmdir(_: &Context) -> Verdict {
     let offsets = KernelOffsets::from_sys_fs()?;
     let mut ebpf = probes::load_object(&offsets, &LoadOptions::default())?;
     let btf = probes::attach_btf();
-    let mut probe = CgroupProbe::attach(&mut ebpf, btf.as_ref(), &offsets.cgroups)?;
+    let mut probe = CgroupProbe::attach(&mut ebpf, &btf, &offsets.cgroups, None)?;
     let name = format!("podscope-selftest-{}", std::process::id());
     let dir = root.join(&name);
     if let Err(e) = std::fs::create_dir(&dir) {

@@ -263,8 +263,8 @@ pub fn plain_tracepoint_fallback(_: &Context) -> Verdict {
     forced(AttachType::Tracepoint, 5)
 }
 
-pub fn raw_tp_fallback(_: &Context) -> Verdict {
-    forced(AttachType::RawTp, 6)
+pub fn tp_btf_fallback(_: &Context) -> Verdict {
+    forced(AttachType::TpBtf, 6)
 }
 
 /// 10,000 short processes: every exit seen. The ring (4 MiB) holds the

@@ -42,7 +42,7 @@ pub struct Context {
     /// VMs have busybox and nothing else.
     pub helper: PathBuf,
     /// What this kernel is known to allow, as `name=value` pairs checked by
-    /// the hook-selection scenario: `exits=tp_btf`, `fentry=ok`, `kprobe=refused`.
+    /// the hook-selection scenario: `exits=raw_tp`, `fentry=ok`, `kprobe=refused`.
     pub expect: Vec<(String, String)>,
 }
 
@@ -156,8 +156,8 @@ pub const SCENARIOS: &[Scenario] = &[
         run: exits::plain_tracepoint_fallback,
     },
     Scenario {
-        name: "raw_tp_fallback",
-        run: exits::raw_tp_fallback,
+        name: "tp_btf_fallback",
+        run: exits::tp_btf_fallback,
     },
     Scenario {
         name: "ten_thousand_processes",

@@ -140,7 +140,7 @@ pub fn net_paths(ctx: &Context) -> Verdict {
     let ns = Netns::new()?;
     let mut probe = NetProbe::attach(
         &mut ebpf,
-        btf.as_ref(),
+        &btf,
         offsets.drop_reasons.clone(),
         Some(&ns.path),
     )?;

@@ -26,7 +26,7 @@ use crate::{
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn load() -> Result<(Ebpf, KernelOffsets, Option<aya::Btf>), Stop> {
+fn load() -> Result<(Ebpf, KernelOffsets, probes::AttachBtf), Stop> {
     let offsets = KernelOffsets::from_sys_fs()?;
     let ebpf = probes::load_object(&offsets, &LoadOptions::default())?;
     Ok((ebpf, offsets, probes::attach_btf()))
@@ -71,7 +71,7 @@ fn reap(pid: i32) -> i32 {
 
 pub fn signal_sender_and_target(_: &Context) -> Verdict {
     let (mut ebpf, _, btf) = load()?;
-    let mut probe = SignalProbe::attach(&mut ebpf, btf.as_ref())?;
+    let mut probe = SignalProbe::attach(&mut ebpf, &btf)?;
     let pid = fork_child(|| unsafe {
         libc::pause();
         libc::_exit(0)
@@ -124,7 +124,7 @@ pub fn signal_sender_and_target(_: &Context) -> Verdict {
 
 pub fn signal_fault_origin(_: &Context) -> Verdict {
     let (mut ebpf, _, btf) = load()?;
-    let mut probe = SignalProbe::attach(&mut ebpf, btf.as_ref())?;
+    let mut probe = SignalProbe::attach(&mut ebpf, &btf)?;
     let pid = fork_child(|| unsafe {
         // Cores of this test go nowhere.
         let no_core = libc::rlimit {
@@ -195,7 +195,7 @@ pub fn oom_victim_and_scope(_: &Context) -> Verdict {
 fn oom_in(dir: &std::path::Path, rel: &str, limit: u64) -> Verdict {
     let (mut ebpf, offsets, btf) = load()?;
     let mut oom = OomProbe::attach(&mut ebpf, &offsets.oom)?;
-    let mut signals = SignalProbe::attach(&mut ebpf, btf.as_ref())?;
+    let mut signals = SignalProbe::attach(&mut ebpf, &btf)?;
     let procs = CString::new(dir.join("cgroup.procs").to_string_lossy().into_owned())
         .map_err(|e| Stop::Fail(e.to_string()))?;
     let pid = fork_child(move || unsafe {
@@ -286,7 +286,7 @@ pub fn cgroup_first_exec(_: &Context) -> Verdict {
         return Err(Stop::Skip("no cgroup v2 hierarchy is mounted".into()));
     };
     let (mut ebpf, offsets, btf) = load()?;
-    let mut probe = CgroupProbe::attach(&mut ebpf, btf.as_ref(), &offsets.cgroups)?;
+    let mut probe = CgroupProbe::attach(&mut ebpf, &btf, &offsets.cgroups, None)?;
     let dir = root.join(format!("podscope-selftest-exec-{}", std::process::id()));
     std::fs::create_dir(&dir)?;
     let id = std::fs::metadata(&dir)?.ino();

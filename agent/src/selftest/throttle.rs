@@ -126,7 +126,7 @@ pub fn throttled_cgroup_matches_cpu_stat(ctx: &Context) -> Verdict {
     )?;
     let mut ebpf = probes::load_object(&offsets, &LoadOptions::default())?;
     let btf = probes::attach_btf();
-    let mut probe = ThrottleProbe::attach(&mut ebpf, btf.as_ref(), &offsets.throttle, None)?;
+    let mut probe = ThrottleProbe::attach(&mut ebpf, &btf, &offsets.throttle, None)?;
     drop(btf);
 
     let spinner = Spinner(

@@ -25,7 +25,7 @@ impl Tracer {
         let opts = LoadOptions::with_ring_buffer(ring_buffer_bytes);
         let mut ebpf = probes::load_object(&offsets, &opts)?;
         let btf = probes::attach_btf();
-        let probe = ExitProbe::attach(&mut ebpf, btf.as_ref(), only)?;
+        let probe = ExitProbe::attach(&mut ebpf, &btf, only)?;
         Ok(Tracer {
             probe,
             offsets,
