@@ -31,6 +31,12 @@ use node::BenchNode;
 pub use storm::{pingpong, storm};
 use tracer::{median, proc_cpu, workload};
 
+/// The test suite's soak (`cargo xtask test`): the verdicts of its checks,
+/// run with the agent `cargo test` just built.
+pub fn soak_check() -> Result<Vec<(&'static str, Result<(), String>)>> {
+    soak::check(&crate::root().join("target/release/podscope"))
+}
+
 pub fn run(args: &[String]) -> Result<ExitCode> {
     match args.first().map(String::as_str) {
         Some("exits") => exits::exits(),

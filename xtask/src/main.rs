@@ -261,11 +261,31 @@ fn test() -> Result<ExitCode> {
     // The pod tests bring the test node up; leave the machine as we found it.
     let node_was_up = std::path::Path::new(NODE_SOCKET).exists();
     let phase = Instant::now();
-    let result = run_tests(cmd, tally, &mut std::io::stdout().lock());
-    eprintln!(
-        "xtask: phase: cargo test (build and run) in {:.0} s",
-        phase.elapsed().as_secs_f64()
-    );
+    let result = run_tests(cmd, tally, &mut std::io::stdout().lock(), |tally, out| {
+        eprintln!(
+            "xtask: phase: cargo test (build and run) in {:.0} s",
+            phase.elapsed().as_secs_f64()
+        );
+        // The agent on a node full of churning pods: bounded growth.
+        let soak = Instant::now();
+        if root_user {
+            match bench::soak_check() {
+                Ok(results) => tally.checks("soak", &results, out)?,
+                Err(e) => {
+                    writeln!(out, "xtask: the soak could not run: {e:#}")?;
+                    tally.broken("soak");
+                }
+            }
+        } else {
+            writeln!(out, "SKIPPED soak: needs root (the test node)")?;
+            tally.skipped("soak");
+        }
+        eprintln!(
+            "xtask: phase: soak in {:.0} s",
+            soak.elapsed().as_secs_f64()
+        );
+        Ok(())
+    });
     let testnode = root().join("target/release/podscope-testnode");
     if !node_was_up && root_user && testnode.exists() {
         let _ = Command::new(&testnode)
@@ -283,6 +303,7 @@ fn run_tests(
     mut cmd: Command,
     mut tally: summary::Tally,
     out: &mut dyn std::io::Write,
+    after: impl FnOnce(&mut summary::Tally, &mut dyn std::io::Write) -> std::io::Result<()>,
 ) -> Result<ExitCode> {
     use std::io::{BufRead, BufReader};
     let (reader, writer) = std::io::pipe().context("cannot make a pipe")?;
@@ -300,6 +321,7 @@ fn run_tests(
         tally.line(&line);
     }
     let st = child.wait()?;
+    after(&mut tally, out)?;
     let all = tally.print(out)?;
     if all.failed > 0 {
         bail!("{} tests failed", all.failed);
@@ -341,7 +363,7 @@ mod tests {
              echo 'test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured'",
         ]);
         let mut out = vec![];
-        assert!(run_tests(cmd, summary::Tally::new(false), &mut out).is_ok());
+        assert!(run_tests(cmd, summary::Tally::new(false), &mut out, |_, _| Ok(())).is_ok());
         let out = String::from_utf8(out).unwrap();
         assert!(
             out.ends_with("tests: 1 passed, 0 failed, 1 skipped\n"),
@@ -353,7 +375,7 @@ mod tests {
             "echo '     Running tests/kernel.rs (x)' >&2; echo 'SKIPPED sigkill: needs root' >&2; \
              echo 'test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured'",
         ]);
-        let err = run_tests(cmd, summary::Tally::new(true), &mut vec![]).unwrap_err();
+        let err = run_tests(cmd, summary::Tally::new(true), &mut vec![], |_, _| Ok(())).unwrap_err();
         assert_eq!(err.to_string(), "1 tests failed");
     }
 }

@@ -142,6 +142,34 @@ impl Tally {
         });
     }
 
+    /// A layer of named checks run by xtask itself (the soak): each passes
+    /// or fails with a reason, printed as it is counted.
+    pub fn checks(
+        &mut self,
+        layer: &str,
+        results: &[(&str, Result<(), String>)],
+        out: &mut dyn Write,
+    ) -> std::io::Result<()> {
+        for (name, verdict) in results {
+            match verdict {
+                Ok(()) => writeln!(out, "{layer} / {name} ... ok")?,
+                Err(why) => writeln!(out, "{layer} / {name} ... FAILED: {why}")?,
+            }
+        }
+        let failed = results.iter().filter(|(_, v)| v.is_err()).count() as u64;
+        self.layer(layer).add(&Counts {
+            passed: results.len() as u64 - failed,
+            failed,
+            skipped: 0,
+        });
+        Ok(())
+    }
+
+    /// A layer that could not run here (not root): one skip.
+    pub fn skipped(&mut self, layer: &str) {
+        self.layer(layer).skipped += 1;
+    }
+
     /// A layer that could not run at all: one failure.
     pub fn broken(&mut self, layer: &str) {
         self.layer(layer).failed += 1;

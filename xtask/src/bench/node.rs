@@ -73,10 +73,16 @@ impl BenchNode {
 
     /// Pods of `ns` this benchmark applied and has not deleted.
     pub(crate) fn made(&self, ns: &str) -> usize {
+        self.made_in(ns).len()
+    }
+
+    /// Their names.
+    pub(crate) fn made_in(&self, ns: &str) -> Vec<String> {
         self.made
             .iter()
-            .filter(|m| m.starts_with(&format!("{ns}/")))
-            .count()
+            .filter_map(|m| m.strip_prefix(&format!("{ns}/")))
+            .map(str::to_string)
+            .collect()
     }
 
     /// Running containers of the pods in `ns` whose names start with `prefix`.

@@ -7,6 +7,12 @@
 //! size and Prometheus' scrape duration are sampled; the run ends with a
 //! table, a CSV and a plot of RSS and CPU over time
 //! (`target/soak/soak.{csv,svg,png}`).
+//!
+//! `cargo xtask test` runs a short version of it ([`check`]): 40 pods, 80 s
+//! of churn and 40 s of quiet, the agent keeping a deleted pod's series for
+//! 20 s. It asserts bounded growth, never a timing: no event lost, no
+//! series left of a pod deleted longer ago than the retention, and no RSS
+//! growth across the run's second half (the series set is steady by then).
 
 use std::{
     fmt::Write as _,
@@ -28,14 +34,31 @@ use crate::{build_podscope, setup};
 const NS: &str = "podscope-soak";
 /// kubelet's default `maxPods`.
 const PODS: usize = 110;
+/// The test suite's soak: how much the RSS may move across the second half
+/// (allocator noise; the 10-minute run grew 0.7 MiB a minute before series
+/// of deleted pods expired, so a leak of that kind exceeds it in 60 s).
+const CHECK_RSS_SLACK_MIB: f64 = 0.5;
 const STORMS: usize = 5;
 const CRASHERS: usize = 5;
 const THROTTLED: usize = 5;
 /// Pods replaced under a new name every CHURN_EVERY, one slot at a time.
 const CHURN_SLOTS: usize = 15;
 const CHURN_EVERY: Duration = Duration::from_secs(4);
-const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 const SERVICE_IP: &str = "198.19.88.10";
+
+/// One soak's shape.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    pods: usize,
+    /// How long pods are replaced.
+    churn: Duration,
+    /// Then how long nothing changes (the series of the last replaced pods
+    /// expire in it when it is longer than the retention).
+    quiet: Duration,
+    /// The agent's `--series-retention`; None: its default (10 minutes).
+    retention: Option<Duration>,
+    sample_every: Duration,
+}
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
     let minutes: u64 = match args {
@@ -48,23 +71,125 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     setup::run()?;
     setup::apt_packages(&["librsvg2-bin"])?;
     let podscope = build_podscope()?;
-    let node = BenchNode::up()?;
     let out_dir = crate::root().join("target/soak");
     std::fs::create_dir_all(&out_dir)?;
-    let mut soak = Soak {
-        node,
-        dir: std::env::temp_dir().join(format!("podscope-soak-{}", std::process::id())),
-        slots: vec![None; CHURN_SLOTS],
-        generation: 0,
+    let plan = Plan {
+        pods: PODS,
+        churn: Duration::from_secs(minutes * 60),
+        quiet: Duration::ZERO,
+        retention: None,
+        sample_every: Duration::from_secs(10),
     };
-    std::fs::create_dir_all(&soak.dir)?;
-    let result = soak.run(&podscope, minutes, &out_dir);
-    // The node's drop deletes the pods and the Service.
-    let _ = std::fs::remove_dir_all(&soak.dir);
-    result
+    let (samples, end) = Soak::with_node(plan, |soak| soak.run(&podscope))?;
+    print_series_by_family(&end.metrics, end.live.len());
+    let hwm = samples.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
+    report(&samples, out_dir.as_path())?;
+    println!(
+        "soak: peak sampled RSS {hwm:.1} MiB; table above, plot and CSV in {}",
+        out_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The test suite's soak (see the module comment): each check's name and
+/// verdict. An error means the soak itself could not run.
+pub fn check(podscope: &Path) -> Result<Vec<(&'static str, Result<(), String>)>> {
+    let plan = Plan {
+        pods: 40,
+        churn: Duration::from_secs(80),
+        quiet: Duration::from_secs(40),
+        retention: Some(Duration::from_secs(20)),
+        sample_every: Duration::from_secs(5),
+    };
+    let (samples, end) = Soak::with_node(plan, |soak| soak.run(podscope))?;
+    Ok(verdicts(&plan, &samples, &end))
+}
+
+/// Bounded growth, from the samples and the agent's last exposition.
+fn verdicts(
+    plan: &Plan,
+    samples: &[Sample],
+    end: &End,
+) -> Vec<(&'static str, Result<(), String>)> {
+    let lost = samples.last().map(|s| s.lost).unwrap_or(0.0);
+    let stale = series_of_other_pods(&end.metrics, &end.live);
+    let half = (plan.churn + plan.quiet) / 2;
+    let second_half: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.at >= half)
+        .map(|s| s.rss_mib)
+        .collect();
+    let rss_growth = match (second_half.first(), second_half.last()) {
+        (Some(first), Some(_)) => second_half.iter().fold(0.0, |m: f64, r| m.max(r - first)),
+        _ => f64::NAN,
+    };
+    vec![
+        (
+            "soak_loses_no_event",
+            if lost == 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{lost} events lost"))
+            },
+        ),
+        (
+            "soak_keeps_no_series_of_pods_gone_past_the_retention",
+            if stale.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} series name pods deleted more than {:?} ago, e.g. {}",
+                    stale.len(),
+                    plan.retention,
+                    stale[0]
+                ))
+            },
+        ),
+        (
+            "soak_rss_does_not_grow_in_the_second_half",
+            if rss_growth <= CHECK_RSS_SLACK_MIB {
+                Ok(())
+            } else {
+                Err(format!(
+                    "RSS grew {rss_growth:.2} MiB across the second half (samples {second_half:?})"
+                ))
+            },
+        ),
+    ]
+}
+
+/// Series lines whose `pod` label, in the soak's namespace, is not a live pod.
+fn series_of_other_pods(metrics: &str, live: &[String]) -> Vec<String> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(&format!("namespace=\"{NS}\"")))
+        .filter(|l| {
+            label(l, "pod").is_some_and(|pod| !pod.is_empty() && !live.iter().any(|p| p == pod))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// A label's value in an exposition line (values here hold no quotes).
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!("{name}=\"");
+    let at = line.find(&format!(",{key}")).map(|i| i + 1).or_else(|| {
+        line.find(&format!("{{{key}"))
+            .map(|i| i + 1)
+    })?;
+    let rest = &line[at + key.len()..];
+    rest.split('"').next()
+}
+
+/// What the run left: the pods alive at its end and the agent's last
+/// exposition.
+struct End {
+    live: Vec<String>,
+    metrics: String,
 }
 
 struct Soak {
+    plan: Plan,
     node: BenchNode,
     /// Prometheus' configuration and data.
     dir: PathBuf,
@@ -85,6 +210,22 @@ struct Sample {
 }
 
 impl Soak {
+    /// Runs `f` on a soak with the test node up; the node's drop deletes
+    /// the pods and the Service.
+    fn with_node<T>(plan: Plan, f: impl FnOnce(&mut Soak) -> Result<T>) -> Result<T> {
+        let mut soak = Soak {
+            plan,
+            node: BenchNode::up()?,
+            dir: std::env::temp_dir().join(format!("podscope-soak-{}", std::process::id())),
+            slots: vec![None; CHURN_SLOTS],
+            generation: 0,
+        };
+        std::fs::create_dir_all(&soak.dir)?;
+        let result = f(&mut soak);
+        let _ = std::fs::remove_dir_all(&soak.dir);
+        result
+    }
+
     fn apply(&mut self, name: &str, manifest: &str) -> Result<()> {
         self.node.apply(&format!("{NS}/{name}"), manifest)
     }
@@ -92,6 +233,11 @@ impl Soak {
     /// Pods of the run that exist now.
     fn live(&self) -> usize {
         self.node.made(NS)
+    }
+
+    /// Their names.
+    fn live_pods(&self) -> Vec<String> {
+        self.node.made_in(NS)
     }
 
     /// The node's pods: steady ones, exit storms, crash loops, throttled
@@ -162,7 +308,7 @@ impl Soak {
             ),
         ));
         let fixed = pods.len() + CHURN_SLOTS;
-        for i in 0..PODS.saturating_sub(fixed) {
+        for i in 0..self.plan.pods.saturating_sub(fixed) {
             pods.push((
                 format!("steady-{i}"),
                 pod(&format!("steady-{i}"), "", &three(idle, idle, idle), ""),
@@ -182,7 +328,7 @@ impl Soak {
         // The clock starts with the node full: every container but the
         // crash-looping ones running.
         self.node
-            .wait_running(NS, "", (PODS - CRASHERS) * 3, Duration::from_secs(600))?;
+            .wait_running(NS, "", (self.live() - CRASHERS) * 3, Duration::from_secs(600))?;
         Ok(())
     }
 
@@ -210,70 +356,71 @@ impl Soak {
         self.apply(&name, &m)
     }
 
-    fn run(&mut self, podscope: &Path, minutes: u64, out_dir: &Path) -> Result<ExitCode> {
-        let agent = BenchAgent::start(podscope, "soak")?;
+    /// Fills the node, churns, then waits quietly; samples throughout.
+    fn run(&mut self, podscope: &Path) -> Result<(Vec<Sample>, End)> {
+        let retention = self
+            .plan
+            .retention
+            .map(|r| format!("{}s", r.as_secs()));
+        let env: Vec<(&str, String)> = retention
+            .into_iter()
+            .map(|r| ("PODSCOPE_SERIES_RETENTION", r))
+            .collect();
+        let agent = BenchAgent::start_with_env(podscope, "soak", &env)?;
         let port = agent.port;
-        let prom = Prometheus::start(&self.dir, port);
-        let result = (|| -> Result<Vec<Sample>> {
-            let prom = prom?;
-            let t = Instant::now();
-            self.fill()?;
-            println!(
-                "soak: {} pods x 3 containers running after {:.0} s; soaking {minutes} min",
-                self.live(),
-                t.elapsed().as_secs_f64()
-            );
-            let start = Instant::now();
-            let end = start + Duration::from_secs(minutes * 60);
-            let mut samples = vec![];
-            let mut next_sample = start + SAMPLE_EVERY;
-            let mut next_churn = start + CHURN_EVERY;
-            let mut slot = 0;
-            let mut cpu_prev = (proc_cpu(agent.pid()).unwrap_or_default(), Instant::now());
-            while Instant::now() < end {
-                if Instant::now() >= next_churn {
-                    self.churn(slot % CHURN_SLOTS)?;
-                    slot += 1;
-                    next_churn += CHURN_EVERY;
-                }
-                if Instant::now() >= next_sample {
-                    let cpu = proc_cpu(agent.pid()).unwrap_or_default();
-                    let now = Instant::now();
-                    let cpu_pct = (cpu - cpu_prev.0).as_secs_f64()
-                        / (now - cpu_prev.1).as_secs_f64().max(0.001)
-                        * 100.0;
-                    cpu_prev = (cpu, now);
-                    let metrics = http_get(port, "/metrics").unwrap_or_default();
-                    samples.push(Sample {
-                        at: start.elapsed(),
-                        rss_mib: proc_status_kib(agent.pid(), "VmRSS:").unwrap_or(0) as f64
-                            / 1024.0,
-                        cpu_pct,
-                        series: metrics
-                            .lines()
-                            .filter(|l| !l.starts_with('#') && !l.is_empty())
-                            .count(),
-                        lost: metric_sum(&metrics, "podscope_events_lost_total"),
-                        journal_kib: dir_size(agent.state()) as f64 / 1024.0,
-                        scrape_ms: prom.scrape_seconds().unwrap_or(f64::NAN) * 1000.0,
-                    });
-                    next_sample += SAMPLE_EVERY;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            let metrics = http_get(port, "/metrics").unwrap_or_default();
-            print_series_by_family(&metrics, self.live());
-            Ok(samples)
-        })();
-        drop(agent);
-        let samples = result?;
-        let hwm = samples.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
-        report(&samples, out_dir)?;
+        let prom = Prometheus::start(&self.dir, port)?;
+        let t = Instant::now();
+        self.fill()?;
         println!(
-            "soak: peak sampled RSS {hwm:.1} MiB; table above, plot and CSV in {}",
-            out_dir.display()
+            "soak: {} pods x 3 containers running after {:.0} s; churn {:?}, then quiet {:?}",
+            self.live(),
+            t.elapsed().as_secs_f64(),
+            self.plan.churn,
+            self.plan.quiet
         );
-        Ok(ExitCode::SUCCESS)
+        let start = Instant::now();
+        let churn_end = start + self.plan.churn;
+        let end = churn_end + self.plan.quiet;
+        let mut samples = vec![];
+        let mut next_sample = start + self.plan.sample_every;
+        let mut next_churn = start + CHURN_EVERY;
+        let mut slot = 0;
+        let mut cpu_prev = (proc_cpu(agent.pid()).unwrap_or_default(), Instant::now());
+        while Instant::now() < end {
+            if Instant::now() >= next_churn && Instant::now() < churn_end {
+                self.churn(slot % CHURN_SLOTS)?;
+                slot += 1;
+                next_churn += CHURN_EVERY;
+            }
+            if Instant::now() >= next_sample {
+                let cpu = proc_cpu(agent.pid()).unwrap_or_default();
+                let now = Instant::now();
+                let cpu_pct = (cpu - cpu_prev.0).as_secs_f64()
+                    / (now - cpu_prev.1).as_secs_f64().max(0.001)
+                    * 100.0;
+                cpu_prev = (cpu, now);
+                let metrics = http_get(port, "/metrics").unwrap_or_default();
+                samples.push(Sample {
+                    at: start.elapsed(),
+                    rss_mib: proc_status_kib(agent.pid(), "VmRSS:").unwrap_or(0) as f64 / 1024.0,
+                    cpu_pct,
+                    series: metrics
+                        .lines()
+                        .filter(|l| !l.starts_with('#') && !l.is_empty())
+                        .count(),
+                    lost: metric_sum(&metrics, "podscope_events_lost_total"),
+                    journal_kib: dir_size(agent.state()) as f64 / 1024.0,
+                    scrape_ms: prom.scrape_seconds().unwrap_or(f64::NAN) * 1000.0,
+                });
+                next_sample += self.plan.sample_every;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let end = End {
+            live: self.live_pods(),
+            metrics: http_get(port, "/metrics").unwrap_or_default(),
+        };
+        Ok((samples, end))
     }
 }
 
@@ -458,8 +605,7 @@ fn plot(samples: &[Sample]) -> String {
             .join(" ")
     };
     let mut svg = format!(
-        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n<text x='{l}' y='22' font-size='14'>podscope agent, {} pods x 3 containers with churn: RSS (blue, left) and CPU (red, right)</text>\n",
-        PODS
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n<text x='{l}' y='22' font-size='14'>podscope agent, {PODS} pods x 3 containers with churn: RSS (blue, left) and CPU (red, right)</text>\n"
     );
     for i in 0..=4 {
         let y = b - (b - t) * f64::from(i) / 4.0;

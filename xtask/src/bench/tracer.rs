@@ -102,6 +102,8 @@ pub(crate) fn start_on(
     let mut cmd = match tracer {
         Tracer::None => return Ok(None),
         Tracer::Podscope => {
+            // As a user runs it: the default rings (512 KiB per CPU),
+            // which are also most of its resident memory.
             let mut c = Command::new(podscope);
             c.args([
                 "trace",
@@ -110,8 +112,6 @@ pub(crate) fn start_on(
                 "json",
                 "--log",
                 "podscope=debug",
-                "--ring-buffer-size",
-                "4194304",
             ]);
             c
         }
