@@ -375,7 +375,8 @@ mod tests {
             "echo '     Running tests/kernel.rs (x)' >&2; echo 'SKIPPED sigkill: needs root' >&2; \
              echo 'test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured'",
         ]);
-        let err = run_tests(cmd, summary::Tally::new(true), &mut vec![], |_, _| Ok(())).unwrap_err();
+        let err =
+            run_tests(cmd, summary::Tally::new(true), &mut vec![], |_, _| Ok(())).unwrap_err();
         assert_eq!(err.to_string(), "1 tests failed");
     }
 }

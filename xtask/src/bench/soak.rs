@@ -66,7 +66,21 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         [flag, n] if flag == "--minutes" => n
             .parse()
             .context("--minutes needs a whole number of minutes")?,
-        _ => bail!("usage: cargo xtask bench soak [--minutes N]"),
+        [flag] if flag == "--check" => {
+            // The test suite's version alone.
+            setup::run()?;
+            let mut failed = false;
+            for (name, verdict) in check(&build_podscope()?)? {
+                failed |= verdict.is_err();
+                println!("soak / {name} ... {verdict:?}");
+            }
+            return Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+        _ => bail!("usage: cargo xtask bench soak [--minutes N | --check]"),
     };
     setup::run()?;
     setup::apt_packages(&["librsvg2-bin"])?;
@@ -106,11 +120,7 @@ pub fn check(podscope: &Path) -> Result<Vec<(&'static str, Result<(), String>)>>
 }
 
 /// Bounded growth, from the samples and the agent's last exposition.
-fn verdicts(
-    plan: &Plan,
-    samples: &[Sample],
-    end: &End,
-) -> Vec<(&'static str, Result<(), String>)> {
+fn verdicts(plan: &Plan, samples: &[Sample], end: &End) -> Vec<(&'static str, Result<(), String>)> {
     let lost = samples.last().map(|s| s.lost).unwrap_or(0.0);
     let stale = series_of_other_pods(&end.metrics, &end.live);
     let half = (plan.churn + plan.quiet) / 2;
@@ -173,10 +183,10 @@ fn series_of_other_pods(metrics: &str, live: &[String]) -> Vec<String> {
 /// A label's value in an exposition line (values here hold no quotes).
 fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     let key = format!("{name}=\"");
-    let at = line.find(&format!(",{key}")).map(|i| i + 1).or_else(|| {
-        line.find(&format!("{{{key}"))
-            .map(|i| i + 1)
-    })?;
+    let at = line
+        .find(&format!(",{key}"))
+        .map(|i| i + 1)
+        .or_else(|| line.find(&format!("{{{key}")).map(|i| i + 1))?;
     let rest = &line[at + key.len()..];
     rest.split('"').next()
 }
@@ -327,8 +337,12 @@ impl Soak {
             .apply(&format!("service/{NS}/soak-web"), &service)?;
         // The clock starts with the node full: every container but the
         // crash-looping ones running.
-        self.node
-            .wait_running(NS, "", (self.live() - CRASHERS) * 3, Duration::from_secs(600))?;
+        self.node.wait_running(
+            NS,
+            "",
+            (self.live() - CRASHERS) * 3,
+            Duration::from_secs(600),
+        )?;
         Ok(())
     }
 
@@ -358,10 +372,7 @@ impl Soak {
 
     /// Fills the node, churns, then waits quietly; samples throughout.
     fn run(&mut self, podscope: &Path) -> Result<(Vec<Sample>, End)> {
-        let retention = self
-            .plan
-            .retention
-            .map(|r| format!("{}s", r.as_secs()));
+        let retention = self.plan.retention.map(|r| format!("{}s", r.as_secs()));
         let env: Vec<(&str, String)> = retention
             .into_iter()
             .map(|r| ("PODSCOPE_SERIES_RETENTION", r))
