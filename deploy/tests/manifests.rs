@@ -5,11 +5,15 @@
 //!   applied) against the Kubernetes JSON schemas, strictly, with
 //!   `kubernetes-validate` for the oldest and newest versions we support;
 //! - the prometheus-operator objects (ServiceMonitor, PrometheusRule), whose
-//!   CRD schemas are not in kubernetes-validate, by their structure here, and
-//!   the alert rules with `promtool check rules` and `promtool test rules`
-//!   (tests/rules_test.yaml: when each alert fires and when it must not);
-//! - every PromQL expression of the Grafana dashboard with promtool, and the
-//!   dashboard's structure;
+//!   CRD schemas are not in kubernetes-validate, by their structure here
+//!   (recording rules named level:metric:operations after what they keep
+//!   and rate), and the rules with `promtool check rules` and `promtool test
+//!   rules` (tests/rules_test.yaml: what each recording rule records, when
+//!   each alert fires and when it must not);
+//! - every PromQL expression of the Grafana dashboard with promtool, that
+//!   each returns data through the recording rules, that every recorded
+//!   series a panel or alert reads is recorded (and read by something), and
+//!   the dashboard's structure;
 //! - every YAML file with `yamllint --strict` and deploy/.yamllint;
 //! - the base and the patch overlays with real kustomize, where kubectl is;
 //! - as root, the real agent run with the DaemonSet's arguments and
@@ -932,21 +936,258 @@ fn servicemonitor_scrapes_the_service() {
     assert_eq!(s(node, "sourceLabels.0"), "__meta_kubernetes_pod_node_name");
 }
 
-/// The alert rules, checked for what promtool does not check.
+// ---------------------------------------------------------------------------
+// Recording rules, and the PromQL that reads them
+
+/// The labels a recording rule may keep beside its level's: the family's
+/// one closed-set label (`command` is bounded by the agent, 8 a container).
+const FAMILY_LABELS: &[&str] = &[
+    "outcome", "reason", "trigger", "scope", "cause", "command", "source",
+];
+
+/// A recording rule of prometheusrule.yaml, taken apart.
+struct Recording {
+    /// `level:metric:operations`.
+    name: String,
+    expr: String,
+    /// The labels the recorded series keep (its `sum by`).
+    by: Vec<String>,
+}
+
+/// Every recording rule, each checked to be what its name says:
+/// `sum by (LEVEL[, FAMILY_LABEL]) (rate(METRIC_total{job="podscope"}[W]))`
+/// recorded as `LEVEL:METRIC:rateW`, LEVEL the labels kept joined by `_`.
+fn recordings() -> Vec<Recording> {
+    let job = format!("{{job=\"{}\"}}", s(&resource("Service"), "metadata.name"));
+    let mut out = Vec::new();
+    for g in seq(&resource("PrometheusRule"), "spec.groups") {
+        for r in seq(g, "rules") {
+            let Some(name) = r["record"].as_str() else {
+                continue;
+            };
+            let expr = s(r, "expr");
+            let flat = expr
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .replace("( ", "(")
+                .replace(" )", ")");
+            let shape = || format!("{name}: `{flat}` is not `sum by (…) (rate(…_total{job}[…]))`");
+            let (by, rest) = flat
+                .strip_prefix("sum by (")
+                .and_then(|r| r.split_once(") (rate("))
+                .unwrap_or_else(|| panic!("{}", shape()));
+            let (selector, window) = rest
+                .strip_suffix("]))")
+                .and_then(|r| r.split_once('['))
+                .unwrap_or_else(|| panic!("{}", shape()));
+            let raw = selector
+                .strip_suffix(&job)
+                .unwrap_or_else(|| panic!("{}", shape()));
+            let parts: Vec<&str> = name.split(':').collect();
+            let [level, metric, operations] = parts[..] else {
+                panic!("{name}: not level:metric:operations");
+            };
+            assert_eq!(
+                Some(metric),
+                raw.strip_suffix("_total"),
+                "{name}: the metric part is the counter it rates, without _total"
+            );
+            assert!(metric.starts_with("podscope_"), "{name}");
+            assert_eq!(
+                operations,
+                format!("rate{window}"),
+                "{name}: the operation names the window"
+            );
+            let by: Vec<String> = by.split(", ").map(str::to_string).collect();
+            let kept: Vec<&str> = level.split('_').collect();
+            assert!(
+                by.len() >= kept.len() && by[..kept.len()] == kept[..],
+                "{name}: keeps ({}) but its level says {level}",
+                by.join(", ")
+            );
+            assert!(
+                by.len() <= kept.len() + 1
+                    && by[kept.len()..]
+                        .iter()
+                        .all(|l| FAMILY_LABELS.contains(&l.as_str())),
+                "{name}: besides its level it may keep one of {FAMILY_LABELS:?}, not {:?}",
+                &by[kept.len()..]
+            );
+            out.push(Recording {
+                name: name.to_string(),
+                expr: expr.to_string(),
+                by,
+            });
+        }
+    }
+    out
+}
+
+/// The series selectors of a PromQL expression, with the label names each
+/// matches on: `a:b:c{x="1", y=~"2"}` gives ("a:b:c", [x, y]). Only
+/// podscope's metrics, `up` and recorded series (any name with a colon)
+/// count; strings and `[…]` ranges are skipped.
+fn selectors(q: &str) -> Vec<(String, Vec<String>)> {
+    fn skip_string(b: &[u8], mut i: usize) -> usize {
+        let quote = b[i];
+        i += 1;
+        while i < b.len() && b[i] != quote {
+            i += if b[i] == b'\\' && quote != b'`' { 2 } else { 1 };
+        }
+        i + 1
+    }
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b':';
+    let b = q.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' | b'\'' | b'`' => i = skip_string(b, i),
+            b'[' => i = q[i..].find(']').map_or(b.len(), |j| i + j + 1),
+            c if word(c) => {
+                let start = i;
+                while i < b.len() && word(b[i]) {
+                    i += 1;
+                }
+                let name = &q[start..i];
+                if !(name.contains(':') || name.starts_with("podscope_") || name == "up") {
+                    continue;
+                }
+                let mut labels = Vec::new();
+                let rest = q[i..].trim_start();
+                if rest.starts_with('{') {
+                    i = b.len() - rest.len() + 1;
+                    while i < b.len() && b[i] != b'}' {
+                        if matches!(b[i], b'"' | b'\'' | b'`') {
+                            i = skip_string(b, i);
+                        } else if word(b[i]) {
+                            let l = i;
+                            while i < b.len() && word(b[i]) {
+                                i += 1;
+                            }
+                            labels.push(q[l..i].to_string());
+                        } else {
+                            i += 1;
+                        }
+                    }
+                }
+                out.push((name.to_string(), labels));
+            }
+            _ => i += 1,
+        }
+    }
+    out
+}
+
+/// The recorded series `q` reads must be recorded, and matched only on
+/// labels they keep (a recorded series has no job or instance: a selector
+/// on those would match nothing, silently).
+fn check_recorded_reads(place: &str, q: &str, recorded: &[Recording]) {
+    for (name, labels) in selectors(q) {
+        if !name.contains(':') {
+            continue;
+        }
+        let rec = recorded
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("{place}: reads {name}, which no recording rule records"));
+        for l in labels {
+            assert!(
+                rec.by.contains(&l),
+                "{place}: matches {name} on `{l}`, which it does not keep ({})",
+                rec.by.join(", ")
+            );
+        }
+    }
+}
+
+/// `q` followed by the expressions of the recorded series it reads: what
+/// it reads in the end.
+fn with_recordings(q: &str, recorded: &[Recording]) -> String {
+    let mut out = q.to_string();
+    for (name, _) in selectors(q) {
+        if let Some(r) = recorded.iter().find(|r| r.name == name) {
+            out.push('\n');
+            out.push_str(&r.expr);
+        }
+    }
+    out
+}
+
+/// Every recorded series is read by the dashboard or an alert: a recording
+/// nobody reads only costs series.
 #[test]
-fn alerts_are_complete_and_select_the_scrape_job() {
+fn every_recorded_series_is_read() {
+    let d = json("grafana/podscope.json");
+    let mut read: Vec<String> = dashboard_queries(&d).into_iter().map(|(_, q)| q).collect();
+    for g in seq(&resource("PrometheusRule"), "spec.groups") {
+        for r in seq(g, "rules") {
+            if r.get("alert").is_some() {
+                read.push(s(r, "expr").to_string());
+            }
+        }
+    }
+    let names: BTreeSet<String> = read
+        .iter()
+        .flat_map(|q| selectors(q))
+        .map(|(n, _)| n)
+        .collect();
+    for r in recordings() {
+        assert!(
+            names.contains(&r.name),
+            "{}: recorded but read by no panel or alert",
+            r.name
+        );
+    }
+}
+
+#[test]
+fn selectors_find_metrics_and_their_labels() {
+    assert_eq!(
+        selectors(
+            r#"sum by (node) (a:b:rate10m{x="}{", y=~"a\"b"}) > 0 unless up{job="p"} or podscope_x_total[5m:1m] * on (node) c"#
+        ),
+        [
+            (
+                "a:b:rate10m".to_string(),
+                vec!["x".to_string(), "y".to_string()]
+            ),
+            ("up".to_string(), vec!["job".to_string()]),
+            ("podscope_x_total".to_string(), vec![]),
+        ]
+    );
+}
+
+/// The recording rules and alerts, checked for what promtool does not check.
+#[test]
+fn rules_are_complete_and_select_the_scrape_job() {
     let pr = resource("PrometheusRule");
     let job = format!("job=\"{}\"", s(&resource("Service"), "metadata.name"));
     assert_eq!(s(&pr, "apiVersion"), "monitoring.coreos.com/v1");
     only_keys(&pr["spec"], "spec", &["groups"]);
+    let recorded = recordings();
     let mut names = BTreeSet::new();
     let mut used = BTreeSet::new();
     for g in seq(&pr, "spec.groups") {
         only_keys(g, "group", &["name", "interval", "rules", "limit"]);
-        assert!(
-            names.insert(s(g, "name").to_string()),
-            "group names are unique"
-        );
+        let group = s(g, "name");
+        assert!(names.insert(group.to_string()), "group names are unique");
+        // A group records or alerts, not both (kube-prometheus' `*.rules`
+        // groups): recording groups say how often they record.
+        let records = seq(g, "rules").iter().filter(|r| r.get("record").is_some());
+        if records.count() > 0 {
+            assert!(group.ends_with(".rules"), "{group}: a recording group");
+            assert!(at(g, "interval").as_str().is_some(), "{group}: interval");
+            for r in seq(g, "rules") {
+                // recordings() checked each one's name and expression.
+                only_keys(r, "recording rule", &["record", "expr", "labels"]);
+                let name = s(r, "record");
+                assert!(names.insert(name.to_string()), "{name}: duplicate");
+            }
+            continue;
+        }
+        assert!(!group.ends_with(".rules"), "{group}: holds alerts");
         for r in seq(g, "rules") {
             only_keys(
                 r,
@@ -979,7 +1220,10 @@ fn alerts_are_complete_and_select_the_scrape_job() {
                 .and_then(|m| m.parse().ok())
                 .unwrap_or_else(|| panic!("{name}: `for` in minutes"));
             assert!(minutes >= 5, "{name}: `for: {minutes}m` flaps");
+            // What the alert reads, through the recorded series it names.
             let expr = s(r, "expr");
+            check_recorded_reads(name, expr, &recorded);
+            let expr = with_recordings(expr, &recorded);
             for m in METRICS.iter().chain(&["up"]) {
                 if expr.contains(&format!("{m}{{")) {
                     used.insert(*m);
@@ -990,6 +1234,13 @@ fn alerts_are_complete_and_select_the_scrape_job() {
                 }
             }
         }
+    }
+    for rec in &recorded {
+        assert!(
+            rec.expr.contains(&format!("{{{job}}}")),
+            "{}: must read {job}",
+            rec.name
+        );
     }
     for m in [
         "podscope_process_exits_total",
@@ -1032,7 +1283,8 @@ fn alert_rules_pass_promtool() {
         .arg(&rules));
     assert!(o.status.success(), "promtool check rules:\n{}", text(&o));
 
-    // When each alert fires and when it must not.
+    // What each recording rule records, when each alert fires and when it
+    // must not.
     rules_file(&dir, false);
     fs::copy(
         deploy_dir().join("tests/rules_test.yaml"),
@@ -1047,18 +1299,36 @@ fn alert_rules_pass_promtool() {
     let _ = fs::remove_dir_all(dir);
 }
 
-/// Every alert has a unit test in tests/rules_test.yaml that expects it to fire.
+/// Every alert has a unit test in tests/rules_test.yaml that expects it to
+/// fire, and every recording rule one that asserts the series it records.
 #[test]
-fn every_alert_has_a_unit_test() {
+fn every_rule_has_a_unit_test() {
     let tests = yaml("tests/rules_test.yaml");
     let tested: BTreeSet<&str> = seq(&tests, "tests")
         .iter()
+        .filter(|t| t.get("alert_rule_test").is_some())
         .flat_map(|t| seq(t, "alert_rule_test"))
         .filter(|a| !seq(a, "exp_alerts").is_empty())
         .map(|a| s(a, "alertname"))
         .collect();
+    // The names of the series promql_expr_test expects: what a recording
+    // rule must be seen to produce.
+    let asserted: BTreeSet<String> = seq(&tests, "tests")
+        .iter()
+        .filter(|t| t.get("promql_expr_test").is_some())
+        .flat_map(|t| seq(t, "promql_expr_test"))
+        .flat_map(|e| seq(e, "exp_samples"))
+        .filter_map(|x| Some(s(x, "labels").split('{').next()?.trim().to_string()))
+        .collect();
     for g in seq(&resource("PrometheusRule"), "spec.groups") {
         for r in seq(g, "rules") {
+            if let Some(record) = r["record"].as_str() {
+                assert!(
+                    asserted.contains(record),
+                    "{record} has no promql_expr_test in tests/rules_test.yaml that expects its series"
+                );
+                continue;
+            }
             let name = s(r, "alert").to_string();
             assert!(
                 tested.contains(name.as_str()),
@@ -1268,9 +1538,15 @@ fn dashboard_is_a_grafana_dashboard_over_the_contract_metrics() {
             assert_eq!(t["datasource"]["uid"], "${datasource}", "{title}");
         }
     }
+    // What the panels read in the end: raw series, or recorded ones through
+    // the recording rules' expressions.
+    let recorded = recordings();
     let all: String = dashboard_queries(&d)
         .into_iter()
-        .map(|(_, q)| q)
+        .map(|(title, q)| {
+            check_recorded_reads(&title, &q, &recorded);
+            with_recordings(&q, &recorded)
+        })
         .collect::<Vec<_>>()
         .join("\n");
     for (m, what) in [
@@ -1292,6 +1568,75 @@ fn dashboard_is_a_grafana_dashboard_over_the_contract_metrics() {
             );
         }
     }
+    // A legend names only labels the query's outer aggregation keeps.
+    for p in panels(&d) {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let (Some(expr), Some(legend)) = (t["expr"].as_str(), t["legendFormat"].as_str())
+            else {
+                continue;
+            };
+            let Some(by) = outer_by(expr) else {
+                continue;
+            };
+            for l in legend
+                .split("{{")
+                .skip(1)
+                .filter_map(|x| x.split_once("}}"))
+            {
+                assert!(
+                    by.contains(&l.0.trim()),
+                    "{}: the legend names {{{{{}}}}}, which `by ({})` drops",
+                    p["title"],
+                    l.0,
+                    by.join(", ")
+                );
+            }
+        }
+    }
+}
+
+/// The labels of `AGG by (…) (…)` at the head of a query (after `topk(N, `
+/// or `sort_desc(`), if it starts so.
+fn outer_by(q: &str) -> Option<Vec<&str>> {
+    let mut q = q.trim();
+    for wrapper in ["sort_desc(", "sort(", "topk(", "bottomk("] {
+        if let Some(rest) = q.strip_prefix(wrapper) {
+            q = rest.split_once(", ").map_or(rest, |(k, r)| {
+                if k.chars().all(|c| c.is_ascii_digit()) {
+                    r
+                } else {
+                    rest
+                }
+            });
+        }
+    }
+    let (agg, rest) = q.split_once(" by (")?;
+    if !["sum", "max", "min", "avg", "count"].contains(&agg) {
+        return None;
+    }
+    Some(rest.split_once(')')?.0.split(", ").collect())
+}
+
+/// A dashboard query with Grafana's variables replaced by what they expand
+/// to: every selectable one by `.*` (All), the panels' step by their
+/// minimum interval (1m, the recording rules' interval).
+fn expand(d: &Json, q: &str) -> String {
+    let mut q = q.to_string();
+    for (from, to) in [
+        ("$__rate_interval", "2m"),
+        ("$__interval", "1m"),
+        ("$__range", "3h"),
+        ("${job}", "podscope"),
+        ("$job", "podscope"),
+    ] {
+        q = q.replace(from, to);
+    }
+    for v in variable_names(d) {
+        q = q
+            .replace(&format!("${{{v}}}"), ".*")
+            .replace(&format!("${v}"), ".*");
+    }
+    q
 }
 
 #[test]
@@ -1301,32 +1646,13 @@ fn dashboard_queries_parse() {
         return;
     };
     let d = json("grafana/podscope.json");
-    // Grafana's variables replaced by what they expand to.
-    let expand = |q: &str| {
-        let mut q = q.to_string();
-        for (from, to) in [
-            ("$__rate_interval", "2m"),
-            ("$__interval", "30s"),
-            ("$__range", "3h"),
-            ("${job}", "podscope"),
-            ("$job", "podscope"),
-        ] {
-            q = q.replace(from, to);
-        }
-        for v in variable_names(&d) {
-            q = q
-                .replace(&format!("${{{v}}}"), ".*")
-                .replace(&format!("${v}"), ".*");
-        }
-        q
-    };
     let rules: Vec<Yaml> = dashboard_queries(&d)
         .iter()
         .enumerate()
         .map(|(i, (_, q))| {
             let mut m = serde_yaml::Mapping::new();
             m.insert("record".into(), format!("dashboard:query_{i}").into());
-            m.insert("expr".into(), expand(q).into());
+            m.insert("expr".into(), expand(&d, q).into());
             Yaml::Mapping(m)
         })
         .collect();
@@ -1344,6 +1670,143 @@ fn dashboard_queries_parse() {
         "a dashboard query does not parse:\n{}\n{}",
         text(&o),
         fs::read_to_string(&p).unwrap()
+    );
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// One agent's scrape: a series of each metric the dashboard reads, raw or
+/// through a recording rule, as (metric, its own labels, values): counters
+/// rising, gauges set. Each carries the scrape's labels too, and the
+/// workload's after the first `WORKLOAD_SERIES` of them.
+const DASHBOARD_INPUT: &[(&str, &str, &str)] = &[
+    ("up", "", "1x40"),
+    (
+        "podscope_build_info",
+        r#"version="0.1.0", kernel="6.18.0""#,
+        "1x40",
+    ),
+    ("podscope_tracked_containers", "", "12x40"),
+    (
+        "podscope_probe_attached",
+        r#"probe="exits", attach_type="raw_tp""#,
+        "1x40",
+    ),
+    ("podscope_events_total", r#"source="exits""#, "0+60x40"),
+    ("podscope_events_lost_total", r#"source="exits""#, "0+1x40"),
+    ("podscope_series_refused_total", "", "0+1x40"),
+    ("podscope_cri_errors_total", "", "0+1x40"),
+    // Per workload from here.
+    ("podscope_process_exits_total", r#"outcome="ok""#, "0+5x40"),
+    (
+        "podscope_process_exits_total",
+        r#"outcome="error""#,
+        "0+1x40",
+    ),
+    (
+        "podscope_process_exits_total",
+        r#"outcome="signaled""#,
+        "0+1x40",
+    ),
+    (
+        "podscope_container_terminations_total",
+        r#"reason="OOMKilled""#,
+        "0+1x40",
+    ),
+    (
+        "podscope_container_restarts_total",
+        r#"trigger="liveness_probe""#,
+        "0+1x40",
+    ),
+    ("podscope_oom_kills_total", r#"scope="container""#, "0+1x40"),
+    (
+        "podscope_container_background_deaths_total",
+        r#"cause="crashed""#,
+        "0+1x40",
+    ),
+    (
+        "podscope_container_respawns_total",
+        r#"command="worker""#,
+        "0+1x40",
+    ),
+];
+const WORKLOAD_SERIES: usize = 8;
+
+/// Every panel's and variable's query returns data when an agent's series
+/// are there, with every variable on All: promtool evaluates the recording
+/// rules on the raw series first, so a panel that names a series nobody
+/// records, or matches a recorded series on a label it does not keep (job,
+/// instance), comes back empty and fails here.
+#[test]
+fn dashboard_queries_return_data_through_the_rules() {
+    let test = "dashboard_queries_return_data_through_the_rules";
+    let Some(promtool) = tool(test, "promtool") else {
+        return;
+    };
+    let d = json("grafana/podscope.json");
+    let recorded = recordings();
+    let have: BTreeSet<&str> = DASHBOARD_INPUT.iter().map(|(m, _, _)| *m).collect();
+    for (title, q) in dashboard_queries(&d) {
+        for (m, _) in selectors(&with_recordings(&q, &recorded)) {
+            assert!(
+                m.contains(':') || have.contains(m.as_str()),
+                "{title}: DASHBOARD_INPUT has no series of {m}"
+            );
+        }
+    }
+    let map = |pairs: Vec<(&str, Yaml)>| {
+        Yaml::Mapping(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    };
+    let input = DASHBOARD_INPUT
+        .iter()
+        .enumerate()
+        .map(|(i, (metric, labels, values))| {
+            let mut all = vec![r#"job="podscope", instance="198.18.0.1:9811", node="n1""#];
+            if i >= WORKLOAD_SERIES {
+                all.push(r#"namespace="shop", pod="cart-1", container="app""#);
+            }
+            all.extend((!labels.is_empty()).then_some(*labels));
+            let series = format!("{metric}{{{}}}", all.join(", "));
+            map(vec![
+                ("series", series.into()),
+                ("values", (*values).into()),
+            ])
+        })
+        .collect();
+    let exprs = dashboard_queries(&d)
+        .iter()
+        .map(|(_, q)| {
+            map(vec![
+                ("expr", format!("absent({})", expand(&d, q)).into()),
+                ("eval_time", "30m".into()),
+                ("exp_samples", Yaml::Sequence(vec![])),
+            ])
+        })
+        .collect();
+    let tests = map(vec![
+        ("rule_files", Yaml::Sequence(vec!["rules.yaml".into()])),
+        ("evaluation_interval", "1m".into()),
+        (
+            "tests",
+            Yaml::Sequence(vec![map(vec![
+                ("interval", "1m".into()),
+                ("input_series", Yaml::Sequence(input)),
+                ("promql_expr_test", Yaml::Sequence(exprs)),
+            ])]),
+        ),
+    ]);
+    let dir = scratch(test);
+    rules_file(&dir, false);
+    let p = dir.join("dashboard_test.yaml");
+    fs::write(&p, serde_yaml::to_string(&tests).unwrap()).unwrap();
+    let o = run(Command::new(&promtool).current_dir(&dir).args([
+        "test",
+        "rules",
+        "dashboard_test.yaml",
+    ]));
+    assert!(
+        o.status.success(),
+        "a dashboard query returns nothing (absent(…) answered):\n{}",
+        text(&o)
     );
     let _ = fs::remove_dir_all(dir);
 }
@@ -1495,6 +1958,25 @@ fn the_agent_implements_what_the_deployment_uses() {
     for m in METRICS {
         let bare = m.trim_start_matches("podscope_").trim_end_matches("_total");
         assert!(src.contains(bare), "the agent exports no {m}");
+    }
+    // And every podscope metric a recording rule, an alert or a panel
+    // reads is registered by that name (`registry.register("oom_kills", …)`).
+    let mut read: Vec<String> = dashboard_queries(&json("grafana/podscope.json"))
+        .into_iter()
+        .map(|(_, q)| q)
+        .collect();
+    for g in seq(&resource("PrometheusRule"), "spec.groups") {
+        read.extend(seq(g, "rules").iter().map(|r| s(r, "expr").to_string()));
+    }
+    for (m, _) in read.iter().flat_map(|q| selectors(q)) {
+        let Some(bare) = m.strip_prefix("podscope_") else {
+            continue;
+        };
+        let bare = bare.strip_suffix("_total").unwrap_or(bare);
+        assert!(
+            src.contains(&format!("\"{bare}\"")),
+            "the agent registers no {m} (\"{bare}\" in agent/src)"
+        );
     }
 }
 
