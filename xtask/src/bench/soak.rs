@@ -123,6 +123,8 @@ pub fn check(podscope: &Path) -> Result<Vec<(&'static str, Result<(), String>)>>
 fn verdicts(plan: &Plan, samples: &[Sample], end: &End) -> Vec<(&'static str, Result<(), String>)> {
     let lost = samples.last().map(|s| s.lost).unwrap_or(0.0);
     let stale = series_of_other_pods(&end.metrics, &end.live);
+    // The check means something only if the live pods' series are read.
+    let live_series = series_of_soak_pods(&end.metrics).len() - stale.len();
     let half = (plan.churn + plan.quiet) / 2;
     let second_half: Vec<f64> = samples
         .iter()
@@ -144,7 +146,9 @@ fn verdicts(plan: &Plan, samples: &[Sample], end: &End) -> Vec<(&'static str, Re
         ),
         (
             "soak_keeps_no_series_of_pods_gone_past_the_retention",
-            if stale.is_empty() {
+            if live_series == 0 {
+                Err("the agent's exposition names no pod of the soak".into())
+            } else if stale.is_empty() {
                 Ok(())
             } else {
                 Err(format!(
@@ -170,13 +174,19 @@ fn verdicts(plan: &Plan, samples: &[Sample], end: &End) -> Vec<(&'static str, Re
 
 /// Series lines whose `pod` label, in the soak's namespace, is not a live pod.
 fn series_of_other_pods(metrics: &str, live: &[String]) -> Vec<String> {
+    series_of_soak_pods(metrics)
+        .into_iter()
+        .filter(|l| label(l, "pod").is_some_and(|pod| !live.iter().any(|p| p == pod)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Series lines naming a pod of the soak's namespace.
+fn series_of_soak_pods(metrics: &str) -> Vec<&str> {
     metrics
         .lines()
-        .filter(|l| !l.starts_with('#') && l.contains(&format!("namespace=\"{NS}\"")))
-        .filter(|l| {
-            label(l, "pod").is_some_and(|pod| !pod.is_empty() && !live.iter().any(|p| p == pod))
-        })
-        .map(str::to_string)
+        .filter(|l| !l.starts_with('#') && label(l, "namespace") == Some(NS))
+        .filter(|l| label(l, "pod").is_some_and(|pod| !pod.is_empty()))
         .collect()
 }
 
@@ -665,6 +675,20 @@ fn nice(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn series_of_deleted_pods_are_found() {
+        let metrics = "# TYPE x counter\n\
+            podscope_process_exits_total{namespace=\"podscope-soak\",pod=\"a\",container=\"app\",outcome=\"ok\"} 3\n\
+            podscope_process_exits_total{namespace=\"podscope-soak\",pod=\"gone\",container=\"app\",outcome=\"ok\"} 1\n\
+            podscope_process_exits_total{namespace=\"other\",pod=\"gone\",container=\"app\",outcome=\"ok\"} 1\n\
+            podscope_events_total{source=\"exits\"} 9\n";
+        assert_eq!(series_of_soak_pods(metrics).len(), 2);
+        let stale = series_of_other_pods(metrics, &["a".to_string()]);
+        assert_eq!(stale.len(), 1);
+        assert!(stale[0].contains("pod=\"gone\""));
+        assert_eq!(label(&stale[0], "namespace"), Some(NS));
+    }
 
     #[test]
     fn axes_end_at_a_round_number() {
