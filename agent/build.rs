@@ -84,13 +84,20 @@ fn main() {
     }
 }
 
-/// `<target dir>/ebpf/<arch>`: the target directory is the first ancestor
-/// of OUT_DIR that cargo tagged with CACHEDIR.TAG. None (build in OUT_DIR,
-/// as aya-build does by default) when it cannot be found.
+/// `<target dir>/ebpf/<arch>`: the target directory is the ancestor of
+/// OUT_DIR that cargo tagged with CACHEDIR.TAG. Cargo also tags
+/// `<target dir>/<triple>` for a `--target` build (the kernel matrix's musl
+/// binaries), which would give those builds an eBPF build of their own: the
+/// outermost of the tagged directories in a row is the one every build
+/// shares. None (build in OUT_DIR, as aya-build does by default) when it
+/// cannot be found.
 fn shared_ebpf_dir(out_dir: &std::path::Path) -> Option<PathBuf> {
+    let tagged = |d: &&std::path::Path| d.join("CACHEDIR.TAG").is_file();
     let target = out_dir
         .ancestors()
-        .find(|d| d.join("CACHEDIR.TAG").is_file())?;
+        .skip_while(|d| !tagged(d))
+        .take_while(tagged)
+        .last()?;
     let arch = env::var("CARGO_CFG_TARGET_ARCH").ok()?;
     let endian = env::var("CARGO_CFG_TARGET_ENDIAN").ok()?;
     let dir = target.join("ebpf").join(format!("{arch}-{endian}"));

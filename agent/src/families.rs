@@ -10,7 +10,6 @@
 //! Adding a family is adding a row here (and its probe module); the CLI's
 //! names, the metrics' `source` label and the attach report derive from it.
 
-use clap::ValueEnum;
 use serde::Serialize;
 
 /// A kernel-side program family.
@@ -70,7 +69,8 @@ impl std::fmt::Display for Kernel {
 
 /// What a user traces: `podscope trace <view>`, and the family an event
 /// belongs to in every stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[cfg_attr(feature = "daemon", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum View {
     /// Process and thread exits: exit code, signal, core dump.
@@ -129,6 +129,7 @@ mod tests {
             assert_eq!(Kernel::from_name(k.name()), Some(k));
         }
         // The CLI's names are the serde names (JSON) and clap's.
+        use clap::ValueEnum;
         for v in View::value_variants() {
             assert_eq!(
                 v.to_possible_value().map(|p| p.get_name().to_string()),

@@ -11,16 +11,30 @@
 //! - [`net`]: the packet path: kube-proxy's rules (iptables, nftables) as one Service map; connections and drops attributed to pods and Services;
 //! - [`cli`]: the `podscope` subcommands;
 //! - [`selftest`]: the kernel-facing tests, shared by `cargo test` and the static `podscope-kernel-tests`.
+//!
+//! Without the `daemon` feature (default on) only the kernel side is built:
+//! no `driver`, `deps`, `metrics` or `daemon`, and of `cli` only doctor's
+//! kernel checks; that is what the kernel matrix's static test binaries need.
 
+#[cfg(feature = "daemon")]
 pub mod cli;
+/// Without the daemon: doctor's kernel checks alone (the matrix runs them).
+#[cfg(not(feature = "daemon"))]
+pub mod cli {
+    pub mod doctor;
+}
+#[cfg(feature = "daemon")]
 pub mod daemon;
+#[cfg(feature = "daemon")]
 pub mod deps;
+#[cfg(feature = "daemon")]
 pub mod driver;
 pub mod events;
 pub mod families;
 pub mod forensics;
 pub mod kernel;
 pub mod metadata;
+#[cfg(feature = "daemon")]
 pub mod metrics;
 pub mod net;
 pub mod probes;

@@ -329,6 +329,7 @@ impl ThrottleBook {
     }
 }
 
+#[cfg(feature = "daemon")]
 /// Feeds a shared book with the throttles the driver publishes; returns
 /// the task. Misses (a book consumer that fell behind) are counted in the book.
 pub fn spawn_observer(

@@ -43,6 +43,8 @@ pub const TARGETS: &[&str] = &[
 
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 const PROFILE: &str = "fuzz";
+/// The fuzz build's own target directory (its flags differ from every other build's).
+const TARGET_DIR: &str = "target/fuzz";
 
 pub struct Run {
     pub target: &'static str,
@@ -101,13 +103,21 @@ pub fn run(args: &[String]) -> Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// The smoke run `cargo xtask test` makes: every target briefly, all
-/// together `total_seconds` of fuzzing at most.
-/// Every target briefly; returns (targets without a crash, targets with one).
+/// The smoke run: every target briefly, all together `total_seconds` of
+/// fuzzing at most; returns (targets without a crash, targets with one).
 pub fn smoke(total_seconds: u64) -> Result<(u64, u64)> {
     let t = Instant::now();
     let bins = build()?;
-    let build_s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "xtask: fuzz targets built in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    smoke_run(&bins, total_seconds)
+}
+
+/// The smoke run of targets already built in `bins` (`cargo xtask test`
+/// builds them beside its other phases: [`build_command`]).
+pub fn smoke_run(bins: &Path, total_seconds: u64) -> Result<(u64, u64)> {
     let each = (total_seconds / TARGETS.len() as u64).max(1);
     // libFuzzer runs on one core: the targets share the machine's cores, so
     // the smoke run's wall time is its fuzzing time over the core count.
@@ -123,7 +133,7 @@ pub fn smoke(total_seconds: u64) -> Result<(u64, u64)> {
                         let Some(target) = TARGETS.get(i) else {
                             return mine;
                         };
-                        mine.push(fuzz_one(&bins, target, each));
+                        mine.push(fuzz_one(bins, target, each));
                     }
                 })
             })
@@ -151,7 +161,7 @@ pub fn smoke(total_seconds: u64) -> Result<(u64, u64)> {
         }
     }
     eprintln!(
-        "xtask: fuzz smoke run: {} targets, {execs} executions in {each} s each, {failed} with a crash (build {build_s:.0} s)",
+        "xtask: fuzz smoke run: {} targets, {execs} executions in {each} s each, {failed} with a crash",
         TARGETS.len()
     );
     Ok((passed, failed))
@@ -173,22 +183,29 @@ const RUSTFLAGS: &[&str] = &[
 
 /// Builds every target once; returns the directory holding the binaries.
 fn build() -> Result<PathBuf> {
-    let target_dir = root().join("target/fuzz");
-    status(
-        Command::new("cargo")
-            .current_dir(root())
-            .args(["build", "--package", "podscope-fuzz", "--bins"])
-            .args(["--profile", PROFILE, "--target", TRIPLE])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            // With --target the flags reach the targets' crates, not the
-            // build scripts and proc macros.
-            .env("CARGO_ENCODED_RUSTFLAGS", RUSTFLAGS.join("\x1f"))
-            // The parsers need no eBPF object: skip its nightly build.
-            .env("AYA_BUILD_SKIP", "1"),
-    )
-    .context("building the fuzz targets failed")?;
-    Ok(target_dir.join(TRIPLE).join(PROFILE))
+    status(&mut build_command()).context("building the fuzz targets failed")?;
+    Ok(bins_dir())
+}
+
+/// The build of every target, in a target directory of its own.
+pub fn build_command() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root())
+        .args(["build", "--package", "podscope-fuzz", "--bins"])
+        .args(["--profile", PROFILE, "--target", TRIPLE])
+        .arg("--target-dir")
+        .arg(root().join(TARGET_DIR))
+        // With --target the flags reach the targets' crates, not the
+        // build scripts and proc macros.
+        .env("CARGO_ENCODED_RUSTFLAGS", RUSTFLAGS.join("\x1f"))
+        // The parsers need no eBPF object: skip its nightly build.
+        .env("AYA_BUILD_SKIP", "1");
+    cmd
+}
+
+/// Where [`build_command`] leaves the targets.
+pub fn bins_dir() -> PathBuf {
+    root().join(TARGET_DIR).join(TRIPLE).join(PROFILE)
 }
 
 fn fuzz_one(bins: &Path, target: &'static str, seconds: u64) -> Result<Run> {

@@ -10,6 +10,7 @@
 //! - `dist [--out DIR]`: static podscope binaries for every architecture, with checksums.
 
 mod arch;
+mod background;
 mod bench;
 mod dist;
 mod fuzz;
@@ -168,78 +169,51 @@ fn demo_node() -> Result<()> {
 fn test() -> Result<ExitCode> {
     // Each phase prints its wall time, so that a slow CI run says where the
     // time went (the budget is in the README).
+    let started = Instant::now();
     let phase = Instant::now();
     setup::run()?;
     let root_user = unsafe_geteuid() == 0;
     status(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("code is not formatted: run `cargo fmt --all`")?;
+    // What only later phases need is built beside the foreground, at the
+    // lowest priority (background.rs): the fuzz targets from now on (they
+    // skip the eBPF build), the matrix's binaries once clippy has built
+    // this architecture's eBPF object, which they share. Both end with the
+    // command if it stops early.
+    let fuzz_build = background::Build::start(
+        "fuzz targets",
+        background::log_path("fuzz-build"),
+        fuzz::build_command(),
+    )?;
     status(cargo().args(["clippy", "--quiet", "--all-targets", "--", "-D", "warnings"]))?;
+    // The kernel matrix's build leaves the agent's daemon out: lint that
+    // selection too (cfg'd-out code can leave warnings only it shows).
+    status(
+        cargo()
+            .args(["clippy", "--quiet", "--lib"])
+            .args(vm::KERNEL_TESTS_BUILD)
+            .args(["--", "-D", "warnings"]),
+    )?;
     eprintln!(
         "xtask: phase: set-up, fmt and clippy in {:.0} s",
         phase.elapsed().as_secs_f64()
     );
-    let phase = Instant::now();
-    let mut tally = summary::Tally::new(root_user);
-    // Every parser of outside input meets arbitrary bytes: 60 s in all.
-    match fuzz::smoke(60) {
-        Ok((passed, failed)) => tally.fuzz(passed, failed),
-        Err(e) => {
-            eprintln!("xtask: the fuzz smoke run could not run: {e:#}");
-            tally.broken("fuzz");
-        }
-    }
-    eprintln!(
-        "xtask: phase: fuzz build and smoke run in {:.0} s",
-        phase.elapsed().as_secs_f64()
-    );
-    // The kernel matrix first, so that the summary stays last; each kernel
-    // is its own run, so that each gets its own line in the breakdown. The
-    // guests run side by side: each is emulated on one host thread, so two
-    // share this machine's two cores instead of queueing. The host kernel's
-    // column is left out: agent/tests/kernel.rs runs the same scenarios on
-    // it (`cargo xtask vm-test --kernel host` runs it alone).
+    // The kernel matrix: each kernel is its own run, so that each gets its
+    // own line in the breakdown. The host kernel's column is left out:
+    // agent/tests/kernel.rs runs the same scenarios on it (`cargo xtask
+    // vm-test --kernel host` runs it alone).
     let kernels: Vec<vm::Target> = vm::TARGETS
         .iter()
         .filter(|t| vm::DEFAULT_MATRIX.contains(&t.name) && !matches!(t.source, vm::Source::Host))
         .copied()
         .collect();
-    let phase = Instant::now();
-    if let Err(e) = vm::prebuild(&kernels) {
-        eprintln!("xtask: the kernel matrix's test binaries could not be built: {e:#}");
-    }
-    eprintln!(
-        "xtask: phase: kernel matrix binaries built in {:.0} s",
-        phase.elapsed().as_secs_f64()
-    );
-    let phase = Instant::now();
-    let results: Vec<_> = std::thread::scope(|s| {
-        let runs: Vec<_> = kernels
-            .iter()
-            .map(|t| s.spawn(move || vm::matrix(&[*t])))
-            .collect();
-        runs.into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the kernel run panicked")))
-            })
-            .collect()
-    });
-    for (t, result) in kernels.iter().zip(results) {
-        match result {
-            Ok(totals) => tally.matrix(t.name, &totals),
-            Err(e) => {
-                eprintln!(
-                    "xtask: the kernel matrix could not run on {}: {e:#}",
-                    t.name
-                );
-                tally.broken(&format!("matrix {}", t.name));
-            }
-        }
-    }
-    eprintln!(
-        "xtask: phase: kernel matrix ran in {:.0} s",
-        phase.elapsed().as_secs_f64()
-    );
+    let matrix_build = background::Build::start(
+        "kernel matrix's test binaries",
+        background::log_path("matrix-build"),
+        vm::build_command(&kernels),
+    )?;
+
+    let mut tally = summary::Tally::new(root_user);
     let mut cmd = cargo();
     // Every test binary runs, even after one failed: the counts are whole.
     // Fault-injection switches exist in test builds only.
@@ -261,31 +235,32 @@ fn test() -> Result<ExitCode> {
     // The pod tests bring the test node up; leave the machine as we found it.
     let node_was_up = std::path::Path::new(NODE_SOCKET).exists();
     let phase = Instant::now();
-    let result = run_tests(cmd, tally, &mut std::io::stdout().lock(), |tally, out| {
-        eprintln!(
-            "xtask: phase: cargo test (build and run) in {:.0} s",
-            phase.elapsed().as_secs_f64()
-        );
-        // The agent on a node full of churning pods: bounded growth.
-        let soak = Instant::now();
-        if root_user {
-            match bench::soak_check() {
-                Ok(results) => tally.checks("soak", &results, out)?,
-                Err(e) => {
-                    writeln!(out, "xtask: the soak could not run: {e:#}")?;
-                    tally.broken("soak");
-                }
+    // Not locked for the whole command: the kernel runs print from threads of their own.
+    let out = &mut std::io::stdout();
+    let tests = run_cargo_test(cmd, &mut tally, out);
+    eprintln!(
+        "xtask: phase: cargo test (build and run) in {:.0} s",
+        phase.elapsed().as_secs_f64()
+    );
+    // The agent on a node full of churning pods: bounded growth.
+    use std::io::Write as _;
+    let phase = Instant::now();
+    if root_user {
+        match bench::soak_check() {
+            Ok(results) => tally.checks("soak", &results, out)?,
+            Err(e) => {
+                writeln!(out, "xtask: the soak could not run: {e:#}")?;
+                tally.broken("soak");
             }
-        } else {
-            writeln!(out, "SKIPPED soak: needs root (the test node)")?;
-            tally.skipped("soak");
         }
-        eprintln!(
-            "xtask: phase: soak in {:.0} s",
-            soak.elapsed().as_secs_f64()
-        );
-        Ok(())
-    });
+    } else {
+        writeln!(out, "SKIPPED soak: needs root (the test node)")?;
+        tally.skipped("soak");
+    }
+    eprintln!(
+        "xtask: phase: soak in {:.0} s",
+        phase.elapsed().as_secs_f64()
+    );
     let testnode = root().join("target/release/podscope-testnode");
     if !node_was_up && root_user && testnode.exists() {
         let _ = Command::new(&testnode)
@@ -293,18 +268,98 @@ fn test() -> Result<ExitCode> {
             .stdout(std::process::Stdio::null())
             .status();
     }
-    result
+
+    let phase = Instant::now();
+    let built = matrix_build.wait();
+    background_phase("kernel matrix binaries built", &built, phase);
+    let phase = Instant::now();
+    let results: Vec<Result<vm::Totals>> = match built {
+        // The guests run side by side: each is emulated on one host
+        // thread, so two share this machine's two cores instead of queueing.
+        Ok(_) => std::thread::scope(|s| {
+            let runs: Vec<_> = kernels
+                .iter()
+                .map(|t| s.spawn(move || vm::matrix(&[*t])))
+                .collect();
+            runs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("the kernel run panicked")))
+                })
+                .collect()
+        }),
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            kernels
+                .iter()
+                .map(|_| Err(anyhow::anyhow!("its test binaries could not be built")))
+                .collect()
+        }
+    };
+    for (t, result) in kernels.iter().zip(results) {
+        match result {
+            Ok(totals) => tally.matrix(t.name, &totals),
+            Err(e) => {
+                eprintln!(
+                    "xtask: the kernel matrix could not run on {}: {e:#}",
+                    t.name
+                );
+                tally.broken(&format!("matrix {}", t.name));
+            }
+        }
+    }
+    eprintln!(
+        "xtask: phase: kernel matrix ran in {:.0} s",
+        phase.elapsed().as_secs_f64()
+    );
+
+    // Every parser of outside input meets arbitrary bytes: 60 s in all.
+    let phase = Instant::now();
+    let built = fuzz_build.wait();
+    background_phase("fuzz build", &built, phase);
+    let phase = Instant::now();
+    match built.and_then(|_| fuzz::smoke_run(&fuzz::bins_dir(), 60)) {
+        Ok((passed, failed)) => tally.fuzz(passed, failed),
+        Err(e) => {
+            eprintln!("xtask: the fuzz smoke run could not run: {e:#}");
+            tally.broken("fuzz");
+        }
+    }
+    eprintln!(
+        "xtask: phase: fuzz smoke run in {:.0} s",
+        phase.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "xtask: the test command took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    finish(tally, tests, out)
+}
+
+/// The phase line of a build that ran in the background: how long it took
+/// from its start, and how much of that the foreground waited.
+fn background_phase(what: &str, built: &Result<background::Built>, asked: Instant) {
+    match built {
+        Ok(b) => eprintln!(
+            "xtask: phase: {what} in {:.0} s, beside the phases above ({:.0} s waited for it)",
+            b.took.as_secs_f64(),
+            b.waited.as_secs_f64()
+        ),
+        Err(_) => eprintln!(
+            "xtask: phase: {what}: failed ({:.0} s waited for it)",
+            asked.elapsed().as_secs_f64()
+        ),
+    }
 }
 
 /// Runs `cargo test`, passing its output through (stdout and stderr merged,
-/// so that each `SKIPPED` line falls within its test binary), then prints
-/// what each layer proved and one summary line.
-fn run_tests(
+/// so that each `SKIPPED` line falls within its test binary) and feeding
+/// the tally; returns its exit status.
+fn run_cargo_test(
     mut cmd: Command,
-    mut tally: summary::Tally,
+    tally: &mut summary::Tally,
     out: &mut dyn std::io::Write,
-    after: impl FnOnce(&mut summary::Tally, &mut dyn std::io::Write) -> std::io::Result<()>,
-) -> Result<ExitCode> {
+) -> Result<std::process::ExitStatus> {
     use std::io::{BufRead, BufReader};
     let (reader, writer) = std::io::pipe().context("cannot make a pipe")?;
     let mut child = cmd
@@ -320,12 +375,21 @@ fn run_tests(
         writeln!(out, "{line}")?;
         tally.line(&line);
     }
-    let st = child.wait()?;
-    after(&mut tally, out)?;
+    Ok(child.wait()?)
+}
+
+/// What each layer proved and the summary line, last; the command fails
+/// when a test failed or `cargo test` did.
+fn finish(
+    tally: summary::Tally,
+    tests: Result<std::process::ExitStatus>,
+    out: &mut dyn std::io::Write,
+) -> Result<ExitCode> {
     let all = tally.print(out)?;
     if all.failed > 0 {
         bail!("{} tests failed", all.failed);
     }
+    let st = tests?;
     if !st.success() {
         bail!("cargo test failed ({st})");
     }
@@ -351,6 +415,16 @@ fn unsafe_geteuid() -> u32 {
 mod tests {
     use super::*;
 
+    /// `cargo test`'s part of the test command, and its summary.
+    fn run_tests(
+        cmd: Command,
+        mut tally: summary::Tally,
+        out: &mut dyn std::io::Write,
+    ) -> Result<ExitCode> {
+        let tests = run_cargo_test(cmd, &mut tally, out);
+        finish(tally, tests, out)
+    }
+
     /// The merged pipe: a skip line on stderr lands within its binary, and
     /// the read ends when the command does.
     #[test]
@@ -363,7 +437,7 @@ mod tests {
              echo 'test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured'",
         ]);
         let mut out = vec![];
-        assert!(run_tests(cmd, summary::Tally::new(false), &mut out, |_, _| Ok(())).is_ok());
+        assert!(run_tests(cmd, summary::Tally::new(false), &mut out).is_ok());
         let out = String::from_utf8(out).unwrap();
         assert!(
             out.ends_with("tests: 1 passed, 0 failed, 1 skipped\n"),
@@ -375,8 +449,7 @@ mod tests {
             "echo '     Running tests/kernel.rs (x)' >&2; echo 'SKIPPED sigkill: needs root' >&2; \
              echo 'test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured'",
         ]);
-        let err =
-            run_tests(cmd, summary::Tally::new(true), &mut vec![], |_, _| Ok(())).unwrap_err();
+        let err = run_tests(cmd, summary::Tally::new(true), &mut vec![]).unwrap_err();
         assert_eq!(err.to_string(), "1 tests failed");
     }
 }

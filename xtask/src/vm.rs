@@ -33,6 +33,13 @@ use crate::{arch::Arch, cargo, root, status};
 const TEST_BIN: &str = "podscope-kernel-tests";
 /// Cargo.toml's profile for the test binaries: less optimised than a release.
 const PROFILE: &str = "kernel-tests";
+/// Their own target directory: `cargo xtask test` builds them beside its
+/// other builds, and cargo locks a target directory for a whole build.
+const TARGET_DIR: &str = "target/matrix";
+/// What the matrix builds: the test binary, the agent's kernel side only
+/// (the test command's clippy checks the same selection).
+pub const KERNEL_TESTS_BUILD: &[&str] =
+    &["-p", "podscope", "--no-default-features", "--bin", TEST_BIN];
 
 /// One kernel of the matrix and what is known about it.
 #[derive(Clone, Copy, Debug)]
@@ -223,37 +230,38 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     })
 }
 
-/// Runs the matrix, prints its table, and returns the counts (an error
-/// only when the matrix could not run at all, e.g. the build failed).
-/// Builds the test binaries of every architecture `targets` need in one
-/// cargo run (their compiles overlap on the cores); a later [`matrix`] of
-/// any subset finds them fresh.
-pub fn prebuild(targets: &[Target]) -> Result<()> {
-    let mut arches: Vec<Arch> = vec![];
-    for t in targets {
-        let a = match t.source {
-            Source::Host => Arch::host().unwrap_or(t.arch),
-            Source::Debian { .. } => t.arch,
-        };
-        if !arches.contains(&a) {
-            arches.push(a);
-        }
-    }
-    build_test_binaries(&arches).map(|_| ())
-}
-
-pub fn matrix(targets: &[Target]) -> Result<Totals> {
-    let t0 = Instant::now();
-    let arch_of = |t: &Target| match t.source {
+/// The architecture of a kernel's test binary.
+fn arch_of(t: &Target) -> Arch {
+    match t.source {
         Source::Host => Arch::host().unwrap_or(t.arch),
         Source::Debian { .. } => t.arch,
-    };
+    }
+}
+
+/// Every architecture `targets` need, once each.
+fn arches(targets: &[Target]) -> Vec<Arch> {
     let mut arches: Vec<Arch> = vec![];
     for t in targets {
         if !arches.contains(&arch_of(t)) {
             arches.push(arch_of(t));
         }
     }
+    arches
+}
+
+/// The build of the test binaries of every architecture `targets` need,
+/// in one cargo run (their compiles overlap on the cores); a later
+/// [`matrix`] of any subset finds them fresh. `cargo xtask test` runs it
+/// beside its other phases.
+pub fn build_command(targets: &[Target]) -> Command {
+    test_binaries_command(&arches(targets))
+}
+
+/// Runs the matrix, prints its table, and returns the counts (an error
+/// only when the matrix could not run at all, e.g. the build failed).
+pub fn matrix(targets: &[Target]) -> Result<Totals> {
+    let t0 = Instant::now();
+    let arches = arches(targets);
     let started = Instant::now();
     let bins = build_test_binaries(&arches)?;
     eprintln!(
@@ -341,28 +349,38 @@ fn expect_args(t: &Target) -> Vec<String> {
 /// so that the two targets' builds share the cores (the agent crate is one
 /// long compile per target: side by side they overlap); the agent's build
 /// script builds the eBPF object for the BPF target, with `bpf_target_arch`
-/// set from each Rust target's architecture.
+/// set from each Rust target's architecture. Without the agent's `daemon`
+/// feature: the scenarios need the probes and their decoders, not the HTTP
+/// server, TLS, metrics, CRI client or async runtime, which were two
+/// thirds of this build.
 fn build_test_binaries(arches: &[Arch]) -> Result<Vec<(Arch, PathBuf)>> {
-    let mut cmd = cargo();
-    cmd.args(["build", "--profile", PROFILE, "--quiet"]);
-    for a in arches {
-        cmd.args(["--target", a.musl_target()]);
-        let (var, cc) = a.c_compiler();
-        cmd.env(var, cc);
-    }
-    cmd.args(["-p", "podscope", "--bin", TEST_BIN]);
-    status(&mut cmd).context("building the static kernel-test binaries failed")?;
+    status(&mut test_binaries_command(arches))
+        .context("building the static kernel-test binaries failed")?;
     Ok(arches
         .iter()
         .map(|a| {
             let bin = root()
-                .join("target")
+                .join(TARGET_DIR)
                 .join(a.musl_target())
                 .join(PROFILE)
                 .join(TEST_BIN);
             (*a, bin)
         })
         .collect())
+}
+
+fn test_binaries_command(arches: &[Arch]) -> Command {
+    let mut cmd = cargo();
+    cmd.args(["build", "--profile", PROFILE, "--quiet"])
+        .arg("--target-dir")
+        .arg(root().join(TARGET_DIR));
+    for a in arches {
+        cmd.args(["--target", a.musl_target()]);
+        let (var, cc) = a.c_compiler();
+        cmd.env(var, cc);
+    }
+    cmd.args(KERNEL_TESTS_BUILD);
+    cmd
 }
 
 /// Without root it still runs: every scenario then reports its skip, and

@@ -1,12 +1,16 @@
 //! `podscope doctor`: what this kernel and node support, tested by loading
 //! tiny programs, and what each finding means for podscope.
 
+#[cfg(feature = "daemon")]
 use std::{io::Write, process::ExitCode};
 
+#[cfg(feature = "daemon")]
 use anyhow::Result;
+#[cfg(feature = "daemon")]
 use clap::Args;
 use serde::Serialize;
 
+#[cfg(feature = "daemon")]
 use super::Output;
 use crate::{
     kernel::{bpf_sys, btf::Btf, cgroups::CgroupLayout, privilege::Privileges, tracefs},
@@ -16,6 +20,7 @@ use crate::{
     },
 };
 
+#[cfg(feature = "daemon")]
 #[derive(Args, Debug)]
 pub struct DoctorArgs {
     /// Output format: a table, or one JSON object.
@@ -55,6 +60,7 @@ pub struct Report {
     pub checks: Vec<Check>,
 }
 
+#[cfg(feature = "daemon")]
 impl Report {
     fn status(&self, name: &str) -> Option<Status> {
         self.checks
@@ -78,6 +84,7 @@ fn check(
     }
 }
 
+#[cfg(feature = "daemon")]
 pub fn run(args: DoctorArgs) -> Result<ExitCode> {
     let mut report = diagnose();
     report.checks.push(agent_check(&args.agent));
@@ -218,8 +225,13 @@ pub fn diagnose() -> Report {
         checks.extend(hook_checks());
     }
 
-    checks.push(cri_check());
-    checks.extend(kube_proxy_checks());
+    // The node's services, asked as the agent asks them (the kernel
+    // matrix's test binaries, built without the daemon, have no clients).
+    #[cfg(feature = "daemon")]
+    {
+        checks.push(cri_check());
+        checks.extend(kube_proxy_checks());
+    }
 
     checks.push({
         let layout = CgroupLayout::current();
@@ -255,6 +267,7 @@ pub fn diagnose() -> Report {
     }
 }
 
+#[cfg(feature = "daemon")]
 /// Whether the container runtime answers over CRI, where pod and container
 /// names come from.
 fn cri_check() -> Check {
@@ -301,6 +314,7 @@ fn cri_check() -> Check {
     }
 }
 
+#[cfg(feature = "daemon")]
 /// Whether kube-proxy's rules can be read here, as the agent reads them
 /// (in this process's network namespace: the node's, for a hostNetwork
 /// pod), with the agent's deadline; and which mode kube-proxy is in.
@@ -371,6 +385,7 @@ fn kube_proxy_checks() -> [Check; 2] {
     ]
 }
 
+#[cfg(feature = "daemon")]
 /// What the agent running on this node (if any) says of its dependencies.
 fn agent_check(agent: &super::client::AgentFlags) -> Check {
     let addr = &agent.agent;

@@ -1,13 +1,16 @@
 //! Names from the container runtime over CRI: container id → container name,
 //! pod name, namespace and uid (kubelet's `io.kubernetes.*` labels on every
-//! container), without asking the API server.
+//! container), without asking the API server. The client (`Cri`) is the
+//! daemon's (feature `daemon`); the sockets and the metadata types are
+//! everyone's.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::path::PathBuf;
+#[cfg(feature = "daemon")]
+use std::{path::Path, time::Duration};
 
+#[cfg(feature = "daemon")]
 use cri::{RuntimeServiceClient, v1};
+#[cfg(feature = "daemon")]
 use tonic::transport::Channel;
 
 /// Where runtimes put their CRI socket, most common first.
@@ -57,14 +60,17 @@ pub struct SandboxMeta {
     pub pod_uid: String,
 }
 
+#[cfg(feature = "daemon")]
 /// The largest CRI answer accepted (ListContainers on a full node).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
+#[cfg(feature = "daemon")]
 pub struct Cri {
     socket: PathBuf,
     client: RuntimeServiceClient<Channel>,
 }
 
+#[cfg(feature = "daemon")]
 impl Cri {
     pub async fn connect(socket: &Path) -> Result<Cri, String> {
         let client = cri::connect(socket, Duration::from_secs(2))
@@ -134,6 +140,7 @@ impl Cri {
     }
 }
 
+#[cfg(feature = "daemon")]
 impl Cri {
     /// The runtime's container event stream (GetContainerEvents, CRI v1
     /// since Kubernetes 1.26); Err(true) when the runtime does not have it.
@@ -184,6 +191,7 @@ impl Cri {
     }
 }
 
+#[cfg(feature = "daemon")]
 fn container_meta(c: v1::Container) -> ContainerMeta {
     let label = |k: &str| c.labels.get(k).cloned().unwrap_or_default();
     let meta = c.metadata.clone().unwrap_or_default();
