@@ -19,8 +19,8 @@ use agent_common::{
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_ktime_get_boot_ns, generated::bpf_get_current_comm,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns,
+        generated::{bpf_get_current_comm, bpf_get_current_task_btf},
     },
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{PerCpuArray, RingBuf},
@@ -107,8 +107,15 @@ fn on_signal(sig: u64, info: *const u8, task: *const u8, group: u64, result: u64
                 kmem::read_into(info, off.siginfo_code, &raw mut (*e).code);
             }
         }
-        let current = bpf_get_current_task() as *const u8;
-        if kmem::read::<u32>(current, off.task_flags).is_ok_and(|f| f & PF_EXITING != 0) {
+        // The sender is `current`, which the kernel hands out BTF-typed
+        // (in raw_tp and tp_btf programs alike): its flags are a plain
+        // load, no helper call.
+        let current = bpf_get_current_task_btf() as *const u8;
+        let sender_flags = current
+            .add(off.task_flags as usize)
+            .cast::<u32>()
+            .read_volatile();
+        if sender_flags & PF_EXITING != 0 {
             flags |= SIGNAL_FLAG_SENDER_EXITING;
         }
         // pid and tgid, adjacent in task_struct and in the event.
