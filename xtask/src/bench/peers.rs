@@ -15,10 +15,13 @@
 //! tracer that loses events looks cheaper per event), and what it lost or
 //! did not show when the same workload ran on every core.
 //!
-//! `cargo xtask bench peers [FAMILY...]` runs only the families named
-//! (`exits`, `signals`, `signals_paced`, `sched_switch`, `oom`).
+//! `cargo xtask bench peers [--baseline PODSCOPE] [FAMILY...]` runs only
+//! the families named (`exits`, `signals`, `signals_paced`,
+//! `sched_switch`, `oom`); `--baseline` adds another podscope binary (an
+//! earlier build) beside this one, for a before/after in the same run.
 
 use std::{
+    path::{Path, PathBuf},
     process::{Command, ExitCode},
     time::Duration,
 };
@@ -141,7 +144,14 @@ struct Figures {
     lost: Option<u64>,
 }
 
-pub fn run(only: &[String]) -> Result<ExitCode> {
+pub fn run(args: &[String]) -> Result<ExitCode> {
+    let (baseline, only) = match args {
+        [flag, path, rest @ ..] if flag == "--baseline" => (Some(PathBuf::from(path)), rest),
+        _ => (None, args),
+    };
+    if let Some(b) = baseline.as_ref().filter(|b| !b.is_file()) {
+        bail!("--baseline {}: no such podscope binary", b.display());
+    }
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     if let Some(o) = only
         .iter()
@@ -185,10 +195,24 @@ pub fn run(only: &[String]) -> Result<ExitCode> {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for f in FAMILIES.iter().filter(|f| wanted(f.name)) {
-        let mut figs = vec![Figures::default(); f.tracers.len()];
+        // Each tracer with the podscope binary it runs (podscope's own rows
+        // twice with a baseline).
+        let rows: Vec<(Tracer, &Path, String)> = f
+            .tracers
+            .iter()
+            .flat_map(|&t| {
+                let this = (t, podscope.as_path(), t.name().to_string());
+                let before = baseline
+                    .as_deref()
+                    .filter(|_| matches!(t, Tracer::Podscope | Tracer::PodscopeThrottle))
+                    .map(|b| (t, b, format!("{} (baseline)", t.name())));
+                std::iter::once(this).chain(before)
+            })
+            .collect();
+        let mut figs = vec![Figures::default(); rows.len()];
         for _ in 0..ROUNDS {
-            for (i, &tracer) in f.tracers.iter().enumerate() {
-                let running = start_on(tracer, &podscope, f.traced)?;
+            for (i, &(tracer, podscope, _)) in rows.iter().enumerate() {
+                let running = start_on(tracer, podscope, f.traced)?;
                 let cpu = children_cpu();
                 figs[i].times.push(run_workload(f, f.n, 1)?);
                 figs[i].work_cpu.push(children_cpu().saturating_sub(cpu));
@@ -205,11 +229,11 @@ pub fn run(only: &[String]) -> Result<ExitCode> {
         }
         // The highest rate: the same workload on every core, once per tracer
         // (not for a paced workload: its highest rate is its unpaced family's).
-        for (i, &tracer) in f.tracers.iter().enumerate() {
+        for (i, &(tracer, podscope, _)) in rows.iter().enumerate() {
             if tracer == Tracer::None || f.rate > 0 {
                 continue;
             }
-            let running = start_on(tracer, &podscope, f.traced)?;
+            let running = start_on(tracer, podscope, f.traced)?;
             run_workload(f, f.n * cores, cores)?;
             if let Some(r) = running {
                 std::thread::sleep(Duration::from_millis(500));
@@ -220,10 +244,10 @@ pub fn run(only: &[String]) -> Result<ExitCode> {
         let base_cpu = median(&mut figs[0].work_cpu.clone());
         let per_round = u64::from(f.n) * u64::from(f.events_per_n);
         let events = per_round * ROUNDS as u64;
-        for (i, &tracer) in f.tracers.iter().enumerate() {
+        for (i, (tracer, _, name)) in rows.iter().enumerate() {
             let m = median(&mut figs[i].times.clone());
             let ratio = m.as_secs_f64() / base.as_secs_f64();
-            if tracer == Tracer::None {
+            if *tracer == Tracer::None {
                 println!(
                     "| {} | no tracer | 1.000 ({:.3} s, {} {}s{}) | - | - ({:.0} ns/{}) | - | - | - | - |",
                     f.name,
@@ -245,7 +269,7 @@ pub fn run(only: &[String]) -> Result<ExitCode> {
             println!(
                 "| {} | {} | {:.3} | {:.0} | {:.0} | {:.0} ms | {:.1} / {:.1} MiB | {} of {} | {} |",
                 f.name,
-                tracer.name(),
+                name,
                 ratio,
                 figs[i].prog_ns as f64 / events as f64,
                 added,
