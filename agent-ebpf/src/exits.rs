@@ -150,6 +150,6 @@ fn on_exit() {
         comm,
         parent_comm,
     });
-    ringbuf::submit(&EXIT_EVENTS, entry);
+    entry.submit(ringbuf::wakeup_flags(&EXIT_EVENTS));
     bump(&EXIT_STATS, STAT_EMITTED);
 }
