@@ -59,6 +59,11 @@ pub struct Tally {
     /// checked another way (e.g. a tool built without a feature). Listed,
     /// neither skipped nor failed.
     pub partial: Vec<String>,
+    /// `layer / panic` of every test that panicked, trimmed to the lines
+    /// that say why: repeated at the end, where a CI log's tail shows them.
+    pub failures: Vec<String>,
+    /// The panic being read: its layer and lines so far.
+    panic: Option<(&'static str, Vec<String>)>,
 }
 
 impl Tally {
@@ -84,6 +89,27 @@ impl Tally {
     /// Feeds one line of cargo's merged output.
     pub fn line(&mut self, line: &str) {
         let t = line.trim();
+        if self.panic.is_some() {
+            // A panic's message ends where libtest or the backtrace speaks.
+            let ends = t.is_empty()
+                || t.starts_with("note: run with")
+                || t.starts_with("stack backtrace:")
+                || t.starts_with("---- ")
+                || t.starts_with("test ")
+                || t.starts_with("failures:");
+            if !ends {
+                if let Some((_, lines)) = &mut self.panic {
+                    lines.push(line.trim_end().to_string());
+                }
+                return;
+            }
+            self.end_panic();
+        }
+        if t.starts_with("thread '") && t.contains("' panicked at ") {
+            let layer = self.current.as_ref().map(|c| c.0).unwrap_or("unit");
+            self.panic = Some((layer, vec![t.to_string()]));
+            return;
+        }
         if let Some(rest) = t.strip_prefix("Running ") {
             let source = rest.split(" (").next().unwrap_or(rest);
             self.current = Some((layer_of(source), vec![]));
@@ -122,6 +148,41 @@ impl Tally {
             }
             self.layer(layer).add(&c);
         }
+    }
+
+    /// Keeps the panic just read: its first lines (where and what) and its
+    /// last (an assertion's left and right come after a long message).
+    fn end_panic(&mut self) {
+        let Some((layer, lines)) = self.panic.take() else {
+            return;
+        };
+        const HEAD: usize = 4;
+        const TAIL: usize = 4;
+        let kept: Vec<String> = if lines.len() <= HEAD + TAIL + 1 {
+            lines
+        } else {
+            let mut k = lines[..HEAD].to_vec();
+            k.push(format!("    [… {} lines …]", lines.len() - HEAD - TAIL));
+            k.extend_from_slice(&lines[lines.len() - TAIL..]);
+            k
+        };
+        let text: Vec<String> = kept
+            .iter()
+            .map(|l| {
+                let mut l = l.clone();
+                if l.len() > 400 {
+                    let mut cut = 400;
+                    while !l.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    l.truncate(cut);
+                    l.push('…');
+                }
+                l
+            })
+            .collect();
+        self.failures
+            .push(format!("{layer} / {}", text.join("\n    ")));
     }
 
     /// One kernel of the matrix.
@@ -186,6 +247,9 @@ impl Tally {
     /// The skips, the breakdown, and the one summary line last.
     pub fn print(&self, out: &mut dyn Write) -> std::io::Result<Counts> {
         writeln!(out)?;
+        for f in &self.failures {
+            writeln!(out, "panicked: {f}")?;
+        }
         for p in &self.partial {
             writeln!(out, "partly checked: {p}")?;
         }
@@ -284,6 +348,46 @@ test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; fini
         assert_eq!(t.total(), c(145, 1, 5));
         assert_eq!(t.skips.len(), 4);
         assert!(t.skips[0].starts_with("kernel / sigkill: needs root"));
+    }
+
+    #[test]
+    fn a_panic_is_repeated_at_the_end_with_its_left_and_right() {
+        let mut t = Tally::new(true);
+        let mut output = String::from(
+            "     Running tests/triggers.rs (target/release/deps/triggers-1)\n\
+             thread 'network_probes' panicked at agent/tests/triggers.rs:282:5:\n\
+             assertion `left == right` failed: {\n",
+        );
+        for i in 0..50 {
+            output.push_str(&format!("  \"field{i}\": {i},\n"));
+        }
+        output.push_str(
+            "}\n  left: \"none\"\n right: \"liveness_probe\"\n\
+             note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n\
+             test network_probes ... FAILED\n\
+             test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s\n",
+        );
+        for l in output.lines() {
+            t.line(l);
+        }
+        assert_eq!(t.failures.len(), 1, "{:?}", t.failures);
+        let f = &t.failures[0];
+        assert!(
+            f.starts_with(
+                "pods / thread 'network_probes' panicked at agent/tests/triggers.rs:282:5:"
+            ),
+            "{f}"
+        );
+        assert!(f.contains("right: \"liveness_probe\""), "{f}");
+        assert!(!f.contains("field20"), "the middle is left out: {f}");
+        assert_eq!(layer(&t, "pods").failed, 1);
+        let mut out = vec![];
+        t.print(&mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains("panicked: pods / thread 'network_probes'"),
+            "{out}"
+        );
     }
 
     #[test]

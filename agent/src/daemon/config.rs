@@ -73,6 +73,11 @@ pub struct AgentArgs {
     /// directory), oldest records dropped first [default: 16777216].
     #[arg(long, env = "PODSCOPE_JOURNAL_MAX_BYTES")]
     pub journal_max_bytes: Option<u64>,
+    /// Most bytes of termination records kept in memory for `why` and the
+    /// API, oldest dropped first and counted (the journal keeps its own
+    /// history on disk) [default: 4194304].
+    #[arg(long, env = "PODSCOPE_RECORDS_MEMORY_BYTES")]
+    pub records_memory_bytes: Option<u64>,
     /// The network namespace where kube-proxy's rules live, e.g.
     /// /run/netns/podscope-node [default: the agent's own, right for a hostNetwork DaemonSet].
     #[arg(long, env = "PODSCOPE_NETNS")]
@@ -117,6 +122,7 @@ struct FileConfig {
     ring_buffer_size: Option<u32>,
     node_name: Option<String>,
     journal_max_bytes: Option<u64>,
+    records_memory_bytes: Option<u64>,
     netns: Option<PathBuf>,
     rules_timeout: Option<String>,
     metrics_tls_cert: Option<PathBuf>,
@@ -141,6 +147,7 @@ pub struct AgentConfig {
     pub ring_buffer_size: u32,
     pub node_name: String,
     pub journal_max_bytes: u64,
+    pub records_memory_bytes: u64,
     pub netns: Option<PathBuf>,
     pub rules_timeout: Duration,
     /// TLS and authentication of the metrics listener (None: plain HTTP).
@@ -203,6 +210,16 @@ impl AgentConfig {
             return Err(ConfigError::Invalid {
                 key: "journal-max-bytes",
                 detail: format!("{journal_max_bytes} is too small: at least 65536"),
+            });
+        }
+        let records_memory_bytes = args
+            .records_memory_bytes
+            .or(file.records_memory_bytes)
+            .unwrap_or(4 << 20);
+        if records_memory_bytes < 64 << 10 {
+            return Err(ConfigError::Invalid {
+                key: "records-memory-bytes",
+                detail: format!("{records_memory_bytes} is too small: at least 65536"),
             });
         }
         let rules_timeout = match (args.rules_timeout, file.rules_timeout) {
@@ -288,6 +305,7 @@ impl AgentConfig {
             rules_timeout,
             metrics_tls,
             journal_max_bytes,
+            records_memory_bytes,
             listen,
             cri_socket: args.cri_socket.clone().or(file.cri_socket),
             use_cri: !(args.no_cri || file.no_cri.unwrap_or(false)),
@@ -401,6 +419,15 @@ mod tests {
             ..Default::default()
         };
         assert!(AgentConfig::resolve(&bad).is_err());
+        let bad = AgentArgs {
+            records_memory_bytes: Some(1000),
+            ..Default::default()
+        };
+        let err = AgentConfig::resolve(&bad).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid setting records-memory-bytes: 1000 is too small: at least 65536"
+        );
         let bad = AgentArgs {
             config: Some("/nonexistent/podscope.toml".into()),
             ..Default::default()

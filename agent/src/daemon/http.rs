@@ -374,7 +374,12 @@ mod tests {
             metrics: Mutex::new(metrics),
             ready: AtomicBool::new(true),
             driver: DriverLink::detached(),
-            terminations: Mutex::new(TerminationStore::new(10)),
+            terminations: Mutex::new(TerminationStore::new(
+                crate::forensics::store::StoreLimits {
+                    records: 10,
+                    bytes: 1 << 20,
+                },
+            )),
             health: Arc::new(Health::new()),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
         })

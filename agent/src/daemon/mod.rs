@@ -35,7 +35,7 @@ use crate::{
     events::Event,
     forensics::{
         journal::Journal,
-        store::{JournalStats, JournalWriter, TerminationStore},
+        store::{JournalStats, JournalWriter, StoreLimits, TerminationStore},
     },
     kernel::privilege::Privileges,
     metadata::ResolverOptions,
@@ -333,6 +333,9 @@ fn spawn_metrics(
                         if let Some(j) = &journal {
                             m.update_journal(j);
                         }
+                        if let Ok(s) = state.terminations.lock() {
+                            m.update_store(s.usage());
+                        }
                         if ticks.is_multiple_of(30) {
                             m.gc(&st, Instant::now());
                         }
@@ -430,7 +433,10 @@ fn spawn_records(
 /// The journal in the state directory and the records it holds. A journal
 /// that cannot be opened is logged and the agent runs on without it.
 fn open_journal(cfg: &AgentConfig, health: &Health) -> (TerminationStore, Option<JournalWriter>) {
-    let mut store = TerminationStore::new(RECORDS_KEPT);
+    let mut store = TerminationStore::new(StoreLimits {
+        records: RECORDS_KEPT,
+        bytes: usize::try_from(cfg.records_memory_bytes).unwrap_or(usize::MAX),
+    });
     match Journal::open(&cfg.state_dir, cfg.journal_max_bytes) {
         Ok((journal, records, recovery)) => {
             tracing::info!(
@@ -463,5 +469,6 @@ fn open_journal(cfg: &AgentConfig, health: &Health) -> (TerminationStore, Option
     }
 }
 
-/// Termination records kept in memory for the API (the journal keeps more on disk).
+/// Termination records kept in memory for the API at most, whatever their
+/// bytes (`records_memory_bytes` is the budget that binds in practice).
 const RECORDS_KEPT: usize = 10_000;

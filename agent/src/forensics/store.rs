@@ -24,12 +24,93 @@ use super::{
 use crate::events::Filter;
 
 pub struct TerminationStore {
-    records: VecDeque<TerminationRecord>,
-    deaths: VecDeque<BackgroundDeath>,
+    records: Bounded<TerminationRecord>,
+    deaths: Bounded<BackgroundDeath>,
     /// The latest count of each respawning command (container, parent,
     /// command), least recently updated first.
-    respawns: VecDeque<RespawnReport>,
-    cap: usize,
+    respawns: Bounded<RespawnReport>,
+}
+
+/// What the store may hold: a DaemonSet's memory must stay flat for months,
+/// so the lists are capped by an estimate of their bytes as well as by count
+/// (records differ in size by their evidence: a probe's connections, a hook's
+/// timeline). The journal on disk keeps its own, larger history.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreLimits {
+    /// Termination records at most.
+    pub records: usize,
+    /// Bytes at most for the termination records; background deaths get a
+    /// quarter of it and respawn counts a sixteenth.
+    pub bytes: usize,
+}
+
+/// A queue that drops its oldest items beyond a count or a byte estimate.
+struct Bounded<T> {
+    items: VecDeque<(T, usize)>,
+    bytes: usize,
+    max_items: usize,
+    max_bytes: usize,
+    evicted: u64,
+}
+
+impl<T: Serialize> Bounded<T> {
+    fn new(max_items: usize, max_bytes: usize) -> Bounded<T> {
+        Bounded {
+            items: VecDeque::new(),
+            bytes: 0,
+            max_items: max_items.max(1),
+            max_bytes,
+            evicted: 0,
+        }
+    }
+
+    fn push(&mut self, item: T) {
+        let b = footprint(&item);
+        self.items.push_back((item, b));
+        self.bytes += b;
+        // The newest item stays even when it alone is over the budget.
+        while self.items.len() > self.max_items
+            || (self.bytes > self.max_bytes && self.items.len() > 1)
+        {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, b)) = self.items.pop_front() {
+            self.bytes -= b;
+            self.evicted += 1;
+        }
+    }
+
+    fn remove(&mut self, i: usize) {
+        if let Some((_, b)) = self.items.remove(i) {
+            self.bytes -= b;
+        }
+    }
+
+    fn iter(&self) -> impl DoubleEndedIterator<Item = &T> {
+        self.items.iter().map(|(t, _)| t)
+    }
+}
+
+/// The memory an item holds, estimated: its inline size and its JSON
+/// length, which tracks the strings and lists it owns (field names stand in
+/// for the allocator's per-allocation overhead).
+fn footprint<T: Serialize>(item: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, item);
+    std::mem::size_of::<T>() + c.0
 }
 
 /// The `/api/v1/terminations` answer.
@@ -43,27 +124,20 @@ pub struct Answer<'a> {
 }
 
 impl TerminationStore {
-    pub fn new(cap: usize) -> TerminationStore {
+    pub fn new(limits: StoreLimits) -> TerminationStore {
         TerminationStore {
-            records: VecDeque::new(),
-            deaths: VecDeque::new(),
-            respawns: VecDeque::new(),
-            cap: cap.max(1),
+            records: Bounded::new(limits.records, limits.bytes),
+            deaths: Bounded::new(limits.records, limits.bytes / 4),
+            respawns: Bounded::new(limits.records / 8, limits.bytes / 16),
         }
     }
 
     pub fn add(&mut self, r: TerminationRecord) {
-        if self.records.len() == self.cap {
-            self.records.pop_front();
-        }
-        self.records.push_back(r);
+        self.records.push(r);
     }
 
     pub fn add_death(&mut self, d: BackgroundDeath) {
-        if self.deaths.len() == self.cap {
-            self.deaths.pop_front();
-        }
-        self.deaths.push_back(d);
+        self.deaths.push(d);
     }
 
     /// A respawn's latest count replaces the one it updates.
@@ -73,12 +147,21 @@ impl TerminationStore {
                 && x.respawn.parent_pid == r.respawn.parent_pid
                 && x.respawn.command == r.respawn.command
         };
-        if let Some(i) = self.respawns.iter().position(same) {
+        let found = self.respawns.iter().position(same);
+        if let Some(i) = found {
             self.respawns.remove(i);
-        } else if self.respawns.len() == self.cap {
-            self.respawns.pop_front();
         }
-        self.respawns.push_back(r);
+        self.respawns.push(r);
+    }
+
+    /// The estimated bytes held, and the items dropped to stay within the
+    /// limits since start-up (exported: an SRE sees the store is full).
+    pub fn usage(&self) -> (usize, u64) {
+        let (r, d, x) = (&self.records, &self.deaths, &self.respawns);
+        (
+            r.bytes + d.bytes + x.bytes,
+            r.evicted + d.evicted + x.evicted,
+        )
     }
 
     /// The respawning commands of the containers that match, latest counts.
@@ -129,11 +212,11 @@ impl TerminationStore {
     }
 
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.records.items.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.records.items.is_empty()
     }
 }
 
@@ -259,5 +342,72 @@ impl JournalWriter {
     pub fn close(self, deadline: Duration) -> bool {
         drop(self.tx);
         self.done.recv_timeout(deadline).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forensics::journal::tests::record;
+
+    fn store(records: usize, bytes: usize) -> TerminationStore {
+        TerminationStore::new(StoreLimits { records, bytes })
+    }
+
+    #[test]
+    fn the_oldest_records_go_beyond_the_count() {
+        let mut s = store(3, usize::MAX);
+        for n in 0..5 {
+            s.add(record(n));
+        }
+        let pids: Vec<u32> = s.records.iter().map(|r| r.pid).collect();
+        assert_eq!(pids, [2, 3, 4]);
+        assert_eq!(s.usage().1, 2);
+    }
+
+    #[test]
+    fn the_byte_budget_holds_however_many_records_come() {
+        let one = footprint(&record(0));
+        let mut s = store(10_000, 10 * one);
+        for n in 0..1_000 {
+            s.add(record(n));
+        }
+        let (bytes, evicted) = s.usage();
+        assert!(bytes <= 10 * one, "{bytes} > {}", 10 * one);
+        assert!((9..=10).contains(&s.len()), "{}", s.len());
+        assert_eq!(evicted, 1_000 - s.len() as u64);
+        // The newest stay.
+        assert_eq!(s.records.iter().last().unwrap().pid, 999);
+    }
+
+    #[test]
+    fn a_big_record_pushes_out_more_small_ones() {
+        let one = footprint(&record(0));
+        let mut s = store(100, 10 * one);
+        for n in 0..10 {
+            s.add(record(n));
+        }
+        let mut big = record(100);
+        big.explanation = "x".repeat(4 * one);
+        s.add(big);
+        assert!(s.usage().0 <= 10 * one);
+        assert!(s.len() <= 6, "{}", s.len());
+        // Alone over the budget, the newest record still stays.
+        let mut huge = record(101);
+        huge.explanation = "x".repeat(20 * one);
+        s.add(huge);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.records.iter().last().unwrap().pid, 101);
+    }
+
+    #[test]
+    fn removing_an_item_gives_its_bytes_back() {
+        let mut b = Bounded::new(10, 1 << 20);
+        b.push(record(1));
+        b.push(record(2));
+        let two = b.bytes;
+        b.remove(0);
+        assert_eq!(b.bytes, two - footprint(&record(1)));
+        assert_eq!(b.evicted, 0, "an update is not an eviction");
     }
 }

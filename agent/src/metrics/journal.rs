@@ -1,5 +1,6 @@
 //! The termination journal's health: what it wrote, what waits in memory
-//! because the disk refused it, and what opening it had to cut or skip.
+//! because the disk refused it, and what opening it had to cut or skip; and
+//! the in-memory store beside it: its bytes and what its limits dropped.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -42,6 +43,9 @@ pub struct JournalMetrics {
     counters: Vec<Counter>,
     seen: [u64; 6],
     pending: Gauge,
+    store_bytes: Gauge,
+    store_evicted: Counter,
+    store_evicted_seen: u64,
 }
 
 impl JournalMetrics {
@@ -60,10 +64,25 @@ impl JournalMetrics {
             "Termination records waiting in memory because the journal cannot be written (disk full, I/O error)",
             pending.clone(),
         );
+        let store_bytes = Gauge::default();
+        registry.register(
+            "termination_store_bytes",
+            "Estimated bytes of termination records, background deaths and respawn counts the agent keeps in memory for why and the API",
+            store_bytes.clone(),
+        );
+        let store_evicted = Counter::default();
+        registry.register(
+            "termination_store_evicted",
+            "Termination records, background deaths and respawn counts dropped from memory to stay within --records-memory-bytes (oldest first; the journal keeps its own history)",
+            store_evicted.clone(),
+        );
         JournalMetrics {
             counters,
             seen: [0; 6],
             pending,
+            store_bytes,
+            store_evicted,
+            store_evicted_seen: 0,
         }
     }
 
@@ -82,5 +101,13 @@ impl JournalMetrics {
         }
         self.pending
             .set(i64::try_from(j.pending.load(Relaxed)).unwrap_or(i64::MAX));
+    }
+
+    pub fn update_store(&mut self, bytes: usize, evicted: u64) {
+        self.store_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.store_evicted
+            .inc_by(evicted.saturating_sub(self.store_evicted_seen));
+        self.store_evicted_seen = evicted;
     }
 }

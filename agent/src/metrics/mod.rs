@@ -442,6 +442,11 @@ impl Metrics {
         self.journal.update(j);
     }
 
+    /// The in-memory termination store: (estimated bytes, items evicted).
+    pub fn update_store(&mut self, (bytes, evicted): (usize, u64)) {
+        self.journal.update_store(bytes, evicted);
+    }
+
     /// Drops the series of pods gone for longer than the retention (a pod
     /// is gone when the runtime no longer lists it).
     pub fn gc(&mut self, status: &DriverStatus, now: Instant) {

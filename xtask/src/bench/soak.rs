@@ -10,9 +10,11 @@
 //!
 //! `cargo xtask test` runs a short version of it ([`check`]): 40 pods, 80 s
 //! of churn and 40 s of quiet, the agent keeping a deleted pod's series for
-//! 20 s. It asserts bounded growth, never a timing: no event lost, no
-//! series left of a pod deleted longer ago than the retention, and no RSS
-//! growth across the run's second half (the series set is steady by then).
+//! 20 s, and its termination records within 64 KiB of memory. It asserts
+//! bounded growth, never a timing: no event lost, no series left of a pod
+//! deleted longer ago than the retention, records held within their budget
+//! and the budget reached (so the cap is exercised), and no RSS growth
+//! across the run's second half (the series set is steady by then).
 
 use std::{
     fmt::Write as _,
@@ -38,6 +40,8 @@ const PODS: usize = 110;
 /// (allocator noise; the 10-minute run grew 0.7 MiB a minute before series
 /// of deleted pods expired, so a leak of that kind exceeds it in 60 s).
 const CHECK_RSS_SLACK_MIB: f64 = 0.5;
+/// The test suite's soak: the agent's in-memory record budget (its floor).
+const CHECK_RECORDS_MEMORY: u64 = 64 << 10;
 const STORMS: usize = 5;
 const CRASHERS: usize = 5;
 const THROTTLED: usize = 5;
@@ -57,15 +61,14 @@ struct Plan {
     quiet: Duration,
     /// The agent's `--series-retention`; None: its default (10 minutes).
     retention: Option<Duration>,
+    /// The agent's `--records-memory-bytes`; None: its default.
+    records_memory: Option<u64>,
     sample_every: Duration,
 }
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
-    let minutes: u64 = match args {
-        [] => 30,
-        [flag, n] if flag == "--minutes" => n
-            .parse()
-            .context("--minutes needs a whole number of minutes")?,
+    let (mut minutes, mut records_memory) = (30, None);
+    match args {
         [flag] if flag == "--check" => {
             // The test suite's version alone.
             setup::run()?;
@@ -80,8 +83,30 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             });
         }
-        _ => bail!("usage: cargo xtask bench soak [--minutes N | --check]"),
-    };
+        _ => {
+            let mut it = args.iter();
+            while let Some(flag) = it.next() {
+                let value = it.next().with_context(|| format!("{flag} needs a value"));
+                match flag.as_str() {
+                    "--minutes" => {
+                        minutes = value?
+                            .parse()
+                            .context("--minutes needs a whole number of minutes")?
+                    }
+                    "--records-memory-bytes" => {
+                        records_memory = Some(
+                            value?
+                                .parse()
+                                .context("--records-memory-bytes needs a number of bytes")?,
+                        )
+                    }
+                    _ => bail!(
+                        "usage: cargo xtask bench soak [--minutes N] [--records-memory-bytes B] | --check"
+                    ),
+                }
+            }
+        }
+    }
     setup::run()?;
     setup::apt_packages(&["librsvg2-bin"])?;
     let podscope = build_podscope()?;
@@ -92,6 +117,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         churn: Duration::from_secs(minutes * 60),
         quiet: Duration::ZERO,
         retention: None,
+        records_memory,
         sample_every: Duration::from_secs(10),
     };
     let (samples, end) = Soak::with_node(plan, |soak| soak.run(&podscope))?;
@@ -113,6 +139,8 @@ pub fn check(podscope: &Path) -> Result<Vec<(&'static str, Result<(), String>)>>
         churn: Duration::from_secs(80),
         quiet: Duration::from_secs(40),
         retention: Some(Duration::from_secs(20)),
+        // Small enough that the churn fills it: the check sees the cap bind.
+        records_memory: Some(CHECK_RECORDS_MEMORY),
         sample_every: Duration::from_secs(5),
     };
     let (samples, end) = Soak::with_node(plan, |soak| soak.run(podscope))?;
@@ -135,7 +163,25 @@ fn verdicts(plan: &Plan, samples: &[Sample], end: &End) -> Vec<(&'static str, Re
         (Some(first), Some(_)) => second_half.iter().fold(0.0, |m: f64, r| m.max(r - first)),
         _ => f64::NAN,
     };
+    let store_peak = samples.iter().map(|s| s.store_kib).fold(0.0, f64::max);
+    let evicted = samples.last().map(|s| s.evicted).unwrap_or(0.0);
+    let budget_kib = plan.records_memory.map(|b| b as f64 / 1024.0);
     vec![
+        (
+            "soak_keeps_termination_records_within_their_memory_budget",
+            match budget_kib {
+                _ if store_peak == 0.0 => {
+                    Err("the agent reported no termination records in memory".into())
+                }
+                Some(b) if store_peak > b => Err(format!(
+                    "the store held {store_peak:.0} KiB, over its {b:.0} KiB budget"
+                )),
+                Some(b) if evicted == 0.0 => Err(format!(
+                    "the churn never filled the {b:.0} KiB budget (peak {store_peak:.0} KiB): the cap was not exercised"
+                )),
+                _ => Ok(()),
+            },
+        ),
         (
             "soak_loses_no_event",
             if lost == 0.0 {
@@ -227,6 +273,10 @@ struct Sample {
     lost: f64,
     journal_kib: f64,
     scrape_ms: f64,
+    /// The agent's in-memory termination store (its own estimate), and what
+    /// it dropped to stay within its budget.
+    store_kib: f64,
+    evicted: f64,
 }
 
 impl Soak {
@@ -383,10 +433,13 @@ impl Soak {
     /// Fills the node, churns, then waits quietly; samples throughout.
     fn run(&mut self, podscope: &Path) -> Result<(Vec<Sample>, End)> {
         let retention = self.plan.retention.map(|r| format!("{}s", r.as_secs()));
-        let env: Vec<(&str, String)> = retention
+        let mut env: Vec<(&str, String)> = retention
             .into_iter()
             .map(|r| ("PODSCOPE_SERIES_RETENTION", r))
             .collect();
+        if let Some(b) = self.plan.records_memory {
+            env.push(("PODSCOPE_RECORDS_MEMORY_BYTES", b.to_string()));
+        }
         let agent = BenchAgent::start_with_env(podscope, "soak", &env)?;
         let port = agent.port;
         let prom = Prometheus::start(&self.dir, port)?;
@@ -432,6 +485,8 @@ impl Soak {
                     lost: metric_sum(&metrics, "podscope_events_lost_total"),
                     journal_kib: dir_size(agent.state()) as f64 / 1024.0,
                     scrape_ms: prom.scrape_seconds().unwrap_or(f64::NAN) * 1000.0,
+                    store_kib: metric_sum(&metrics, "podscope_termination_store_bytes") / 1024.0,
+                    evicted: metric_sum(&metrics, "podscope_termination_store_evicted_total"),
                 });
                 next_sample += self.plan.sample_every;
             }
@@ -559,34 +614,39 @@ fn dir_size(dir: &Path) -> u64 {
 /// and an SVG plot of RSS and CPU turned into PNG by rsvg-convert.
 fn report(samples: &[Sample], out_dir: &Path) -> Result<()> {
     println!(
-        "\n| minute | RSS MiB | CPU % of a core | series | events lost | journal KiB | scrape ms |\n|---|---|---|---|---|---|---|"
+        "\n| minute | RSS MiB | CPU % of a core | series | events lost | journal KiB | records in memory KiB | evicted | scrape ms |\n|---|---|---|---|---|---|---|---|---|"
     );
-    let mut csv =
-        String::from("seconds,rss_mib,cpu_pct,series,events_lost,journal_kib,scrape_ms\n");
+    let mut csv = String::from(
+        "seconds,rss_mib,cpu_pct,series,events_lost,journal_kib,store_kib,evicted,scrape_ms\n",
+    );
     let mut last_minute = u64::MAX;
     for (i, s) in samples.iter().enumerate() {
         let _ = writeln!(
             csv,
-            "{:.0},{:.2},{:.2},{},{},{:.1},{:.2}",
+            "{:.0},{:.2},{:.2},{},{},{:.1},{:.1},{},{:.2}",
             s.at.as_secs_f64(),
             s.rss_mib,
             s.cpu_pct,
             s.series,
             s.lost,
             s.journal_kib,
+            s.store_kib,
+            s.evicted,
             s.scrape_ms
         );
         let minute = s.at.as_secs() / 60;
         if minute != last_minute || i + 1 == samples.len() {
             last_minute = minute;
             println!(
-                "| {:.1} | {:.1} | {:.2} | {} | {} | {:.0} | {:.1} |",
+                "| {:.1} | {:.1} | {:.2} | {} | {} | {:.0} | {:.0} | {} | {:.1} |",
                 s.at.as_secs_f64() / 60.0,
                 s.rss_mib,
                 s.cpu_pct,
                 s.series,
                 s.lost,
                 s.journal_kib,
+                s.store_kib,
+                s.evicted,
                 s.scrape_ms
             );
         }
