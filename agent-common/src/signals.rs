@@ -8,8 +8,9 @@ use crate::TASK_COMM_LEN;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SignalOffsets {
+    /// `task_struct.pid`, followed by `tgid` (checked when resolved): the
+    /// probe copies both with one read.
     pub task_pid: u32,
-    pub task_tgid: u32,
     pub task_comm: u32,
     /// `task_struct.flags` (PF_EXITING).
     pub task_flags: u32,
@@ -29,9 +30,6 @@ pub struct SignalOffsets {
     pub k_sigaction_handler: u32,
     /// `kernel_siginfo.si_code`.
     pub siginfo_code: u32,
-    /// `kernel_siginfo._sifields`, whose first member is the sender's pid
-    /// for kill(2), tgkill(2) and sigqueue(3).
-    pub siginfo_pid: u32,
 }
 
 /// `PF_EXITING` from include/linux/sched.h (a `#define`, stable since 2.6).
@@ -84,7 +82,8 @@ pub const fn fatal_by_default(sig: u32) -> bool {
     }
 }
 
-/// One signal, as the kernel side writes it.
+/// One signal, as the kernel side writes it, field by field, straight into
+/// the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SignalEvent {
@@ -93,13 +92,13 @@ pub struct SignalEvent {
     pub target_cgroup_id: u64,
     pub sender_pid: u32,
     pub sender_tgid: u32,
+    /// With `target_tgid`, 8-byte aligned and in `task_struct`'s order
+    /// (pid, tgid): one kernel read fills both.
     pub target_pid: u32,
     pub target_tgid: u32,
     pub sig: u32,
     /// `si_code` (SI_USER 0, SI_KERNEL 0x80, SI_TKILL -6, > 0 for faults).
     pub code: i32,
-    /// `si_pid` as the siginfo says (0 when there is none).
-    pub si_pid: u32,
     /// The tracepoint's `result`: 0 delivered, 1 ignored, 2 already pending,
     /// 3 overflow, 4 lost info.
     pub result: u32,
@@ -107,6 +106,7 @@ pub struct SignalEvent {
     pub handler: u32,
     /// `SIGNAL_FLAG_*`.
     pub flags: u32,
+    pub _pad: u32,
     pub sender_comm: [u8; TASK_COMM_LEN],
     pub target_comm: [u8; TASK_COMM_LEN],
 }
@@ -121,6 +121,16 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_ids_are_one_aligned_u64() {
+        assert_eq!(core::mem::offset_of!(SignalEvent, target_pid) % 8, 0);
+        assert_eq!(
+            core::mem::offset_of!(SignalEvent, target_tgid),
+            core::mem::offset_of!(SignalEvent, target_pid) + 4
+        );
+        assert_eq!(size_of::<SignalEvent>(), 96);
+    }
 
     #[test]
     fn fatal_default_signals() {

@@ -2,7 +2,10 @@
 //! nothing the kernel side sees or drops goes uncounted. Userspace sums the
 //! CPUs and exports the totals.
 
-/// The probe fired.
+/// The probe fired. A family whose every path ends in exactly one of
+/// emitted, lost or filtered may leave it at 0 (the signal probe does, to
+/// spare its hot path a counter): userspace takes the larger of this and
+/// their sum.
 pub const STAT_HITS: u32 = 0;
 /// An event was written to the ring buffer.
 pub const STAT_EMITTED: u32 = 1;

@@ -150,6 +150,6 @@ fn on_exit() {
         comm,
         parent_comm,
     });
-    entry.submit(ringbuf::wakeup_flags(&EXIT_EVENTS));
+    ringbuf::submit(&EXIT_EVENTS, entry);
     bump(&EXIT_STATS, STAT_EMITTED);
 }

@@ -1,6 +1,6 @@
 //! Reads of kernel memory at offsets resolved by userspace from BTF.
 
-use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated};
 
 /// Reads a `T` at `base + offset`.
 #[inline(always)]
@@ -21,4 +21,22 @@ pub fn read_ptr(base: *const u8, offset: u32) -> Result<*const u8, i32> {
 pub fn read_buf(base: *const u8, offset: u32, dst: &mut [u8]) -> Result<(), i32> {
     // SAFETY: as for `read`.
     unsafe { bpf_probe_read_kernel_buf(base.wrapping_add(offset as usize), dst) }
+}
+
+/// Copies a `T` from `base + offset` straight into `dst`, typically a field
+/// of a reserved ring buffer entry: no copy through the stack. On a fault the
+/// kernel zero-fills `dst`; the result says whether the read succeeded.
+///
+/// # Safety
+/// `dst` must point to `size_of::<T>()` writable bytes the program owns.
+#[inline(always)]
+pub unsafe fn read_into<T>(base: *const u8, offset: u32, dst: *mut T) -> bool {
+    // SAFETY: as for `read`; the caller vouches for `dst`.
+    unsafe {
+        generated::bpf_probe_read_kernel(
+            dst.cast(),
+            size_of::<T>() as u32,
+            base.wrapping_add(offset as usize).cast(),
+        ) == 0
+    }
 }

@@ -106,7 +106,7 @@ pub fn net_nf(ctx: *const u64) -> i32 {
         _pad: [0; 6],
         cgroup_id: socket_cgroup_id(skb, &off),
     });
-    entry.submit(ringbuf::wakeup_flags(&NET_CONN_EVENTS));
+    ringbuf::submit(&NET_CONN_EVENTS, entry);
     bump(&NET_CONN_STATS, STAT_EMITTED);
     NF_ACCEPT
 }
@@ -207,6 +207,6 @@ fn on_kfree_skb(skb: *const u8, reason: u32) {
         l4,
         _pad: 0,
     });
-    entry.submit(ringbuf::wakeup_flags(&NET_DROP_EVENTS));
+    ringbuf::submit(&NET_DROP_EVENTS, entry);
     bump(&NET_DROP_STATS, STAT_EMITTED);
 }

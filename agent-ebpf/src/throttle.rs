@@ -174,6 +174,6 @@ fn emit(slot: &OpenThrottle) {
         cpu: unsafe { bpf_get_smp_processor_id() },
         flags: slot.flags,
     });
-    entry.submit(ringbuf::wakeup_flags(&THROTTLE_EVENTS));
+    ringbuf::submit(&THROTTLE_EVENTS, entry);
     bump(&THROTTLE_STATS, STAT_EMITTED);
 }

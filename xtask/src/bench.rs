@@ -47,12 +47,12 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("rules") => rules::standalone(),
         Some("throttle") => throttle::throttle(),
         Some("faults") => faults::run(),
-        Some("peers") => peers::run(),
+        Some("peers") => peers::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
         Some("probes") => probes::run(),
         _ => {
             bail!(
-                "usage: cargo xtask bench <exits | pods | agent | terminations | net | rules | throttle | faults | peers | probes | soak [--minutes N]>"
+                "usage: cargo xtask bench <exits | pods | agent | terminations | net | rules | throttle | faults | peers [FAMILY...] | probes | soak [--minutes N]>"
             )
         }
     }

@@ -77,6 +77,8 @@ pub enum BtfError {
     NoMember { strukt: String, member: String },
     #[error("this kernel's BTF has no enum {name}{note}", name = .0, note = truncated_note(*.1))]
     NoEnum(String, Option<u32>),
+    #[error("this kernel's {0}, against the layout podscope's probes rely on")]
+    Layout(String),
 }
 
 fn truncated_note(at: Option<u32>) -> String {

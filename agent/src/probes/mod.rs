@@ -220,8 +220,10 @@ pub fn load_object(offsets: &KernelOffsets, opts: &LoadOptions) -> Result<Ebpf, 
     if EBPF_OBJECT.is_empty() {
         return Err(ProbeError::NoObject);
     }
+    // The kernel side wakes the reader at multiples of this: a power of two.
+    let wakeup_bytes = power_of_two_floor(opts.wakeup_bytes);
     let mut loader = loader::without_kernel_btf();
-    loader.override_global("RINGBUF_WAKEUP_BYTES", &opts.wakeup_bytes, true);
+    loader.override_global("RINGBUF_WAKEUP_BYTES", &wakeup_bytes, true);
     exits::configure(&mut loader, &offsets.exits, opts);
     cgroups::configure(&mut loader, &offsets.cgroups);
     signals::configure(&mut loader, &offsets.signals, opts);
@@ -233,6 +235,11 @@ pub fn load_object(offsets: &KernelOffsets, opts: &LoadOptions) -> Result<Ebpf, 
     loader
         .load(EBPF_OBJECT)
         .map_err(|e| ProbeError::Load(error_chain(&e)))
+}
+
+/// The largest power of two not above `n` (0 stays 0: wake at every event).
+fn power_of_two_floor(n: u64) -> u64 {
+    n.checked_ilog2().map_or(0, |log| 1 << log)
 }
 
 /// Loads the object without setting any family's globals, for `doctor`'s
@@ -488,12 +495,47 @@ pub struct FamilyStats {
 impl FamilyStats {
     pub(crate) fn from_slots(s: [u64; agent_common::stats::STAT_SLOTS as usize]) -> FamilyStats {
         use agent_common::stats::*;
+        let (emitted, lost, filtered) = (
+            s[STAT_EMITTED as usize],
+            s[STAT_LOST as usize],
+            s[STAT_FILTERED as usize],
+        );
         FamilyStats {
-            hits: s[STAT_HITS as usize],
-            emitted: s[STAT_EMITTED as usize],
-            lost: s[STAT_LOST as usize],
+            // A family whose every path ends in one of these three leaves
+            // its hits uncounted (one counter less on its hot path).
+            hits: s[STAT_HITS as usize].max(emitted + lost + filtered),
+            emitted,
+            lost,
             read_errors: s[STAT_READ_ERRORS as usize],
-            filtered: s[STAT_FILTERED as usize],
+            filtered,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::stats::*;
+
+    use super::*;
+
+    #[test]
+    fn the_wakeup_threshold_is_a_power_of_two() {
+        assert_eq!(power_of_two_floor(0), 0);
+        assert_eq!(power_of_two_floor(1), 1);
+        assert_eq!(power_of_two_floor(3000), 2048);
+        assert_eq!(power_of_two_floor(64 << 10), 64 << 10);
+    }
+
+    #[test]
+    fn hits_left_uncounted_are_the_sum_of_the_outcomes() {
+        let mut s = [0u64; STAT_SLOTS as usize];
+        s[STAT_EMITTED as usize] = 5;
+        s[STAT_LOST as usize] = 2;
+        s[STAT_FILTERED as usize] = 40;
+        assert_eq!(FamilyStats::from_slots(s).hits, 47);
+        // A family that counts its hits (some paths end in none of the
+        // three) keeps its own count.
+        s[STAT_HITS as usize] = 60;
+        assert_eq!(FamilyStats::from_slots(s).hits, 60);
     }
 }

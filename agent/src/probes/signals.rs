@@ -36,9 +36,15 @@ const NSIG: u32 = 64;
 pub fn resolve_offsets(btf: &Btf) -> Result<SignalOffsets, BtfError> {
     let task = |m| btf.offset_of("task_struct", m);
     let action = btf.member("sighand_struct", "action")?;
+    let (pid, tgid) = (task("pid")?, task("tgid")?);
+    // The probe copies both with one 8-byte read (adjacent since Linux 2.6).
+    if tgid != pid + 4 {
+        return Err(BtfError::Layout(format!(
+            "task_struct.tgid is at byte {tgid}, not right after pid at {pid}"
+        )));
+    }
     Ok(SignalOffsets {
-        task_pid: task("pid")?,
-        task_tgid: task("tgid")?,
+        task_pid: pid,
         task_comm: task("comm")?,
         task_flags: task("flags")?,
         task_cgroups: task("cgroups")?,
@@ -51,7 +57,6 @@ pub fn resolve_offsets(btf: &Btf) -> Result<SignalOffsets, BtfError> {
         k_sigaction_handler: btf.offset_of("k_sigaction", "sa")?
             + btf.offset_of("sigaction", "sa_handler")?,
         siginfo_code: btf.offset_of("kernel_siginfo", "si_code")?,
-        siginfo_pid: btf.offset_of("kernel_siginfo", "_sifields")?,
     })
 }
 
@@ -262,9 +267,8 @@ mod tests {
         // struct k_sigaction is 32 bytes on x86_64 (handler, flags, restorer, mask).
         assert_eq!(o.k_sigaction_size, 32);
         assert_eq!(o.k_sigaction_handler, 0);
-        // si_signo, si_errno, si_code, then the union at 16.
-        assert_eq!((o.siginfo_code, o.siginfo_pid), (8, 16));
-        assert!(o.task_tgid == o.task_pid + 4, "{o:?}");
+        // si_signo, si_errno, si_code.
+        assert_eq!(o.siginfo_code, 8);
     }
 
     #[test]
@@ -279,10 +283,10 @@ mod tests {
             target_tgid: 2,
             sig,
             code,
-            si_pid: 0,
             result: 0,
             handler: HANDLER_DEFAULT,
             flags,
+            _pad: 0,
             sender_comm: [0; 16],
             target_comm: [0; 16],
         };

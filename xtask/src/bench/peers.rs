@@ -6,12 +6,22 @@
 //!
 //! Per tracer: the workload's median wall time against no tracer, kernel
 //! time per event (all the tracer's programs, from the kernel's own
-//! bpf_stats, divided by the events the workload made), the tracer's CPU
-//! per run after attaching, its resident memory at the peak (VmHWM:
-//! start-up included) and at the end of a run, and what it lost or did not
-//! show when the same workload ran on every core.
+//! bpf_stats, divided by the events the workload made), the workload's own
+//! CPU per event above no tracer's (what the hooks cost it in all: also the
+//! work the kernel does outside the programs, such as a plain tracepoint's
+//! record), the tracer's CPU per run after attaching, its resident memory
+//! at the peak (VmHWM: start-up included) and at the end of a run, what it
+//! lost in the measured rounds (a lost event costs its program less, so a
+//! tracer that loses events looks cheaper per event), and what it lost or
+//! did not show when the same workload ran on every core.
+//!
+//! `cargo xtask bench peers [--baseline PODSCOPE] [FAMILY...]` runs only
+//! the families named (`exits`, `signals`, `signals_paced`,
+//! `sched_switch`, `oom`); `--baseline` adds another podscope binary (an
+//! earlier build) beside this one, for a before/after in the same run.
 
 use std::{
+    path::{Path, PathBuf},
     process::{Command, ExitCode},
     time::Duration,
 };
@@ -19,8 +29,8 @@ use std::{
 use anyhow::{Result, bail};
 
 use super::tracer::{
-    EXITS, Peer, SIGNALS, Traced, Tracer, median, prepare_tracer_bench, start_on, stop,
-    unmount_tracefs, workload,
+    EXITS, Peer, SIGNALS, Traced, Tracer, children_cpu, median, prepare_tracer_bench, start_on,
+    stop, unmount_tracefs, workload_at,
 };
 
 const ROUNDS: usize = 5;
@@ -36,7 +46,39 @@ struct Family {
     events_per_n: u32,
     event: &'static str,
     tracers: &'static [Tracer],
+    /// Events a second the workload is paced to (0: as fast as it goes).
+    rate: u32,
 }
+
+/// 200,000 kill(2) of SIGUSR1 to a child that ignores it, at `rate` a
+/// second (0: as fast as one core sends them).
+const fn signals(name: &'static str, rate: u32) -> Family {
+    Family {
+        name,
+        traced: &SIGNALS,
+        workload: "kill",
+        n: 200_000,
+        events_per_n: 1,
+        event: "signal",
+        tracers: SIGNAL_TRACERS,
+        rate,
+    }
+}
+
+/// The signal tracers: podscope, libbpf-tools' two, bpftrace.
+const SIGNAL_TRACERS: &[Tracer] = &[
+    Tracer::None,
+    Tracer::Podscope,
+    Tracer::Peer(Peer {
+        name: "sigsnoop",
+        args: &[],
+    }),
+    Tracer::Peer(Peer {
+        name: "killsnoop",
+        args: &[],
+    }),
+    Tracer::BpftracePrint,
+];
 
 const FAMILIES: &[Family] = &[
     Family {
@@ -55,28 +97,15 @@ const FAMILIES: &[Family] = &[
             }),
             Tracer::BpftracePrint,
         ],
+        rate: 0,
     },
-    Family {
-        name: "signals",
-        traced: &SIGNALS,
-        workload: "kill",
-        n: 200_000,
-        events_per_n: 1,
-        event: "signal",
-        tracers: &[
-            Tracer::None,
-            Tracer::Podscope,
-            Tracer::Peer(Peer {
-                name: "sigsnoop",
-                args: &[],
-            }),
-            Tracer::Peer(Peer {
-                name: "killsnoop",
-                args: &[],
-            }),
-            Tracer::BpftracePrint,
-        ],
-    },
+    // One core's kill loop outruns every printing tracer's reader: each
+    // loses events, and a lost event costs its program less than a
+    // delivered one, so the figures of a tracer that loses more look
+    // better. The same signals paced to a rate every tracer keeps up with
+    // compare the cost of delivering each one.
+    signals("signals", 0),
+    signals("signals_paced", 100_000),
     Family {
         name: "sched_switch",
         traced: &EXITS,
@@ -97,20 +126,46 @@ const FAMILIES: &[Family] = &[
             }),
             Tracer::BpftraceEmptySwitch,
         ],
+        rate: 0,
     },
 ];
 
 #[derive(Default, Clone)]
 struct Figures {
     times: Vec<Duration>,
+    /// The workload's own CPU, per round.
+    work_cpu: Vec<Duration>,
     prog_ns: u64,
+    /// What the tracer said it lost in the measured rounds.
+    lost_rounds: u64,
     cpu: Duration,
     hwm_kib: u64,
     rss_kib: u64,
     lost: Option<u64>,
 }
 
-pub fn run() -> Result<ExitCode> {
+pub fn run(args: &[String]) -> Result<ExitCode> {
+    let (baseline, only) = match args {
+        [flag, path, rest @ ..] if flag == "--baseline" => (Some(PathBuf::from(path)), rest),
+        _ => (None, args),
+    };
+    if let Some(b) = baseline.as_ref().filter(|b| !b.is_file()) {
+        bail!("--baseline {}: no such podscope binary", b.display());
+    }
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    if let Some(o) = only
+        .iter()
+        .find(|o| *o != "oom" && !FAMILIES.iter().any(|f| f.name == o.as_str()))
+    {
+        bail!(
+            "no family {o} in the peers benchmark: {}, oom",
+            FAMILIES
+                .iter()
+                .map(|f| f.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let (podscope, mounted_tracefs, _stats) = prepare_tracer_bench()?;
     for p in [
         "exitsnoop",
@@ -136,18 +191,35 @@ pub fn run() -> Result<ExitCode> {
          kernel.bpf_stats_enabled on for the whole run"
     );
     println!(
-        "\n| family | tracer | workload ratio | kernel ns/event | tracer CPU/run | RSS peak / steady | lost or not shown at the highest rate |"
+        "\n| family | tracer | workload ratio | kernel ns/event | workload CPU ns/event added | tracer CPU/run | RSS peak / steady | dropped in the kernel in the rounds | lost or not shown at the highest rate |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for f in FAMILIES {
-        let mut figs = vec![Figures::default(); f.tracers.len()];
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for f in FAMILIES.iter().filter(|f| wanted(f.name)) {
+        // Each tracer with the podscope binary it runs (podscope's own rows
+        // twice with a baseline).
+        let rows: Vec<(Tracer, &Path, String)> = f
+            .tracers
+            .iter()
+            .flat_map(|&t| {
+                let this = (t, podscope.as_path(), t.name().to_string());
+                let before = baseline
+                    .as_deref()
+                    .filter(|_| matches!(t, Tracer::Podscope | Tracer::PodscopeThrottle))
+                    .map(|b| (t, b, format!("{} (baseline)", t.name())));
+                std::iter::once(this).chain(before)
+            })
+            .collect();
+        let mut figs = vec![Figures::default(); rows.len()];
         for _ in 0..ROUNDS {
-            for (i, &tracer) in f.tracers.iter().enumerate() {
-                let running = start_on(tracer, &podscope, f.traced)?;
+            for (i, &(tracer, podscope, _)) in rows.iter().enumerate() {
+                let running = start_on(tracer, podscope, f.traced)?;
+                let cpu = children_cpu();
                 figs[i].times.push(run_workload(f, f.n, 1)?);
+                figs[i].work_cpu.push(children_cpu().saturating_sub(cpu));
                 if let Some(r) = running {
                     std::thread::sleep(Duration::from_millis(300));
                     let s = stop(r)?;
+                    figs[i].lost_rounds += lost_in_kernel(&s.stderr);
                     figs[i].prog_ns += s.prog_ns;
                     figs[i].cpu += s.cpu;
                     figs[i].hwm_kib = figs[i].hwm_kib.max(s.hwm_kib);
@@ -155,12 +227,13 @@ pub fn run() -> Result<ExitCode> {
                 }
             }
         }
-        // The highest rate: the same workload on every core, once per tracer.
-        for (i, &tracer) in f.tracers.iter().enumerate() {
-            if tracer == Tracer::None {
+        // The highest rate: the same workload on every core, once per tracer
+        // (not for a paced workload: its highest rate is its unpaced family's).
+        for (i, &(tracer, podscope, _)) in rows.iter().enumerate() {
+            if tracer == Tracer::None || f.rate > 0 {
                 continue;
             }
-            let running = start_on(tracer, &podscope, f.traced)?;
+            let running = start_on(tracer, podscope, f.traced)?;
             run_workload(f, f.n * cores, cores)?;
             if let Some(r) = running {
                 std::thread::sleep(Duration::from_millis(500));
@@ -168,34 +241,50 @@ pub fn run() -> Result<ExitCode> {
             }
         }
         let base = median(&mut figs[0].times.clone());
-        let events = u64::from(f.n) * u64::from(f.events_per_n) * ROUNDS as u64;
-        for (i, &tracer) in f.tracers.iter().enumerate() {
+        let base_cpu = median(&mut figs[0].work_cpu.clone());
+        let per_round = u64::from(f.n) * u64::from(f.events_per_n);
+        let events = per_round * ROUNDS as u64;
+        for (i, (tracer, _, name)) in rows.iter().enumerate() {
             let m = median(&mut figs[i].times.clone());
             let ratio = m.as_secs_f64() / base.as_secs_f64();
-            if tracer == Tracer::None {
+            if *tracer == Tracer::None {
                 println!(
-                    "| {} | no tracer | 1.000 ({:.3} s, {} {}s) | - | - | - | - |",
+                    "| {} | no tracer | 1.000 ({:.3} s, {} {}s{}) | - | - ({:.0} ns/{}) | - | - | - | - |",
                     f.name,
                     m.as_secs_f64(),
-                    f.n * f.events_per_n,
+                    per_round,
+                    f.event,
+                    if f.rate > 0 {
+                        format!(" at {}/s", f.rate)
+                    } else {
+                        String::new()
+                    },
+                    base_cpu.as_nanos() as f64 / per_round as f64,
                     f.event
                 );
                 continue;
             }
+            let cpu = median(&mut figs[i].work_cpu.clone());
+            let added = (cpu.as_nanos() as f64 - base_cpu.as_nanos() as f64) / per_round as f64;
             println!(
-                "| {} | {} | {:.3} | {:.0} | {:.0} ms | {:.1} / {:.1} MiB | {} |",
+                "| {} | {} | {:.3} | {:.0} | {:.0} | {:.0} ms | {:.1} / {:.1} MiB | {} of {} | {} |",
                 f.name,
-                tracer.name(),
+                name,
                 ratio,
                 figs[i].prog_ns as f64 / events as f64,
+                added,
                 figs[i].cpu.as_secs_f64() * 1000.0 / ROUNDS as f64,
                 figs[i].hwm_kib as f64 / 1024.0,
                 figs[i].rss_kib as f64 / 1024.0,
+                figs[i].lost_rounds,
+                events,
                 figs[i].lost.map_or("-".into(), |l| l.to_string())
             );
         }
     }
-    oom_peers()?;
+    if wanted("oom") {
+        oom_peers()?;
+    }
     if mounted_tracefs {
         unmount_tracefs();
     }
@@ -209,7 +298,7 @@ fn run_workload(f: &Family, n: u32, workers: u32) -> Result<Duration> {
         let me = std::env::current_exe()?;
         return super::tracer::timed(Command::new(me).args(["pingpong", &n.to_string()]));
     }
-    workload(f.workload, n, workers)
+    workload_at(f.workload, n, workers, f.rate)
 }
 
 /// OOM kills are rare events: what matters is whether a tool can see them
@@ -256,6 +345,21 @@ fn oom_peers() -> Result<()> {
 /// (ring buffer full)", "N events were not shown"), libbpf-tools' "lost N
 /// events on CPU #c", bpftrace's "Lost N events".
 fn lost(stderr: &str) -> u64 {
+    lost_in_kernel(stderr) + not_shown(stderr)
+}
+
+/// What a tracer's kernel side dropped (its buffer was full): events whose
+/// program stopped early.
+fn lost_in_kernel(stderr: &str) -> u64 {
+    count_words(stderr, false)
+}
+
+/// What podscope's kernel side sent but its output could not take.
+fn not_shown(stderr: &str) -> u64 {
+    count_words(stderr, true)
+}
+
+fn count_words(stderr: &str, not_shown: bool) -> u64 {
     let mut total = 0u64;
     for line in stderr.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -268,7 +372,7 @@ fn lost(stderr: &str) -> u64 {
                 })
             };
             // "<N> lost" (podscope) / "lost <N> events" (libbpf-tools, bpftrace)
-            if w.eq_ignore_ascii_case("lost") {
+            if !not_shown && w.eq_ignore_ascii_case("lost") {
                 if let Some(n) = i.checked_sub(1).and_then(num) {
                     total += n;
                 } else if words.get(i + 2).is_some_and(|x| x.starts_with("event"))
@@ -277,7 +381,7 @@ fn lost(stderr: &str) -> u64 {
                     total += n;
                 }
             }
-            if *w == "were" && words.get(i + 1) == Some(&"not") && i >= 2 {
+            if not_shown && *w == "were" && words.get(i + 1) == Some(&"not") && i >= 2 {
                 total += num(i - 2).unwrap_or(0);
             }
         }
@@ -287,7 +391,7 @@ fn lost(stderr: &str) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::lost;
+    use super::{lost, lost_in_kernel};
 
     #[test]
     fn losses_are_read_from_each_tools_words() {
@@ -307,5 +411,13 @@ mod tests {
             9
         );
         assert_eq!(lost("PCOMM PID\nsleep 1 0.1 0"), 0);
+        // The kernel's drops alone: what makes a program's average cheaper.
+        assert_eq!(
+            lost_in_kernel(
+                "podscope: 9 events were not shown: the output was too slow\n\
+                 podscope: signals: kernel: 100 seen, 90 reported, 10 lost (ring buffer full)"
+            ),
+            10
+        );
     }
 }

@@ -1,12 +1,17 @@
 //! The workloads the benchmarks time, run as hidden xtask tasks so that
 //! their processes are not the benchmark's own: `xtask storm
-//! process|thread|kill|kill-filtered N WORKERS` and `xtask pingpong N`.
+//! process|thread|kill|kill-filtered N WORKERS [RATE]` and `xtask pingpong N`.
 
-use std::{process::ExitCode, time::Duration};
+use std::{
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 
-/// Hidden task the benchmarks run as their workload: `xtask storm process|thread N WORKERS`.
+/// Hidden task the benchmarks run as their workload: `xtask storm process|thread N WORKERS`;
+/// the kill storms take a RATE (signals per second per worker, 0 or none:
+/// as fast as one core sends them).
 pub fn storm(args: &[String]) -> Result<ExitCode> {
     let kind = args.first().map(String::as_str).unwrap_or("");
     let n: u32 = args
@@ -14,6 +19,7 @@ pub fn storm(args: &[String]) -> Result<ExitCode> {
         .and_then(|s| s.parse().ok())
         .context("storm needs a count")?;
     let workers: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
+    let rate: u32 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
     let per = n / workers;
     let mut pids = vec![];
     for _ in 0..workers {
@@ -22,8 +28,8 @@ pub fn storm(args: &[String]) -> Result<ExitCode> {
         if pid == 0 {
             match kind {
                 "process" => process_storm(per),
-                "kill" => kill_storm(per, libc::SIGUSR1),
-                "kill-filtered" => kill_storm(per, libc::SIGURG),
+                "kill" => kill_storm(per, libc::SIGUSR1, rate),
+                "kill-filtered" => kill_storm(per, libc::SIGURG, rate),
                 _ => thread_storm(per),
             }
             unsafe { libc::_exit(0) };
@@ -52,8 +58,10 @@ pub(crate) fn process_storm(n: u32) {
 /// `n` signals to a child that ignores them: signal_generate fires for each
 /// (the tracepoint runs before the disposition is looked at), the child is
 /// never woken. SIGUSR1's default action is fatal (the probe emits it);
-/// SIGURG's is not (the probe filters it in the kernel).
-pub(crate) fn kill_storm(n: u32, sig: i32) {
+/// SIGURG's is not (the probe filters it in the kernel). With a `rate`, the
+/// signals are paced to it (in bursts of 64), so that a tracer whose reader
+/// is slower than one core's kill loop can keep up with it.
+pub(crate) fn kill_storm(n: u32, sig: i32, rate: u32) {
     // SAFETY: the child only sets a disposition and pauses.
     let c = unsafe { libc::fork() };
     if c == 0 {
@@ -68,7 +76,14 @@ pub(crate) fn kill_storm(n: u32, sig: i32) {
         return;
     }
     std::thread::sleep(Duration::from_millis(20));
-    for _ in 0..n {
+    let start = Instant::now();
+    for i in 0..n {
+        if rate > 0 && i % 64 == 0 {
+            let due = Duration::from_secs_f64(f64::from(i) / f64::from(rate));
+            if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
         // SAFETY: our own child.
         unsafe { libc::kill(c, sig) };
     }

@@ -307,6 +307,19 @@ pub(crate) fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// CPU time (user and system) of this process's children that ended and
+/// were waited for: read before and after a workload, the difference is the
+/// workload's own CPU, kernel work done on its behalf included (what a
+/// tracer's hooks add to it, whatever the kernel's per-program statistics
+/// leave out: a plain tracepoint's record, wakeups).
+pub(crate) fn children_cpu() -> Duration {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 pub(crate) fn proc_cpu(pid: u32) -> Option<Duration> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &s[s.rfind(')')? + 2..];
@@ -318,10 +331,22 @@ pub(crate) fn proc_cpu(pid: u32) -> Option<Duration> {
 }
 
 pub(crate) fn workload(kind: &str, n: u32, workers: u32) -> Result<Duration> {
+    workload_at(kind, n, workers, 0)
+}
+
+/// `workload`, a kill storm paced to `rate` signals a second per worker
+/// (0: as fast as it goes).
+pub(crate) fn workload_at(kind: &str, n: u32, workers: u32, rate: u32) -> Result<Duration> {
     let me = std::env::current_exe()?;
     let t = Instant::now();
     let st = Command::new(me)
-        .args(["storm", kind, &n.to_string(), &workers.to_string()])
+        .args([
+            "storm",
+            kind,
+            &n.to_string(),
+            &workers.to_string(),
+            &rate.to_string(),
+        ])
         .status()?;
     if !st.success() {
         bail!("the {kind} storm failed ({st})");
