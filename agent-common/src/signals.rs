@@ -37,23 +37,23 @@ pub const PF_EXITING: u32 = 0x0000_0004;
 
 /// The sender (current task) is itself exiting, e.g. a namespace's init
 /// killing what is left in its pid namespace.
-pub const SIGNAL_FLAG_SENDER_EXITING: u32 = 1 << 0;
+pub const SIGNAL_FLAG_SENDER_EXITING: u8 = 1 << 0;
 /// Sent to the whole thread group (kill(2)), not one thread (tgkill(2)).
-pub const SIGNAL_FLAG_GROUP: u32 = 1 << 1;
+pub const SIGNAL_FLAG_GROUP: u8 = 1 << 1;
 /// `SEND_SIG_PRIV`: sent by the kernel on its own behalf (OOM killer,
 /// pid namespace teardown, …), no siginfo.
-pub const SIGNAL_FLAG_PRIV: u32 = 1 << 2;
+pub const SIGNAL_FLAG_PRIV: u8 = 1 << 2;
 /// `SEND_SIG_NOINFO`: from userspace without a siginfo (kill from the kernel's
 /// perspective of a user).
-pub const SIGNAL_FLAG_NOINFO: u32 = 1 << 3;
+pub const SIGNAL_FLAG_NOINFO: u8 = 1 << 3;
 /// A kernel read failed; some fields are zero.
-pub const SIGNAL_FLAG_PARTIAL: u32 = 1 << 4;
+pub const SIGNAL_FLAG_PARTIAL: u8 = 1 << 4;
 
 /// The target's disposition for the signal when it was sent.
-pub const HANDLER_DEFAULT: u32 = 0;
-pub const HANDLER_IGNORE: u32 = 1;
-pub const HANDLER_CUSTOM: u32 = 2;
-pub const HANDLER_UNKNOWN: u32 = 3;
+pub const HANDLER_DEFAULT: u8 = 0;
+pub const HANDLER_IGNORE: u8 = 1;
+pub const HANDLER_CUSTOM: u8 = 2;
+pub const HANDLER_UNKNOWN: u8 = 3;
 
 /// Signals whose default action ends the process (terminate or core dump):
 /// bit N set for signal N. Everything else (SIGCHLD, SIGCONT, SIGSTOP, …)
@@ -83,7 +83,9 @@ pub const fn fatal_by_default(sig: u32) -> bool {
 }
 
 /// One signal, as the kernel side writes it, field by field, straight into
-/// the ring buffer.
+/// the ring buffer: 80 bytes (88 with the ring's header), the small fields
+/// as bytes, so that a ring holds more of them and a storm writes fewer
+/// cache lines.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SignalEvent {
@@ -96,17 +98,17 @@ pub struct SignalEvent {
     /// (pid, tgid): one kernel read fills both.
     pub target_pid: u32,
     pub target_tgid: u32,
-    pub sig: u32,
     /// `si_code` (SI_USER 0, SI_KERNEL 0x80, SI_TKILL -6, > 0 for faults).
     pub code: i32,
+    /// 1 to 64.
+    pub sig: u8,
     /// The tracepoint's `result`: 0 delivered, 1 ignored, 2 already pending,
     /// 3 overflow, 4 lost info.
-    pub result: u32,
+    pub result: u8,
     /// `HANDLER_*`.
-    pub handler: u32,
+    pub handler: u8,
     /// `SIGNAL_FLAG_*`.
-    pub flags: u32,
-    pub _pad: u32,
+    pub flags: u8,
     pub sender_comm: [u8; TASK_COMM_LEN],
     pub target_comm: [u8; TASK_COMM_LEN],
 }
@@ -129,7 +131,7 @@ mod tests {
             core::mem::offset_of!(SignalEvent, target_tgid),
             core::mem::offset_of!(SignalEvent, target_pid) + 4
         );
-        assert_eq!(size_of::<SignalEvent>(), 96);
+        assert_eq!(size_of::<SignalEvent>(), 80);
     }
 
     #[test]

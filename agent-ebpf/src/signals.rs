@@ -86,13 +86,17 @@ fn on_signal(sig: u64, info: *const u8, task: *const u8, group: u64, result: u64
         return;
     };
     let e = entry.as_mut_ptr();
-    let mut flags = 0u32;
+    let mut flags = 0u8;
     if group as i32 != 0 {
         flags |= SIGNAL_FLAG_GROUP;
     }
     // SAFETY: `e` is the reserved entry, ours until submit; every field is
     // written below, the reads' destinations are its fields.
     unsafe {
+        // Under tp_btf the verifier types `info` as a pointer that is never
+        // NULL and drops this arm (measured on 6.18): a SEND_SIG_NOINFO
+        // signal then takes the read below, which fails on NULL and leaves
+        // code 0, decoded alike (a kill); raw_tp keeps the arm.
         match info as usize {
             0 => {
                 flags |= SIGNAL_FLAG_NOINFO;
@@ -139,11 +143,12 @@ fn on_signal(sig: u64, info: *const u8, task: *const u8, group: u64, result: u64
         (&raw mut (*e).target_cgroup_id).write(target_cgroup.unwrap_or(0));
         (&raw mut (*e).sender_pid).write(pid_tgid as u32);
         (&raw mut (*e).sender_tgid).write((pid_tgid >> 32) as u32);
-        (&raw mut (*e).sig).write(sig);
-        (&raw mut (*e).result).write(result as u32);
+        // Both fit a byte: fatal_by_default passed 1..=64 only; the
+        // tracepoint's results are 0..=4.
+        (&raw mut (*e).sig).write(sig as u8);
+        (&raw mut (*e).result).write(result as u8);
         (&raw mut (*e).handler).write(handler_of(task, sig, &off));
         (&raw mut (*e).flags).write(flags);
-        (&raw mut (*e)._pad).write(0);
         // Zero-filled by the kernel if it fails.
         bpf_get_current_comm((&raw mut (*e).sender_comm).cast(), TASK_COMM_LEN as u32);
     }
@@ -156,7 +161,7 @@ fn on_signal(sig: u64, info: *const u8, task: *const u8, group: u64, result: u64
 
 /// The target's `sa_handler` for `sig`: default, ignore or its own.
 #[inline(always)]
-fn handler_of(task: *const u8, sig: u32, off: &SignalOffsets) -> u32 {
+fn handler_of(task: *const u8, sig: u32, off: &SignalOffsets) -> u8 {
     let Ok(sighand) = kmem::read_ptr(task, off.task_sighand) else {
         return HANDLER_UNKNOWN;
     };

@@ -1031,7 +1031,6 @@ mod tests {
                 result: 0,
                 handler: 0,
                 flags: agent_common::signals::SIGNAL_FLAG_PRIV,
-                _pad: 0,
                 sender_comm: comm("java"),
                 target_comm: comm("java"),
             },

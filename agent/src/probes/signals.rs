@@ -150,7 +150,7 @@ pub struct Signal {
 
 impl Signal {
     pub fn decode(raw: &SignalEvent, clock: &BootClock) -> Signal {
-        let sig = raw.sig;
+        let sig = u32::from(raw.sig);
         let origin = if raw.flags & SIGNAL_FLAG_PRIV != 0 {
             Origin::Kernel
         } else if raw.flags & SIGNAL_FLAG_NOINFO != 0 {
@@ -273,7 +273,7 @@ mod tests {
 
     #[test]
     fn origins_from_siginfo() {
-        let raw = |code: i32, sig: u32, flags: u32| SignalEvent {
+        let raw = |code: i32, sig: u8, flags: u8| SignalEvent {
             ts_boot_ns: 1,
             sender_cgroup_id: 0,
             target_cgroup_id: 0,
@@ -286,7 +286,6 @@ mod tests {
             result: 0,
             handler: HANDLER_DEFAULT,
             flags,
-            _pad: 0,
             sender_comm: [0; 16],
             target_comm: [0; 16],
         };
