@@ -144,6 +144,15 @@ pub fn check(podscope: &Path) -> Result<Vec<(&'static str, Result<(), String>)>>
         sample_every: Duration::from_secs(5),
     };
     let (samples, end) = Soak::with_node(plan, |soak| soak.run(podscope))?;
+    if let Some(last) = samples.last() {
+        println!(
+            "soak: RSS {:.1} MiB at the end; termination records in memory {:.0} KiB (budget {} KiB), {} dropped for it",
+            last.rss_mib,
+            last.store_kib,
+            CHECK_RECORDS_MEMORY >> 10,
+            last.evicted
+        );
+    }
     Ok(verdicts(&plan, &samples, &end))
 }
 
