@@ -15,8 +15,8 @@ use agent_common::{
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_ktime_get_boot_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_ktime_get_boot_ns, generated::bpf_get_current_comm,
     },
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, RingBuf},
@@ -107,6 +107,7 @@ fn on_exit() {
         bump(&EXIT_STATS, STAT_LOST);
         return;
     };
+    let e = entry.as_mut_ptr();
     let pid_tgid = bpf_get_current_pid_tgid();
     // The process as a whole is described by its leader (name, start time);
     // a lone thread by itself.
@@ -115,41 +116,44 @@ fn on_exit() {
     } else {
         task
     };
-    let mut comm = [0u8; TASK_COMM_LEN];
-    if kmem::read_buf(subject, off.task_comm, &mut comm).is_err() {
-        comm = bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]);
+    // SAFETY: `e` is the reserved entry, ours until submit; every field is
+    // written below, and the kernel reads land in its fields directly (an
+    // event built on the stack was zeroed and copied byte by byte: a third
+    // of the signal probe's instructions, see signals.rs).
+    unsafe {
+        if !kmem::read_into(
+            subject,
+            off.task_comm,
+            (&raw mut (*e).comm).cast::<[u8; TASK_COMM_LEN]>(),
+        ) {
+            // Zero-filled by the kernel if it fails too.
+            bpf_get_current_comm((&raw mut (*e).comm).cast(), TASK_COMM_LEN as u32);
+        }
+        let start_ok = kmem::read_into(subject, off.task_start_boottime, &raw mut (*e).start_boot_ns);
+        let status_ok = kmem::read_into(task, off.task_exit_code, &raw mut (*e).wait_status);
+        let parent = kmem::read_ptr(task, off.task_real_parent);
+        // A null base just fails the read, which zero-fills: an empty name
+        // only loses the runtime-exec hint.
+        let parent = parent.unwrap_or(core::ptr::null());
+        let ppid_ok = kmem::read_into(parent, off.task_tgid, &raw mut (*e).ppid);
+        kmem::read_into(
+            parent,
+            off.task_comm,
+            (&raw mut (*e).parent_comm).cast::<[u8; TASK_COMM_LEN]>(),
+        );
+        if !(start_ok && status_ok && ppid_ok) {
+            flags |= EXIT_FLAG_PARTIAL;
+        }
+        if flags & EXIT_FLAG_PARTIAL != 0 {
+            bump(&EXIT_STATS, STAT_READ_ERRORS);
+        }
+        (&raw mut (*e).ts_boot_ns).write(bpf_ktime_get_boot_ns());
+        (&raw mut (*e).cgroup_id).write(bpf_get_current_cgroup_id());
+        (&raw mut (*e).pid).write(pid_tgid as u32);
+        (&raw mut (*e).tgid).write((pid_tgid >> 32) as u32);
+        (&raw mut (*e).flags).write(flags);
+        (&raw mut (*e)._pad).write(0);
     }
-    let start = kmem::read::<u64>(subject, off.task_start_boottime);
-    let wait_status = kmem::read::<u32>(task, off.task_exit_code);
-    let parent = kmem::read_ptr(task, off.task_real_parent);
-    let ppid = parent.and_then(|parent| kmem::read::<u32>(parent, off.task_tgid));
-    // Best effort, branch-free (a null base just fails the read): an empty
-    // name only loses the runtime-exec hint.
-    let mut parent_comm = [0u8; TASK_COMM_LEN];
-    let _ = kmem::read_buf(
-        parent.unwrap_or(core::ptr::null()),
-        off.task_comm,
-        &mut parent_comm,
-    );
-    if start.is_err() || wait_status.is_err() || ppid.is_err() {
-        flags |= EXIT_FLAG_PARTIAL;
-    }
-    if flags & EXIT_FLAG_PARTIAL != 0 {
-        bump(&EXIT_STATS, STAT_READ_ERRORS);
-    }
-    entry.write(ExitEvent {
-        ts_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
-        start_boot_ns: start.unwrap_or(0),
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        pid: pid_tgid as u32,
-        tgid: (pid_tgid >> 32) as u32,
-        ppid: ppid.unwrap_or(0),
-        wait_status: wait_status.unwrap_or(0),
-        flags,
-        _pad: 0,
-        comm,
-        parent_comm,
-    });
     ringbuf::submit(&EXIT_EVENTS, entry);
     bump(&EXIT_STATS, STAT_EMITTED);
 }

@@ -34,7 +34,7 @@ fn state() -> Arc<AppState> {
                 ready: std::sync::atomic::AtomicBool::new(true),
                 driver: DriverLink::detached(),
                 stream_dropped,
-                terminations: Mutex::new(TerminationStore::new(10)),
+                terminations: Mutex::new(TerminationStore::new(Default::default())),
                 health: Arc::new(Health::new()),
                 streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             })

@@ -215,7 +215,7 @@ impl AgentConfig {
         let records_memory_bytes = args
             .records_memory_bytes
             .or(file.records_memory_bytes)
-            .unwrap_or(4 << 20);
+            .unwrap_or(crate::forensics::store::StoreLimits::default().bytes as u64);
         if records_memory_bytes < 64 << 10 {
             return Err(ConfigError::Invalid {
                 key: "records-memory-bytes",

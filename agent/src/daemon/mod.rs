@@ -434,8 +434,8 @@ fn spawn_records(
 /// that cannot be opened is logged and the agent runs on without it.
 fn open_journal(cfg: &AgentConfig, health: &Health) -> (TerminationStore, Option<JournalWriter>) {
     let mut store = TerminationStore::new(StoreLimits {
-        records: RECORDS_KEPT,
         bytes: usize::try_from(cfg.records_memory_bytes).unwrap_or(usize::MAX),
+        ..StoreLimits::default()
     });
     match Journal::open(&cfg.state_dir, cfg.journal_max_bytes) {
         Ok((journal, records, recovery)) => {
@@ -468,7 +468,3 @@ fn open_journal(cfg: &AgentConfig, health: &Health) -> (TerminationStore, Option
         }
     }
 }
-
-/// Termination records kept in memory for the API at most, whatever their
-/// bytes (`records_memory_bytes` is the budget that binds in practice).
-const RECORDS_KEPT: usize = 10_000;

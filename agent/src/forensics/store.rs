@@ -44,6 +44,16 @@ pub struct StoreLimits {
     pub bytes: usize,
 }
 
+impl Default for StoreLimits {
+    /// The agent's defaults: the byte budget binds long before the count.
+    fn default() -> StoreLimits {
+        StoreLimits {
+            records: 10_000,
+            bytes: 4 << 20,
+        }
+    }
+}
+
 /// A queue that drops its oldest items beyond a count or a byte estimate.
 struct Bounded<T> {
     items: VecDeque<(T, usize)>,
