@@ -9,12 +9,21 @@
 //! pods, always come first. When the foreground needs one, it is raised
 //! back to normal priority and waited for. Its output goes to a log file,
 //! shown when it fails.
+//!
+//! The lowest priority is two things: niceness 19, which orders the tasks
+//! of one scheduling group only, and, as root, a cpu cgroup of its own
+//! marked idle (`cpu.idle`, Linux 5.15). Without the cgroup the build
+//! would sit in the test command's group (its session's autogroup, or
+//! its cgroup), which competes as one with the pods' cgroups and
+//! containerd's: any runnable build task would have the whole group
+//! claim its share, taking up to half the CPU from the pods.
 
 use std::{
+    ffi::CString,
     fs::File,
     io::{Read, Seek, SeekFrom},
-    os::unix::process::CommandExt,
-    path::PathBuf,
+    os::unix::{ffi::OsStrExt, process::CommandExt},
+    path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -35,6 +44,8 @@ pub struct Build {
     started: Instant,
     /// The build's exit status and when it ended.
     done: Option<JoinHandle<(std::io::Result<ExitStatus>, Instant)>>,
+    /// Its idle cpu cgroup, when one could be made (removed after it).
+    group: Option<IdleGroup>,
 }
 
 /// A finished build: how long it ran, and how long the foreground waited for it.
@@ -56,11 +67,27 @@ impl Build {
             .stdout(out.try_clone()?)
             .stderr(out)
             .process_group(0);
-        // SAFETY: setpriority is async-signal-safe; nothing else runs here.
+        let name = log.file_stem().map(|s| s.to_string_lossy().into_owned());
+        let group = IdleGroup::create(&format!(
+            "podscope-xtask-{}-{}",
+            std::process::id(),
+            name.unwrap_or_default()
+        ));
+        let procs = group.as_ref().and_then(|g| g.procs());
+        // SAFETY: only async-signal-safe calls (setpriority, open, write,
+        // close) on what was allocated before the fork.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // Best effort: a build at normal priority is only slower.
                 libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND);
+                if let Some(procs) = &procs {
+                    // "0": the writing process itself; its children follow.
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd >= 0 {
+                        libc::write(fd, b"0".as_ptr().cast(), 1);
+                        libc::close(fd);
+                    }
+                }
                 Ok(())
             });
         }
@@ -75,6 +102,7 @@ impl Build {
             log,
             started: Instant::now(),
             done: Some(done),
+            group,
         })
     }
 
@@ -82,6 +110,9 @@ impl Build {
     /// low): Err with the end of its log when it failed.
     pub fn wait(mut self) -> Result<Built> {
         let asked = Instant::now();
+        if let Some(g) = &self.group {
+            g.raise();
+        }
         // SAFETY: a plain system call on this build's own process group.
         unsafe { libc::setpriority(libc::PRIO_PGRP, self.pgid as libc::id_t, 0) };
         let done = self
@@ -134,6 +165,64 @@ pub fn log_path(name: &str) -> PathBuf {
     crate::root()
         .join("target/xtask")
         .join(format!("{name}.log"))
+}
+
+/// A cpu cgroup whose tasks run only on CPU time nothing else wants.
+struct IdleGroup {
+    dir: PathBuf,
+}
+
+impl IdleGroup {
+    /// Made beside the test command's own cpu cgroup (v1's cpu controller)
+    /// or at the root of the unified hierarchy (v2, where a cgroup with
+    /// processes cannot have controlled children); None without root or
+    /// without `cpu.idle`.
+    fn create(name: &str) -> Option<IdleGroup> {
+        let dir = cpu_cgroup_parent()?.join(name);
+        std::fs::create_dir(&dir).ok()?;
+        let group = IdleGroup { dir };
+        // Dropped (removed) when the kernel has no `cpu.idle`.
+        std::fs::write(group.dir.join("cpu.idle"), "1").ok()?;
+        Some(group)
+    }
+
+    fn procs(&self) -> Option<CString> {
+        CString::new(self.dir.join("cgroup.procs").as_os_str().as_bytes()).ok()
+    }
+
+    /// Normal priority (weight) again.
+    fn raise(&self) {
+        let _ = std::fs::write(self.dir.join("cpu.idle"), "0");
+    }
+}
+
+/// Removed once its build has ended (empty: cargo waits for what it runs).
+impl Drop for IdleGroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Where an idle cgroup for a build can go.
+fn cpu_cgroup_parent() -> Option<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        if controllers.split(',').any(|c| c == "cpu") {
+            let path = path.trim_start_matches('/');
+            return ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"]
+                .iter()
+                .map(|m| Path::new(m).join(path))
+                .find(|d| d.join("cpu.shares").exists());
+        }
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    std::fs::read_to_string(root.join("cgroup.subtree_control"))
+        .ok()?
+        .split_whitespace()
+        .any(|c| c == "cpu")
+        .then(|| root.to_path_buf())
 }
 
 /// The last `lines` lines of a log file.
@@ -190,12 +279,19 @@ mod tests {
         // Field 19 of /proc/PID/stat is the niceness (after the command's
         // name in parentheses, which has no space here).
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", build.pgid)).unwrap();
+        let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", build.pgid)).unwrap();
+        let group = build.group.as_ref().map(|g| g.dir.clone());
         let status = build.stop();
+        drop(build);
         let _ = std::fs::remove_file(log);
         assert_eq!(stat.split(' ').nth(18), Some("19"), "{stat}");
+        // As root, with cpu.idle: in an idle cgroup of its own, removed after it.
+        if let Some(dir) = group {
+            let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(cgroups.contains(&name), "not in {name}: {cgroups}");
+            assert!(!dir.exists(), "{} is left", dir.display());
+        }
         let status = status.unwrap().unwrap();
         assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}");
-        // Dropping a stopped build does nothing more.
-        drop(build);
     }
 }
