@@ -55,8 +55,15 @@ impl Default for StoreLimits {
 }
 
 /// A queue that drops its oldest items beyond a count or a byte estimate.
+///
+/// Items are boxed: a record is some 800 bytes inline, and a deque of
+/// inline records at its cap walks its head through a buffer of up to twice
+/// the cap (the capacity doubles past a power of two), touching a page more
+/// at every push until it wraps. Measured in the 40-minute soak: RSS grew
+/// 1.7 MiB in the 9 minutes after the budget was reached. Boxed, the deque
+/// is 16 bytes a slot and the records' memory is what the budget counts.
 struct Bounded<T> {
-    items: VecDeque<(T, usize)>,
+    items: VecDeque<(Box<T>, usize)>,
     bytes: usize,
     max_items: usize,
     max_bytes: usize,
@@ -76,7 +83,7 @@ impl<T: Serialize> Bounded<T> {
 
     fn push(&mut self, item: T) {
         let b = footprint(&item);
-        self.items.push_back((item, b));
+        self.items.push_back((Box::new(item), b));
         self.bytes += b;
         // The newest item stays even when it alone is over the budget.
         while self.items.len() > self.max_items
@@ -100,7 +107,7 @@ impl<T: Serialize> Bounded<T> {
     }
 
     fn iter(&self) -> impl DoubleEndedIterator<Item = &T> {
-        self.items.iter().map(|(t, _)| t)
+        self.items.iter().map(|(t, _)| &**t)
     }
 }
 
