@@ -129,7 +129,11 @@ fn on_exit() {
             // Zero-filled by the kernel if it fails too.
             bpf_get_current_comm((&raw mut (*e).comm).cast(), TASK_COMM_LEN as u32);
         }
-        let start_ok = kmem::read_into(subject, off.task_start_boottime, &raw mut (*e).start_boot_ns);
+        let start_ok = kmem::read_into(
+            subject,
+            off.task_start_boottime,
+            &raw mut (*e).start_boot_ns,
+        );
         let status_ok = kmem::read_into(task, off.task_exit_code, &raw mut (*e).wait_status);
         let parent = kmem::read_ptr(task, off.task_real_parent);
         // A null base just fails the read, which zero-fills: an empty name
