@@ -202,26 +202,18 @@ impl AgentConfig {
                 detail: format!("{ring_buffer_size} must be a power of two of at least 4096"),
             });
         }
-        let journal_max_bytes = args
-            .journal_max_bytes
-            .or(file.journal_max_bytes)
-            .unwrap_or(16 << 20);
-        if journal_max_bytes < 64 << 10 {
-            return Err(ConfigError::Invalid {
-                key: "journal-max-bytes",
-                detail: format!("{journal_max_bytes} is too small: at least 65536"),
-            });
-        }
-        let records_memory_bytes = args
-            .records_memory_bytes
-            .or(file.records_memory_bytes)
-            .unwrap_or(crate::forensics::store::StoreLimits::default().bytes as u64);
-        if records_memory_bytes < 64 << 10 {
-            return Err(ConfigError::Invalid {
-                key: "records-memory-bytes",
-                detail: format!("{records_memory_bytes} is too small: at least 65536"),
-            });
-        }
+        let journal_max_bytes = at_least_64k(
+            "journal-max-bytes",
+            args.journal_max_bytes
+                .or(file.journal_max_bytes)
+                .unwrap_or(16 << 20),
+        )?;
+        let records_memory_bytes = at_least_64k(
+            "records-memory-bytes",
+            args.records_memory_bytes
+                .or(file.records_memory_bytes)
+                .unwrap_or(crate::forensics::store::StoreLimits::default().bytes as u64),
+        )?;
         let rules_timeout = match (args.rules_timeout, file.rules_timeout) {
             (Some(d), _) => d,
             (None, Some(s)) => parse_duration(&s).map_err(|detail| ConfigError::Invalid {
@@ -335,6 +327,18 @@ pub const DEFAULT_API_SOCKET: &str = "/run/podscope/api.sock";
 pub const MAX_SOCKET_PATH: usize = 107;
 
 /// An absolute path that fits a unix socket address.
+/// A byte budget (the journal's, the records' in memory): 64 KiB at least,
+/// below which one large record would not fit.
+fn at_least_64k(key: &'static str, bytes: u64) -> Result<u64, ConfigError> {
+    if bytes < 64 << 10 {
+        return Err(ConfigError::Invalid {
+            key,
+            detail: format!("{bytes} is too small: at least 65536"),
+        });
+    }
+    Ok(bytes)
+}
+
 fn check_socket_path(p: &Path) -> Result<(), String> {
     if !p.is_absolute() {
         return Err(format!("{} must be an absolute path", p.display()));
