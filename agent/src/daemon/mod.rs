@@ -340,6 +340,14 @@ fn spawn_metrics(
                             m.gc(&st, Instant::now());
                         }
                     }
+                    if ticks.is_multiple_of(60) {
+                        // glibc returns freed pages from the middle of its
+                        // heaps only when asked: without this, churn left
+                        // the resident size above what the agent holds
+                        // (1.1 MiB of 43.8 at the end of a 45-minute soak),
+                        // and a leak could not be told from fragmentation.
+                        crate::kernel::release_freed_memory();
+                    }
                 }
             }
         }

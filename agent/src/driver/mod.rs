@@ -46,7 +46,7 @@ use crate::{
     metadata::{Names, PodIdentity, Resolver, ResolverOptions, ResolverStats},
     net::{DyingEndpoints, Seen, ServiceMap},
     probes::{
-        self, AttachType, Attachment, FamilyStats, KernelOffsets, LoadOptions, ProbeError,
+        self, AttachType, Attachment, FamilyStats, KernelOffsets, LoadOptions, Pass, ProbeError,
         cgroups::CgroupProbe, exits::ExitProbe, net::NetProbe, oom::OomProbe, signals::SignalProbe,
         throttle::ThrottleProbe,
     },
@@ -60,8 +60,14 @@ pub const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 /// held event costs a few hundred bytes while any reader still lags).
 pub const EVENT_QUEUE: usize = 16_384;
 
-/// Most events held back waiting for names; beyond it the oldest go out unnamed.
-const HOLD_CAP: usize = 200_000;
+/// Most events held back waiting for names; beyond it the oldest go out
+/// unnamed (counted). A held signal is 384 bytes: this bounds the hold at
+/// about 12 MiB, where 200,000 allowed 77 MiB, above the DaemonSet's limit,
+/// to a storm in a container in its first seconds.
+const HOLD_CAP: usize = 32_768;
+
+/// Passes in a row a flush or the stop waits for the rings to empty.
+const CATCH_UP_PASSES: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct DriverOptions {
@@ -558,27 +564,39 @@ impl Drain {
         // What exists now, at once: consumers take their baselines from it.
         self.publish_status();
         let mut next_tick = Instant::now();
+        // Passes in a row that left records in a ring.
+        let mut behind = 0;
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
-            if !stopping {
+            if !stopping && behind == 0 {
                 wait_readable(&fds, DRAIN_INTERVAL);
             }
             self.take_inputs();
             let now = Instant::now();
-            let batch = self.drain(now);
+            let (batch, more) = self.drain(now);
+            behind = if more { behind + 1 } else { 0 };
             if !batch.is_empty() {
                 self.hold(batch, now);
             }
             self.release(now, stopping);
-            for ack in self.flushes.drain(..) {
-                let _ = ack.send(());
+            // A flush asked for everything up to now, and stopping reads
+            // what the rings hold: both wait for the rings to empty, up to
+            // a bound in case a storm never ends.
+            let caught_up = behind == 0 || behind >= CATCH_UP_PASSES;
+            if caught_up {
+                for ack in self.flushes.drain(..) {
+                    let _ = ack.send(());
+                }
             }
-            if stopping {
+            if stopping && caught_up {
                 let far = Instant::now() + Duration::from_secs(3600);
                 let findings = self.forensics.take_findings(far);
                 self.publish_findings(findings);
                 self.publish_status();
                 return;
+            }
+            if stopping {
+                continue;
             }
             let findings = self.forensics.take_findings(now);
             self.publish_findings(findings);
@@ -621,14 +639,17 @@ impl Drain {
         }
     }
 
-    /// Everything the kernel sent since the last call. cgroup creations are
-    /// applied at once (the directory may be gone by the time the batch is
-    /// released); everything else waits for its turn.
-    fn drain(&mut self, now: Instant) -> RawBatch {
+    /// What the kernel sent since the last pass, at most
+    /// [`probes::PASS_BUDGET`] records a ring (`more`: records were left
+    /// for the next pass). cgroup creations are applied at once (the
+    /// directory may be gone by the time the batch is released); everything
+    /// else waits for its turn.
+    fn drain(&mut self, now: Instant) -> (RawBatch, bool) {
         let mut b = RawBatch::new(now);
+        let mut pass = Pass::new(probes::PASS_BUDGET);
         let p = &mut self.probes;
         if let Some(cg) = p.cgroups.as_mut() {
-            cg.drain(|c| b.cgroups.push(c));
+            cg.drain_within(&mut pass, |c| b.cgroups.push(c));
         }
         for c in &b.cgroups {
             if c.op == probes::cgroups::CgroupOp::Created {
@@ -638,20 +659,20 @@ impl Drain {
         // In the kernel's order: the OOM killer marks its victim, then sends
         // SIGKILL, then the victim exits.
         if let Some(o) = p.oom.as_mut() {
-            o.drain(|x| b.ooms.push(x));
+            o.drain_within(&mut pass, |x| b.ooms.push(x));
         }
         if let Some(s) = p.signals.as_mut() {
-            s.drain(|x| b.signals.push(x));
+            s.drain_within(&mut pass, |x| b.signals.push(x));
         }
-        p.exits.drain(|x| b.exits.push(x));
+        p.exits.drain_within(&mut pass, |x| b.exits.push(x));
         if let Some(t) = p.throttle.as_mut() {
-            t.drain(|x| b.throttles.push(x));
+            t.drain_within(&mut pass, |x| b.throttles.push(x));
         }
         if let Some(n) = p.net.as_mut() {
-            n.drain_conns(|x| b.conns.push(x));
-            n.drain_drops(|x| b.drops.push(x));
+            n.drain_conns(&mut pass, |x| b.conns.push(x));
+            n.drain_drops(&mut pass, |x| b.drops.push(x));
         }
-        b
+        (b, pass.more)
     }
 
     /// Queues a batch behind those already held (order is kept), noting the

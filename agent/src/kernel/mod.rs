@@ -14,8 +14,8 @@ pub mod tracefs;
 /// allocation) back to the system, so the resident size reflects what the
 /// tracer really keeps.
 pub fn release_freed_memory() {
-    // glibc only: musl (the static kernel-test binary) has no malloc_trim and
-    // returns large frees to the system by itself.
+    // glibc only: musl (the shipped static binary, the kernel-test binary)
+    // has no malloc_trim and returns freed pages to the system by itself.
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free heap pages.
     unsafe {

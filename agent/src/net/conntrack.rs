@@ -19,7 +19,10 @@ use std::{
 use agent_common::net::IPS_DST_NAT;
 
 use crate::kernel::bpf_sys;
-use crate::probes::net::{RawConn, Tuple};
+use crate::probes::{
+    Pass,
+    net::{RawConn, Tuple},
+};
 
 const NETLINK_NETFILTER: i32 = 12;
 const NFNLGRP_CONNTRACK_NEW: u32 = 1;
@@ -89,10 +92,16 @@ impl ConntrackEvents {
         self.sock.as_raw_fd()
     }
 
-    /// Every event waiting on the socket.
-    pub fn drain(&mut self, mut f: impl FnMut(RawConn)) {
+    /// The events waiting on the socket, within the pass's budget (counted
+    /// in messages read, so a read may go over it by one buffer's worth).
+    pub fn drain(&mut self, pass: &mut Pass, mut f: impl FnMut(RawConn)) {
         let mut buf = vec![0u8; 64 << 10];
+        let mut taken = 0;
         loop {
+            if taken >= pass.budget {
+                pass.more = true;
+                return;
+            }
             // SAFETY: recv into a buffer we own.
             let n = unsafe {
                 libc::recv(
@@ -117,6 +126,7 @@ impl ConntrackEvents {
             }
             for conn in parse_messages(&buf[..n as usize]) {
                 self.received += 1;
+                taken += 1;
                 f(conn);
             }
         }

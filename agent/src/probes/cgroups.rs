@@ -13,7 +13,7 @@ use aya::{
 };
 
 use super::{
-    AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_family, error_chain,
+    AttachType, Attachment, FamilyMaps, FamilyStats, Pass, ProbeError, attach_family, error_chain,
     program,
 };
 use crate::kernel::{
@@ -122,9 +122,15 @@ impl CgroupProbe {
         Ok(CgroupProbe { maps, attachment })
     }
 
-    pub fn drain(&mut self, mut f: impl FnMut(CgroupChange)) -> usize {
+    /// Decodes every event waiting in the ring buffer; returns how many.
+    pub fn drain(&mut self, f: impl FnMut(CgroupChange)) -> usize {
+        self.drain_within(&mut Pass::all(), f)
+    }
+
+    /// Decodes the events waiting, within one drain pass's bounds.
+    pub fn drain_within(&mut self, pass: &mut Pass, mut f: impl FnMut(CgroupChange)) -> usize {
         self.maps
-            .drain(|raw: CgroupEvent| f(CgroupChange::decode(&raw)))
+            .drain(pass, |raw: CgroupEvent| f(CgroupChange::decode(&raw)))
     }
 
     pub fn stats(&self) -> FamilyStats {

@@ -15,7 +15,7 @@ use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
 use super::{
-    AttachType, Attachment, FamilyMaps, FamilyStats, KernelOffsets, LoadOptions, ProbeError,
+    AttachType, Attachment, FamilyMaps, FamilyStats, KernelOffsets, LoadOptions, Pass, ProbeError,
     attach_family,
 };
 use crate::{
@@ -183,10 +183,15 @@ impl ExitProbe {
     }
 
     /// Decodes every event waiting in the ring buffer; returns how many.
-    pub fn drain(&mut self, mut f: impl FnMut(Exit)) -> usize {
+    pub fn drain(&mut self, f: impl FnMut(Exit)) -> usize {
+        self.drain_within(&mut Pass::all(), f)
+    }
+
+    /// Decodes the events waiting, within one drain pass's bounds.
+    pub fn drain_within(&mut self, pass: &mut Pass, mut f: impl FnMut(Exit)) -> usize {
         let clock = &self.clock;
         self.maps
-            .drain(|raw: ExitEvent| f(Exit::decode(&raw, clock)))
+            .drain_ordered(pass, |raw: ExitEvent| f(Exit::decode(&raw, clock)))
     }
 
     pub fn stats(&self) -> FamilyStats {
@@ -216,6 +221,12 @@ fn attach_one(ebpf: &mut Ebpf, btf: &super::AttachBtf, kind: AttachType) -> Resu
         ("exit", "an exit"),
         ("sched", "sched_process_exit"),
     )
+}
+
+impl super::Stamped for ExitEvent {
+    fn stamp_ns(&self) -> u64 {
+        self.ts_boot_ns
+    }
 }
 
 #[cfg(test)]

@@ -336,11 +336,58 @@ pub fn raw_event<T: aya::Pod>(item: &[u8]) -> Option<T> {
     Some(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const T) })
 }
 
+/// Records one drain pass takes from each ring at most. A storm that
+/// outruns the reader then waits in the kernel's ring (where it is counted
+/// as lost once the ring is full) rather than in this process's memory:
+/// without a bound, a pass went on reading for as long as the storm wrote,
+/// 100,000 signals and 150 MiB resident in one pass here.
+pub const PASS_BUDGET: usize = 4096;
+
+/// What one drain pass may take, shared by the families drained in it.
+#[derive(Clone, Copy, Debug)]
+pub struct Pass {
+    /// Records per ring.
+    pub budget: usize,
+    /// Boot-clock ns: the ordered families take nothing stamped later.
+    /// Lowered when an ordered family fills its budget, so that a family
+    /// drained after it (exits after signals) does not run ahead of the
+    /// records it left in its ring: forensics must see a SIGKILL before the
+    /// exit it caused.
+    pub until_ns: u64,
+    /// A ring still had records when its budget ran out (or one was set
+    /// aside): another pass is due at once.
+    pub more: bool,
+}
+
+impl Pass {
+    pub fn new(budget: usize) -> Pass {
+        Pass {
+            budget,
+            until_ns: u64::MAX,
+            more: false,
+        }
+    }
+
+    /// Everything waiting (tests and self-tests, which read small batches).
+    pub fn all() -> Pass {
+        Pass::new(usize::MAX)
+    }
+}
+
+/// A raw event's boot-clock stamp, for families whose order against the
+/// others matters (the forensics chain OOM → signal → exit).
+pub(crate) trait Stamped {
+    fn stamp_ns(&self) -> u64;
+}
+
 /// A family's ring buffer and per-CPU stats, read the same way by every
 /// family: raw `#[repr(C)]` events out, counters summed over the CPUs.
 pub(crate) struct FamilyMaps {
     events: aya::maps::RingBuf<aya::maps::MapData>,
     stats: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    /// A record read past a pass's `until_ns`, delivered first next pass
+    /// (empty: none). A ring cannot be peeked at: reading a record frees it.
+    set_aside: Vec<u8>,
 }
 
 impl FamilyMaps {
@@ -351,20 +398,74 @@ impl FamilyMaps {
         stats_map: &'static str,
     ) -> Result<FamilyMaps, ProbeError> {
         let (events, stats) = take_family_maps(ebpf, family, events_map, stats_map)?;
-        Ok(FamilyMaps { events, stats })
+        Ok(FamilyMaps {
+            events,
+            stats,
+            set_aside: vec![],
+        })
     }
 
-    /// Every raw event waiting, in order; returns how many. `T` must be the
-    /// type the kernel side writes (shorter records are skipped).
-    pub(crate) fn drain<T: aya::Pod>(&mut self, mut f: impl FnMut(T)) -> usize {
+    /// The raw events waiting, in order, within the pass's budget; returns
+    /// how many. `T` must be the type the kernel side writes (shorter
+    /// records are skipped).
+    pub(crate) fn drain<T: aya::Pod>(&mut self, pass: &mut Pass, mut f: impl FnMut(T)) -> usize {
         let mut n = 0;
-        while let Some(item) = self.events.next() {
+        while n < pass.budget {
+            let Some(item) = self.events.next() else {
+                return n;
+            };
+            if let Some(raw) = raw_event::<T>(&item) {
+                f(raw);
+                n += 1;
+            }
+        }
+        pass.more = true;
+        n
+    }
+
+    /// As [`FamilyMaps::drain`], for a family ordered by its stamps: takes
+    /// nothing stamped after `pass.until_ns`, and when its budget runs out
+    /// lowers `until_ns` to its last record's stamp for the families after it.
+    pub(crate) fn drain_ordered<T: aya::Pod + Stamped>(
+        &mut self,
+        pass: &mut Pass,
+        mut f: impl FnMut(T),
+    ) -> usize {
+        let mut n = 0;
+        let mut last = 0;
+        if !self.set_aside.is_empty() {
+            match raw_event::<T>(&self.set_aside) {
+                Some(raw) if raw.stamp_ns() > pass.until_ns => {
+                    pass.more = true;
+                    return 0;
+                }
+                Some(raw) => {
+                    last = raw.stamp_ns();
+                    f(raw);
+                    n += 1;
+                }
+                None => {}
+            }
+            self.set_aside.clear();
+        }
+        while n < pass.budget {
+            let Some(item) = self.events.next() else {
+                return n;
+            };
             let Some(raw) = raw_event::<T>(&item) else {
                 continue;
             };
+            if raw.stamp_ns() > pass.until_ns {
+                self.set_aside.extend_from_slice(&item);
+                pass.more = true;
+                return n;
+            }
+            last = raw.stamp_ns();
             f(raw);
             n += 1;
         }
+        pass.more = true;
+        pass.until_ns = pass.until_ns.min(last);
         n
     }
 

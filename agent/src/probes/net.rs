@@ -29,7 +29,7 @@ use aya::{
 use serde::Serialize;
 
 use super::{
-    AttachType, Attachment, EBPF_OBJECT, FamilyStats, LoadOptions, ProbeError, attach_first,
+    AttachType, Attachment, EBPF_OBJECT, FamilyStats, LoadOptions, Pass, ProbeError, attach_first,
     error_chain, program, take_family_maps,
 };
 use crate::kernel::{
@@ -444,30 +444,34 @@ impl NetProbe {
             .collect()
     }
 
-    pub fn drain_conns(&mut self, mut f: impl FnMut(RawConn)) {
+    pub fn drain_conns(&mut self, pass: &mut Pass, mut f: impl FnMut(RawConn)) {
         if let Some(ev) = self.ct_events.as_mut() {
-            ev.drain(&mut f);
+            ev.drain(pass, &mut f);
         }
         let Some((ring, _)) = self.conns.as_mut() else {
             return;
         };
-        while let Some(item) = ring.next() {
+        for _ in 0..pass.budget {
+            let Some(item) = ring.next() else { return };
             if let Some(c) = super::raw_event(&item).and_then(|raw| decode_conn(&raw, &self.clock))
             {
                 f(c);
             }
         }
+        pass.more = true;
     }
 
-    pub fn drain_drops(&mut self, mut f: impl FnMut(RawDrop)) {
+    pub fn drain_drops(&mut self, pass: &mut Pass, mut f: impl FnMut(RawDrop)) {
         let Some((ring, _)) = self.drops.as_mut() else {
             return;
         };
-        while let Some(item) = ring.next() {
+        for _ in 0..pass.budget {
+            let Some(item) = ring.next() else { return };
             if let Some(raw) = super::raw_event(&item) {
                 f(decode_drop(&raw, &self.reasons, &self.clock));
             }
         }
+        pass.more = true;
     }
 
     pub fn stats(&self) -> Vec<(&'static str, FamilyStats)> {

@@ -11,7 +11,9 @@ use agent_common::{
 use aya::{Ebpf, EbpfLoader, programs::TracePoint};
 use serde::Serialize;
 
-use super::{AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, error_chain, program};
+use super::{
+    AttachType, Attachment, FamilyMaps, FamilyStats, Pass, ProbeError, error_chain, program,
+};
 use crate::{
     kernel::{
         btf::{Btf, BtfError},
@@ -251,10 +253,16 @@ impl OomProbe {
         })
     }
 
-    pub fn drain(&mut self, mut f: impl FnMut(OomKill)) -> usize {
+    /// Decodes every event waiting in the ring buffer; returns how many.
+    pub fn drain(&mut self, f: impl FnMut(OomKill)) -> usize {
+        self.drain_within(&mut Pass::all(), f)
+    }
+
+    /// Decodes the events waiting, within one drain pass's bounds.
+    pub fn drain_within(&mut self, pass: &mut Pass, mut f: impl FnMut(OomKill)) -> usize {
         let clock = &self.clock;
         self.maps
-            .drain(|raw: OomEvent| f(OomKill::decode(&raw, clock)))
+            .drain_ordered(pass, |raw: OomEvent| f(OomKill::decode(&raw, clock)))
     }
 
     pub fn stats(&self) -> FamilyStats {
@@ -263,6 +271,12 @@ impl OomProbe {
 
     pub fn ring_fd(&self) -> RawFd {
         self.maps.ring_fd()
+    }
+}
+
+impl super::Stamped for OomEvent {
+    fn stamp_ns(&self) -> u64 {
+        self.ts_boot_ns
     }
 }
 

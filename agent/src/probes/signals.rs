@@ -10,7 +10,7 @@ use agent_common::signals::{
 use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
-use super::{AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_family};
+use super::{AttachType, Attachment, FamilyMaps, FamilyStats, Pass, ProbeError, attach_family};
 use crate::{
     kernel::{
         btf::{Btf, BtfError},
@@ -231,10 +231,16 @@ impl SignalProbe {
         })
     }
 
-    pub fn drain(&mut self, mut f: impl FnMut(Signal)) -> usize {
+    /// Decodes every event waiting in the ring buffer; returns how many.
+    pub fn drain(&mut self, f: impl FnMut(Signal)) -> usize {
+        self.drain_within(&mut Pass::all(), f)
+    }
+
+    /// Decodes the events waiting, within one drain pass's bounds.
+    pub fn drain_within(&mut self, pass: &mut Pass, mut f: impl FnMut(Signal)) -> usize {
         let clock = &self.clock;
         self.maps
-            .drain(|raw: SignalEvent| f(Signal::decode(&raw, clock)))
+            .drain_ordered(pass, |raw: SignalEvent| f(Signal::decode(&raw, clock)))
     }
 
     pub fn stats(&self) -> FamilyStats {
@@ -254,6 +260,12 @@ fn attach_one(ebpf: &mut Ebpf, btf: &super::AttachBtf, kind: AttachType) -> Resu
         ("signal", "a signal"),
         ("signal", "signal_generate"),
     )
+}
+
+impl super::Stamped for SignalEvent {
+    fn stamp_ns(&self) -> u64 {
+        self.ts_boot_ns
+    }
 }
 
 #[cfg(test)]

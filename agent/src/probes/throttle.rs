@@ -11,7 +11,7 @@ use agent_common::throttle::{THROTTLE_FLAG_ANCESTOR, ThrottleEvent, ThrottleOffs
 use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
-use super::{AttachType, Attachment, FamilyMaps, FamilyStats, ProbeError, attach_family};
+use super::{AttachType, Attachment, FamilyMaps, FamilyStats, Pass, ProbeError, attach_family};
 use crate::{
     kernel::{
         btf::{Btf, BtfError},
@@ -136,10 +136,16 @@ impl ThrottleProbe {
         })
     }
 
-    pub fn drain(&mut self, mut f: impl FnMut(Throttle)) -> usize {
+    /// Decodes every event waiting in the ring buffer; returns how many.
+    pub fn drain(&mut self, f: impl FnMut(Throttle)) -> usize {
+        self.drain_within(&mut Pass::all(), f)
+    }
+
+    /// Decodes the events waiting, within one drain pass's bounds.
+    pub fn drain_within(&mut self, pass: &mut Pass, mut f: impl FnMut(Throttle)) -> usize {
         let clock = &self.clock;
         self.maps
-            .drain(|raw: ThrottleEvent| f(Throttle::decode(&raw, clock)))
+            .drain(pass, |raw: ThrottleEvent| f(Throttle::decode(&raw, clock)))
     }
 
     /// `hits`: throttled switch-outs; `filtered`: more tasks of a run queue

@@ -22,7 +22,7 @@ use std::{
 
 use super::{Context, Stop, Verdict, ensure, ensure_eq, fail, nlrules};
 use crate::probes::{
-    self, AttachType, KernelOffsets, LoadOptions,
+    self, AttachType, KernelOffsets, LoadOptions, Pass,
     net::{FAMILY_CONNS, NetProbe, RawConn, RawDrop},
 };
 
@@ -118,13 +118,13 @@ fn wait<T>(
 
 fn drops(p: &mut NetProbe) -> Vec<RawDrop> {
     let mut v = vec![];
-    p.drain_drops(|d| v.push(d));
+    p.drain_drops(&mut Pass::all(), |d| v.push(d));
     v
 }
 
 fn conns(p: &mut NetProbe) -> Vec<RawConn> {
     let mut v = vec![];
-    p.drain_conns(|c| v.push(c));
+    p.drain_conns(&mut Pass::all(), |c| v.push(c));
     v
 }
 
