@@ -84,6 +84,19 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The static `podscope` the image ships for this machine's architecture,
+/// built: what `cargo xtask bench soak --shipped` runs.
+pub fn shipped_for_host() -> Result<PathBuf> {
+    let arch = Arch::host().context("no static build for this machine's architecture")?;
+    build(&[arch])?;
+    let bin = root()
+        .join("target")
+        .join(arch.musl_target())
+        .join("release/podscope");
+    check_static(&bin, arch)?;
+    Ok(bin)
+}
+
 /// Builds the release `podscope` for every arch, static, in one cargo run
 /// (the targets' builds share the cores).
 fn build(arches: &[Arch]) -> Result<()> {

@@ -1,4 +1,6 @@
-//! `cargo xtask bench soak [--minutes N]`: the agent on a full node for a
+//! `cargo xtask bench soak [--minutes N] [--records-memory-bytes B]
+//! [--shipped]`: the agent (with `--shipped`, the static musl binary the
+//! image ships rather than the test build) on a full node for a
 //! long time. kubelet's default maximum of 110 pods × 3 containers run on
 //! the test node with churn: pods deleted and created again under new
 //! names, crash-looping containers in back-off, exit storms, CPU-throttled
@@ -67,7 +69,7 @@ struct Plan {
 }
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
-    let (mut minutes, mut records_memory) = (30, None);
+    let (mut minutes, mut records_memory, mut shipped) = (30, None, false);
     match args {
         [flag] if flag == "--check" => {
             // The test suite's version alone.
@@ -86,6 +88,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         _ => {
             let mut it = args.iter();
             while let Some(flag) = it.next() {
+                if flag == "--shipped" {
+                    shipped = true;
+                    continue;
+                }
                 let value = it.next().with_context(|| format!("{flag} needs a value"));
                 match flag.as_str() {
                     "--minutes" => {
@@ -101,7 +107,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
                         )
                     }
                     _ => bail!(
-                        "usage: cargo xtask bench soak [--minutes N] [--records-memory-bytes B] | --check"
+                        "usage: cargo xtask bench soak [--minutes N] [--records-memory-bytes B] [--shipped] | --check"
                     ),
                 }
             }
@@ -109,7 +115,14 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     }
     setup::run()?;
     setup::apt_packages(&["librsvg2-bin"])?;
-    let podscope = build_podscope()?;
+    // --shipped: the static (musl) binary the image ships, whose allocator
+    // is musl's, not glibc's as in the test build.
+    let podscope = if shipped {
+        crate::dist::shipped_for_host()?
+    } else {
+        build_podscope()?
+    };
+    println!("soak: running {}", podscope.display());
     let out_dir = crate::root().join("target/soak");
     std::fs::create_dir_all(&out_dir)?;
     let plan = Plan {
