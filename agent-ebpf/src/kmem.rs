@@ -2,6 +2,43 @@
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated};
 
+/// How a program reads the kernel's structures, so that one body serves
+/// the hook types that allow plain loads and those that do not.
+pub trait Access {
+    /// A `T` at `base + offset`; `Err` when the read faulted.
+    fn read<T: Copy>(base: *const u8, offset: u32) -> Result<T, i32>;
+}
+
+/// `bpf_probe_read_kernel`: any program type, any address (a helper call each).
+pub struct Probed;
+
+/// Plain loads from a BTF-typed pointer (`bpf_get_current_task_btf()` and
+/// the pointers read from it), which the verifier turns into loads that
+/// read 0 on a fault: no helper call (tp_btf and raw_tp programs). The
+/// offsets must be load-time constants (a frozen global), and a fault
+/// cannot be told from a 0.
+pub struct Typed;
+
+impl Access for Probed {
+    #[inline(always)]
+    fn read<T: Copy>(base: *const u8, offset: u32) -> Result<T, i32> {
+        read(base, offset)
+    }
+}
+
+impl Access for Typed {
+    #[inline(always)]
+    fn read<T: Copy>(base: *const u8, offset: u32) -> Result<T, i32> {
+        // SAFETY: the verifier only accepts this load from a BTF-typed
+        // pointer at an offset inside the type, and makes a fault read 0.
+        Ok(unsafe {
+            base.wrapping_add(offset as usize)
+                .cast::<T>()
+                .read_volatile()
+        })
+    }
+}
+
 /// Reads a `T` at `base + offset`.
 #[inline(always)]
 pub fn read<T>(base: *const u8, offset: u32) -> Result<T, i32> {

@@ -142,6 +142,8 @@ struct Figures {
     hwm_kib: u64,
     rss_kib: u64,
     lost: Option<u64>,
+    /// Per program over the rounds: name → (ns, runs).
+    programs: Vec<(String, u64, u64)>,
 }
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
@@ -194,6 +196,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         "\n| family | tracer | workload ratio | kernel ns/event | workload CPU ns/event added | tracer CPU/run | RSS peak / steady | dropped in the kernel in the rounds | lost or not shown at the highest rate |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
+    let mut breakdown = vec![];
     for f in FAMILIES.iter().filter(|f| wanted(f.name)) {
         // Each tracer with the podscope binary it runs (podscope's own rows
         // twice with a baseline).
@@ -221,6 +224,15 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
                     let s = stop(r)?;
                     figs[i].lost_rounds += lost_in_kernel(&s.stderr);
                     figs[i].prog_ns += s.prog_ns;
+                    for (name, ns, runs) in s.programs {
+                        match figs[i].programs.iter_mut().find(|p| p.0 == name) {
+                            Some(p) => {
+                                p.1 += ns;
+                                p.2 += runs;
+                            }
+                            None => figs[i].programs.push((name, ns, runs)),
+                        }
+                    }
                     figs[i].cpu += s.cpu;
                     figs[i].hwm_kib = figs[i].hwm_kib.max(s.hwm_kib);
                     figs[i].rss_kib = figs[i].rss_kib.max(s.rss_kib);
@@ -239,6 +251,9 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
                 std::thread::sleep(Duration::from_millis(500));
                 figs[i].lost = Some(lost(&stop(r)?.stderr));
             }
+        }
+        for (i, (_, _, name)) in rows.iter().enumerate().skip(1) {
+            breakdown.push((f.name, name.clone(), figs[i].clone()));
         }
         let base = median(&mut figs[0].times.clone());
         let base_cpu = median(&mut figs[0].work_cpu.clone());
@@ -284,6 +299,19 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     }
     if wanted("oom") {
         oom_peers()?;
+    }
+    println!(
+        "\nPer program over the measured rounds (runs include whatever else ran on the machine meanwhile):\n"
+    );
+    println!("| family | tracer | program | runs | ns/run |");
+    println!("|---|---|---|---|---|");
+    for (family, tracer, figs) in &breakdown {
+        for (name, ns, runs) in &figs.programs {
+            println!(
+                "| {family} | {tracer} | {name} | {runs} | {:.0} |",
+                *ns as f64 / (*runs).max(1) as f64
+            );
+        }
     }
     if mounted_tracefs {
         unmount_tracefs();

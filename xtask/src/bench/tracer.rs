@@ -223,6 +223,8 @@ pub(crate) struct Stopped {
     /// Kernel time in the tracer's programs, and how often they ran.
     pub(crate) prog_ns: u64,
     pub(crate) prog_runs: u64,
+    /// The same per program: (name, ns, runs).
+    pub(crate) programs: Vec<(String, u64, u64)>,
     pub(crate) cpu: Duration,
     pub(crate) stderr: String,
 }
@@ -231,10 +233,14 @@ pub(crate) fn stop(mut r: Running) -> Result<Stopped> {
     let pid = r.child.id();
     let hwm_kib = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
     let rss_kib = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
-    let (prog_ns, prog_runs) = bpf_prog_stats()?
+    let programs: Vec<(String, u64, u64)> = bpf_prog_names()?
         .into_iter()
-        .filter(|(id, _)| r.progs.contains(id))
-        .fold((0, 0), |(ns, n), (_, (t, c))| (ns + t, n + c));
+        .filter(|(id, ..)| r.progs.contains(id))
+        .map(|(_, name, ns, runs)| (name, ns, runs))
+        .collect();
+    let (prog_ns, prog_runs) = programs
+        .iter()
+        .fold((0, 0), |(ns, n), (_, t, c)| (ns + t, n + c));
     let cpu = proc_cpu(pid)
         .unwrap_or_default()
         .saturating_sub(r.cpu_at_ready);
@@ -249,6 +255,7 @@ pub(crate) fn stop(mut r: Running) -> Result<Stopped> {
         rss_kib,
         prog_ns,
         prog_runs,
+        programs,
         cpu,
         stderr,
     })
@@ -257,6 +264,14 @@ pub(crate) fn stop(mut r: Running) -> Result<Stopped> {
 /// Every loaded BPF program's id with its (run_time_ns, run_cnt), as the
 /// kernel counts them while `kernel.bpf_stats_enabled` is 1.
 pub(crate) fn bpf_prog_stats() -> Result<Vec<(u32, (u64, u64))>> {
+    Ok(bpf_prog_names()?
+        .into_iter()
+        .map(|(id, _, ns, runs)| (id, (ns, runs)))
+        .collect())
+}
+
+/// The same with each program's name: (id, name, run_time_ns, run_cnt).
+pub(crate) fn bpf_prog_names() -> Result<Vec<(u32, String, u64, u64)>> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
@@ -267,13 +282,11 @@ pub(crate) fn bpf_prog_stats() -> Result<Vec<(u32, (u64, u64))>> {
         .map(|a| {
             a.iter()
                 .filter_map(|p| {
-                    let id = p["id"].as_u64()? as u32;
                     Some((
-                        id,
-                        (
-                            p["run_time_ns"].as_u64().unwrap_or(0),
-                            p["run_cnt"].as_u64().unwrap_or(0),
-                        ),
+                        p["id"].as_u64()? as u32,
+                        p["name"].as_str().unwrap_or("?").to_string(),
+                        p["run_time_ns"].as_u64().unwrap_or(0),
+                        p["run_cnt"].as_u64().unwrap_or(0),
                     ))
                 })
                 .collect()
