@@ -100,20 +100,32 @@ impl View {
         }
     }
 
-    /// The kernel families beyond the always-attached ones (exits, signals,
-    /// oom, cgroups: attribution and forensics need them) that this view needs.
-    pub const fn optional_families(self) -> &'static [Kernel] {
+    /// The kernel families this view attaches beyond exits and cgroups (the
+    /// process table and attribution, always attached). A view attaches
+    /// what its events need and no more: `trace exits` runs no signal
+    /// program, whose filtered SIGCHLD cost every exit about 250 ns
+    /// (BENCHMARKS.md, "Against the peers"); terminations and the packet
+    /// path join signals and OOM kills (forensics, dying endpoints).
+    pub const fn families(self) -> &'static [Kernel] {
         match self {
-            View::Net => &[Kernel::Netfilter, Kernel::Drops],
+            View::Exits => &[],
+            View::Signals => &[Kernel::Signals],
+            View::Oom => &[Kernel::Oom],
+            View::Terminations => &[Kernel::Signals, Kernel::Oom],
+            View::Net => &[
+                Kernel::Signals,
+                Kernel::Oom,
+                Kernel::Netfilter,
+                Kernel::Drops,
+            ],
             View::Throttle => &[Kernel::Throttle],
-            _ => &[],
         }
     }
-}
 
-/// The kernel families every consumer gets: attribution (cgroups) and
-/// termination forensics (exits, signals, oom) need all four.
-pub const ALWAYS: [Kernel; 4] = [Kernel::Exits, Kernel::Signals, Kernel::Oom, Kernel::Cgroups];
+    pub fn needs(self, k: Kernel) -> bool {
+        self.families().contains(&k)
+    }
+}
 
 #[cfg(test)]
 mod tests {

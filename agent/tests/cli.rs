@@ -116,6 +116,43 @@ fn trace_duration_ends_the_stream_and_reports_loss_counts() {
     assert!(stderr.contains("lost (ring buffer full)"), "{stderr}");
 }
 
+/// A view attaches what its events need: `trace exits` runs no signal or
+/// OOM program (the kernel summary names the families that ran), `trace
+/// signals` runs the signal program.
+#[test]
+fn trace_attaches_only_the_families_its_view_needs() {
+    if !privileged("trace_attaches_only_the_families_its_view_needs") {
+        return;
+    }
+    let summary = |view: &str| {
+        let out = podscope()
+            .args(["trace", view, "--duration", "1s"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        stderr
+            .lines()
+            .find(|l| l.contains("kernel: "))
+            .and_then(|l| l.split("kernel: ").nth(1))
+            // The families' counts, before the note on what "filtered" means.
+            .map(|l| l.split(" (filtered:").next().unwrap_or(l).to_string())
+            .unwrap_or_else(|| panic!("no kernel summary: {stderr}"))
+    };
+    let exits = summary("exits");
+    assert!(
+        exits.contains("exits ") && exits.contains("cgroups "),
+        "{exits}"
+    );
+    assert!(
+        !exits.contains("signals ") && !exits.contains("oom "),
+        "trace exits ran the signal or OOM program: {exits}"
+    );
+    let signals = summary("signals");
+    assert!(signals.contains("signals "), "{signals}");
+    assert!(!signals.contains("oom "), "{signals}");
+}
+
 #[test]
 fn doctor_tests_every_hook_type() {
     if !privileged("doctor_tests_every_hook_type") {

@@ -105,9 +105,11 @@ pub fn run(args: TraceArgs) -> Result<ExitCode> {
             use_cri: !args.no_cri,
             ..Default::default()
         },
-        net: args.family.optional_families().contains(&Kernel::Netfilter),
+        signals: args.family.needs(Kernel::Signals),
+        oom: args.family.needs(Kernel::Oom),
+        net: args.family.needs(Kernel::Netfilter),
         netns: args.netns.clone(),
-        throttle: args.family.optional_families().contains(&Kernel::Throttle),
+        throttle: args.family.needs(Kernel::Throttle),
         ..Default::default()
     };
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -75,6 +75,10 @@ pub struct DriverOptions {
     /// Force the exit probe's hook type (None: the best the kernel allows).
     pub exits_attach: Option<AttachType>,
     pub resolver: ResolverOptions,
+    /// Attach the signal probe (termination forensics, the signals view).
+    pub signals: bool,
+    /// Attach the OOM probe (termination forensics, the oom view).
+    pub oom: bool,
     /// Attach the packet probes (netfilter links, kfree_skb).
     pub net: bool,
     /// The network namespace where kube-proxy's rules live (None: this process's).
@@ -92,6 +96,8 @@ impl Default for DriverOptions {
             load: LoadOptions::default(),
             exits_attach: None,
             resolver: ResolverOptions::default(),
+            signals: true,
+            oom: true,
             net: false,
             netns: None,
             throttle: false,
@@ -299,16 +305,24 @@ impl Driver {
         // Termination forensics: without signals, records lack the sender
         // and the SIGTERM → SIGKILL timeline; without OOM, OOM kills read as
         // SIGKILLs of unknown origin.
-        let signals = report.optional(
-            SignalProbe::attach(&mut ebpf, &btf).map(|p| (p.attachment.clone(), p)),
-            Kernel::Signals,
-            "termination records will not name who sent a signal",
-        );
-        let oom = report.optional(
-            OomProbe::attach(&mut ebpf, &offsets.oom).map(|p| (p.attachment.clone(), p)),
-            Kernel::Oom,
-            "OOM kills will show as SIGKILLs of unknown origin",
-        );
+        let signals = if opts.signals {
+            report.optional(
+                SignalProbe::attach(&mut ebpf, &btf).map(|p| (p.attachment.clone(), p)),
+                Kernel::Signals,
+                "termination records will not name who sent a signal",
+            )
+        } else {
+            None
+        };
+        let oom = if opts.oom {
+            report.optional(
+                OomProbe::attach(&mut ebpf, &offsets.oom).map(|p| (p.attachment.clone(), p)),
+                Kernel::Oom,
+                "OOM kills will show as SIGKILLs of unknown origin",
+            )
+        } else {
+            None
+        };
         let throttle = if opts.throttle {
             report.optional(
                 ThrottleProbe::attach(&mut ebpf, &btf, &offsets.throttle, None)
