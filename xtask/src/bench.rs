@@ -52,7 +52,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("probes") => probes::run(),
         _ => {
             bail!(
-                "usage: cargo xtask bench <exits | pods | agent | terminations | net | rules | throttle | faults | peers [FAMILY...] | probes | soak [--minutes N]>"
+                "usage: cargo xtask bench <exits | pods | agent | terminations | net | rules | throttle | faults | peers [--baseline PODSCOPE] [--shipped] [FAMILY...] | probes | soak [--minutes N] [--records-memory-bytes B] [--shipped]>"
             )
         }
     }

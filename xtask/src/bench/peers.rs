@@ -15,10 +15,13 @@
 //! tracer that loses events looks cheaper per event), and what it lost or
 //! did not show when the same workload ran on every core.
 //!
-//! `cargo xtask bench peers [--baseline PODSCOPE] [FAMILY...]` runs only
-//! the families named (`exits`, `signals`, `signals_paced`,
+//! `cargo xtask bench peers [--baseline PODSCOPE] [--shipped] [FAMILY...]`
+//! runs only the families named (`exits`, `signals`, `signals_paced`,
 //! `sched_switch`, `oom`); `--baseline` adds another podscope binary (an
-//! earlier build) beside this one, for a before/after in the same run.
+//! earlier build) beside this one, for a before/after in the same run;
+//! `--shipped` adds the static musl binary the image ships (its allocator
+//! and memory are musl's, where the test build's are glibc's). After the
+//! table, each tracer's programs with their runs and ns per run.
 
 use std::{
     path::{Path, PathBuf},
@@ -147,9 +150,13 @@ struct Figures {
 }
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
-    let (baseline, only) = match args {
+    // --shipped anywhere: podscope's rows also run the static (musl)
+    // binary the image ships, beside the test build.
+    let shipped_wanted = args.iter().any(|a| a == "--shipped");
+    let args: Vec<String> = args.iter().filter(|a| *a != "--shipped").cloned().collect();
+    let (baseline, only) = match args.as_slice() {
         [flag, path, rest @ ..] if flag == "--baseline" => (Some(PathBuf::from(path)), rest),
-        _ => (None, args),
+        rest => (None, rest),
     };
     if let Some(b) = baseline.as_ref().filter(|b| !b.is_file()) {
         bail!("--baseline {}: no such podscope binary", b.display());
@@ -169,6 +176,18 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         );
     }
     let (podscope, mounted_tracefs, _stats) = prepare_tracer_bench()?;
+    let shipped = if shipped_wanted {
+        Some(crate::dist::shipped_for_host()?)
+    } else {
+        None
+    };
+    // podscope's other builds, each a row of its own beside the test build.
+    let others: Vec<(&Path, &str)> = baseline
+        .as_deref()
+        .map(|b| (b, "baseline"))
+        .into_iter()
+        .chain(shipped.as_deref().map(|b| (b, "shipped, static musl")))
+        .collect();
     for p in [
         "exitsnoop",
         "sigsnoop",
@@ -205,11 +224,12 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             .iter()
             .flat_map(|&t| {
                 let this = (t, podscope.as_path(), t.name().to_string());
-                let before = baseline
-                    .as_deref()
-                    .filter(|_| matches!(t, Tracer::Podscope | Tracer::PodscopeThrottle))
-                    .map(|b| (t, b, format!("{} (baseline)", t.name())));
-                std::iter::once(this).chain(before)
+                let mine = matches!(t, Tracer::Podscope | Tracer::PodscopeThrottle);
+                let others = others
+                    .iter()
+                    .filter(move |_| mine)
+                    .map(move |(b, label)| (t, *b, format!("{} ({label})", t.name())));
+                std::iter::once(this).chain(others)
             })
             .collect();
         let mut figs = vec![Figures::default(); rows.len()];
