@@ -293,11 +293,23 @@ impl Session {
                 )
             })
             .collect();
+        // What "filtered" means, for the families that ran.
+        let filtered: Vec<&str> = st
+            .sources
+            .iter()
+            .filter_map(|s| match Kernel::from_name(s.source)? {
+                Kernel::Exits => Some("exits: threads folded into their process's exit"),
+                Kernel::Cgroups => Some("cgroups: those of v1 hierarchies"),
+                Kernel::Signals => Some("signals: those that cannot end a process"),
+                _ => None,
+            })
+            .collect();
         eprintln!(
-            "podscope: {} {} shown; kernel: {} (filtered: threads folded into their process's exit, signals that cannot end a process); attribution: {} CRI errors, {} events of containers CRI did not name",
+            "podscope: {} {} shown; kernel: {} (filtered: {}); attribution: {} CRI errors, {} events of containers CRI did not name",
             self.shown,
             self.family.name(),
             kernel.join("; "),
+            filtered.join("; "),
             rs.cri_errors,
             rs.unnamed_container_events,
         );
