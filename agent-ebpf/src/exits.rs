@@ -2,11 +2,15 @@
 //!
 //! The tracepoint fires in `do_exit()` for the exiting task itself, after
 //! `signal->live` was decremented and `exit_code` stored, so everything is
-//! read from the current task. Three entry points share one body: tp_btf where
-//! the kernel allows it (cheapest: no tracepoint buffer is filled, and the
-//! verifier knows the argument types), raw_tp where tp_btf is refused (same
-//! cost, no BTF-typed arguments needed), the plain tracepoint last (needs
-//! tracefs, and the kernel fills its record first). Userspace picks by probing.
+//! read from the current task. Four entry points share one body: raw_tp and
+//! tp_btf (no tracepoint record is filled) read `current` and what it points
+//! to with plain loads from the BTF-typed task (5.11 and the kernel's own
+//! BTF); a second raw_tp program reads with `bpf_probe_read_kernel` where
+//! that is refused; the plain tracepoint last (needs tracefs, and the kernel
+//! fills its record first). Userspace picks by probing.
+//!
+//! With plain loads a fault reads as 0 and cannot be told apart: the
+//! partial flag is only ever set by the probe-read programs.
 
 use agent_common::{
     OFFSET_ABSENT, TASK_COMM_LEN,
@@ -63,6 +67,14 @@ pub fn exit_tp_btf(_ctx: BtfTracePointContext) -> i32 {
 pub fn exit_raw_tp(_ctx: RawTracePointContext) -> i32 {
     // SAFETY: as above; raw_tp programs get the BTF-typed `current` too.
     on_exit::<Typed>(unsafe { bpf_get_current_task_btf() } as *const u8);
+    0
+}
+
+/// The raw_tp hook where the one above is refused (no kernel BTF, before
+/// 5.11): probe reads, as the plain tracepoint.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn exit_raw_tp_probed(_ctx: RawTracePointContext) -> i32 {
+    on_exit::<Probed>(unsafe { bpf_get_current_task() } as *const u8);
     0
 }
 

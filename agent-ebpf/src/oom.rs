@@ -81,6 +81,12 @@ fn on_mark_victim(ctx: &TracePointContext) {
     // SAFETY: a volatile read keeps the load-time value from being folded.
     let off = unsafe { core::ptr::read_volatile(&OOM_OFFSETS) };
     let base = ctx.as_ptr() as *const u8;
+    // Stamped before the reservation: whatever is reserved after this
+    // record (and any exit it causes) is stamped after it. Userspace's
+    // ordered drain relies on that (an exit is never read before the
+    // signal that caused it: probes::Pass).
+    // SAFETY: reads the boot clock; no memory is touched.
+    let stamp = unsafe { bpf_ktime_get_boot_ns() };
     let Some(mut entry) = OOM_EVENTS.reserve::<OomEvent>(0) else {
         bump(&OOM_STATS, STAT_LOST);
         return;
@@ -89,7 +95,7 @@ fn on_mark_victim(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the reserved entry is ours until submit; every field is written.
     unsafe {
-        (*ev).ts_boot_ns = bpf_ktime_get_boot_ns();
+        (*ev).ts_boot_ns = stamp;
         (*ev).trigger_cgroup_id = bpf_get_current_cgroup_id();
         (*ev).trigger_pid = pid_tgid as u32;
         (*ev).trigger_tgid = (pid_tgid >> 32) as u32;

@@ -81,6 +81,12 @@ fn on_signal(sig: u64, info: *const u8, task: *const u8, group: u64, result: u64
     }
     // SAFETY: a volatile read keeps the load-time value from being folded.
     let off = unsafe { core::ptr::read_volatile(&SIGNAL_OFFSETS) };
+    // Stamped before the reservation: whatever is reserved after this
+    // record (and any exit it causes) is stamped after it. Userspace's
+    // ordered drain relies on that (an exit is never read before the
+    // signal that caused it: probes::Pass).
+    // SAFETY: reads the boot clock; no memory is touched.
+    let stamp = unsafe { bpf_ktime_get_boot_ns() };
     let Some(mut entry) = SIGNAL_EVENTS.reserve::<SignalEvent>(0) else {
         bump(&SIGNAL_STATS, STAT_LOST);
         return;
@@ -138,7 +144,7 @@ fn on_signal(sig: u64, info: *const u8, task: *const u8, group: u64, result: u64
             bump(&SIGNAL_STATS, STAT_READ_ERRORS);
         }
         let pid_tgid = bpf_get_current_pid_tgid();
-        (&raw mut (*e).ts_boot_ns).write(bpf_ktime_get_boot_ns());
+        (&raw mut (*e).ts_boot_ns).write(stamp);
         (&raw mut (*e).sender_cgroup_id).write(bpf_get_current_cgroup_id());
         (&raw mut (*e).target_cgroup_id).write(target_cgroup.unwrap_or(0));
         (&raw mut (*e).sender_pid).write(pid_tgid as u32);

@@ -22,7 +22,17 @@ fn layer_of(source: &str) -> &'static str {
     match source {
         s if s.starts_with("unittests") => "unit",
         // The probes on this kernel, without a container runtime.
-        _ if ["kernel.rs", "cgroups.rs", "cli.rs", "drain.rs"].contains(&file) => "kernel",
+        _ if [
+            "kernel.rs",
+            "cgroups.rs",
+            "cli.rs",
+            "drain.rs",
+            "exit_hooks.rs",
+        ]
+        .contains(&file) =>
+        {
+            "kernel"
+        }
         // deploy/tests/manifests.rs: the manifests against the schemas and tools.
         _ if file == "manifests.rs" => "deploy",
         // Everything else runs real pods on the test node.

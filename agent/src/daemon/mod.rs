@@ -341,8 +341,10 @@ fn spawn_metrics(
                         }
                     }
                     if ticks.is_multiple_of(60) {
-                        // glibc returns freed pages from the middle of its
-                        // heaps only when asked: without this, churn left
+                        // glibc (the test build; the shipped static binary
+                        // is musl's, which needs no asking) returns freed
+                        // pages from the middle of its heaps only when
+                        // asked: without this, churn left
                         // the resident size above what the agent holds
                         // (1.1 MiB of 43.8 at the end of a 45-minute soak),
                         // and a leak could not be told from fragmentation.

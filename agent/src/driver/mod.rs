@@ -62,12 +62,17 @@ pub const EVENT_QUEUE: usize = 16_384;
 
 /// Most events held back waiting for names; beyond it the oldest go out
 /// unnamed (counted). A held signal is 384 bytes: this bounds the hold at
-/// about 12 MiB, where 200,000 allowed 77 MiB, above the DaemonSet's limit,
-/// to a storm in a container in its first seconds.
+/// about 12 MiB (plus the pass that crosses it, at most 4,096 records a
+/// ring), where 200,000 allowed 77 MiB, above the DaemonSet's limit, to a
+/// storm in a container in its first seconds.
 const HOLD_CAP: usize = 32_768;
 
-/// Passes in a row a flush or the stop waits for the rings to empty.
+/// Passes in a row a flush waits for the rings to empty.
 const CATCH_UP_PASSES: usize = 64;
+
+/// How long the stop reads what the rings still hold before it publishes
+/// the records forensics was settling (the agent's whole stop: 800 ms).
+const STOP_CATCH_UP: Duration = Duration::from_millis(300);
 
 #[derive(Clone, Debug)]
 pub struct DriverOptions {
@@ -173,8 +178,10 @@ pub enum Input {
     Services(Arc<ServiceMap>),
     /// A cgroupfs scan that started at the instant given.
     CgroupScan(Vec<(u64, String)>, Instant),
-    /// Drain every ring now and publish what is there, then answer: a view
-    /// that must see everything up to an instant (`top`'s window) asks.
+    /// Drain every ring now and publish what is there (until the rings are
+    /// empty, or 64 passes in a row under a storm that does not end), then
+    /// answer: a view that must see everything up to an instant (`top`'s
+    /// window) asks.
     Flush(mpsc::Sender<()>),
     /// A look for the main process of a container found at start-up.
     Adoption {
@@ -568,7 +575,7 @@ struct Drain {
     unadopted: Arc<std::sync::Mutex<Vec<(u64, PathBuf)>>>,
     published: Arc<AtomicU64>,
     max_lag: Duration,
-    /// Flushes asked for since the last drain, answered after it.
+    /// Flushes asked for, answered once a pass leaves the rings empty.
     flushes: Vec<mpsc::Sender<()>>,
 }
 
@@ -580,14 +587,18 @@ impl Drain {
         let mut next_tick = Instant::now();
         // Passes in a row that left records in a ring.
         let mut behind = 0;
+        let mut stop_by = None;
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
+            if stopping && stop_by.is_none() {
+                stop_by = Some(Instant::now() + STOP_CATCH_UP);
+            }
             if !stopping && behind == 0 {
                 wait_readable(&fds, DRAIN_INTERVAL);
             }
             self.take_inputs();
             let now = Instant::now();
-            let (batch, more) = self.drain(now);
+            let (batch, more) = self.drain(now, stopping);
             behind = if more { behind + 1 } else { 0 };
             if !batch.is_empty() {
                 self.hold(batch, now);
@@ -595,14 +606,14 @@ impl Drain {
             self.release(now, stopping);
             // A flush asked for everything up to now, and stopping reads
             // what the rings hold: both wait for the rings to empty, up to
-            // a bound in case a storm never ends.
-            let caught_up = behind == 0 || behind >= CATCH_UP_PASSES;
-            if caught_up {
+            // a bound in case a storm never ends (stopping by time: the
+            // callers give the whole stop less than a second).
+            if behind == 0 || behind >= CATCH_UP_PASSES {
                 for ack in self.flushes.drain(..) {
                     let _ = ack.send(());
                 }
             }
-            if stopping && caught_up {
+            if stopping && (behind == 0 || stop_by.is_some_and(|t| now >= t)) {
                 let far = Instant::now() + Duration::from_secs(3600);
                 let findings = self.forensics.take_findings(far);
                 self.publish_findings(findings);
@@ -654,13 +665,19 @@ impl Drain {
     }
 
     /// What the kernel sent since the last pass, at most
-    /// [`probes::PASS_BUDGET`] records a ring (`more`: records were left
-    /// for the next pass). cgroup creations are applied at once (the
+    /// [`probes::PASS_BUDGET`] records a ring and, of the ordered families,
+    /// nothing stamped after the pass began (`more`: a ring had more than
+    /// its budget). cgroup creations are applied at once (the
     /// directory may be gone by the time the batch is released); everything
     /// else waits for its turn.
-    fn drain(&mut self, now: Instant) -> (RawBatch, bool) {
+    fn drain(&mut self, now: Instant, stopping: bool) -> (RawBatch, bool) {
         let mut b = RawBatch::new(now);
-        let mut pass = Pass::new(probes::PASS_BUDGET);
+        // At stop no pass follows: take what is there, whenever stamped.
+        let mut pass = if stopping {
+            Pass::unstamped(probes::PASS_BUDGET)
+        } else {
+            Pass::new(probes::PASS_BUDGET)
+        };
         let p = &mut self.probes;
         if let Some(cg) = p.cgroups.as_mut() {
             cg.drain_within(&mut pass, |c| b.cgroups.push(c));

@@ -34,7 +34,8 @@ const OFFSETS_GLOBAL: &str = "EXIT_OFFSETS";
 
 /// The exit hooks, best first. All three fire at the same point of
 /// `do_exit()` with the same body; they differ in cost and in what the
-/// kernel must allow: raw_tp (no tracepoint record is filled; since 4.17),
+/// kernel must allow: raw_tp (no tracepoint record is filled; plain loads
+/// from the BTF-typed current task since 5.11, probe reads since 4.17),
 /// tp_btf (the same cost, but aya must parse the kernel's BTF to load it,
 /// which raw_tp spares start-up memory), the plain tracepoint (needs
 /// tracefs; the kernel fills its record first). fentry on `do_exit` is not among them: it runs before
@@ -102,7 +103,9 @@ pub struct Exit {
     pub lifetime_ns: u64,
     /// cgroup v2 id of the exiting task.
     pub cgroup_id: u64,
-    /// A kernel read failed: some fields may be zero.
+    /// A kernel read failed: some fields may be zero. Only the probe-read
+    /// hooks can tell (the plain tracepoint, raw_tp without BTF): where
+    /// the exit program reads with plain loads, a fault reads as 0.
     pub partial: bool,
     /// Who it belongs to, filled in by attribution (`crate::metadata`).
     #[serde(flatten)]
@@ -182,6 +185,25 @@ impl ExitProbe {
         })
     }
 
+    /// Attaches the raw_tp program that reads with `bpf_probe_read_kernel`
+    /// only: what [`ExitProbe::attach`] falls back to where the typed one is
+    /// refused (a kernel without its own BTF, before 5.11). For tests, which
+    /// cannot otherwise reach it on a kernel that accepts the typed one.
+    pub fn attach_probed_raw_tp(ebpf: &mut Ebpf) -> Result<ExitProbe, ProbeError> {
+        let (maps, attachment) = attach_family(
+            ebpf,
+            (FAMILY, HOOK),
+            (EVENTS_MAP, STATS_MAP),
+            [AttachType::RawTp],
+            |ebpf, _| attach_raw_tp_probed(ebpf),
+        )?;
+        Ok(ExitProbe {
+            maps,
+            clock: BootClock::new(),
+            attachment,
+        })
+    }
+
     /// Decodes every event waiting in the ring buffer; returns how many.
     pub fn drain(&mut self, f: impl FnMut(Exit)) -> usize {
         self.drain_within(&mut Pass::all(), f)
@@ -214,13 +236,29 @@ pub fn probe_selection(offsets: &KernelOffsets) -> Result<Attachment, ProbeError
 }
 
 fn attach_one(ebpf: &mut Ebpf, btf: &super::AttachBtf, kind: AttachType) -> Result<(), String> {
-    super::attach_tracepoint(
+    let typed = super::attach_tracepoint(
         ebpf,
         btf,
         kind,
         ("exit", "an exit"),
         ("sched", "sched_process_exit"),
-    )
+    );
+    match (kind, typed) {
+        // The raw_tp program's plain loads need `bpf_get_current_task_btf`
+        // (5.11) and the kernel's own BTF; the same hook with probe reads
+        // needs neither (4.17), and is still cheaper than the tracepoint.
+        (AttachType::RawTp, Err(typed)) => attach_raw_tp_probed(ebpf)
+            .map_err(|probed| format!("{typed}; with probe reads: {probed}")),
+        (_, r) => r,
+    }
+}
+
+fn attach_raw_tp_probed(ebpf: &mut Ebpf) -> Result<(), String> {
+    let prog: &mut aya::programs::RawTracePoint = super::program(ebpf, "exit_raw_tp_probed")?;
+    prog.load().map_err(|e| super::error_chain(&e))?;
+    prog.attach("sched_process_exit")
+        .map_err(|e| super::error_chain(&e))?;
+    Ok(())
 }
 
 impl super::Stamped for ExitEvent {

@@ -354,23 +354,39 @@ pub struct Pass {
     /// records it left in its ring: forensics must see a SIGKILL before the
     /// exit it caused.
     pub until_ns: u64,
-    /// A ring still had records when its budget ran out (or one was set
-    /// aside): another pass is due at once.
+    /// A ring still had records when its budget ran out: another pass is
+    /// due at once. (A record set aside because it was stamped after the
+    /// pass began waits for the next pass in the usual way.)
     pub more: bool,
 }
 
 impl Pass {
+    /// A pass of `budget` records a ring that takes nothing stamped after
+    /// now: a SIGKILL committed while the signals ring was being read, and
+    /// the exit it caused, both wait for the next pass (the signal and OOM
+    /// programs stamp before they reserve, so a record stamped before now
+    /// and still uncommitted cannot have caused a later exit yet).
     pub fn new(budget: usize) -> Pass {
+        Pass {
+            budget,
+            until_ns: crate::kernel::clock::boot_ns(),
+            more: false,
+        }
+    }
+
+    /// Everything waiting, whenever stamped (tests and self-tests, which
+    /// read small batches; the last pass at stop).
+    pub fn all() -> Pass {
+        Pass::unstamped(usize::MAX)
+    }
+
+    /// `budget` records a ring, whenever stamped.
+    pub fn unstamped(budget: usize) -> Pass {
         Pass {
             budget,
             until_ns: u64::MAX,
             more: false,
         }
-    }
-
-    /// Everything waiting (tests and self-tests, which read small batches).
-    pub fn all() -> Pass {
-        Pass::new(usize::MAX)
     }
 }
 
@@ -435,10 +451,7 @@ impl FamilyMaps {
         let mut last = 0;
         if !self.set_aside.is_empty() {
             match raw_event::<T>(&self.set_aside) {
-                Some(raw) if raw.stamp_ns() > pass.until_ns => {
-                    pass.more = true;
-                    return 0;
-                }
+                Some(raw) if raw.stamp_ns() > pass.until_ns => return 0,
                 Some(raw) => {
                     last = raw.stamp_ns();
                     f(raw);
@@ -457,7 +470,6 @@ impl FamilyMaps {
             };
             if raw.stamp_ns() > pass.until_ns {
                 self.set_aside.extend_from_slice(&item);
-                pass.more = true;
                 return n;
             }
             last = raw.stamp_ns();
