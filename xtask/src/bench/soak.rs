@@ -1,6 +1,7 @@
 //! `cargo xtask bench soak [--minutes N] [--records-memory-bytes B]
-//! [--shipped]`: the agent (with `--shipped`, the static musl binary the
-//! image ships rather than the test build) on a full node for a
+//! [--shipped | --binary PODSCOPE]`: the agent (with `--shipped`, the static
+//! musl binary the image ships rather than the test build; with `--binary`,
+//! any other) on a full node for a
 //! long time. kubelet's default maximum of 110 pods × 3 containers run on
 //! the test node with churn: pods deleted and created again under new
 //! names, crash-looping containers in back-off, exit storms, CPU-throttled
@@ -70,6 +71,7 @@ struct Plan {
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
     let (mut minutes, mut records_memory, mut shipped) = (30, None, false);
+    let mut binary: Option<PathBuf> = None;
     match args {
         [flag] if flag == "--check" => {
             // The test suite's version alone.
@@ -99,6 +101,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
                             .parse()
                             .context("--minutes needs a whole number of minutes")?
                     }
+                    "--binary" => binary = Some(PathBuf::from(value?)),
                     "--records-memory-bytes" => {
                         records_memory = Some(
                             value?
@@ -107,7 +110,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
                         )
                     }
                     _ => bail!(
-                        "usage: cargo xtask bench soak [--minutes N] [--records-memory-bytes B] [--shipped] | --check"
+                        "usage: cargo xtask bench soak [--minutes N] [--records-memory-bytes B] [--shipped | --binary PODSCOPE] | --check"
                     ),
                 }
             }
@@ -117,10 +120,12 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     setup::apt_packages(&["librsvg2-bin"])?;
     // --shipped: the static (musl) binary the image ships, whose allocator
     // is musl's, not glibc's as in the test build.
-    let podscope = if shipped {
-        crate::dist::shipped_for_host()?
-    } else {
-        build_podscope()?
+    // --binary: any podscope, e.g. a wrapper that runs it under a heap
+    // profiler (the sampled RSS and CPU are then the wrapper's process's).
+    let podscope = match (binary, shipped) {
+        (Some(b), _) => b,
+        (None, true) => crate::dist::shipped_for_host()?,
+        (None, false) => build_podscope()?,
     };
     println!("soak: running {}", podscope.display());
     let out_dir = crate::root().join("target/soak");
