@@ -275,19 +275,22 @@ const RETRY: Duration = Duration::from_secs(10);
 
 /// Records waiting for the journal's thread at most (it keeps its own
 /// queue of records the disk refused); beyond, a record is kept in memory
-/// only and counted as lost to the journal.
+/// only and counted as lost to the journal. The channel holds boxes: its
+/// slots are allocated and written when it is made, and 4,096 inline
+/// records were 3.6 MiB of the agent's heap from start-up on (heaptrack,
+/// the largest single allocation), where boxes are 64 KiB.
 const JOURNAL_QUEUE: usize = 4096;
 
 /// Queues records for the journal's thread, from the task that consumes them.
 pub struct JournalHandle {
-    tx: mpsc::SyncSender<TerminationRecord>,
+    tx: mpsc::SyncSender<Box<TerminationRecord>>,
     stats: Arc<JournalStats>,
 }
 
 impl JournalHandle {
     /// Queues a record; never blocks.
     pub fn write(&self, r: TerminationRecord) {
-        if self.tx.try_send(r).is_err() {
+        if self.tx.try_send(Box::new(r)).is_err() {
             self.stats.lost.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -295,14 +298,14 @@ impl JournalHandle {
 
 /// Sends records to the journal's thread.
 pub struct JournalWriter {
-    tx: mpsc::SyncSender<TerminationRecord>,
+    tx: mpsc::SyncSender<Box<TerminationRecord>>,
     done: mpsc::Receiver<()>,
     pub stats: Arc<JournalStats>,
 }
 
 impl JournalWriter {
     pub fn spawn(mut journal: Journal, stats: Arc<JournalStats>) -> std::io::Result<JournalWriter> {
-        let (tx, rx) = mpsc::sync_channel::<TerminationRecord>(JOURNAL_QUEUE);
+        let (tx, rx) = mpsc::sync_channel::<Box<TerminationRecord>>(JOURNAL_QUEUE);
         let (done_tx, done) = mpsc::channel();
         let s = stats.clone();
         s.publish(&journal);
@@ -349,7 +352,7 @@ impl JournalWriter {
 
     /// Queues a record; never blocks.
     pub fn write(&self, r: TerminationRecord) {
-        if self.tx.try_send(r).is_err() {
+        if self.tx.try_send(Box::new(r)).is_err() {
             self.stats.lost.fetch_add(1, Ordering::Relaxed);
         }
     }
