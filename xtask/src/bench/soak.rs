@@ -121,7 +121,9 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     // --shipped: the static (musl) binary the image ships, whose allocator
     // is musl's, not glibc's as in the test build.
     // --binary: any podscope, e.g. a wrapper that runs it under a heap
-    // profiler (the sampled RSS and CPU are then the wrapper's process's).
+    // profiler (the sampled RSS and CPU are then the wrapper's process's,
+    // and the stop reaches the wrapper only: heaptrack runs the agent as
+    // its child, which must then be ended by its PID).
     let podscope = match (binary, shipped) {
         (Some(b), _) => b,
         (None, true) => crate::dist::shipped_for_host()?,
