@@ -10,6 +10,7 @@
 //! - [`events`]: the typed events consumers see;
 //! - [`net`]: the packet path: kube-proxy's rules (iptables, nftables) as one Service map; connections and drops attributed to pods and Services;
 //! - [`cli`]: the `podscope` subcommands;
+//! - [`heap`]: the agent's own live heap, counted (a leak told from fragmentation);
 //! - [`selftest`]: the kernel-facing tests, shared by `cargo test` and the static `podscope-kernel-tests`.
 //!
 //! Without the `daemon` feature (default on) only the kernel side is built:
@@ -32,6 +33,7 @@ pub mod driver;
 pub mod events;
 pub mod families;
 pub mod forensics;
+pub mod heap;
 pub mod kernel;
 pub mod metadata;
 #[cfg(feature = "daemon")]

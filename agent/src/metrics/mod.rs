@@ -73,7 +73,8 @@ impl SeriesBudget {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
-    pub source: String,
+    /// A kernel family's name (static: counting an event allocates nothing).
+    pub source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -180,6 +181,9 @@ pub struct Metrics {
     names_waited_out: Counter,
     names_waited_seen: u64,
     drain_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// The agent's own live heap and resident size (see [`crate::heap`]).
+    heap: Gauge,
+    resident: Gauge,
     /// Connections the HTTP listener closed at once (at its connection cap).
     pub http_refused: Counter,
     /// Events a consumer inside the agent (metrics, records) missed.
@@ -288,6 +292,20 @@ impl Metrics {
             "Longest time an event waited between its drain and its publication over the last second (waiting for names)",
             drain_lag.clone(),
         );
+        let heap = Gauge::default();
+        let resident = Gauge::default();
+        if crate::heap::live_bytes().is_some() {
+            registry.register(
+                "agent_heap_bytes",
+                "Bytes the agent holds allocated on its heap: flat when nothing leaks, whatever its resident size does",
+                heap.clone(),
+            );
+        }
+        registry.register(
+            "agent_resident_memory_bytes",
+            "The agent's resident memory (VmRSS): its heap, code, the kernel's ring buffers it maps, and free pages its allocator keeps",
+            resident.clone(),
+        );
         let http_refused = Counter::default();
         registry.register(
             "http_connections_refused",
@@ -328,6 +346,8 @@ impl Metrics {
             names_waited_out,
             names_waited_seen: 0,
             drain_lag,
+            heap,
+            resident,
             http_refused,
             consumer_lagged,
         }
@@ -368,7 +388,7 @@ impl Metrics {
         }
         self.events
             .get_or_create(&SourceLabels {
-                source: event.source().to_string(),
+                source: event.source(),
             })
             .inc();
     }
@@ -386,14 +406,14 @@ impl Metrics {
             if s.stats.lost > *seen {
                 self.lost
                     .get_or_create(&SourceLabels {
-                        source: s.source.to_string(),
+                        source: s.source,
                     })
                     .inc_by(s.stats.lost - *seen);
                 *seen = s.stats.lost;
             } else {
                 // Create the series at 0 so that alerts on it can fire from the start.
                 let _ = self.lost.get_or_create(&SourceLabels {
-                    source: s.source.to_string(),
+                    source: s.source,
                 });
             }
         }
@@ -420,6 +440,15 @@ impl Metrics {
                 .update(book, Instant::now(), &self.series_refused);
         }
         self.net.update_rules(rule_errors);
+    }
+
+    /// The agent's own memory, sampled once a second.
+    pub fn update_process(&mut self) {
+        if let Some(b) = crate::heap::live_bytes() {
+            self.heap.set(b as i64);
+        }
+        self.resident
+            .set((crate::kernel::resident_kib().0 * 1024) as i64);
     }
 
     /// Which dependencies are degraded, and how often they were.

@@ -6,9 +6,9 @@
 //! the test node with churn: pods deleted and created again under new
 //! names, crash-looping containers in back-off, exit storms, CPU-throttled
 //! spinners and Service traffic. Debian's Prometheus scrapes the agent every
-//! 5 s. Every 10 s the agent's RSS, CPU, series count, events lost, journal
+//! 5 s. Every 10 s the agent's RSS, live heap, CPU, series count, events lost, journal
 //! size and Prometheus' scrape duration are sampled; the run ends with a
-//! table, a CSV and a plot of RSS and CPU over time
+//! table, a CSV and a plot of RSS, heap and CPU over time
 //! (`target/soak/soak.{csv,svg,png}`).
 //!
 //! `cargo xtask test` runs a short version of it ([`check`]): 40 pods, 80 s
@@ -297,6 +297,9 @@ struct Soak {
 struct Sample {
     at: Duration,
     rss_mib: f64,
+    /// The agent's live heap (`podscope_agent_heap_bytes`): what it holds,
+    /// where the RSS adds code, mapped rings and the allocator's free pages.
+    heap_mib: f64,
     cpu_pct: f64,
     series: usize,
     lost: f64,
@@ -506,6 +509,7 @@ impl Soak {
                 samples.push(Sample {
                     at: start.elapsed(),
                     rss_mib: proc_status_kib(agent.pid(), "VmRSS:").unwrap_or(0) as f64 / 1024.0,
+                    heap_mib: metric_sum(&metrics, "podscope_agent_heap_bytes") / 1048576.0,
                     cpu_pct,
                     series: metrics
                         .lines()
@@ -643,18 +647,19 @@ fn dir_size(dir: &Path) -> u64 {
 /// and an SVG plot of RSS and CPU turned into PNG by rsvg-convert.
 fn report(samples: &[Sample], out_dir: &Path) -> Result<()> {
     println!(
-        "\n| minute | RSS MiB | CPU % of a core | series | events lost | journal KiB | records in memory KiB | evicted | scrape ms |\n|---|---|---|---|---|---|---|---|---|"
+        "\n| minute | RSS MiB | heap MiB | CPU % of a core | series | events lost | journal KiB | records in memory KiB | evicted | scrape ms |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     let mut csv = String::from(
-        "seconds,rss_mib,cpu_pct,series,events_lost,journal_kib,store_kib,evicted,scrape_ms\n",
+        "seconds,rss_mib,heap_mib,cpu_pct,series,events_lost,journal_kib,store_kib,evicted,scrape_ms\n",
     );
     let mut last_minute = u64::MAX;
     for (i, s) in samples.iter().enumerate() {
         let _ = writeln!(
             csv,
-            "{:.0},{:.2},{:.2},{},{},{:.1},{:.1},{},{:.2}",
+            "{:.0},{:.2},{:.3},{:.2},{},{},{:.1},{:.1},{},{:.2}",
             s.at.as_secs_f64(),
             s.rss_mib,
+            s.heap_mib,
             s.cpu_pct,
             s.series,
             s.lost,
@@ -667,9 +672,10 @@ fn report(samples: &[Sample], out_dir: &Path) -> Result<()> {
         if minute != last_minute || i + 1 == samples.len() {
             last_minute = minute;
             println!(
-                "| {:.1} | {:.1} | {:.2} | {} | {} | {:.0} | {:.0} | {} | {:.1} |",
+                "| {:.1} | {:.1} | {:.2} | {:.2} | {} | {} | {:.0} | {:.0} | {} | {:.1} |",
                 s.at.as_secs_f64() / 60.0,
                 s.rss_mib,
+                s.heap_mib,
                 s.cpu_pct,
                 s.series,
                 s.lost,
@@ -715,7 +721,7 @@ fn plot(samples: &[Sample]) -> String {
             .join(" ")
     };
     let mut svg = format!(
-        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n<text x='{l}' y='22' font-size='14'>podscope agent, {PODS} pods x 3 containers with churn: RSS (blue, left) and CPU (red, right)</text>\n"
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n<text x='{l}' y='22' font-size='14'>podscope agent, {PODS} pods x 3 containers with churn: RSS (blue) and live heap (green), left; CPU (red), right</text>\n"
     );
     for i in 0..=4 {
         let y = b - (b - t) * f64::from(i) / 4.0;
@@ -742,8 +748,9 @@ fn plot(samples: &[Sample]) -> String {
     }
     let _ = writeln!(
         svg,
-        "<polyline fill='none' stroke='#1f4e9c' stroke-width='2' points='{}'/>\n<polyline fill='none' stroke='#b22' stroke-width='1.5' points='{}'/>\n<rect x='{l}' y='{t}' width='{}' height='{}' fill='none' stroke='black'/>\n</svg>",
+        "<polyline fill='none' stroke='#1f4e9c' stroke-width='2' points='{}'/>\n<polyline fill='none' stroke='#2a8a3a' stroke-width='2' points='{}'/>\n<polyline fill='none' stroke='#b22' stroke-width='1.5' points='{}'/>\n<rect x='{l}' y='{t}' width='{}' height='{}' fill='none' stroke='black'/>\n</svg>",
         line(&|s| s.rss_mib, rss_max),
+        line(&|s| s.heap_mib, rss_max),
         line(&|s| s.cpu_pct, cpu_max),
         r - l,
         b - t
