@@ -17,10 +17,10 @@ fn record(n: u32) -> TerminationRecord {
     TerminationRecord {
         pod: PodIdentity {
             namespace: Some("shop".into()),
-            pod: format!("cart-7d9f-{n}").into(),
+            pod: Some(format!("cart-7d9f-{n}").into()),
             pod_uid: Some("0b1e5c2a-5d0e-4e8e-9a57-5f0b8c1d2e3f".into()),
             container: Some("app".into()),
-            container_id: Some(format!("{n:064x}")),
+            container_id: Some(format!("{n:064x}").into()),
         },
         restart_attempt: Some(3),
         started_at: SystemTime::now() - Duration::from_secs(60),

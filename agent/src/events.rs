@@ -104,8 +104,8 @@ pub struct Filter {
 
 impl Filter {
     pub fn matches(&self, id: &crate::metadata::PodIdentity) -> bool {
-        let eq = |want: &Option<String>, have: &Option<String>| {
-            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
+        let eq = |want: &Option<String>, have: &Option<std::sync::Arc<str>>| {
+            want.as_deref().is_none_or(|w| have.as_deref() == Some(w))
         };
         eq(&self.namespace, &id.namespace)
             && eq(&self.pod, &id.pod)

@@ -565,7 +565,7 @@ pub(super) fn pod_column(id: &PodIdentity) -> String {
 
 pub(super) fn container_column(id: &PodIdentity) -> String {
     match (&id.container, &id.container_id) {
-        (Some(name), _) => name.clone(),
+        (Some(name), _) => name.to_string(),
         (None, Some(cid)) => cid.chars().take(13).collect(),
         (None, None) => "-".to_string(),
     }

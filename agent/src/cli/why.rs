@@ -3,7 +3,7 @@
 //! of the local agent (`/api/v1/terminations` on its unix socket), which
 //! keeps them across its own restarts.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::Arc};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -86,7 +86,7 @@ fn render(ns: &str, pod: &str, a: &Answer, last: usize) -> String {
         return out;
     }
     // Containers in order of their newest termination, newest first.
-    let mut names: Vec<String> = vec![];
+    let mut names: Vec<Arc<str>> = vec![];
     for r in a.terminations.iter().rev() {
         let n = r.pod.container.clone().unwrap_or_else(|| "?".into());
         if !names.contains(&n) {
@@ -98,7 +98,7 @@ fn render(ns: &str, pod: &str, a: &Answer, last: usize) -> String {
             .terminations
             .iter()
             .rev()
-            .filter(|r| r.pod.container.as_deref().unwrap_or("?") == name)
+            .filter(|r| r.pod.container.as_deref().unwrap_or("?") == &**name)
             .take(last.max(1))
             .collect();
         let Some(newest) = recs.first() else { continue };

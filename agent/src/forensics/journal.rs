@@ -402,10 +402,10 @@ pub(crate) mod tests {
         TerminationRecord {
             pod: crate::metadata::PodIdentity {
                 namespace: Some("ns".into()),
-                pod: Some(format!("pod-{n}")),
+                pod: Some(format!("pod-{n}").into()),
                 pod_uid: Some("uid".into()),
                 container: Some("app".into()),
-                container_id: Some(format!("{n:064x}")),
+                container_id: Some(format!("{n:064x}").into()),
             },
             restart_attempt: Some(0),
             started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),

@@ -413,7 +413,7 @@ impl Forensics {
                 s.ended = true;
             }
             if let Some(uid) = &exit.pod.pod_uid {
-                bounded_insert(&mut self.sandbox_ends, uid.clone(), exit.ts_boot_ns);
+                bounded_insert(&mut self.sandbox_ends, uid.to_string(), exit.ts_boot_ns);
             }
             return;
         }
@@ -627,7 +627,7 @@ impl Forensics {
                     after_seconds: (end as f64 - a.stop_ns as f64) / 1e9,
                 }),
                 None if started => Some(Aftermath::NewContainer {
-                    name: a.record.pod.container.clone(),
+                    name: a.record.pod.container.as_deref().map(str::to_string),
                 }),
                 None if now >= a.due => Some(Aftermath::Nothing),
                 None => None,
@@ -785,7 +785,7 @@ impl Forensics {
             Some(t) if t.is_init() && reason != Reason::Completed && !runtime_stop => {
                 let app_started = pod_uid
                     .as_ref()
-                    .and_then(|u| self.app_starts.get(u))
+                    .and_then(|u| self.app_starts.get(&**u))
                     .is_some_and(|t| *t <= p.seen);
                 let name = exit.pod.container.as_deref().unwrap_or("?");
                 match role::blocked_sentence(app_started) {
@@ -837,7 +837,7 @@ impl Forensics {
                     kill_at,
                     due: Instant::now() + TRIGGER_WAIT,
                     seen: p.seen,
-                    pod_uid,
+                    pod_uid: pod_uid.to_string(),
                     stop_ns,
                     shape,
                     record,
@@ -935,9 +935,9 @@ fn sender_of(sig: &Signal, kind: SenderKind) -> Sender {
         kind,
         pid: sig.sender.tgid,
         comm: sig.sender.comm.clone(),
-        namespace: p.namespace.clone(),
-        pod: p.pod.clone(),
-        container: p.container.clone(),
+        namespace: p.namespace.as_deref().map(str::to_string),
+        pod: p.pod.as_deref().map(str::to_string),
+        container: p.container.as_deref().map(str::to_string),
     }
 }
 

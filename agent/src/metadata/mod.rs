@@ -29,13 +29,17 @@ use self::{
 use crate::kernel::cgroups::CgroupLayout;
 
 /// Who an event belongs to. All None: a host process.
+///
+/// The names are shared, not copied: every event of a container carries
+/// the same five strings, so cloning an identity (once per event and per
+/// consumer) only counts references.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PodIdentity {
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
-    pub pod_uid: Option<String>,
-    pub container: Option<String>,
-    pub container_id: Option<String>,
+    pub namespace: Option<Arc<str>>,
+    pub pod: Option<Arc<str>>,
+    pub pod_uid: Option<Arc<str>>,
+    pub container: Option<Arc<str>>,
+    pub container_id: Option<Arc<str>>,
 }
 
 impl PodIdentity {
@@ -166,7 +170,15 @@ pub struct Resolver {
     cgroups: CgroupMap,
     names: Arc<Names>,
     stats: ResolverStats,
+    /// Identities already worked out, by cgroup id (with whether CRI did
+    /// not name the container): an event's attribution is then one lookup
+    /// and five reference counts. Forgotten whenever names or cgroups change.
+    identities: HashMap<u64, (PodIdentity, bool)>,
 }
+
+/// The identity cache's bound: more cgroups than this between two changes
+/// of names (CRI refreshes every few seconds) start it afresh.
+const IDENTITIES_MAX: usize = 8192;
 
 impl Resolver {
     /// Scans the existing pod cgroups (start-up I/O, before the drain runs).
@@ -196,6 +208,7 @@ impl Resolver {
                 ..Names::default()
             }),
             stats: ResolverStats::default(),
+            identities: HashMap::new(),
         }
     }
 
@@ -217,6 +230,7 @@ impl Resolver {
 
     pub fn set_names(&mut self, names: Arc<Names>) {
         self.names = names;
+        self.identities.clear();
     }
 
     /// Whether CRI has been asked at least once (answering or not: without
@@ -256,11 +270,13 @@ impl Resolver {
 
     pub fn cgroup_created(&mut self, id: u64, path: &str) {
         self.cgroups.insert(id, path);
+        self.identities.remove(&id);
     }
 
     /// See [`CgroupMap::reconcile`].
     pub fn reconcile_cgroups(&mut self, found: &[(u64, String)], scanned_at: Instant) {
         self.cgroups.reconcile(found, scanned_at);
+        self.identities.clear();
     }
 
     /// What the cgroup's path says (pod uid, container id), if it is a pod's.
@@ -302,40 +318,22 @@ impl Resolver {
 
     /// Who the task in cgroup `id` belongs to, from memory.
     pub fn identify(&mut self, cgroup_id: u64) -> PodIdentity {
-        let Some(cg) = self.cgroups.get(cgroup_id).cloned() else {
-            return PodIdentity::default();
+        let (id, unnamed) = match self.identities.get(&cgroup_id) {
+            Some((id, unnamed)) => (id.clone(), *unnamed),
+            None => {
+                let Some(cg) = self.cgroups.get(cgroup_id) else {
+                    return PodIdentity::default();
+                };
+                let (id, unnamed) = identity_of(cg, &self.names);
+                if self.identities.len() >= IDENTITIES_MAX {
+                    self.identities.clear();
+                }
+                self.identities.insert(cgroup_id, (id.clone(), unnamed));
+                (id, unnamed)
+            }
         };
-        let mut id = PodIdentity {
-            pod_uid: Some(cg.pod_uid.clone()),
-            container_id: cg.container_id.clone(),
-            ..PodIdentity::default()
-        };
-        let names = &self.names;
-        if let Some((m, _)) = cg
-            .container_id
-            .as_ref()
-            .and_then(|c| names.containers.get(c))
-        {
-            id.namespace = Some(m.namespace.clone());
-            id.pod = Some(m.pod.clone());
-            id.container = Some(m.name.clone());
-            return id;
-        }
-        // A pause container, or a container CRI does not know: name the pod at least.
-        if let Some((s, _)) = names
-            .sandboxes
-            .values()
-            .find(|(s, _)| s.pod_uid == cg.pod_uid)
-        {
-            id.namespace = Some(s.namespace.clone());
-            id.pod = Some(s.pod.clone());
-        }
-        // The sandbox's own (pause) container: named "POD", as kubelet and
-        // cAdvisor name it, so its exits (runc's bootstrap) are not unlabelled.
-        match cg.container_id.as_ref() {
-            Some(c) if names.sandboxes.contains_key(c) => id.container = Some("POD".to_string()),
-            Some(_) => self.stats.unnamed_container_events += 1,
-            None => {}
+        if unnamed {
+            self.stats.unnamed_container_events += 1;
         }
         id
     }
@@ -343,6 +341,7 @@ impl Resolver {
     /// Forgets removed cgroups after the retention.
     pub fn gc(&mut self, now: Instant) {
         self.cgroups.gc(now);
+        self.identities.clear();
     }
 
     /// Whether an IP is a pod's of this node (without copying its names).
@@ -355,11 +354,120 @@ impl Resolver {
         let id = self.names.pod_ips.get(&ip)?;
         let (s, _) = self.names.sandboxes.get(id)?;
         Some(PodIdentity {
-            namespace: Some(s.namespace.clone()),
-            pod: Some(s.pod.clone()),
-            pod_uid: Some(s.pod_uid.clone()),
+            namespace: Some(s.namespace.as_str().into()),
+            pod: Some(s.pod.as_str().into()),
+            pod_uid: Some(s.pod_uid.as_str().into()),
             container: None,
             container_id: None,
         })
+    }
+}
+
+/// What the cgroup's path and CRI's names say of a cgroup, and whether CRI
+/// did not name its container.
+fn identity_of(cg: &cgroup_path::CgroupRef, names: &Names) -> (PodIdentity, bool) {
+    let shared = |s: &str| Some(Arc::<str>::from(s));
+    let mut id = PodIdentity {
+        pod_uid: shared(&cg.pod_uid),
+        container_id: cg.container_id.as_deref().and_then(shared),
+        ..PodIdentity::default()
+    };
+    if let Some((m, _)) = cg
+        .container_id
+        .as_ref()
+        .and_then(|c| names.containers.get(c))
+    {
+        id.namespace = shared(&m.namespace);
+        id.pod = shared(&m.pod);
+        id.container = shared(&m.name);
+        return (id, false);
+    }
+    // A pause container, or a container CRI does not know: name the pod at least.
+    if let Some((s, _)) = names
+        .sandboxes
+        .values()
+        .find(|(s, _)| s.pod_uid == cg.pod_uid)
+    {
+        id.namespace = shared(&s.namespace);
+        id.pod = shared(&s.pod);
+    }
+    // The sandbox's own (pause) container: named "POD", as kubelet and
+    // cAdvisor name it, so its exits (runc's bootstrap) are not unlabelled.
+    match cg.container_id.as_ref() {
+        Some(c) if names.sandboxes.contains_key(c) => {
+            id.container = shared("POD");
+            (id, false)
+        }
+        Some(_) => (id, true),
+        None => (id, false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "0b1e5c2a-5d0e-4e8e-9a57-5f0b8c1d2e3f";
+    const CID: &str = "4f3c2b1a00000000000000000000000000000000000000000000000000000000";
+
+    fn resolver_with_container() -> Resolver {
+        let mut r = Resolver::new(&ResolverOptions {
+            use_cri: false,
+            ..Default::default()
+        });
+        r.cgroup_created(7, &format!("/kubepods/burstable/pod{UID}/{CID}"));
+        r
+    }
+
+    fn names_of(container: &str) -> Arc<Names> {
+        let meta = ContainerMeta {
+            id: CID.into(),
+            name: container.into(),
+            attempt: 0,
+            namespace: "shop".into(),
+            pod: "cart".into(),
+            pod_uid: UID.into(),
+            sandbox_id: "s".into(),
+            pod_grace_seconds: None,
+            pre_stop_handler: None,
+            container_type: None,
+            ports: None,
+        };
+        let mut names = Names {
+            state: CriState::Up,
+            ..Names::default()
+        };
+        names
+            .containers
+            .insert(CID.into(), (Arc::new(meta), None));
+        Arc::new(names)
+    }
+
+    /// The identities kept between events follow CRI: a container named
+    /// after its first events carries the names from then on, and a
+    /// rename (a new snapshot) is seen at once; unnamed events are counted
+    /// one by one although their identity is remembered.
+    #[test]
+    fn remembered_identities_follow_the_names() {
+        let mut r = resolver_with_container();
+        let id = r.identify(7);
+        assert_eq!(id.pod_uid.as_deref(), Some(UID));
+        assert_eq!(id.container_id.as_deref(), Some(CID));
+        assert_eq!(id.container, None);
+        r.identify(7);
+        assert_eq!(r.stats().unnamed_container_events, 2);
+
+        r.set_names(names_of("app"));
+        let id = r.identify(7);
+        assert_eq!(
+            (id.namespace.as_deref(), id.pod.as_deref(), id.container.as_deref()),
+            (Some("shop"), Some("cart"), Some("app"))
+        );
+        assert_eq!(r.stats().unnamed_container_events, 2);
+
+        r.set_names(names_of("worker"));
+        assert_eq!(r.identify(7).container.as_deref(), Some("worker"));
+        // A host process (a cgroup not in the map) is nobody's.
+        assert!(r.identify(8).is_host());
     }
 }

@@ -1,7 +1,7 @@
 //! `podscope_process_exits_total{namespace,pod,container,outcome}`: every
 //! process exit in a pod, by how it ended. Host processes have no series.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
@@ -35,9 +35,9 @@ impl Outcome {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExitLabels {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
+    pub namespace: Arc<str>,
+    pub pod: Arc<str>,
+    pub container: Arc<str>,
     pub outcome: Outcome,
 }
 

@@ -16,7 +16,7 @@
 //!
 //! Traffic that touches no Service is not counted as Service traffic.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -29,8 +29,8 @@ use crate::net::{Connection, Outcome, PacketDrop};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceConnLabels {
-    pub namespace: String,
-    pub pod: String,
+    pub namespace: Arc<str>,
+    pub pod: Arc<str>,
     pub service_namespace: String,
     pub service: String,
     pub port: String,
@@ -55,8 +55,8 @@ pub struct TerminatingLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DropLabels {
-    pub namespace: String,
-    pub pod: String,
+    pub namespace: Arc<str>,
+    pub pod: Arc<str>,
     pub reason: String,
 }
 

@@ -15,7 +15,10 @@
 //!   is the kernel's comm (15 bytes), at most 8 per container
 //!   (`forensics::respawn::COMMANDS_KEPT`), under the shared series budget.
 
-use std::time::{Instant, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Instant, UNIX_EPOCH},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -32,41 +35,41 @@ use crate::{
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
+    pub namespace: Arc<str>,
+    pub pod: Arc<str>,
+    pub container: Arc<str>,
     pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TriggerLabels {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
+    pub namespace: Arc<str>,
+    pub pod: Arc<str>,
+    pub container: Arc<str>,
     pub trigger: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabels {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
+    pub namespace: Arc<str>,
+    pub pod: Arc<str>,
+    pub container: Arc<str>,
     pub scope: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandLabels {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
+    pub namespace: Arc<str>,
+    pub pod: Arc<str>,
+    pub container: Arc<str>,
     pub command: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CauseLabels {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
+    pub namespace: Arc<str>,
+    pub pod: Arc<str>,
+    pub container: Arc<str>,
     pub cause: String,
 }
 
@@ -85,7 +88,7 @@ pub struct TerminationMetrics {
 }
 
 /// namespace, pod, container of a pod's event; None for the host's.
-fn workload(p: &PodIdentity) -> Option<(String, String, String)> {
+fn workload(p: &PodIdentity) -> Option<(Arc<str>, Arc<str>, Arc<str>)> {
     Some((
         p.namespace.clone()?,
         p.pod.clone()?,

@@ -14,7 +14,11 @@
 //! A container has series here once it has a CPU limit or has been
 //! throttled (by an ancestor's quota too), not before.
 
-use std::{collections::HashMap, sync::atomic::AtomicU64, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::AtomicU64},
+    time::Instant,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
@@ -39,9 +43,9 @@ pub enum Source {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ContainerLabels {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
+    pub namespace: Arc<str>,
+    pub pod: Arc<str>,
+    pub container: Arc<str>,
 }
 
 impl ContainerLabels {
@@ -56,9 +60,9 @@ impl ContainerLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
+    pub namespace: Arc<str>,
+    pub pod: Arc<str>,
+    pub container: Arc<str>,
     pub source: Source,
 }
 

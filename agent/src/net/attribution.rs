@@ -183,8 +183,8 @@ pub fn connection(
 
 fn pod_ref(p: PodIdentity) -> Option<PodRef> {
     Some(PodRef {
-        namespace: p.namespace?,
-        pod: p.pod?,
+        namespace: p.namespace?.to_string(),
+        pod: p.pod?.to_string(),
     })
 }
 

@@ -63,7 +63,7 @@ pub struct DyingEndpoints {
 }
 
 fn key(pod: &PodIdentity) -> Option<(String, String)> {
-    Some((pod.namespace.clone()?, pod.pod.clone()?))
+    Some((pod.namespace.as_deref()?.into(), pod.pod.as_deref()?.into()))
 }
 
 impl DyingEndpoints {
