@@ -188,6 +188,11 @@ pub struct ThrottleBook {
 }
 
 impl ThrottleBook {
+    /// Containers whose throttling is kept, and throttles waiting for the next round.
+    pub fn entries(&self) -> (usize, usize) {
+        (self.entries.len(), self.later.len())
+    }
+
     pub fn layout(&self) -> &CgroupLayout {
         &self.layout
     }

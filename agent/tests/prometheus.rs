@@ -248,6 +248,31 @@ fn prometheus_scrapes_per_pod_exit_counts() {
     ] {
         assert!(exposition.contains(name), "{name} missing from /metrics");
     }
+    // The agent's own memory: its counted heap is real (non-zero, inside its
+    // resident size), and the tables it keeps show the pods it just saw.
+    let sample = |name: &str| {
+        exposition
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no sample {name} in /metrics"))
+    };
+    let heap = sample("podscope_agent_heap_bytes");
+    let resident = sample("podscope_agent_resident_memory_bytes");
+    assert!(
+        heap > 64.0 * 1024.0 && heap < resident,
+        "heap {heap} bytes, resident {resident} bytes"
+    );
+    // Two pods of one container each: their pod, container and pause
+    // cgroups (ended ones are kept for the retention).
+    assert!(
+        sample("podscope_agent_table_entries{table=\"cgroups\"}") >= 4.0,
+        "{exposition}"
+    );
+    assert!(
+        sample("podscope_agent_table_entries{table=\"forensics_containers\"}") >= 1.0,
+        "{exposition}"
+    );
 
     // SIGTERM: probes detached, exit 0 within 5 s.
     let mut agent = guard.0.remove(0);

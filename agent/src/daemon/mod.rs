@@ -330,7 +330,7 @@ fn spawn_metrics(
                     if let Ok(mut m) = state.metrics.lock() {
                         m.update(&st, book.as_deref(), rule_errors.load(Ordering::Relaxed));
                         m.update_health(&report);
-                        m.update_process();
+                        m.update_process(&st, book.as_deref());
                         if let Some(j) = &journal {
                             m.update_journal(j);
                         }

@@ -170,6 +170,8 @@ pub struct DriverStatus {
     pub metadata_synced: bool,
     /// When the drain thread last went round its loop.
     pub heartbeat: Option<Instant>,
+    /// Entries in each table the drain thread keeps, by name.
+    pub tables: Vec<(&'static str, usize)>,
 }
 
 /// What the dependency tasks hand the drain thread.
@@ -834,6 +836,17 @@ impl Drain {
             })
             .collect();
         let names = self.resolver.names().clone();
+        let mut tables = vec![];
+        self.resolver.tables(&mut tables);
+        self.forensics.tables(&mut tables);
+        let (seen, seen_order) = self.seen.entries();
+        tables.extend([
+            ("held_batches", self.held.len()),
+            ("unknown_to_cri", self.unknown_to_cri.len()),
+            ("connections_seen", seen),
+            ("connections_seen_order", seen_order),
+            ("dying_pods", self.dying.len()),
+        ]);
         let status = DriverStatus {
             sources,
             resolver: self.resolver.stats(),
@@ -847,6 +860,7 @@ impl Drain {
             drain_lag: self.max_lag,
             metadata_synced: self.resolver.synced(),
             heartbeat: Some(Instant::now()),
+            tables,
         };
         self.status.send_replace(Arc::new(status));
     }

@@ -308,6 +308,34 @@ impl Forensics {
         self.state(cgroup_id).main.get_or_insert(tgid);
     }
 
+    /// The size of every table forensics keeps (`podscope_agent_table_entries`):
+    /// each is bounded, and this is how that is seen on a live node.
+    pub fn tables(&self, out: &mut Vec<(&'static str, usize)>) {
+        let items: usize = self
+            .containers
+            .values()
+            .map(|s| {
+                s.signals.len() + s.ooms.len() + s.deaths.len() + s.execs.len() + s.respawns.len()
+            })
+            .sum();
+        let (net_pods, net_conns) = self.net.entries();
+        out.extend([
+            ("forensics_containers", self.containers.len()),
+            ("forensics_container_events", items),
+            ("forensics_recent_kills", self.recent_kills.len()),
+            ("forensics_unmatched_ooms", self.unmatched_ooms.len()),
+            ("forensics_pending", self.pending.len()),
+            ("forensics_awaiting", self.awaiting.len()),
+            ("forensics_sandbox_ends", self.sandbox_ends.len()),
+            ("forensics_container_starts", self.container_starts.len()),
+            ("forensics_app_starts", self.app_starts.len()),
+            ("forensics_unadopted", self.unadopted.len()),
+            ("forensics_oom_counts", self.scope.entries()),
+            ("netprobe_pods", net_pods),
+            ("netprobe_connections", net_conns),
+        ]);
+    }
+
     /// A container's cgroup went. If its main process's end was not seen
     /// (it started before podscope and /proc did not tell, or an event was
     /// lost), that is counted: a death without a record.
@@ -610,6 +638,7 @@ impl Forensics {
         self.app_starts
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(3600));
         self.net.gc(SystemTime::now());
+        self.scope.gc();
     }
 
     /// Decides the waiting records whose pod did something since (its

@@ -111,6 +111,11 @@ pub struct NetProbes {
 }
 
 impl NetProbes {
+    /// Pods with connections remembered, and the connections.
+    pub fn entries(&self) -> (usize, usize) {
+        (self.pods.len(), self.pods.values().map(VecDeque::len).sum())
+    }
+
     /// A new TCP connection from `src` (no pod of this node) to pod `uid`'s
     /// address `dst`.
     pub fn connection(&mut self, uid: &str, at: SystemTime, src: SocketAddr, dst: SocketAddr) {

@@ -82,6 +82,14 @@ pub struct Respawns {
 }
 
 impl Respawns {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Counts an exit; returns the entry when it is now worth telling.
     pub fn on_exit(&mut self, e: &ChildExit, main: Option<u32>) -> Option<&Respawn> {
         if e.ppid == 0 || e.comm.is_empty() {

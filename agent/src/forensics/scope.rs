@@ -40,6 +40,21 @@ pub struct ScopeReader {
 }
 
 impl ScopeReader {
+    /// Memory cgroups whose OOM count is remembered.
+    pub fn entries(&self) -> usize {
+        self.seen_oom.len()
+    }
+
+    /// Forgets the OOM counts of cgroups that are gone: every container an
+    /// OOM killed would otherwise stay here for the agent's life.
+    pub fn gc(&mut self) {
+        let Some((root, _)) = &self.memory_root else {
+            return;
+        };
+        self.seen_oom
+            .retain(|rel, _| root.join(rel.trim_start_matches('/')).is_dir());
+    }
+
     pub fn new(layout: &CgroupLayout) -> ScopeReader {
         let memory_root = match layout {
             CgroupLayout::V2 { root } => Some((root.clone(), true)),
@@ -362,6 +377,14 @@ mod tests {
         assert_eq!(r.usage_bytes, Some(64 << 20));
         // Nothing new since: another OOM elsewhere is not this container's.
         assert_eq!(reader.read(Some(C)).scope, OomScope::Node);
+        // The counts of cgroups that still exist are kept; a removed
+        // container's are forgotten.
+        let remembered = reader.entries();
+        reader.gc();
+        assert_eq!(reader.entries(), remembered);
+        std::fs::remove_dir_all(root.join("kubepods/burstable/podU/cid")).unwrap();
+        reader.gc();
+        assert_eq!(reader.entries(), remembered - 1);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

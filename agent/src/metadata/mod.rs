@@ -255,6 +255,17 @@ impl Resolver {
         !matches!(self.names.state, CriState::Up | CriState::Connecting)
     }
 
+    /// The size of every table attribution keeps (`podscope_agent_table_entries`).
+    pub fn tables(&self, out: &mut Vec<(&'static str, usize)>) {
+        out.extend([
+            ("cgroups", self.cgroups.len()),
+            ("identities", self.identities.len()),
+            ("cri_containers", self.names.containers.len()),
+            ("cri_sandboxes", self.names.sandboxes.len()),
+            ("cri_pod_ips", self.names.pod_ips.len()),
+        ]);
+    }
+
     /// Pod cgroups and containers currently known.
     pub fn tracked(&self) -> (usize, usize) {
         (self.cgroups.len(), self.names.containers.len())
@@ -437,9 +448,7 @@ mod tests {
             state: CriState::Up,
             ..Names::default()
         };
-        names
-            .containers
-            .insert(CID.into(), (Arc::new(meta), None));
+        names.containers.insert(CID.into(), (Arc::new(meta), None));
         Arc::new(names)
     }
 
@@ -460,7 +469,11 @@ mod tests {
         r.set_names(names_of("app"));
         let id = r.identify(7);
         assert_eq!(
-            (id.namespace.as_deref(), id.pod.as_deref(), id.container.as_deref()),
+            (
+                id.namespace.as_deref(),
+                id.pod.as_deref(),
+                id.container.as_deref()
+            ),
             (Some("shop"), Some("cart"), Some("app"))
         );
         assert_eq!(r.stats().unnamed_container_events, 2);

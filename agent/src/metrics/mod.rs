@@ -184,6 +184,7 @@ pub struct Metrics {
     /// The agent's own live heap and resident size (see [`crate::heap`]).
     heap: Gauge,
     resident: Gauge,
+    tables: Family<TableLabels, Gauge>,
     /// Connections the HTTP listener closed at once (at its connection cap).
     pub http_refused: Counter,
     /// Events a consumer inside the agent (metrics, records) missed.
@@ -193,6 +194,11 @@ pub struct Metrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DependencyLabels {
     pub dependency: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    pub table: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -306,6 +312,12 @@ impl Metrics {
             "The agent's resident memory (VmRSS): its heap, code, the kernel's ring buffers it maps, and free pages its allocator keeps",
             resident.clone(),
         );
+        let tables = Family::<TableLabels, Gauge>::default();
+        registry.register(
+            "agent_table_entries",
+            "Entries in each table the agent keeps in memory (attribution, forensics, series books): every one is bounded, and the one that keeps growing on a node is where its memory goes",
+            tables.clone(),
+        );
         let http_refused = Counter::default();
         registry.register(
             "http_connections_refused",
@@ -348,6 +360,7 @@ impl Metrics {
             drain_lag,
             heap,
             resident,
+            tables,
             http_refused,
             consumer_lagged,
         }
@@ -405,16 +418,12 @@ impl Metrics {
             let seen = self.lost_seen.entry(s.source).or_default();
             if s.stats.lost > *seen {
                 self.lost
-                    .get_or_create(&SourceLabels {
-                        source: s.source,
-                    })
+                    .get_or_create(&SourceLabels { source: s.source })
                     .inc_by(s.stats.lost - *seen);
                 *seen = s.stats.lost;
             } else {
                 // Create the series at 0 so that alerts on it can fire from the start.
-                let _ = self.lost.get_or_create(&SourceLabels {
-                    source: s.source,
-                });
+                let _ = self.lost.get_or_create(&SourceLabels { source: s.source });
             }
         }
         let unknown = status.forensics.unknown_main;
@@ -442,13 +451,30 @@ impl Metrics {
         self.net.update_rules(rule_errors);
     }
 
-    /// The agent's own memory, sampled once a second.
-    pub fn update_process(&mut self) {
+    /// The agent's own memory, sampled once a second: its heap, its
+    /// resident size, and the tables that hold what it keeps.
+    pub fn update_process(&mut self, status: &DriverStatus, throttle: Option<&ThrottleBook>) {
         if let Some(b) = crate::heap::live_bytes() {
             self.heap.set(b as i64);
         }
         self.resident
             .set((crate::kernel::resident_kib().0 * 1024) as i64);
+        let books = [
+            ("series_process_exits", self.exits.series()),
+            ("series_terminations", self.terminations.series()),
+            ("series_net", self.net.series()),
+            ("series_throttle", self.throttle.series()),
+        ];
+        let (throttled, later) = throttle.map_or((0, 0), ThrottleBook::entries);
+        let own = [
+            ("throttle_containers", throttled),
+            ("throttle_later", later),
+        ];
+        for (table, n) in status.tables.iter().copied().chain(books).chain(own) {
+            self.tables
+                .get_or_create(&TableLabels { table })
+                .set(n as i64);
+        }
     }
 
     /// Which dependencies are degraded, and how often they were.

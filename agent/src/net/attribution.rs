@@ -99,6 +99,11 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Connections remembered, and their order queue's length.
+    pub fn entries(&self) -> (usize, usize) {
+        (self.at.len(), self.order.len())
+    }
+
     pub fn new(cap: usize, ttl: Duration) -> Seen {
         Seen {
             at: HashMap::new(),

@@ -309,6 +309,8 @@ struct Sample {
     /// it dropped to stay within its budget.
     store_kib: f64,
     evicted: f64,
+    /// `podscope_agent_table_entries`: the size of each table the agent keeps.
+    tables: Vec<(String, f64)>,
 }
 
 impl Soak {
@@ -520,6 +522,7 @@ impl Soak {
                     scrape_ms: prom.scrape_seconds().unwrap_or(f64::NAN) * 1000.0,
                     store_kib: metric_sum(&metrics, "podscope_termination_store_bytes") / 1024.0,
                     evicted: metric_sum(&metrics, "podscope_termination_store_evicted_total"),
+                    tables: tables(&metrics),
                 });
                 next_sample += self.plan.sample_every;
             }
@@ -687,6 +690,7 @@ fn report(samples: &[Sample], out_dir: &Path) -> Result<()> {
         }
     }
     std::fs::write(out_dir.join("soak.csv"), csv)?;
+    print_tables(samples);
     let svg = plot(samples);
     let svg_path = out_dir.join("soak.svg");
     std::fs::write(&svg_path, svg)?;
@@ -700,6 +704,47 @@ fn report(samples: &[Sample], out_dir: &Path) -> Result<()> {
         bail!("rsvg-convert failed ({st})");
     }
     Ok(())
+}
+
+/// Each table's entries, by name, from an exposition.
+fn tables(metrics: &str) -> Vec<(String, f64)> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("podscope_agent_table_entries{table=\""))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once('"')?;
+            Some((name.to_string(), rest.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The agent's tables at each quarter of the run: a table that still grows
+/// in the last quarter, when every retention has passed, is where memory goes.
+fn print_tables(samples: &[Sample]) {
+    let Some(last) = samples.last() else { return };
+    let at = |q: usize| &samples[(samples.len() - 1) * q / 4];
+    println!(
+        "\n| table | {} |\n|---|---|---|---|---|",
+        (1..=4)
+            .map(|q| format!("minute {:.0}", at(q).at.as_secs_f64() / 60.0))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    for (name, _) in &last.tables {
+        let value = |s: &Sample| {
+            s.tables
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(String::from("-"), |(_, v)| format!("{v:.0}"))
+        };
+        println!(
+            "| {name} | {} |",
+            (1..=4)
+                .map(|q| value(at(q)))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
 }
 
 /// RSS (MiB, left axis) and CPU (% of one core, right axis) over minutes.
