@@ -637,6 +637,10 @@ impl Forensics {
         // failing (a pod's init phase can last long; the map is bounded).
         self.app_starts
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(3600));
+        // A sandbox's end matters to the stops awaiting their aftermath
+        // (seconds); an hour is ample, and keeps the map to the churn of one.
+        let hour_ago = crate::kernel::clock::boot_ns().saturating_sub(3600 * 1_000_000_000);
+        self.sandbox_ends.retain(|_, ended| *ended >= hour_ago);
         self.net.gc(SystemTime::now());
         self.scope.gc();
     }
