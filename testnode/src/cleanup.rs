@@ -344,27 +344,54 @@ fn remove_cgroups(uids: &BTreeSet<String>, pre: Option<&Preexisting>) -> usize {
     let mut removed = 0;
     for h in hierarchies() {
         for top in removable(&h, uids, pre) {
-            let dirs = tree_leaves_first(&top);
-            // Processes left in them (a container whose shim was killed) end here.
-            for d in &dirs {
-                for pid in std::fs::read_to_string(d.join("cgroup.procs"))
-                    .unwrap_or_default()
-                    .lines()
-                    .filter_map(|l| l.trim().parse::<i32>().ok())
-                {
-                    process::signal(pid, libc::SIGKILL);
-                }
+            removed += remove_tree(&top);
+        }
+    }
+    removed
+}
+
+/// A deleted pod's cgroup (`cgroup_parent`, e.g.
+/// `/kubepods/burstable/pod<uid>`) in every hierarchy, as kubelet's pod
+/// container manager destroys it once the sandbox is gone: runc removes
+/// only the containers' own cgroups. Returns the directories removed.
+pub fn remove_pod_cgroup(cgroup_parent: &str) -> usize {
+    let rel = cgroup_parent.trim_start_matches('/');
+    // Only a pod's own directory, never a QoS or the kubepods root.
+    if !rel.starts_with(paths::KUBEPODS)
+        || !rel.rsplit('/').next().is_some_and(|l| l.starts_with("pod"))
+    {
+        return 0;
+    }
+    hierarchies()
+        .iter()
+        .map(|h| h.join(rel))
+        .filter(|d| d.exists())
+        .map(|d| remove_tree(&d))
+        .sum()
+}
+
+/// Removes a cgroup tree, deepest first, killing what is left in it.
+fn remove_tree(top: &Path) -> usize {
+    let mut removed = 0;
+    let dirs = tree_leaves_first(top);
+    // Processes left in them (a container whose shim was killed) end here.
+    for d in &dirs {
+        for pid in std::fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+        {
+            process::signal(pid, libc::SIGKILL);
+        }
+    }
+    for d in &dirs {
+        // rmdir fails while the killed processes are still exiting.
+        for _ in 0..50 {
+            if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                removed += 1;
+                break;
             }
-            for d in &dirs {
-                // rmdir fails while the killed processes are still exiting.
-                for _ in 0..50 {
-                    if std::fs::remove_dir(d).is_ok() || !d.exists() {
-                        removed += 1;
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
     removed

@@ -969,6 +969,11 @@ impl PodWorker {
                 }
             }
         }
+        // kubelet removes the pod's cgroup after its sandbox; without this a
+        // churned node keeps one empty cgroup per deleted pod.
+        let parent = self.plan.cgroup_parent.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || crate::cleanup::remove_pod_cgroup(&parent)).await;
         Ok(())
     }
 }

@@ -360,6 +360,19 @@ fn scenario_kubelet_like_pod() {
         Some(0),
         "{d:#?}"
     );
+    // As kubelet's pod container manager, the deletion removed the pod's
+    // cgroup in every hierarchy (the v2 tree and each v1 controller).
+    let pod_rel = s.cgroup_parent.trim_start_matches('/');
+    let left: Vec<String> = testnode::cleanup::hierarchies()
+        .iter()
+        .map(|h| h.join(pod_rel))
+        .filter(|d| d.exists())
+        .map(|d| d.display().to_string())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the deleted pod's cgroup is left in {left:?}"
+    );
     let _ = std::fs::remove_file(f);
 }
 

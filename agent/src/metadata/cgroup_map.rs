@@ -166,10 +166,13 @@ impl CgroupMap {
 
     /// A cgroup was removed: keep it for the retention window.
     pub fn remove(&mut self, id: u64) {
+        self.remove_at(id, Instant::now());
+    }
+
+    fn remove_at(&mut self, id: u64, now: Instant) {
         if let Some(e) = self.by_id.get_mut(&id)
             && e.removed.is_none()
         {
-            let now = Instant::now();
             e.removed = Some(now);
             self.removed.push_back((now, id));
         }
@@ -213,14 +216,25 @@ impl CgroupMap {
             .map(|(id, e)| (*id, &e.path))
     }
 
-    /// Drops removed cgroups older than the retention.
+    /// Drops removed cgroups older than the retention. A stale record at
+    /// the front (its id came back) is dropped alone: evicting past it
+    /// would cut short the retention of the next removal.
     pub fn gc(&mut self, now: Instant) {
-        while let Some(&(at, _)) = self.removed.front() {
+        while let Some(&(at, id)) = self.removed.front() {
             if now.saturating_duration_since(at) < self.retention {
                 break;
             }
-            self.evict_oldest_removed();
+            self.removed.pop_front();
+            if self.by_id.get(&id).is_some_and(|e| e.removed == Some(at)) {
+                self.by_id.remove(&id);
+                self.stats.evicted += 1;
+            }
         }
+    }
+
+    /// Entries kept only for the retention (their cgroup is gone).
+    pub fn retained(&self) -> usize {
+        self.by_id.values().filter(|e| e.removed.is_some()).count()
     }
 }
 
@@ -256,6 +270,25 @@ mod tests {
         m.gc(Instant::now() + Duration::from_secs(61));
         assert!(m.get(7).is_none());
         assert_eq!(m.stats.evicted, 1);
+    }
+
+    #[test]
+    fn a_comeback_does_not_cut_the_next_removal_short() {
+        let mut m = CgroupMap::new(10, Duration::from_secs(60));
+        let t0 = Instant::now();
+        m.insert(1, &format!("/kubepods/pod{UID}/abcdef0123456701"));
+        m.insert(2, &format!("/kubepods/pod{UID}/abcdef0123456702"));
+        // 1 is removed, then found again (a scan): its record goes stale.
+        m.remove_at(1, t0);
+        m.insert(1, &format!("/kubepods/pod{UID}/abcdef0123456701"));
+        m.remove_at(2, t0 + Duration::from_secs(30));
+        assert_eq!(m.retained(), 1);
+        m.gc(t0 + Duration::from_secs(61));
+        assert!(m.get(1).is_some(), "live again: kept");
+        assert!(m.get(2).is_some(), "removed 31 s ago: within the retention");
+        m.gc(t0 + Duration::from_secs(91));
+        assert!(m.get(2).is_none());
+        assert_eq!((m.stats.evicted, m.retained()), (1, 0));
     }
 
     #[test]

@@ -259,6 +259,7 @@ impl Resolver {
     pub fn tables(&self, out: &mut Vec<(&'static str, usize)>) {
         out.extend([
             ("cgroups", self.cgroups.len()),
+            ("cgroups_retained", self.cgroups.retained()),
             ("identities", self.identities.len()),
             ("cri_containers", self.names.containers.len()),
             ("cri_sandboxes", self.names.sandboxes.len()),
