@@ -1,4 +1,5 @@
-//! `cargo xtask bench agent`: `podscope agent` on a full test node.
+//! `cargo xtask bench agent`: `podscope agent` on a full test node, then
+//! what counting the live heap costs per allocation (benches/heap.rs).
 
 use std::{
     process::ExitCode,
@@ -12,7 +13,7 @@ use super::{
     node::{BENCH_PODS, BenchNode},
     tracer::{median, proc_cpu, proc_status_kib, workload},
 };
-use crate::{build_podscope, setup};
+use crate::{build_podscope, cargo, setup, status};
 
 /// A plain HTTP/1.0 GET on loopback, returning the body.
 pub(crate) fn http_get(port: u16, path: &str) -> Result<String> {
@@ -38,7 +39,7 @@ pub(crate) fn metric_sum(exposition: &str, name: &str) -> f64 {
 /// `cargo xtask bench agent`: `podscope agent` on the test node with 100
 /// pods: idle CPU and memory, /metrics render time with 300 containers'
 /// series, and the events per second it carries to an HTTP stream reader
-/// on its API socket.
+/// on its API socket; then what counting the heap costs per allocation.
 pub fn agent() -> Result<ExitCode> {
     setup::run()?;
     let podscope = build_podscope()?;
@@ -135,5 +136,26 @@ pub fn agent() -> Result<ExitCode> {
     })();
     drop(agent);
     drop(node);
-    result.map(|_| ExitCode::SUCCESS)
+    result?;
+    heap_counting()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// benches/heap.rs on the test build's allocator (glibc) and on the one
+/// the shipped binary links (musl): what counting the live heap adds to an
+/// allocation and its free.
+fn heap_counting() -> Result<()> {
+    println!("\nheap counting (benches/heap.rs), glibc (the test build):");
+    status(cargo().args(["bench", "--quiet", "-p", "podscope", "--bench", "heap"]))?;
+    if let Some(arch) = crate::arch::Arch::host() {
+        println!("heap counting, musl (the shipped binary's allocator):");
+        let (var, cc) = arch.c_compiler();
+        status(
+            cargo()
+                .env(var, cc)
+                .args(["bench", "--quiet", "-p", "podscope", "--bench", "heap"])
+                .args(["--target", arch.musl_target()]),
+        )?;
+    }
+    Ok(())
 }
