@@ -617,6 +617,7 @@ impl Drain {
             }
             if stopping && (behind == 0 || stop_by.is_some_and(|t| now >= t)) {
                 let far = Instant::now() + Duration::from_secs(3600);
+                self.forensics.settle_starts(&self.resolver);
                 let findings = self.forensics.take_findings(far);
                 self.publish_findings(findings);
                 self.publish_status();
@@ -625,6 +626,7 @@ impl Drain {
             if stopping {
                 continue;
             }
+            self.forensics.settle_starts(&self.resolver);
             let findings = self.forensics.take_findings(now);
             self.publish_findings(findings);
             if now >= next_tick {

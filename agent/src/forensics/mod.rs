@@ -176,6 +176,9 @@ pub struct Forensics {
     container_starts: HashMap<String, Instant>,
     /// Pod uid → when an app (not init) container of the pod last started.
     app_starts: HashMap<String, Instant>,
+    /// Container id → (pod uid, first exec) of containers CRI had not listed
+    /// yet at their first exec: init or app is settled once it has.
+    untyped_starts: HashMap<String, (String, Instant)>,
     /// Connections to pods' addresses from no pod of this node (kubelet's
     /// httpGet and tcpSocket probes among them).
     net: NetProbes,
@@ -200,6 +203,7 @@ impl Forensics {
             sandbox_ends: HashMap::new(),
             container_starts: HashMap::new(),
             app_starts: HashMap::new(),
+            untyped_starts: HashMap::new(),
             net: NetProbes::default(),
             findings: vec![],
             unadopted: vec![],
@@ -297,15 +301,41 @@ impl Forensics {
                 r.pod_uid.clone(),
                 Instant::now(),
             );
-            let init = resolver
-                .container_meta(cid)
-                .and_then(|m| ContainerType::from_annotation(m.container_type.as_deref()))
-                .is_some_and(|t| t.is_init());
-            if !init {
-                bounded_insert(&mut self.app_starts, r.pod_uid.clone(), Instant::now());
+            // A container that starts at once (an init container that
+            // exits 1) can run before CRI's next listing names its type.
+            match is_init(resolver, cid) {
+                Some(true) => {}
+                Some(false) => {
+                    bounded_insert(&mut self.app_starts, r.pod_uid.clone(), Instant::now())
+                }
+                None => bounded_insert(
+                    &mut self.untyped_starts,
+                    cid.to_string(),
+                    (r.pod_uid.clone(), Instant::now()),
+                ),
             }
         }
         self.state(cgroup_id).main.get_or_insert(tgid);
+    }
+
+    /// Starts whose container CRI has listed since: app starts are kept,
+    /// init ones dropped. Before records are finished, so that a failed init
+    /// container's sentence knows whether the app containers started.
+    pub fn settle_starts(&mut self, resolver: &Resolver) {
+        if self.untyped_starts.is_empty() {
+            return;
+        }
+        let app_starts = &mut self.app_starts;
+        self.untyped_starts
+            .retain(|cid, (uid, at)| match is_init(resolver, cid) {
+                None => true,
+                Some(true) => false,
+                Some(false) => {
+                    let last = app_starts.entry(uid.clone()).or_insert(*at);
+                    *last = (*last).max(*at);
+                    false
+                }
+            });
     }
 
     /// The size of every table forensics keeps (`podscope_agent_table_entries`):
@@ -329,6 +359,7 @@ impl Forensics {
             ("forensics_sandbox_ends", self.sandbox_ends.len()),
             ("forensics_container_starts", self.container_starts.len()),
             ("forensics_app_starts", self.app_starts.len()),
+            ("forensics_untyped_starts", self.untyped_starts.len()),
             ("forensics_unadopted", self.unadopted.len()),
             ("forensics_oom_counts", self.scope.entries()),
             ("netprobe_pods", net_pods),
@@ -637,6 +668,8 @@ impl Forensics {
         // failing (a pod's init phase can last long; the map is bounded).
         self.app_starts
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(3600));
+        self.untyped_starts
+            .retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(3600));
         // A sandbox's end matters to the stops awaiting their aftermath
         // (seconds); an hour is ample, and keeps the map to the churn of one.
         let hour_ago = crate::kernel::clock::boot_ns().saturating_sub(3600 * 1_000_000_000);
@@ -816,10 +849,15 @@ impl Forensics {
         // A failed init container: what it held back, in the same sentence.
         let explanation = match &p.container_type {
             Some(t) if t.is_init() && reason != Reason::Completed && !runtime_stop => {
-                let app_started = pod_uid
-                    .as_ref()
-                    .and_then(|u| self.app_starts.get(&**u))
-                    .is_some_and(|t| *t <= p.seen);
+                // A start of a type still unknown may have been an app
+                // container's: then nothing is claimed.
+                let app_started = pod_uid.as_ref().is_some_and(|u| {
+                    self.app_starts.get(&**u).is_some_and(|t| *t <= p.seen)
+                        || self
+                            .untyped_starts
+                            .values()
+                            .any(|(pu, t)| pu.as_str() == &**u && *t <= p.seen)
+                });
                 let name = exit.pod.container.as_deref().unwrap_or("?");
                 match role::blocked_sentence(app_started) {
                     Some(blocked) => format!("init container {name}: {explanation}; {blocked}"),
@@ -890,6 +928,17 @@ fn is_runtime_comm(comm: &str) -> bool {
 }
 
 /// Inserts into a map that must stay bounded (a burst of pods cannot grow it).
+/// Whether CRI lists the container as an init container (None: not listed).
+/// A pod's sandbox (pause) counts as one: it is not an app container.
+fn is_init(resolver: &Resolver, container_id: &str) -> Option<bool> {
+    if resolver.is_sandbox(container_id) {
+        return Some(true);
+    }
+    resolver.container_meta(container_id).map(|m| {
+        ContainerType::from_annotation(m.container_type.as_deref()).is_some_and(|t| t.is_init())
+    })
+}
+
 fn bounded_insert<V>(m: &mut HashMap<String, V>, k: String, v: V) {
     if m.len() >= POD_EVENTS_KEPT && !m.contains_key(&k) {
         m.clear();
