@@ -303,9 +303,9 @@ impl Forensics {
             );
             // A container that starts at once (an init container that
             // exits 1) can run before CRI's next listing names its type.
-            match is_init(resolver, cid) {
-                Some(true) => {}
-                Some(false) => {
+            match is_app(resolver, cid) {
+                Some(false) => {}
+                Some(true) => {
                     bounded_insert(&mut self.app_starts, r.pod_uid.clone(), Instant::now())
                 }
                 None => bounded_insert(
@@ -327,10 +327,10 @@ impl Forensics {
         }
         let app_starts = &mut self.app_starts;
         self.untyped_starts
-            .retain(|cid, (uid, at)| match is_init(resolver, cid) {
+            .retain(|cid, (uid, at)| match is_app(resolver, cid) {
                 None => true,
-                Some(true) => false,
-                Some(false) => {
+                Some(false) => false,
+                Some(true) => {
                     let last = app_starts.entry(uid.clone()).or_insert(*at);
                     *last = (*last).max(*at);
                     false
@@ -927,18 +927,18 @@ fn is_runtime_comm(comm: &str) -> bool {
     RUNTIME_COMMS.contains(&comm) || comm.starts_with("runc:[")
 }
 
-/// Inserts into a map that must stay bounded (a burst of pods cannot grow it).
-/// Whether CRI lists the container as an init container (None: not listed).
-/// A pod's sandbox (pause) counts as one: it is not an app container.
-fn is_init(resolver: &Resolver, container_id: &str) -> Option<bool> {
+/// Whether CRI lists the container as one of the pod's app containers:
+/// not an init container, not the sandbox (None: CRI has not listed it yet).
+fn is_app(resolver: &Resolver, container_id: &str) -> Option<bool> {
     if resolver.is_sandbox(container_id) {
-        return Some(true);
+        return Some(false);
     }
     resolver.container_meta(container_id).map(|m| {
-        ContainerType::from_annotation(m.container_type.as_deref()).is_some_and(|t| t.is_init())
+        !ContainerType::from_annotation(m.container_type.as_deref()).is_some_and(|t| t.is_init())
     })
 }
 
+/// Inserts into a map that must stay bounded (a burst of pods cannot grow it).
 fn bounded_insert<V>(m: &mut HashMap<String, V>, k: String, v: V) {
     if m.len() >= POD_EVENTS_KEPT && !m.contains_key(&k) {
         m.clear();
