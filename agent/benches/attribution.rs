@@ -1,7 +1,9 @@
 //! Attribution cost per event: `Resolver::identify` over the cgroups of the
 //! running node's pods (and host cgroups), after the resolver has learned
 //! them, as the agent does for every event. Run by `cargo xtask bench pods`
-//! with the test node up; prints one `key=value` line per figure.
+//! with the test node up; prints one `key=value` line per figure. Then
+//! what the CRI task pays per container exit for the runtime's report of
+//! the end (one ContainerStatus), beside one listing (ListContainers).
 
 use std::{hint::black_box, os::unix::fs::MetadataExt, path::PathBuf, time::Instant};
 
@@ -78,5 +80,48 @@ fn main() {
         println!("pod_cgroups={} host_cgroups={} named_containers={named} tracked_cgroups={cgroups} tracked_containers={containers}", pods.len(), host.len());
         println!("resolver_startup_ms={:.1}", startup.as_secs_f64() * 1000.0);
         println!("identify_ns_per_event={per:.0}");
+        if let Some(socket) = opts.socket() {
+            runtime_report_cost(&socket).await;
+        }
     });
+}
+
+/// The runtime's report of a container's end is one ContainerStatus per
+/// exited container, asked by the CRI task: timed over the node's
+/// containers (the call costs the same for a running one), beside the
+/// listing the task makes on every change anyway.
+async fn runtime_report_cost(socket: &std::path::Path) {
+    let Ok(mut cri) = podscope::metadata::cri::Cri::connect(socket).await else {
+        eprintln!(
+            "attribution bench: CRI at {} does not answer",
+            socket.display()
+        );
+        return;
+    };
+    let mut lists = vec![];
+    let mut ids = vec![];
+    for _ in 0..20 {
+        let t = Instant::now();
+        ids = cri.containers().await.unwrap_or_default();
+        lists.push(t.elapsed());
+    }
+    let mut status = vec![];
+    for c in ids.iter().cycle().take(ids.len().clamp(1, 300) * 3) {
+        let t = Instant::now();
+        black_box(cri.container_end(&c.id).await.ok());
+        status.push(t.elapsed());
+    }
+    if ids.is_empty() {
+        return;
+    }
+    let median = |v: &mut Vec<std::time::Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e6
+    };
+    let (s, l) = (median(&mut status), median(&mut lists));
+    println!(
+        "container_status_us={s:.0} list_containers_us={l:.0} containers={} status_per_listing={:.3}",
+        ids.len(),
+        s / l
+    );
 }

@@ -56,6 +56,7 @@ fn record(n: u32) -> TerminationRecord {
         trigger: None,
         pre_stop: None,
         late_connections: None,
+        runtime_reported: None,
     }
 }
 

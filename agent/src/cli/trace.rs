@@ -505,7 +505,10 @@ fn table_row(event: &Event) -> String {
             container_column(&t.pod),
             t.reason.as_str(),
             t.exit_code,
-            t.explanation
+            match t.runtime_reported.as_ref().and_then(|k| k.note.as_ref()) {
+                Some(note) => format!("{}. {note}", t.explanation),
+                None => t.explanation.clone(),
+            }
         ),
         Event::BackgroundDeath(d) => format!(
             "{:<12} {:<40} {:<16} {:<22} {:>4}  a background process died while the container runs: {} (pid {}) {}{}",

@@ -113,6 +113,14 @@ fn render(ns: &str, pod: &str, a: &Answer, last: usize) -> String {
         // Why the runtime stopped it comes first: it is the question asked most.
         out.push_str(&trigger_lines(newest));
         out.push_str(&format!("  {}\n", newest.explanation));
+        // Where kubectl's reason contradicts the kernel, say so up front.
+        if let Some(n) = newest
+            .runtime_reported
+            .as_ref()
+            .and_then(|x| x.note.as_ref())
+        {
+            out.push_str(&format!("  {n}\n"));
+        }
         for (i, r) in recs.iter().enumerate() {
             out.push_str(&detail(r, i == 0));
         }
@@ -305,6 +313,18 @@ fn detail(r: &TerminationRecord, newest: bool) -> String {
             r.comm,
             r.pid
         ));
+        if let Some(k) = &r.runtime_reported {
+            s.push_str(&format!(
+                "    kubernetes: {}, exit code {}{}\n",
+                if k.reason.is_empty() { "-" } else { &k.reason },
+                k.exit_code,
+                if k.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", k.message.trim())
+                }
+            ));
+        }
         if let Some(x) = &r.sender {
             let place = match (&x.pod, &x.container) {
                 (Some(p), Some(c)) => format!(" in {p}/{c}"),
@@ -372,8 +392,14 @@ fn detail(r: &TerminationRecord, newest: bool) -> String {
             ));
         }
     } else {
+        let kubernetes = r
+            .runtime_reported
+            .as_ref()
+            .filter(|k| k.note.is_some())
+            .map(|k| format!(" (Kubernetes showed {})", k.reason))
+            .unwrap_or_default();
         s.push_str(&format!(
-            "    earlier: {} at {}, exit code {}{signal}: {}\n",
+            "    earlier: {} at {}, exit code {}{signal}: {}{kubernetes}\n",
             r.reason.as_str(),
             t(r.finished_at),
             r.exit_code,

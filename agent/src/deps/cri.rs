@@ -5,7 +5,9 @@
 //! listing. It lists when the drain thread meets a container it cannot name,
 //! when the runtime's event stream (`GetContainerEvents`) says something
 //! changed, and every 30 s otherwise (every 5 s where the runtime has no
-//! event stream, as containerd 1.6).
+//! event stream, as containerd 1.6). A container seen exiting is asked
+//! once how it ended (ContainerStatus): the reason kubelet will show,
+//! which termination records set beside their own.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -20,13 +22,16 @@ use tokio::sync::Notify;
 use super::{Backoff, Dependency, Health};
 use crate::metadata::{
     CriState, Names, ResolverOptions,
-    cri::{ContainerMeta, Cri, SandboxMeta},
+    cri::{ContainerMeta, Cri, RuntimeEnd, SandboxMeta},
 };
 
 /// How long a failed PodSandboxStatus is not asked again.
 const NEGATIVE_TTL: Duration = Duration::from_secs(30);
 /// Listings at most this often, however many unknown containers appear.
 const MIN_INTERVAL: Duration = Duration::from_millis(50);
+/// ContainerStatus calls at most per listing (a mass exit is asked over
+/// the next listings, not in one burst at a runtime that is busy with it).
+const ENDS_PER_LISTING: usize = 64;
 
 pub struct CriTask {
     socket: PathBuf,
@@ -39,6 +44,12 @@ pub struct CriTask {
     ips_known: HashSet<String>,
     /// Sandboxes whose status failed, and when: not asked again before [`NEGATIVE_TTL`].
     ips_failed: HashMap<String, Instant>,
+    /// Container id → how the runtime reported its end.
+    ends: HashMap<String, Arc<RuntimeEnd>>,
+    /// Containers whose end is not asked: exited before the first listing
+    /// (their records, if any, were made before), or asked in vain.
+    ends_unasked: HashSet<String>,
+    listed_once: bool,
     refreshes: u64,
     errors: u64,
     state: CriState,
@@ -76,6 +87,9 @@ fn new_task(opts: &ResolverOptions, health: Arc<Health>) -> Option<CriTask> {
         pod_ips: HashMap::new(),
         ips_known: HashSet::new(),
         ips_failed: HashMap::new(),
+        ends: HashMap::new(),
+        ends_unasked: HashSet::new(),
+        listed_once: false,
         refreshes: 0,
         errors: 0,
         state: CriState::Connecting,
@@ -163,6 +177,7 @@ impl CriTask {
                     asked,
                 );
                 self.refresh_pod_ips().await;
+                self.refresh_ends().await;
                 self.forget_expired(asked);
                 self.listed_at = Some(asked);
                 true
@@ -236,6 +251,53 @@ impl CriTask {
         }
     }
 
+    /// Asks each container that exited since the first listing how it
+    /// ended, once. A failed answer is not asked again: the record goes out
+    /// without the runtime's word, as when CRI is down.
+    async fn refresh_ends(&mut self) {
+        if !self.listed_once {
+            self.listed_once = true;
+            self.ends_unasked.extend(
+                self.containers
+                    .iter()
+                    .filter(|(_, (c, _))| c.exited)
+                    .map(|(id, _)| id.clone()),
+            );
+            return;
+        }
+        let new: Vec<String> = self
+            .containers
+            .iter()
+            .filter(|(id, (c, gone))| {
+                c.exited
+                    && gone.is_none()
+                    && !self.ends.contains_key(*id)
+                    && !self.ends_unasked.contains(*id)
+            })
+            .map(|(id, _)| id.clone())
+            .take(ENDS_PER_LISTING)
+            .collect();
+        let timeout = self.timeout;
+        for id in new {
+            let Some(cri) = self.cri.as_mut() else { return };
+            match tokio::time::timeout(timeout, cri.container_end(&id)).await {
+                Ok(Ok(Some(end))) => {
+                    self.ends.insert(id, Arc::new(end));
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    self.errors += 1;
+                    tracing::debug!("{e}");
+                    self.ends_unasked.insert(id);
+                }
+                Err(_) => {
+                    self.errors += 1;
+                    self.ends_unasked.insert(id);
+                }
+            }
+        }
+    }
+
     fn forget_expired(&mut self, now: Instant) {
         let retention = self.retention;
         let keep = |gone: &Option<Instant>| gone.is_none_or(|t| now.duration_since(t) < retention);
@@ -244,6 +306,9 @@ impl CriTask {
         let sandboxes = &self.sandboxes;
         self.pod_ips.retain(|_, id| sandboxes.contains_key(id));
         self.ips_known.retain(|id| sandboxes.contains_key(id));
+        let containers = &self.containers;
+        self.ends.retain(|id, _| containers.contains_key(id));
+        self.ends_unasked.retain(|id| containers.contains_key(id));
     }
 
     fn snapshot(&self) -> Names {
@@ -253,6 +318,7 @@ impl CriTask {
             containers: self.containers.clone(),
             sandboxes: self.sandboxes.clone(),
             pod_ips: self.pod_ips.clone(),
+            ends: self.ends.clone(),
             refreshes: self.refreshes,
             errors: self.errors,
         }

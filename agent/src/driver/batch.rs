@@ -126,8 +126,7 @@ pub fn process(
         &mut events,
     );
     forensics.on_net_events(resolver, &events[first_net..]);
-    forensics.settle_starts(resolver);
-    for mut f in forensics.take_findings(Instant::now()) {
+    for mut f in forensics.take_findings(resolver, Instant::now()) {
         late_connections(&mut f, dying);
         events.push(finding_event(f));
     }

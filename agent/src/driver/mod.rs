@@ -617,8 +617,7 @@ impl Drain {
             }
             if stopping && (behind == 0 || stop_by.is_some_and(|t| now >= t)) {
                 let far = Instant::now() + Duration::from_secs(3600);
-                self.forensics.settle_starts(&self.resolver);
-                let findings = self.forensics.take_findings(far);
+                let findings = self.forensics.take_findings(&self.resolver, far);
                 self.publish_findings(findings);
                 self.publish_status();
                 return;
@@ -626,8 +625,7 @@ impl Drain {
             if stopping {
                 continue;
             }
-            self.forensics.settle_starts(&self.resolver);
-            let findings = self.forensics.take_findings(now);
+            let findings = self.forensics.take_findings(&self.resolver, now);
             self.publish_findings(findings);
             if now >= next_tick {
                 next_tick = now + Duration::from_secs(1);
@@ -783,6 +781,11 @@ impl Drain {
     }
 
     fn publish_findings(&mut self, findings: Vec<crate::forensics::Finding>) {
+        // Records wait for the runtime's report of the end: a runtime
+        // without an event stream lists only every few seconds.
+        if self.forensics.runtime.began_waiting() {
+            self.names_wanted.notify_one();
+        }
         for mut f in findings {
             batch::late_connections(&mut f, &mut self.dying);
             self.publish(batch::finding_event(f));

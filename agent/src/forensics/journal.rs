@@ -426,6 +426,7 @@ pub(crate) mod tests {
             trigger: None,
             pre_stop: None,
             late_connections: None,
+            runtime_reported: None,
         }
     }
 

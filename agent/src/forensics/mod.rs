@@ -19,6 +19,7 @@ pub mod netprobe;
 pub mod record;
 pub mod respawn;
 pub mod role;
+pub mod runtime_report;
 pub mod scope;
 pub mod state_dir;
 pub mod store;
@@ -40,6 +41,7 @@ use self::{
     },
     respawn::{ChildExit, RespawnReport, Respawns},
     role::ContainerType,
+    runtime_report::RuntimeReports,
     scope::ScopeReader,
     trigger::{Aftermath, DeclaredHook, RuntimeExec, StopShape, TRIGGER_WAIT},
 };
@@ -118,6 +120,8 @@ pub struct ForensicsStats {
     pub unknown_main: u64,
     /// Containers forgotten because the table was full.
     pub evicted: u64,
+    /// Records and the runtime's reports of the ends.
+    pub runtime: runtime_report::RuntimeReportStats,
 }
 
 #[derive(Default)]
@@ -188,6 +192,8 @@ pub struct Forensics {
     scope: ScopeReader,
     /// The v2 hierarchy, to find a container's main process in /proc.
     v2_root: Option<std::path::PathBuf>,
+    /// Finished records waiting for the runtime's report of the end.
+    pub runtime: RuntimeReports,
     cap: usize,
     pub stats: ForensicsStats,
 }
@@ -209,6 +215,7 @@ impl Forensics {
             unadopted: vec![],
             scope: ScopeReader::new(layout),
             v2_root: layout.v2_root().cloned(),
+            runtime: RuntimeReports::default(),
             cap,
             stats: ForensicsStats::default(),
         }
@@ -321,7 +328,7 @@ impl Forensics {
     /// Starts whose container CRI has listed since: app starts are kept,
     /// init ones dropped. Before records are finished, so that a failed init
     /// container's sentence knows whether the app containers started.
-    pub fn settle_starts(&mut self, resolver: &Resolver) {
+    fn settle_starts(&mut self, resolver: &Resolver) {
         if self.untyped_starts.is_empty() {
             return;
         }
@@ -356,6 +363,7 @@ impl Forensics {
             ("forensics_unmatched_ooms", self.unmatched_ooms.len()),
             ("forensics_pending", self.pending.len()),
             ("forensics_awaiting", self.awaiting.len()),
+            ("forensics_awaiting_runtime", self.runtime.len()),
             ("forensics_sandbox_ends", self.sandbox_ends.len()),
             ("forensics_container_starts", self.container_starts.len()),
             ("forensics_app_starts", self.app_starts.len()),
@@ -630,15 +638,16 @@ impl Forensics {
         }
     }
 
-    /// Records that are due, deaths and OOMs found since the last call.
-    pub fn take_findings(&mut self, now: Instant) -> Vec<Finding> {
+    /// Records that are due (with the runtime's report of the end, or
+    /// after waiting for it), deaths and OOMs found since the last call.
+    pub fn take_findings(&mut self, resolver: &Resolver, now: Instant) -> Vec<Finding> {
+        self.settle_starts(resolver);
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
             .into_iter()
             .partition(|p| p.due <= now);
         self.pending = later;
         for p in due {
             if let Some(record) = self.finish(p) {
-                self.stats.terminations += 1;
                 self.findings.push(Finding::Termination(Box::new(record)));
             }
         }
@@ -652,7 +661,21 @@ impl Forensics {
                 self.findings.push(Finding::Oom(Box::new(oom)));
             }
         }
-        std::mem::take(&mut self.findings)
+        let mut out = Vec::with_capacity(self.findings.len());
+        for f in self.findings.drain(..) {
+            match f {
+                // Waits from the real now: a caller's `now` far ahead (at
+                // stop) lets every record out at once.
+                Finding::Termination(r) => self.runtime.add(r, Instant::now()),
+                f => out.push(f),
+            }
+        }
+        for r in self.runtime.take(resolver, now) {
+            self.stats.terminations += 1;
+            out.push(Finding::Termination(r));
+        }
+        self.stats.runtime = self.runtime.stats;
+        out
     }
 
     /// Forgets containers a minute after their cgroup went (from the
@@ -715,7 +738,6 @@ impl Forensics {
                         _ => t.probe_connections = std::mem::take(&mut a.net),
                     }
                     a.record.trigger = Some(t);
-                    self.stats.terminations += 1;
                     self.findings.push(Finding::Termination(Box::new(a.record)));
                 }
                 None => self.awaiting.push(a),
@@ -725,7 +747,10 @@ impl Forensics {
 
     /// Whether anything waits to be finished (the caller drains again soon).
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty() || !self.unmatched_ooms.is_empty() || !self.awaiting.is_empty()
+        !self.pending.is_empty()
+            || !self.unmatched_ooms.is_empty()
+            || !self.awaiting.is_empty()
+            || !self.runtime.is_empty()
     }
 
     /// Builds the record; None when it waits for its trigger's evidence
@@ -889,6 +914,7 @@ impl Forensics {
             trigger: probe.clone(),
             pre_stop: (runtime_stop && (hook.ran || hook.declared.is_some())).then_some(hook),
             late_connections: None,
+            runtime_reported: None,
             container_type: p.container_type.clone(),
             respawns,
         };
@@ -1168,7 +1194,7 @@ mod tests {
         f.on_signal(&kill);
         f.on_exit(&resolver, &exit);
         f.on_oom(&resolver, oom);
-        let found = f.take_findings(Instant::now() + SETTLE);
+        let found = f.take_findings(&resolver, Instant::now() + SETTLE);
         let record = found
             .iter()
             .find_map(|x| match x {
@@ -1193,6 +1219,9 @@ mod tests {
         );
         // A second exit of the same (ended) container is not a second termination.
         f.on_exit(&resolver, &exit);
-        assert!(f.take_findings(Instant::now() + SETTLE).is_empty());
+        assert!(
+            f.take_findings(&resolver, Instant::now() + SETTLE)
+                .is_empty()
+        );
     }
 }

@@ -236,6 +236,10 @@ pub struct TerminationRecord {
     /// lagging behind termination), filled by the packet path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub late_connections: Option<crate::net::dying::LateConnections>,
+    /// How the runtime reported the end (what `kubectl` shows), with a
+    /// note where that contradicts the kernel's view.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_reported: Option<super::runtime_report::RuntimeReport>,
     /// Init, app or ephemeral container, and how that is known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_type: Option<super::role::ContainerType>,

@@ -49,6 +49,18 @@ pub struct ContainerMeta {
     pub container_type: Option<String>,
     /// kubelet's `io.kubernetes.container.ports` annotation (JSON).
     pub ports: Option<String>,
+    /// The runtime lists it as exited.
+    pub exited: bool,
+}
+
+/// How the runtime reported a container's end (CRI ContainerStatus): what
+/// kubelet copies into the pod's status, so what `kubectl` shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeEnd {
+    pub exit_code: i32,
+    /// `Completed`, `Error`, `OOMKilled`, … as the runtime chose it.
+    pub reason: String,
+    pub message: String,
 }
 
 /// What CRI says about one pod sandbox (its pause container's id is the sandbox id).
@@ -95,13 +107,7 @@ impl Cri {
             .client
             .list_containers(v1::ListContainersRequest { filter: None })
             .await
-            .map_err(|s| {
-                format!(
-                    "ListContainers on {}: {}",
-                    self.socket.display(),
-                    s.message()
-                )
-            })?;
+            .map_err(|s| failed("ListContainers", &self.socket, &s))?;
         Ok(resp
             .into_inner()
             .containers
@@ -116,13 +122,7 @@ impl Cri {
             .client
             .list_pod_sandbox(v1::ListPodSandboxRequest { filter: None })
             .await
-            .map_err(|s| {
-                format!(
-                    "ListPodSandbox on {}: {}",
-                    self.socket.display(),
-                    s.message()
-                )
-            })?;
+            .map_err(|s| failed("ListPodSandbox", &self.socket, &s))?;
         Ok(resp
             .into_inner()
             .items
@@ -163,6 +163,28 @@ impl Cri {
         }
     }
 
+    /// How an exited container ended, as the runtime reports it
+    /// (ContainerStatus); None while it has not exited.
+    pub async fn container_end(&mut self, id: &str) -> Result<Option<RuntimeEnd>, String> {
+        let resp = self
+            .client
+            .container_status(v1::ContainerStatusRequest {
+                container_id: id.to_string(),
+                verbose: false,
+            })
+            .await
+            .map_err(|s| failed("ContainerStatus", &self.socket, &s))?;
+        Ok(resp
+            .into_inner()
+            .status
+            .filter(|s| s.state == v1::ContainerState::ContainerExited as i32)
+            .map(|s| RuntimeEnd {
+                exit_code: s.exit_code,
+                reason: s.reason,
+                message: s.message,
+            }))
+    }
+
     /// A sandbox's pod IPs (PodSandboxStatus: the primary and any additional).
     pub async fn sandbox_ips(&mut self, id: &str) -> Result<Vec<std::net::IpAddr>, String> {
         let resp = self
@@ -172,13 +194,7 @@ impl Cri {
                 verbose: false,
             })
             .await
-            .map_err(|s| {
-                format!(
-                    "PodSandboxStatus on {}: {}",
-                    self.socket.display(),
-                    s.message()
-                )
-            })?;
+            .map_err(|s| failed("PodSandboxStatus", &self.socket, &s))?;
         let net = resp.into_inner().status.and_then(|s| s.network);
         Ok(net
             .map(|n| {
@@ -189,6 +205,12 @@ impl Cri {
             })
             .unwrap_or_default())
     }
+}
+
+/// A failed call, named with the socket it went to.
+#[cfg(feature = "daemon")]
+fn failed(rpc: &str, socket: &Path, s: &tonic::Status) -> String {
+    format!("{rpc} on {}: {}", socket.display(), s.message())
 }
 
 #[cfg(feature = "daemon")]
@@ -216,6 +238,7 @@ fn container_meta(c: v1::Container) -> ContainerMeta {
             .cloned(),
         container_type: c.annotations.get("io.kubernetes.container.type").cloned(),
         ports: c.annotations.get("io.kubernetes.container.ports").cloned(),
+        exited: c.state == v1::ContainerState::ContainerExited as i32,
         id: c.id,
     }
 }

@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use self::{
     cgroup_map::CgroupMap,
-    cri::{ContainerMeta, SandboxMeta},
+    cri::{ContainerMeta, RuntimeEnd, SandboxMeta},
 };
 use crate::kernel::cgroups::CgroupLayout;
 
@@ -123,6 +123,9 @@ pub struct Names {
     pub sandboxes: HashMap<String, (Arc<SandboxMeta>, Option<Instant>)>,
     /// Pod IP → sandbox id (PodSandboxStatus).
     pub pod_ips: HashMap<IpAddr, String>,
+    /// Container id → how the runtime reported its end (ContainerStatus),
+    /// for containers that exited while the agent watched.
+    pub ends: HashMap<String, Arc<RuntimeEnd>>,
     /// Counters of the CRI task.
     pub refreshes: u64,
     pub errors: u64,
@@ -264,6 +267,7 @@ impl Resolver {
             ("cri_containers", self.names.containers.len()),
             ("cri_sandboxes", self.names.sandboxes.len()),
             ("cri_pod_ips", self.names.pod_ips.len()),
+            ("cri_container_ends", self.names.ends.len()),
         ]);
     }
 
@@ -317,6 +321,11 @@ impl Resolver {
     /// What CRI said about a container (kept a while after it went).
     pub fn container_meta(&self, container_id: &str) -> Option<&Arc<ContainerMeta>> {
         self.names.containers.get(container_id).map(|(m, _)| m)
+    }
+
+    /// How the runtime reported the container's end, once it has.
+    pub fn runtime_end(&self, container_id: &str) -> Option<&Arc<RuntimeEnd>> {
+        self.names.ends.get(container_id)
     }
 
     /// Whether the container id is a pod sandbox's (pause) container.
@@ -444,6 +453,7 @@ mod tests {
             pre_stop_handler: None,
             container_type: None,
             ports: None,
+            exited: false,
         };
         let mut names = Names {
             state: CriState::Up,

@@ -170,6 +170,8 @@ pub struct Metrics {
     journal: journal::JournalMetrics,
     unexplained: Counter,
     unexplained_seen: u64,
+    runtime_missing: Counter,
+    runtime_missing_seen: u64,
     net: net::NetMetrics,
     throttle: throttle::ThrottleMetrics,
     /// Kernel counters already exported, to add only the difference.
@@ -274,6 +276,12 @@ impl Metrics {
             "Containers that ended without a termination record (their main process was not known, or its exit event was lost)",
             unexplained.clone(),
         );
+        let runtime_missing = Counter::default();
+        registry.register(
+            "terminations_without_runtime_report",
+            "Termination records written without the runtime's report of the end (what kubectl shows), because no CRI socket is known, or CRI was down, slow or failed to answer",
+            runtime_missing.clone(),
+        );
         let degraded = Family::<DependencyLabels, Gauge>::default();
         registry.register(
             "dependency_degraded",
@@ -348,6 +356,8 @@ impl Metrics {
             journal,
             unexplained,
             unexplained_seen: 0,
+            runtime_missing,
+            runtime_missing_seen: 0,
             net,
             throttle,
             lost_seen: HashMap::new(),
@@ -430,6 +440,10 @@ impl Metrics {
         self.unexplained
             .inc_by(unknown.saturating_sub(self.unexplained_seen));
         self.unexplained_seen = unknown;
+        let missing = status.forensics.runtime.missing;
+        self.runtime_missing
+            .inc_by(missing.saturating_sub(self.runtime_missing_seen));
+        self.runtime_missing_seen = missing;
         let rs = status.resolver;
         if rs.cri_errors > self.cri_errors_seen {
             self.cri_errors.inc_by(rs.cri_errors - self.cri_errors_seen);

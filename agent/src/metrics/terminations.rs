@@ -14,6 +14,10 @@
 //!   failed, while PID 1 lived — restarts Kubernetes never counts. `command`
 //!   is the kernel's comm (15 bytes), at most 8 per container
 //!   (`forensics::respawn::COMMANDS_KEPT`), under the shared series budget.
+//! - `podscope_container_runtime_contradictions_total{…,reason,runtime_reason}`:
+//!   terminations whose reason as the runtime reported it (what `kubectl`
+//!   shows) contradicts the kernel's view: an OOM kill the runtime missed,
+//!   `OOMKilled` for a container whose main process was not OOM-killed.
 
 use std::{
     sync::Arc,
@@ -39,6 +43,15 @@ pub struct ReasonLabels {
     pub pod: Arc<str>,
     pub container: Arc<str>,
     pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ContradictionLabels {
+    pub namespace: Arc<str>,
+    pub pod: Arc<str>,
+    pub container: Arc<str>,
+    pub reason: String,
+    pub runtime_reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -80,6 +93,8 @@ pub struct TerminationMetrics {
     deaths: Family<CauseLabels, Counter>,
     restarts: Family<TriggerLabels, Counter>,
     respawns: Family<CommandLabels, Counter>,
+    contradictions: Family<ContradictionLabels, Counter>,
+    contradicted: SeriesBook<ContradictionLabels>,
     commands: SeriesBook<CommandLabels>,
     reasons: SeriesBook<ReasonLabels>,
     triggers: SeriesBook<TriggerLabels>,
@@ -134,8 +149,16 @@ impl TerminationMetrics {
             "Commands a process of the container (a supervisor, a shell loop) started again after they failed, while the container's PID 1 lived: restarts Kubernetes does not count",
             respawns.clone(),
         );
+        let contradictions = Family::<ContradictionLabels, Counter>::default();
+        registry.register(
+            "container_runtime_contradictions",
+            "Container terminations whose reason as the runtime reported it (runtime_reason, what kubectl shows) contradicts the kernel's view (reason): an OOM kill the runtime did not see, or OOMKilled for a container whose main process was not OOM-killed",
+            contradictions.clone(),
+        );
         TerminationMetrics {
             respawns,
+            contradictions,
+            contradicted: SeriesBook::new(&opts.budget, opts.series_retention),
             commands: SeriesBook::new(&opts.budget, opts.series_retention),
             terminations,
             last,
@@ -165,6 +188,18 @@ impl TerminationMetrics {
         };
         if self.triggers.admit(&by_trigger, now, refused) {
             self.restarts.get_or_create(&by_trigger).inc();
+        }
+        if let Some(rt) = r.runtime_reported.as_ref().filter(|x| x.note.is_some()) {
+            let labels = ContradictionLabels {
+                namespace: namespace.clone(),
+                pod: pod.clone(),
+                container: container.clone(),
+                reason: r.reason.as_str().to_string(),
+                runtime_reason: rt.reason.clone(),
+            };
+            if self.contradicted.admit(&labels, now, refused) {
+                self.contradictions.get_or_create(&labels).inc();
+            }
         }
         let labels = ReasonLabels {
             namespace,
@@ -248,6 +283,12 @@ impl TerminationMetrics {
         for l in self.commands.expire(now, |l| gone(&l.namespace, &l.pod)) {
             self.respawns.remove(&l);
         }
+        for l in self
+            .contradicted
+            .expire(now, |l| gone(&l.namespace, &l.pod))
+        {
+            self.contradictions.remove(&l);
+        }
     }
 
     pub fn series(&self) -> usize {
@@ -256,5 +297,6 @@ impl TerminationMetrics {
             + self.causes.len()
             + self.triggers.len()
             + self.commands.len()
+            + self.contradicted.len()
     }
 }
