@@ -1728,6 +1728,11 @@ const DASHBOARD_INPUT: &[(&str, &str, &str)] = &[
         r#"command="worker""#,
         "0+1x40",
     ),
+    (
+        "podscope_container_runtime_contradictions_total",
+        r#"reason="Error", runtime_reason="OOMKilled""#,
+        "0+1x40",
+    ),
 ];
 const WORKLOAD_SERIES: usize = 8;
 
