@@ -8,6 +8,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
+    sync::atomic::{AtomicUsize, Ordering},
 };
 
 use anyhow::{Context, Result, bail};
@@ -34,7 +35,15 @@ pub fn fetch(
     eprintln!("xtask: fetching {package}");
     let parent = dest.parent().context("a cache directory has a parent")?;
     fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let scratch = parent.join(format!(".download-{}", std::process::id()));
+    // Kernels of the matrix are fetched side by side (one thread each) into
+    // the same parent: each fetch needs a scratch directory of its own, or
+    // the first to finish removes the tree another is still unpacking.
+    static FETCHES: AtomicUsize = AtomicUsize::new(0);
+    let scratch = parent.join(format!(
+        ".download-{}-{}",
+        std::process::id(),
+        FETCHES.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = fs::remove_dir_all(&scratch);
     fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
     let r = unpack(package, &scratch).and_then(|tree| {
