@@ -18,6 +18,7 @@ mod peers;
 mod pods;
 mod probes;
 mod rules;
+mod runtime_report;
 mod soak;
 mod storm;
 mod terminations;
@@ -50,9 +51,10 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         Some("peers") => peers::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
         Some("probes") => probes::run(),
+        Some("runtime-report") => runtime_report::run(),
         _ => {
             bail!(
-                "usage: cargo xtask bench <exits | pods | agent | terminations | net | rules | throttle | faults | peers [--baseline PODSCOPE] [--shipped] [FAMILY...] | probes | soak [--minutes N] [--records-memory-bytes B] [--shipped]>"
+                "usage: cargo xtask bench <exits | pods | agent | terminations | net | rules | throttle | faults | peers [--baseline PODSCOPE] [--shipped] [FAMILY...] | probes | runtime-report | soak [--minutes N] [--records-memory-bytes B] [--shipped]>"
             )
         }
     }

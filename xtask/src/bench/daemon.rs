@@ -36,6 +36,16 @@ impl BenchAgent {
         name: &str,
         env: &[(&str, String)],
     ) -> Result<BenchAgent> {
+        BenchAgent::start_with(podscope, name, env, &[])
+    }
+
+    /// With more agent flags too (e.g. `--no-cri`).
+    pub(crate) fn start_with(
+        podscope: &Path,
+        name: &str,
+        env: &[(&str, String)],
+        args: &[&str],
+    ) -> Result<BenchAgent> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -59,6 +69,7 @@ impl BenchAgent {
             .arg(&state)
             .arg("--api-socket")
             .arg(&socket)
+            .args(args)
             .envs(env.iter().map(|(k, v)| (*k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
