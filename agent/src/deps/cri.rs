@@ -108,6 +108,16 @@ impl CriTask {
         loop {
             let ok = self.refresh().await;
             publish(Arc::new(self.snapshot()));
+            // Names first; then how the containers that exited ended, which
+            // only the records waiting for it need.
+            let mut ends_left = false;
+            if ok {
+                let (asked, left) = self.refresh_ends().await;
+                ends_left = left;
+                if asked {
+                    publish(Arc::new(self.snapshot()));
+                }
+            }
             let wait = if ok {
                 backoff.succeeded();
                 if events.is_none() && events_supported {
@@ -121,7 +131,9 @@ impl CriTask {
                 } else {
                     Duration::from_secs(5)
                 };
-                next_periodic = Instant::now() + period;
+                // More exited containers than one pass asks: the next
+                // listing comes at once, not after the period.
+                next_periodic = Instant::now() + if ends_left { Duration::ZERO } else { period };
                 None
             } else {
                 events = None;
@@ -177,7 +189,7 @@ impl CriTask {
                     asked,
                 );
                 self.refresh_pod_ips().await;
-                self.refresh_ends().await;
+                self.note_exited_before_us();
                 self.forget_expired(asked);
                 self.listed_at = Some(asked);
                 true
@@ -251,21 +263,30 @@ impl CriTask {
         }
     }
 
-    /// Asks each container that exited since the first listing how it
-    /// ended, once. A failed answer is not asked again: the record goes out
-    /// without the runtime's word, as when CRI is down.
-    async fn refresh_ends(&mut self) {
-        if !self.listed_once {
-            self.listed_once = true;
-            self.ends_unasked.extend(
-                self.containers
-                    .iter()
-                    .filter(|(_, (c, _))| c.exited)
-                    .map(|(id, _)| id.clone()),
-            );
+    /// The containers already exited at the first listing: their end is
+    /// not asked (their records, if any, were made before).
+    fn note_exited_before_us(&mut self) {
+        if self.listed_once {
             return;
         }
-        let new: Vec<String> = self
+        self.listed_once = true;
+        self.ends_unasked.extend(
+            self.containers
+                .iter()
+                .filter(|(_, (c, _))| c.exited)
+                .map(|(id, _)| id.clone()),
+        );
+    }
+
+    /// Asks each container that exited since the first listing how it
+    /// ended, once: at most [`ENDS_PER_LISTING`] a pass and one deadline
+    /// for the whole pass, which a slow runtime ends (the rest are asked
+    /// after the next listing). A failed or empty answer is not asked
+    /// again: the record goes out without the runtime's word, as when CRI
+    /// is down. Returns whether anything was asked, and whether exited
+    /// containers are left to ask.
+    async fn refresh_ends(&mut self) -> (bool, bool) {
+        let mut new: Vec<String> = self
             .containers
             .iter()
             .filter(|(id, (c, gone))| {
@@ -275,27 +296,38 @@ impl CriTask {
                     && !self.ends_unasked.contains(*id)
             })
             .map(|(id, _)| id.clone())
-            .take(ENDS_PER_LISTING)
             .collect();
-        let timeout = self.timeout;
-        for id in new {
-            let Some(cri) = self.cri.as_mut() else { return };
-            match tokio::time::timeout(timeout, cri.container_end(&id)).await {
+        let left = new.len() > ENDS_PER_LISTING;
+        new.truncate(ENDS_PER_LISTING);
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        for id in &new {
+            let Some(cri) = self.cri.as_mut() else {
+                break;
+            };
+            match tokio::time::timeout_at(deadline, cri.container_end(id)).await {
                 Ok(Ok(Some(end))) => {
-                    self.ends.insert(id, Arc::new(end));
+                    self.ends.insert(id.clone(), Arc::new(end));
                 }
-                Ok(Ok(None)) => {}
+                // Removed since the listing, or no end to tell.
+                Ok(Ok(None)) => {
+                    self.ends_unasked.insert(id.clone());
+                }
                 Ok(Err(e)) => {
                     self.errors += 1;
                     tracing::debug!("{e}");
-                    self.ends_unasked.insert(id);
+                    self.ends_unasked.insert(id.clone());
                 }
                 Err(_) => {
                     self.errors += 1;
-                    self.ends_unasked.insert(id);
+                    tracing::debug!(
+                        "ContainerStatus did not answer within {:?}: the ends of exited containers are asked after the next listing",
+                        self.timeout
+                    );
+                    return (true, true);
                 }
             }
         }
+        (!new.is_empty(), left)
     }
 
     fn forget_expired(&mut self, now: Instant) {
@@ -319,6 +351,7 @@ impl CriTask {
             sandboxes: self.sandboxes.clone(),
             pod_ips: self.pod_ips.clone(),
             ends: self.ends.clone(),
+            no_ends: self.ends_unasked.clone(),
             refreshes: self.refreshes,
             errors: self.errors,
         }

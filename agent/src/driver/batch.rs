@@ -126,11 +126,40 @@ pub fn process(
         &mut events,
     );
     forensics.on_net_events(resolver, &events[first_net..]);
-    for mut f in forensics.take_findings(resolver, Instant::now()) {
-        late_connections(&mut f, dying);
-        events.push(finding_event(f));
-    }
+    events.extend(findings(forensics, resolver, dying, Instant::now()));
     events
+}
+
+/// What forensics has ready to publish. A finished record gets at once the
+/// connections its pod received after SIGTERM (its exit closes the pod's
+/// dying window, which a restart right after may open anew), then waits
+/// for the runtime's report of the end; the rest goes out now.
+pub fn findings(
+    forensics: &mut Forensics,
+    resolver: &Resolver,
+    dying: &mut DyingEndpoints,
+    now: Instant,
+) -> Vec<Event> {
+    let mut out = vec![];
+    for f in forensics.take_findings(resolver, now) {
+        match f {
+            Finding::Termination(mut t) => {
+                dying.on_exit(&t.pod, t.finished_at);
+                t.late_connections = dying.late_connections(&t.pod, t.finished_at);
+                forensics.await_runtime(t);
+            }
+            Finding::BackgroundDeath(d) => out.push(Event::BackgroundDeath(*d)),
+            Finding::Oom(o) => out.push(Event::Oom(*o)),
+            Finding::Respawn(r) => out.push(Event::Respawn(*r)),
+        }
+    }
+    out.extend(
+        forensics
+            .released(resolver, now)
+            .into_iter()
+            .map(Event::Termination),
+    );
+    out
 }
 
 /// New connections and drops, attributed to pods, Services and endpoints.
@@ -171,23 +200,5 @@ fn net(
         if let Some(Event::Connection(conn)) = events.get_mut(i) {
             conn.pod = pod;
         }
-    }
-}
-
-/// A container's end marks its pod as dying, and its record gets the
-/// connections the pod received after SIGTERM.
-pub fn late_connections(f: &mut Finding, dying: &mut DyingEndpoints) {
-    if let Finding::Termination(t) = f {
-        dying.on_exit(&t.pod, t.finished_at);
-        t.late_connections = dying.late_connections(&t.pod, t.finished_at);
-    }
-}
-
-pub fn finding_event(f: Finding) -> Event {
-    match f {
-        Finding::Termination(t) => Event::Termination(t),
-        Finding::BackgroundDeath(d) => Event::BackgroundDeath(*d),
-        Finding::Oom(o) => Event::Oom(*o),
-        Finding::Respawn(r) => Event::Respawn(*r),
     }
 }

@@ -617,16 +617,14 @@ impl Drain {
             }
             if stopping && (behind == 0 || stop_by.is_some_and(|t| now >= t)) {
                 let far = Instant::now() + Duration::from_secs(3600);
-                let findings = self.forensics.take_findings(&self.resolver, far);
-                self.publish_findings(findings);
+                self.publish_findings(far);
                 self.publish_status();
                 return;
             }
             if stopping {
                 continue;
             }
-            let findings = self.forensics.take_findings(&self.resolver, now);
-            self.publish_findings(findings);
+            self.publish_findings(now);
             if now >= next_tick {
                 next_tick = now + Duration::from_secs(1);
                 self.tick(now);
@@ -780,15 +778,15 @@ impl Drain {
         let _ = self.events.send(Arc::new(Published::new(e)));
     }
 
-    fn publish_findings(&mut self, findings: Vec<crate::forensics::Finding>) {
+    fn publish_findings(&mut self, now: Instant) {
+        let events = batch::findings(&mut self.forensics, &self.resolver, &mut self.dying, now);
         // Records wait for the runtime's report of the end: a runtime
         // without an event stream lists only every few seconds.
         if self.forensics.runtime.began_waiting() {
             self.names_wanted.notify_one();
         }
-        for mut f in findings {
-            batch::late_connections(&mut f, &mut self.dying);
-            self.publish(batch::finding_event(f));
+        for e in events {
+            self.publish(e);
         }
     }
 

@@ -638,8 +638,9 @@ impl Forensics {
         }
     }
 
-    /// Records that are due (with the runtime's report of the end, or
-    /// after waiting for it), deaths and OOMs found since the last call.
+    /// Records that are due (finished: next they wait for the runtime's
+    /// report, see [`Forensics::await_runtime`]), deaths and OOMs found
+    /// since the last call.
     pub fn take_findings(&mut self, resolver: &Resolver, now: Instant) -> Vec<Finding> {
         self.settle_starts(resolver);
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
@@ -661,19 +662,19 @@ impl Forensics {
                 self.findings.push(Finding::Oom(Box::new(oom)));
             }
         }
-        let mut out = Vec::with_capacity(self.findings.len());
-        for f in self.findings.drain(..) {
-            match f {
-                // Waits from the real now: a caller's `now` far ahead (at
-                // stop) lets every record out at once.
-                Finding::Termination(r) => self.runtime.add(r, Instant::now()),
-                f => out.push(f),
-            }
-        }
-        for r in self.runtime.take(resolver, now) {
-            self.stats.terminations += 1;
-            out.push(Finding::Termination(r));
-        }
+        std::mem::take(&mut self.findings)
+    }
+
+    /// A finished record, to wait for the runtime's report of the end.
+    pub fn await_runtime(&mut self, record: Box<TerminationRecord>) {
+        self.runtime.add(record, Instant::now());
+    }
+
+    /// The records whose runtime report came, or that waited long enough,
+    /// in order (a `now` far ahead, at stop, releases every one).
+    pub fn released(&mut self, resolver: &Resolver, now: Instant) -> Vec<Box<TerminationRecord>> {
+        let out = self.runtime.take(resolver, now);
+        self.stats.terminations += out.len() as u64;
         self.stats.runtime = self.runtime.stats;
         out
     }

@@ -92,6 +92,11 @@ pub fn note(r: &TerminationRecord, end: &RuntimeEnd) -> Option<String> {
                 .iter()
                 .rev()
                 .find(|d| d.cause == DeathCause::OomKilled);
+            // PID 1 returned its child's 128 + SIGKILL (a shell, tini): the
+            // OOM kill did end the container, as the runtime says.
+            if r.exit_code == 137 && r.signal.is_none() && other.is_some() {
+                return None;
+            }
             Some(match other {
                 Some(d) => format!(
                     "{shows}, but the OOM killer ended {} (pid {}), another process of the container; the main process was not OOM-killed",
@@ -108,6 +113,32 @@ pub fn note(r: &TerminationRecord, end: &RuntimeEnd) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// What the runtime's word on a container's end is, for a record queued
+/// at `queued`.
+enum Word<'a> {
+    Reported(&'a RuntimeEnd),
+    NotYet,
+    /// CRI is off or down, its answer failed, the container exited before
+    /// the first listing, or a listing made since does not know it (not a
+    /// Kubernetes container, or already removed): waiting cannot help.
+    WillNotCome,
+}
+
+fn word<'a>(resolver: &'a Resolver, id: &str, queued: Instant) -> Word<'a> {
+    let names = resolver.names();
+    if let Some(end) = names.ends.get(id) {
+        return Word::Reported(end);
+    }
+    let listed_since = names.listed_at.is_some_and(|t| t > queued);
+    if resolver.names_unavailable()
+        || names.no_ends.contains(id)
+        || (listed_since && !names.containers.contains_key(id))
+    {
+        return Word::WillNotCome;
+    }
+    Word::NotYet
 }
 
 /// Records waiting for the runtime's report.
@@ -142,17 +173,17 @@ impl RuntimeReports {
     pub fn take(&mut self, resolver: &Resolver, now: Instant) -> Vec<Box<TerminationRecord>> {
         let mut out = vec![];
         while let Some((due, r)) = self.waiting.front() {
-            let end = r
+            let queued = due.checked_sub(RUNTIME_WAIT).unwrap_or(*due);
+            let word = r
                 .pod
                 .container_id
                 .as_deref()
-                .and_then(|id| resolver.runtime_end(id));
-            let give_up =
-                now >= *due || r.pod.container_id.is_none() || resolver.names_unavailable();
-            if end.is_none() && !give_up {
-                break;
-            }
-            let report = end.map(|e| RuntimeReport::new(r, e));
+                .map_or(Word::WillNotCome, |id| word(resolver, id, queued));
+            let report = match word {
+                Word::NotYet if now < *due => break,
+                Word::Reported(end) => Some(RuntimeReport::new(r, end)),
+                Word::NotYet | Word::WillNotCome => None,
+            };
             let Some((_, mut r)) = self.waiting.pop_front() else {
                 break;
             };
@@ -250,6 +281,11 @@ mod tests {
         let n = note(&r, &end(3, "OOMKilled")).expect("a contradiction");
         assert!(n.contains("the OOM killer ended worker (pid 42)"), "{n}");
         assert!(n.contains("the main process was not OOM-killed"), "{n}");
+        // A shell returning its OOM-killed child's 128 + SIGKILL: the OOM
+        // kill did end the container, as the runtime says.
+        r.exit_code = 137;
+        assert_eq!(note(&r, &end(137, "OOMKilled")), None);
+        r.exit_code = 3;
         r.previous_deaths.clear();
         let n = note(&r, &end(3, "OOMKilled")).unwrap();
         assert!(n.contains("any process of the container"), "{n}");
@@ -335,6 +371,50 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(w.take(&off, t0).len(), 1, "CRI off: nothing to wait for");
+        assert_eq!(w.stats.missing, 2);
+    }
+
+    /// A report that cannot come does not hold the record (nor those after
+    /// it) for the whole wait: the end was not asked or failed, or a
+    /// listing made since does not know the container.
+    #[test]
+    fn a_report_that_cannot_come_is_not_waited_for() {
+        let r = record(1);
+        let id = r.pod.container_id.as_deref().unwrap().to_string();
+        let mut w = RuntimeReports::default();
+        let t0 = Instant::now();
+        w.add(Box::new(r.clone()), t0);
+        let mut resolver = resolver(&[]);
+        let mut names = Names {
+            state: CriState::Up,
+            ..Names::default()
+        };
+        names.no_ends.insert(id.clone());
+        resolver.set_names(Arc::new(names));
+        assert_eq!(w.take(&resolver, t0).len(), 1, "its end will not be asked");
+
+        w.add(Box::new(r), t0);
+        let listed_before = Names {
+            state: CriState::Up,
+            listed_at: Some(t0 - Duration::from_millis(10)),
+            ..Names::default()
+        };
+        resolver.set_names(Arc::new(listed_before));
+        assert!(
+            w.take(&resolver, t0).is_empty(),
+            "not listed since: it waits"
+        );
+        let listed_after = Names {
+            state: CriState::Up,
+            listed_at: Some(Instant::now() + Duration::from_millis(10)),
+            ..Names::default()
+        };
+        resolver.set_names(Arc::new(listed_after));
+        assert_eq!(
+            w.take(&resolver, t0).len(),
+            1,
+            "a listing since does not know it"
+        );
         assert_eq!(w.stats.missing, 2);
     }
 }

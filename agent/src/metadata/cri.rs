@@ -164,7 +164,7 @@ impl Cri {
     }
 
     /// How an exited container ended, as the runtime reports it
-    /// (ContainerStatus); None while it has not exited.
+    /// (ContainerStatus); None while it has not exited, or once removed.
     pub async fn container_end(&mut self, id: &str) -> Result<Option<RuntimeEnd>, String> {
         let resp = self
             .client
@@ -172,8 +172,12 @@ impl Cri {
                 container_id: id.to_string(),
                 verbose: false,
             })
-            .await
-            .map_err(|s| failed("ContainerStatus", &self.socket, &s))?;
+            .await;
+        // Removed since it was listed: no end to tell, not a failure.
+        let resp = match resp {
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+            r => r.map_err(|s| failed("ContainerStatus", &self.socket, &s))?,
+        };
         Ok(resp
             .into_inner()
             .status

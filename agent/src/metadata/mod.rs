@@ -126,6 +126,9 @@ pub struct Names {
     /// Container id → how the runtime reported its end (ContainerStatus),
     /// for containers that exited while the agent watched.
     pub ends: HashMap<String, Arc<RuntimeEnd>>,
+    /// Exited containers whose end will not be asked or did not come (they
+    /// exited before the first listing, or the answer failed).
+    pub no_ends: std::collections::HashSet<String>,
     /// Counters of the CRI task.
     pub refreshes: u64,
     pub errors: u64,

@@ -6,6 +6,7 @@
 
 use std::{
     fs,
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicUsize, Ordering},
@@ -32,9 +33,26 @@ pub fn fetch(
     if done(dest) {
         return Ok(());
     }
-    eprintln!("xtask: fetching {package}");
     let parent = dest.parent().context("a cache directory has a parent")?;
     fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    // One fetch of a destination at a time (two kernels of one architecture
+    // share its busybox; two commands may share the cache): the second
+    // waits, then finds it done.
+    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("fetch");
+    let lock = fs::File::create(parent.join(format!(".{name}.lock")))
+        .with_context(|| format!("cannot create a lock file in {}", parent.display()))?;
+    // SAFETY: flock on a file descriptor we own, held until `lock` drops.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!(
+            "cannot lock {}: {}",
+            dest.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    if done(dest) {
+        return Ok(());
+    }
+    eprintln!("xtask: fetching {package}");
     // Kernels of the matrix are fetched side by side (one thread each) into
     // the same parent: each fetch needs a scratch directory of its own, or
     // the first to finish removes the tree another is still unpacking.
