@@ -942,7 +942,14 @@ fn servicemonitor_scrapes_the_service() {
 /// The labels a recording rule may keep beside its level's: the family's
 /// one closed-set label (`command` is bounded by the agent, 8 a container).
 const FAMILY_LABELS: &[&str] = &[
-    "outcome", "reason", "trigger", "scope", "cause", "command", "source",
+    "outcome",
+    "reason",
+    "trigger",
+    "scope",
+    "cause",
+    "command",
+    "source",
+    "runtime_reason",
 ];
 
 /// A recording rule of prometheusrule.yaml, taken apart.
