@@ -38,6 +38,14 @@ pub fn soak_check() -> Result<Vec<(&'static str, Result<(), String>)>> {
     soak::check(&crate::root().join("target/release/podscope"))
 }
 
+/// A size a benchmark takes from the environment (`PODSCOPE_BENCH_…`), or its default.
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn run(args: &[String]) -> Result<ExitCode> {
     match args.first().map(String::as_str) {
         Some("exits") => exits::exits(),

@@ -6,8 +6,9 @@
 //! The runtime learns of an OOM kill by watching the container's cgroup,
 //! which it begins only once the process runs (containerd's shim adds the
 //! cgroup to its OOM monitor after the start returns): a kill in the first
-//! instant is reported as `Error`/137. On cgroup v2 it counts the OOM kill
-//! of any process of the container: a worker killed before the main
+//! instant is reported as `Error`/137. And the cgroup's OOM event is the
+//! container's, whichever process was killed (v1 and v2 alike, as the test
+//! node shows on v1): a worker killed before the main
 //! process exits on its own makes the container `OOMKilled`. The kernel's
 //! view has neither blind spot.
 //!
@@ -127,10 +128,10 @@ enum Word<'a> {
 }
 
 fn word<'a>(resolver: &'a Resolver, id: &str, queued: Instant) -> Word<'a> {
-    let names = resolver.names();
-    if let Some(end) = names.ends.get(id) {
+    if let Some(end) = resolver.runtime_end(id) {
         return Word::Reported(end);
     }
+    let names = resolver.names();
     let listed_since = names.listed_at.is_some_and(|t| t > queued);
     if resolver.names_unavailable()
         || names.no_ends.contains(id)
@@ -264,7 +265,7 @@ mod tests {
         assert!(n.contains("the node ran out of memory"), "{n}");
     }
 
-    /// cgroup v2: an OOM-killed worker makes the whole container OOMKilled
+    /// An OOM-killed worker makes the whole container OOMKilled
     /// to the runtime, although its main process exited on its own.
     #[test]
     fn oomkilled_for_a_main_process_that_was_not_oom_killed_is_named() {

@@ -140,10 +140,7 @@ fn measure(agent_pid: u32, counts: &Counts) -> Measured {
 
 pub fn run() -> Result<ExitCode> {
     setup::run()?;
-    let pods: usize = std::env::var("PODSCOPE_BENCH_PROBE_PODS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let pods = super::env_count("PODSCOPE_BENCH_PROBE_PODS", 100);
     let podscope = build_podscope()?;
     let mut node = BenchNode::up()?;
     let agent = BenchAgent::start(&podscope, "probes")?;

@@ -81,10 +81,7 @@ fn read_stream(agent: &BenchAgent) -> Result<(Arc<Mutex<Seen>>, std::os::unix::n
 
 pub fn run() -> Result<ExitCode> {
     setup::run()?;
-    let pods: usize = std::env::var("PODSCOPE_BENCH_REPORT_PODS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+    let pods = super::env_count("PODSCOPE_BENCH_REPORT_PODS", 30);
     let podscope = build_podscope()?;
     let mut node = BenchNode::up()?;
     let with = BenchAgent::start(&podscope, "report-cri")?;
